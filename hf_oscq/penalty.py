@@ -1,0 +1,164 @@
+"""The oscillation regularizer: `sum over layers of mean(q_b(W)^2 - W^2)` (PAPER.md section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .quantizer import _nonzero, check_finite, fake_quantize, max_code, validate_bits
+from .selection import Patterns, select_weights
+
+
+def oscillation_penalty(
+    model: nn.Module,
+    bits: int,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """The paper's regularizer on the selected weights of `model`, through autograd (the reference path).
+
+    Per weight, its gradient is `2 / N_l * (q(w) - w)` plus the gradient through the (non-detached) scale, which
+    pushes weights towards the rounding thresholds. Training uses `fused_oscillation_penalty`, which gives the same
+    value and gradients at a fraction of the cost.
+
+    Args:
+        model: the model whose weights are regularized.
+        bits: target bit-width in [2, 8].
+        target_modules: which modules, see `select_weights`.
+        exclude_modules: modules left out, see `select_weights`.
+        per_channel: one scale per output channel.
+
+    Returns:
+        A scalar tensor connected to the weights' autograd graph.
+    """
+    validate_bits(bits)
+    weights = select_weights(model, target_modules, exclude_modules)
+    terms = []
+    for name, weight in weights.items():
+        check_finite(weight, name)
+        terms.append((fake_quantize(weight, bits, per_channel).square() - weight.square()).mean())
+    return torch.stack(terms).sum()
+
+
+class PenaltyWorkspace:
+    """Scratch buffers reused across training steps by `fused_oscillation_penalty`.
+
+    Allocating weight-sized tensors every step costs more than the arithmetic on a CPU, so a trainer keeps one
+    workspace. A penalty computed with a workspace must be backpropagated before the workspace is used again.
+    """
+
+    def __init__(self):
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.generation = 0
+
+    def buffers(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A float buffer shaped like `weight` and two boolean ones."""
+        found = self._buffers.get(id(weight))
+        if found is None or found[0].shape != weight.shape or found[0].dtype != weight.dtype:
+            found = (
+                torch.empty_like(weight, memory_format=torch.contiguous_format),
+                torch.empty(weight.shape, dtype=torch.bool, device=weight.device),
+                torch.empty(weight.shape, dtype=torch.bool, device=weight.device),
+            )
+            self._buffers[id(weight)] = found
+        return found
+
+
+class _FusedPenalty(torch.autograd.Function):
+    """The penalty and its exact gradient in a few in-place passes per weight, without an autograd graph.
+
+    With `d = q(w) - w`, `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`, `dP/dw = 2/N d` (straight-through), and the
+    gradient through the scale is `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, which reaches the
+    largest-magnitude element(s) of each scale group as `sign(w) / max_code` (split evenly among ties, like
+    `torch.amax`).
+    """
+
+    @staticmethod
+    def forward(ctx, bits: int, per_channel: bool, workspace: PenaltyWorkspace, *weights: torch.Tensor):
+        top = max_code(bits)
+        dtype = torch.promote_types(torch.float32, weights[0].dtype)
+        total = torch.zeros((), dtype=dtype, device=weights[0].device)
+        diffs, scales = [], []
+        for weight in weights:
+            w = weight.detach()
+            numel = w.numel()
+            rows = w.shape[0] if per_channel and w.dim() > 0 else 1
+            low, high = torch.aminmax(w.reshape(rows, -1), dim=1)
+            peak = torch.maximum(high, -low)
+            safe = _nonzero(peak / top).reshape((rows,) + (1,) * (w.dim() - 1)) if per_channel else _nonzero(peak / top)[0]
+            diff, at_peak, at_negative_peak = workspace.buffers(w)
+            torch.div(w, safe, out=diff).round_().mul_(safe).sub_(w)
+            if rows == 1:
+                w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
+                d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
+            else:
+                w_d = torch.einsum("ij,ij->i", w.reshape(rows, -1), diff.reshape(rows, -1))
+                d_d = torch.einsum("ij,ij->i", diff.reshape(rows, -1), diff.reshape(rows, -1))
+            total += (2 * w_d.sum() + d_d.sum()) / numel
+            peak_b = peak.reshape((rows,) + (1,) * (w.dim() - 1)) if per_channel else peak[0]
+            torch.eq(w, peak_b, out=at_peak)
+            at_peak.logical_or_(torch.eq(w, -peak_b, out=at_negative_peak))
+            idx = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
+            row = idx // (numel // rows)
+            ties = torch.bincount(row, minlength=rows).clamp_min(1)
+            # Stored relative to the final 2/N factor, which backward applies together with grad_output.
+            scale_grad = (w_d + d_d) / (safe.reshape(-1) * top * ties)
+            scales.append((idx, torch.sign(w.reshape(-1)[idx]) * scale_grad[row].to(w.dtype)))
+            diffs.append(diff)
+        workspace.generation += 1
+        ctx.workspace, ctx.generation = workspace, workspace.generation
+        ctx.diffs, ctx.scales = diffs, scales
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.workspace.generation != ctx.generation:
+            raise RuntimeError(
+                "The oscillation penalty was computed again with the same PenaltyWorkspace before the previous "
+                "one was backpropagated; use one workspace per pending penalty."
+            )
+        grads = []
+        for diff, (idx, scale_grad) in zip(ctx.diffs, ctx.scales):
+            diff.reshape(-1).index_add_(0, idx, scale_grad)
+            grads.append(diff.mul_(grad_output * (2.0 / diff.numel())))
+        del ctx.diffs, ctx.scales
+        return (None, None, None, *grads)
+
+
+def fused_oscillation_penalty(
+    weights: Mapping[str, torch.Tensor] | Iterable[torch.Tensor],
+    bits: int,
+    per_channel: bool = False,
+    workspace: PenaltyWorkspace | None = None,
+) -> torch.Tensor:
+    """Same value and gradients as `oscillation_penalty`, for weights already selected, at training speed.
+
+    The gradient is computed during the forward call (no autograd graph through the quantizer) and handed to
+    autograd in the backward pass, so it composes with DDP, gradient accumulation and mixed precision.
+
+    Args:
+        weights: the selected weights (a name -> parameter mapping as returned by `select_weights`, or tensors).
+        bits: target bit-width in [2, 8].
+        per_channel: one scale per output channel.
+        workspace: scratch buffers reused across calls (a training loop keeps one); a fresh one by default.
+
+    Returns:
+        A scalar float32 tensor whose backward adds the penalty's gradient to the weights.
+
+    Raises:
+        ValueError: when a weight holds NaN or Inf (named when a mapping is given).
+    """
+    bits = validate_bits(bits)
+    named = dict(weights) if isinstance(weights, Mapping) else {str(i): w for i, w in enumerate(weights)}
+    if not named:
+        raise ValueError("fused_oscillation_penalty got no weights: select some with select_weights(model).")
+    tensors = list(named.values())
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        value = _FusedPenalty.apply(bits, per_channel, workspace or PenaltyWorkspace(), *tensors)
+    if not bool(torch.isfinite(value)):
+        for name, weight in named.items():
+            check_finite(weight, name)
+    return value

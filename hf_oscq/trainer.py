@@ -1,0 +1,137 @@
+"""`OscillationTrainer`: the Hugging Face Trainer with the oscillation regularizer, a QAT mode and cross-bit evaluation."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from .config import OscillationConfig
+from .penalty import PenaltyWorkspace, fused_oscillation_penalty
+from .ptq import quantized_weights
+from .qat import fake_quantized_forward
+from .selection import select_weights
+
+
+class OscillationTrainer(Trainer):
+    """A `Trainer` that trains with the oscillation regularizer (or QAT, or plainly) and evaluates every bit-width.
+
+    * `osc_method="oscillation"`: loss = task loss + `osc_lambda` x `oscillation_penalty`, training only; the forward
+      pass uses the full-precision weights.
+    * `osc_method="qat"`: the forward pass sees fake-quantized weights (straight-through estimator); the model keeps
+      its latent full-precision weights and parameter names.
+    * `osc_method="none"`: plain training.
+
+    Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
+    so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. Training
+    logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over each logging interval.
+
+    Args:
+        model: any model whose forward returns a loss (transformers models, `TimmWrapperForImageClassification`, or
+            an `nn.Module` returning `{"loss": ..., "logits": ...}`).
+        args: an `OscillationConfig`.
+        *trainer_args, **trainer_kwargs: everything else `transformers.Trainer` accepts.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: OscillationConfig | None = None, *trainer_args, **trainer_kwargs):
+        if not isinstance(args, OscillationConfig):
+            raise TypeError(
+                f"OscillationTrainer needs args=OscillationConfig(...), got {type(args).__name__}. OscillationConfig "
+                "takes every TrainingArguments field plus the osc_* settings."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self._osc_selected: tuple[nn.Module, dict[str, nn.Parameter]] | None = None
+        self._osc_workspace = PenaltyWorkspace()
+        self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if self.model is not None:
+            self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
+
+    def _quantized_weights(self) -> dict[str, nn.Parameter]:
+        model = self.model
+        if self._osc_selected is None or self._osc_selected[0] is not model:
+            selected = select_weights(model, self.args.osc_target_modules, self.args.osc_exclude_modules)
+            self._osc_selected = (model, selected)
+        return self._osc_selected[1]
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step: when True the Trainer does not divide the loss by the accumulation steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        if not model.training or args.osc_method == "none":
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        elif args.osc_method == "qat":
+            with fake_quantized_forward(model, self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
+            penalty = fused_oscillation_penalty(
+                self._quantized_weights(), args.osc_bits, args.osc_per_channel, workspace=self._osc_workspace
+            )
+            self._osc_metrics["task_loss"].append(loss.detach())
+            self._osc_metrics["osc_penalty"].append(penalty.detach())
+            weight = args.osc_lambda
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                weight /= self.current_gradient_accumulation_steps
+            loss = loss + weight * penalty.to(loss.dtype)
+            return (loss, outputs) if return_outputs else loss
+        if model.training:
+            self._osc_metrics["task_loss"].append((result[0] if return_outputs else result).detach())
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs (they carry "loss") are emitted on every process at once, so the reduction is safe here.
+        if "loss" in logs and self._osc_metrics:
+            for key, values in self._osc_metrics.items():
+                mean = torch.stack([value.float() for value in values]).mean()
+                logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
+            self._osc_metrics.clear()
+        super().log(logs, start_time)
+
+    def _calibration_batches(self) -> Iterator[dict] | None:
+        """Training batches for BatchNorm re-estimation after rounding (same samples on every process)."""
+        samples = self.args.osc_bn_recalibration_samples
+        if samples == 0 or self.train_dataset is None:
+            return None
+        dataset = self.train_dataset
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop columns the model does not take
+            dataset = self._remove_unused_columns(dataset, description="calibration")
+        generator = torch.Generator().manual_seed(self.args.seed)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=self.data_collator,
+        )
+        batches = itertools.islice(loader, -(-samples // self.args.per_device_eval_batch_size))
+        return (self._prepare_inputs(batch) for batch in batches)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The usual evaluation, then the same at every bit of `osc_eval_bits` (PTQ'd weights, restored afterwards)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        args = self.args
+        for bits in args.osc_eval_bits:
+            with quantized_weights(
+                self.model,
+                bits,
+                args.osc_target_modules,
+                args.osc_exclude_modules,
+                args.osc_per_channel,
+                self._calibration_batches(),
+            ):
+                quantized = super().evaluation_loop(
+                    dataloader, f"{description} at {bits} bits", prediction_loss_only, ignore_keys,
+                    f"{metric_key_prefix}_w{bits}",
+                )
+            output.metrics.update(quantized.metrics)
+        return output
