@@ -1,0 +1,146 @@
+"""Figures for model cards and reports: accuracy versus bit-width, and a weight histogram with the rounding thresholds.
+
+Plain functions of numbers and tensors that write a PNG. They draw on a bare `matplotlib.figure.Figure` (Agg
+canvas, no pyplot), so they never open a window, never change the global backend and are safe in threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .quantizer import compute_scale, max_code, validate_bits
+
+# PNG metadata without the matplotlib version: the same numbers always give the same bytes, so a re-upload of an
+# unchanged card is recognised as a no-op by the Hub.
+_PNG_METADATA = {"Software": None}
+
+
+def _bit_columns(table: Mapping[str, Mapping[str, float]]) -> list[int]:
+    return sorted(int(key[1:]) for key in table if key.startswith("w") and key[1:].isdigit())
+
+
+def _save(figure: Figure, path: str | Path | BinaryIO) -> None:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, format="png", dpi=110, metadata=_PNG_METADATA)
+
+
+def plot_accuracy_vs_bits(
+    tables: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: str | Path | BinaryIO,
+    metric: str = "accuracy",
+    highlight_bits: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Plots `metric` (in %) against the bit-width, one line per run; the full-precision value as a dashed line.
+
+    Args:
+        tables: `{run_name: {"fp": {"accuracy": 0.97}, "w2": {...}, ...}}`, as returned by `cross_bit_evaluate`.
+        path: where to write the PNG (a path or a binary file object).
+        metric: the metric key to plot; values are fractions and are drawn as percentages.
+        highlight_bits: a bit-width to mark with a vertical line (the model the figure belongs to).
+        title: figure title.
+
+    Returns:
+        The matplotlib `Figure` (already saved).
+
+    Raises:
+        ValueError: when no run has the metric at any bit-width.
+    """
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    plotted = False
+    all_bits: set[int] = set()
+    for index, (run, table) in enumerate(tables.items()):
+        color = f"C{index}"
+        bits = [b for b in _bit_columns(table) if metric in table[f"w{b}"]]
+        if bits:
+            values = [100 * table[f"w{b}"][metric] for b in bits]
+            axes.plot(bits, values, marker="o", color=color, label=run)
+            all_bits.update(bits)
+            plotted = True
+        if metric in table.get("fp", {}):
+            full = 100 * table["fp"][metric]
+            axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
+            plotted = True
+    if not plotted:
+        raise ValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
+    if highlight_bits is not None:
+        axes.axvline(highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)")
+    axes.set_xlabel("weight bit-width (post-training quantization)")
+    axes.set_ylabel(f"test {metric} (%)")
+    axes.set_xticks(sorted(all_bits))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    _save(figure, path)
+    return figure
+
+
+def quantization_thresholds(bits: int) -> np.ndarray:
+    """Rounding thresholds in units of the scale `s`: a weight crosses one when `w / s` passes +-0.5, +-1.5, ...
+
+    Returns:
+        The `2 * max_code(bits)` thresholds, sorted: `[-(max_code - 0.5), ..., -0.5, 0.5, ..., max_code - 0.5]`.
+    """
+    half = np.arange(max_code(bits)) + 0.5
+    return np.concatenate([-half[::-1], half])
+
+
+def plot_weight_histogram(
+    weight: torch.Tensor | np.ndarray,
+    bits: int,
+    path: str | Path | BinaryIO,
+    per_channel: bool = False,
+    title: str | None = None,
+    bins: int = 120,
+) -> Figure:
+    """Histogram of one layer's full-precision weights with the `bits`-bit rounding thresholds drawn on it.
+
+    Oscillation training pushes weights towards the thresholds (the paper's figure 2); this figure shows it.
+
+    Args:
+        weight: the layer's weight tensor.
+        bits: bit-width of the quantizer whose thresholds are drawn.
+        path: where to write the PNG (a path or a binary file object).
+        per_channel: with one scale per output channel the weights are drawn divided by their channel's scale,
+            so that every channel shares the thresholds at +-0.5, +-1.5, ...
+        title: figure title.
+        bins: number of histogram bins.
+
+    Returns:
+        The matplotlib `Figure` (already saved).
+    """
+    bits = validate_bits(bits)
+    weight = torch.as_tensor(weight).detach().float().cpu()
+    scale = compute_scale(weight, bits, per_channel)
+    thresholds = quantization_thresholds(bits)
+    if per_channel:
+        values = (weight / scale.clamp_min(torch.finfo(torch.float32).tiny)).flatten().numpy()
+        xlabel = "weight / per-channel scale"
+    else:
+        values = weight.flatten().numpy()
+        thresholds = thresholds * float(scale)
+        xlabel = f"weight (scale s = {float(scale):.3g})"
+    figure = Figure(figsize=(6.0, 3.8))
+    axes = figure.subplots()
+    axes.hist(values, bins=bins, color="C0", alpha=0.8)
+    axes.vlines(
+        thresholds, 0, 1, transform=axes.get_xaxis_transform(), colors="C3", linestyles="--", linewidths=0.8,
+        label="rounding thresholds",
+    )
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("number of weights")
+    axes.legend(fontsize="small")
+    axes.set_title(title or f"{values.size} weights, {bits}-bit thresholds")
+    figure.tight_layout()
+    _save(figure, path)
+    return figure
