@@ -3,67 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ViTConfig, ViTForImageClassification
 
 from .config import OscillationConfig
+from .data import load_image_dataset
+from .models import build_vit
 from .ptq import format_cross_bit_table
 from .trainer import OscillationTrainer
 
 logger = logging.getLogger(__name__)
 
 
-class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's 8x8 digits as `{"pixel_values": (1, 8, 8) float tensor in [-1, 1], "labels": int}`."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.pixel_values = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0
-        self.labels = torch.tensor(labels, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
-
-
-def digits_splits(seed: int = 0) -> tuple[DigitsDataset, DigitsDataset]:
-    """A fixed 80/20 train/test split of the 1797 digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    cut = int(0.8 * len(order))
-    return (
-        DigitsDataset(digits.data[order[:cut]], digits.target[order[:cut]]),
-        DigitsDataset(digits.data[order[cut:]], digits.target[order[cut:]]),
-    )
-
-
-def tiny_vit_for_digits() -> ViTForImageClassification:
-    """ViT with 2x2 patches on 8x8 grayscale images (16 tokens), hidden size 64, 2 layers, 4 heads, 10 classes."""
-    config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, num_labels=10,
-    )
-    return ViTForImageClassification(config)
-
-
 def accuracy(eval_prediction) -> dict[str, float]:
     """`compute_metrics` for classification: top-1 accuracy."""
-    logits = eval_prediction.predictions[0] if isinstance(eval_prediction.predictions, tuple) else eval_prediction.predictions
+    predictions = eval_prediction.predictions
+    logits = predictions[0] if isinstance(predictions, tuple) else predictions
     return {"accuracy": float((np.argmax(logits, axis=-1) == eval_prediction.label_ids).mean())}
 
 
 def run_demo(output_dir: str, epochs: float = 15, bits: int = 3, osc_lambda: float = 1.0, seed: int = 0) -> dict:
     """Trains FP, QAT and oscillation models on digits and returns `{method: cross-bit table}`."""
-    train, test = digits_splits(seed)
+    digits = load_image_dataset("digits", seed=seed)
+    train, test = digits.train, digits.eval
     tables = {}
     for method in ("none", "qat", "oscillation"):
         torch.manual_seed(seed)
@@ -73,7 +40,8 @@ def run_demo(output_dir: str, epochs: float = 15, bits: int = 3, osc_lambda: flo
             per_device_eval_batch_size=256, eval_strategy="no", save_strategy="no", logging_steps=20,
             report_to=[], seed=seed, use_cpu=True,
         )
-        trainer = OscillationTrainer(model=tiny_vit_for_digits(), args=args, train_dataset=train, compute_metrics=accuracy)
+        model = build_vit(digits.info, digits.label_names, size="micro")
+        trainer = OscillationTrainer(model=model, args=args, train_dataset=train, compute_metrics=accuracy)
         trainer.train()
         metrics = trainer.evaluate(test)
         table = {"fp": {"accuracy": metrics["eval_accuracy"]}}
@@ -84,7 +52,9 @@ def run_demo(output_dir: str, epochs: float = 15, bits: int = 3, osc_lambda: flo
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="Train on bundled digits in the three modes and print the cross-bit table.")
+    parser = subparsers.add_parser(
+        "demo", help="Train on bundled digits in the three modes and print the cross-bit table."
+    )
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--epochs", type=float, default=15)
     parser.add_argument("--bits", type=int, default=3)
