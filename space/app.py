@@ -1,0 +1,144 @@
+"""Gradio Space: one model at full precision and at 8 ... 2 bits, side by side, on your own image.
+
+Run locally with `python space/app.py`. The models come from `OSCQ_MODELS` (comma-separated export folders or Hub
+repo ids); without it, the export folders found under the repository's `outputs/` are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from oscq_space.families import MODELS_ENV, Family, configured_entries, load_families  # noqa: E402
+from oscq_space.views import (  # noqa: E402
+    ACCURACY_HEADERS,
+    CLASSIFY_HEADERS,
+    LEVEL_HEADERS,
+    accuracy_view,
+    classify_view,
+    weight_choices,
+    weights_view,
+)
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+CSS = """
+.oscq-grid {display: flex; flex-wrap: wrap; gap: 10px;}
+.oscq-variant {flex: 1 1 170px; border: 1px solid #ddd; border-radius: 8px; padding: 8px; max-width: 240px;}
+.oscq-variant h4 {margin: 0 0 2px 0;}
+.oscq-meta {margin: 0 0 6px 0; font-size: 0.8em; color: #777;}
+.oscq-row {display: flex; align-items: center; gap: 4px; font-size: 0.85em; margin: 2px 0;}
+.oscq-label {flex: 0 0 70px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;}
+.oscq-bar {height: 10px; background: #f97316; border-radius: 3px; min-width: 1px;}
+.oscq-prob {flex: 0 0 48px; text-align: right; margin-left: auto;}
+"""
+
+
+class UploadedImage(gr.Image):
+    """`gr.Image` that hands unreadable uploads to the app (as a path) instead of failing before it runs."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:  # the app turns this into a friendly message on the page
+            return None if payload is None else payload.path
+
+
+def _intro(families: list[Family], problems: list[str]) -> str:
+    lines = [
+        "# Oscillations make neural networks robust to quantization",
+        "The same network at full precision and rounded to 8 ... 2 bits after training, side by side. Models trained "
+        "with the oscillation regularizer keep their accuracy at low bit-widths where plain rounding breaks down.",
+    ]
+    if families:
+        lines.append("Loaded: " + "; ".join(f"**{f.name}** ({len(f.loaded)} checkpoints)" for f in families) + ".")
+    else:
+        lines.append(
+            f"**⚠️ No model family could be loaded.** Set `{MODELS_ENV}` to export folders or Hub repo ids "
+            "(comma-separated), or run `hf-oscq demo` to create local exports under `outputs/`."
+        )
+    lines += [f"* ⚠️ {problem}" for problem in problems]
+    return "\n\n".join(lines)
+
+
+def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
+    """The page: Classify, Accuracy and Weights tabs over the loaded families (each button has an `api_name`)."""
+    by_name = {family.name: family for family in families}
+    names = list(by_name)
+    first = families[0] if families else None
+    layers, widths = weight_choices(first)
+    examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
+
+    def update_choices(family_name):
+        layer_list, bit_list = weight_choices(by_name.get(family_name))
+        return (
+            gr.Dropdown(choices=layer_list, value=layer_list[0] if layer_list else None),
+            gr.Dropdown(choices=bit_list, value=bit_list[-1] if bit_list else None),
+        )
+
+    with gr.Blocks(title="Oscillation-regularized quantization") as demo:
+        gr.Markdown(_intro(families, problems))
+        with gr.Tab("Classify"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    family_box = gr.Dropdown(names, value=names[0] if names else None, label="Model family")
+                    image_box = UploadedImage(type="filepath", image_mode=None, label="Image", height=240)
+                    classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+                    if examples:
+                        gr.Examples(examples, inputs=image_box, label="Examples (digits and Fashion-MNIST)")
+                with gr.Column(scale=3):
+                    classify_message = gr.Markdown(elem_id="classify-message")
+                    cards = gr.HTML(elem_id="classify-cards")
+                    classify_table = gr.Dataframe(headers=CLASSIFY_HEADERS, label="Predictions", interactive=False)
+            classify_button.click(
+                functools.partial(classify_view, by_name), [family_box, image_box],
+                [classify_message, cards, classify_table], api_name="classify",
+            )
+        with gr.Tab("Accuracy"):
+            accuracy_button = gr.Button("Show accuracy vs bit-width", elem_id="accuracy-button")
+            accuracy_message = gr.Markdown()
+            accuracy_plot = gr.Image(type="filepath", label="Accuracy vs bit-width", format="png")
+            accuracy_table = gr.Dataframe(headers=ACCURACY_HEADERS, label="Accuracy", interactive=False)
+            accuracy_outputs = [accuracy_plot, accuracy_table, accuracy_message]
+            accuracy_button.click(lambda: accuracy_view(families), None, accuracy_outputs, api_name="accuracy")
+        with gr.Tab("Weights"):
+            with gr.Row():
+                weights_family = gr.Dropdown(names, value=names[0] if names else None, label="Model family")
+                layer_box = gr.Dropdown(layers, value=layers[0] if layers else None, label="Layer")
+                bits_box = gr.Dropdown(widths, value=widths[-1] if widths else None, label="Bit-width")
+            weights_button = gr.Button("Show weights", elem_id="weights-button")
+            weights_message = gr.Markdown()
+            weights_plot = gr.Image(type="filepath", label="Weights and quantization grid", format="png")
+            levels_table = gr.Dataframe(headers=LEVEL_HEADERS, label="Weights per level", interactive=False)
+            weights_family.change(update_choices, weights_family, [layer_box, bits_box], api_name="weight_choices")
+            weights_button.click(
+                functools.partial(weights_view, by_name), [weights_family, layer_box, bits_box],
+                [weights_plot, levels_table, weights_message], api_name="weights",
+            )
+    return demo
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """Starts the server with the page's style; `kwargs` go to `gr.Blocks.launch` (port, thread lock, ...)."""
+    return demo.launch(css=CSS, allowed_paths=[str(EXAMPLES_DIR)], **kwargs)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    families, problems = load_families(configured_entries())
+    for problem in problems:
+        logger.warning(problem)
+    launch(build_demo(families, problems))  # host and port from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+
+
+if __name__ == "__main__":
+    main()

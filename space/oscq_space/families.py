@@ -1,0 +1,218 @@
+"""Finding and loading model families: the full-precision parent and its w2..w8 children from one export folder.
+
+An entry is a local export folder (the one holding `oscq_export.json`) or a Hub repo id whose files are such a
+folder. Nothing here raises past `load_families`: problems become messages the page shows, so one broken
+checkpoint never takes the whole Space down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import hf_oscq  # noqa: F401  (registers the loader for quantized checkpoints with transformers)
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FILE = "oscq_export.json"
+MODELS_ENV = "OSCQ_MODELS"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+METHOD_NAMES = {"oscillation": "Oscillation", "qat": "QAT", "none": "FP + PTQ"}
+
+
+class FamilyError(Exception):
+    """A family that cannot be loaded at all; the message says what to fix."""
+
+
+@dataclass
+class Variant:
+    """One checkpoint of a family: `"fp"` (full precision) or `"w{bits}"`."""
+
+    name: str
+    bits: int | None
+    path: Path
+    model: nn.Module | None = None
+    size_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def title(self) -> str:
+        return "full precision" if self.bits is None else f"{self.bits}-bit"
+
+
+@dataclass
+class Family:
+    """A parent model and its quantized children, with the export's record (`oscq_export.json`)."""
+
+    name: str
+    source: str
+    root: Path
+    record: dict
+    image_processor: object | None = None
+    variants: dict[str, Variant] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def loaded(self) -> list[Variant]:
+        """Variants whose model loaded, full precision first, then from most to fewest bits."""
+        return [variant for variant in self.variants.values() if variant.model is not None]
+
+    @property
+    def num_channels(self) -> int:
+        parent = self.variants.get("fp")
+        models = ([parent.model] if parent and parent.model is not None else []) + [v.model for v in self.loaded]
+        return int(getattr(models[0].config, "num_channels", 3)) if models else 3
+
+
+def configured_entries(environ: Mapping[str, str] = os.environ, repo_root: Path | None = None) -> list[str]:
+    """The entries named by `OSCQ_MODELS` (comma-separated), or else the export folders found under `outputs/`."""
+    configured = [entry.strip() for entry in environ.get(MODELS_ENV, "").split(",") if entry.strip()]
+    if configured:
+        return configured
+    root = repo_root if repo_root is not None else Path(__file__).resolve().parents[2]
+    outputs = root / "outputs"
+    return [str(path.parent) for path in sorted(outputs.rglob(EXPORT_FILE))] if outputs.is_dir() else []
+
+
+def resolve_entry(entry: str) -> Path:
+    """The local export folder of an entry: the folder itself, or one assembled from the Hub repos it names.
+
+    Raises:
+        FamilyError: for a folder that does not exist (and is not a repo id) or a repo that cannot be downloaded.
+    """
+    path = Path(entry).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FamilyError(f"{entry!r} is a file; {MODELS_ENV} takes export folders (holding {EXPORT_FILE}).")
+        return path
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(entry)
+    except HFValidationError:
+        raise FamilyError(
+            f"{entry!r} is neither an existing folder nor a Hub repo id (owner/name). Fix {MODELS_ENV}, or run "
+            "`hf-oscq demo` to create local exports under outputs/."
+        ) from None
+    return _download_family(entry)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+
+
+def _download_family(repo_id: str) -> Path:
+    """A whole export folder in one repo, or the parent `ORG/NAME` with its children in `ORG/NAME-w{b}`.
+
+    The per-variant layout (how `hf_oscq` publishes) is linked into a local folder shaped like an export folder;
+    a child repo that cannot be downloaded is left out and reported as a missing checkpoint.
+    """
+    try:
+        parent = _download(repo_id)
+    except Exception as error:  # any download failure is reported on the page, not raised
+        raise FamilyError(f"Could not download {repo_id!r} from the Hub ({type(error).__name__}: {error}).") from None
+    if (parent / EXPORT_FILE).is_file() and (parent / "fp").is_dir():
+        return parent
+    record = json.loads((parent / EXPORT_FILE).read_text()) if (parent / EXPORT_FILE).is_file() else {}
+    bits = record.get("bits") or list(range(2, 9))
+    folder = Path(tempfile.mkdtemp(prefix="oscq_family_")) / repo_id.split("/")[-1]
+    folder.mkdir()
+    (folder / "fp").symlink_to(parent, target_is_directory=True)
+    found = []
+    for width in bits:
+        try:
+            (folder / f"w{width}").symlink_to(_download(f"{repo_id}-w{width}"), target_is_directory=True)
+            found.append(width)
+        except Exception as error:  # noqa: BLE001 - a missing child is reported by load_family
+            logger.warning("No checkpoint at %s-w%s (%s)", repo_id, width, type(error).__name__)
+    if not record and not found:
+        raise FamilyError(f"{repo_id!r} has neither {EXPORT_FILE} nor child repos {repo_id}-w2 ... {repo_id}-w8.")
+    record = {**record, "bits": bits if record else found}
+    (folder / EXPORT_FILE).write_text(json.dumps(record))
+    return folder
+
+
+def _family_name(record: dict, root: Path) -> str:
+    method = (record.get("training") or {}).get("osc_method")
+    return f"{METHOD_NAMES.get(method, method or 'model')} · {root.name}"
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def _load_variant(variant: Variant) -> None:
+    if not (variant.path / "config.json").is_file():
+        variant.error = f"{variant.name}: checkpoint missing at {variant.path} (no config.json); re-run the export."
+        return
+    try:
+        variant.model = AutoModelForImageClassification.from_pretrained(variant.path).eval()
+        variant.size_bytes = _weights_size(variant.path)
+    except Exception as error:  # a corrupt checkpoint must not stop the other bit-widths from loading
+        variant.error = f"{variant.name}: could not load {variant.path} ({type(error).__name__}: {error})."
+
+
+def load_family(entry: str) -> Family:
+    """Loads the export folder (or Hub repo) `entry`: every variant listed in its `oscq_export.json`.
+
+    Raises:
+        FamilyError: when the entry cannot be found or holds no export record.
+    """
+    root = resolve_entry(entry)
+    record_path = root / EXPORT_FILE
+    if not record_path.is_file():
+        raise FamilyError(
+            f"{entry!r} has no {EXPORT_FILE}: point {MODELS_ENV} at the folder written by hf_oscq.export_quantized "
+            "(it holds fp/, w2/ ... w8/ and the record)."
+        )
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as error:
+        raise FamilyError(f"{record_path} is not valid JSON ({error}); re-run the export.") from None
+    family = Family(name=_family_name(record, root), source=entry, root=root, record=record)
+    bits = sorted((int(b) for b in record.get("bits", [])), reverse=True)
+    for name, width in [("fp", None)] + [(f"w{b}", b) for b in bits]:
+        variant = Variant(name=name, bits=width, path=root / name)
+        _load_variant(variant)
+        family.variants[name] = variant
+        if variant.error:
+            family.problems.append(variant.error)
+    for folder in [root / "fp"] + [variant.path for variant in family.variants.values()]:
+        if (folder / "preprocessor_config.json").is_file():
+            family.image_processor = AutoImageProcessor.from_pretrained(folder)
+            break
+    else:
+        family.problems.append(
+            f"{family.name}: the export has no preprocessor_config.json; re-export it with image_processor=..."
+        )
+    if not family.loaded:
+        raise FamilyError(f"No checkpoint of {entry!r} could be loaded: " + " ".join(family.problems))
+    return family
+
+
+def load_families(entries: Iterable[str]) -> tuple[list[Family], list[str]]:
+    """Loads every entry it can; returns the families and a message for each problem met on the way."""
+    families, problems = [], []
+    for entry in entries:
+        try:
+            family = load_family(entry)
+        except FamilyError as error:
+            problems.append(str(error))
+            continue
+        taken = {existing.name for existing in families}
+        base, index = family.name, 2
+        while family.name in taken:
+            family.name, index = f"{base} ({index})", index + 1
+        families.append(family)
+        problems.extend(family.problems)
+    return families, problems

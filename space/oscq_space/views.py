@@ -1,0 +1,132 @@
+"""What each button of the page returns: plain functions of the loaded families, with friendly messages, not errors."""
+
+from __future__ import annotations
+
+import html
+import logging
+import tempfile
+from pathlib import Path
+
+from hf_oscq import compute_scale
+
+from .classify import InputError, Prediction, classify, load_image
+from .families import Family
+from .figures import (
+    accuracy_rows,
+    family_tables,
+    layer_weight,
+    quantizable_layers,
+    write_accuracy_plot,
+    write_weight_plot,
+)
+
+logger = logging.getLogger(__name__)
+
+CLASSIFY_HEADERS = ["checkpoint", "bits", "size on disk (bytes)", "latency (ms)", "top-1", "top-1 prob", "top-5"]
+ACCURACY_HEADERS = ["curve", "checkpoint", "bits", "accuracy (%)"]
+LEVEL_HEADERS = ["code", "level value", "weights"]
+
+
+def _warning(message: str) -> str:
+    return f"**⚠️ {message}**"
+
+
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "size unknown"
+    return f"{size_bytes / 1024:.1f} KiB" if size_bytes < 1024**2 else f"{size_bytes / 1024**2:.2f} MiB"
+
+
+def predictions_html(predictions: list[Prediction]) -> str:
+    """Side-by-side cards, one per checkpoint, each with its top-k bars, size on disk and latency."""
+    cards = []
+    for prediction in predictions:
+        title = "full precision" if prediction.bits is None else f"{prediction.bits}-bit"
+        bars = "".join(
+            f'<div class="oscq-row"><span class="oscq-label">{html.escape(label)}</span>'
+            f'<span class="oscq-bar" style="width:{100 * probability:.1f}%"></span>'
+            f'<span class="oscq-prob">{100 * probability:.1f}%</span></div>'
+            for label, probability in prediction.top
+        )
+        cards.append(
+            f'<div class="oscq-variant" data-variant="{prediction.variant}"><h4>{title}</h4>'
+            f'<p class="oscq-meta">{_size(prediction.size_bytes)} · {prediction.latency_ms:.2f} ms</p>{bars}</div>'
+        )
+    return f'<div class="oscq-grid">{"".join(cards)}</div>'
+
+
+def classify_view(
+    families: dict[str, Family], family_name: str | None, image_path: str | None
+) -> tuple[str, str, list]:
+    """The Classify tab: `(message, cards HTML, table rows)`; a bad upload gives a message and empty results."""
+    family = families.get(family_name or "")
+    if family is None:
+        return _warning(f"No model family named {family_name!r} is loaded; pick one from the list."), "", []
+    try:
+        image, notes = load_image(image_path, family.num_channels)
+        predictions = classify(family, image)
+    except InputError as error:
+        return _warning(str(error)), "", []
+    except Exception as error:  # the page must stay up whatever a checkpoint does
+        logger.exception("Classification failed")
+        return _warning(f"Classification failed ({type(error).__name__}: {error})."), "", []
+    rows = [
+        [p.variant, p.bits, p.size_bytes, round(p.latency_ms, 3), p.top[0][0], round(p.top[0][1], 4),
+         ", ".join(f"{label} ({probability:.3f})" for label, probability in p.top)]
+        for p in predictions
+    ]
+    message = f"{family.name}: {len(predictions)} checkpoints on a {image.size[0]} x {image.size[1]} image"
+    message += f" ({'; '.join(notes)})." if notes else "."
+    if family.problems:
+        message += "\n\n" + "\n".join(f"* {problem}" for problem in family.problems)
+    return message, predictions_html(predictions), rows
+
+
+def _temporary_png() -> Path:
+    with tempfile.NamedTemporaryFile(prefix="oscq_", suffix=".png", delete=False) as handle:
+        return Path(handle.name)
+
+
+def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
+    """The Accuracy tab: `(plot PNG path or None, table rows, message)`."""
+    tables = {}
+    for family in families:
+        tables.update(family_tables(family))
+    if not tables:
+        return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
+    path = _temporary_png()
+    write_accuracy_plot(tables, path)
+    return str(path), accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
+
+
+def weight_choices(family: Family | None) -> tuple[list[str], list[int]]:
+    """The layers and bit-widths the Weights tab offers for a family."""
+    if family is None:
+        return [], []
+    return quantizable_layers(family), [v.bits for v in family.variants.values() if v.bits is not None]
+
+
+def weights_view(
+    families: dict[str, Family], family_name: str | None, layer: str | None, bits: int | str | None
+) -> tuple[str | None, list, str]:
+    """The Weights tab: `(histogram PNG path or None, rows [code, level value, weights], message)`."""
+    family = families.get(family_name or "")
+    if family is None:
+        return None, [], _warning(f"No model family named {family_name!r} is loaded; pick one from the list.")
+    layers, widths = weight_choices(family)
+    if layer not in layers:
+        return None, [], _warning(f"Pick a layer of {family.name} (got {layer!r}).")
+    try:
+        bits = int(bits)
+    except (TypeError, ValueError):
+        bits = None
+    if bits not in widths:
+        return None, [], _warning(f"Pick one of the exported bit-widths {widths} (got {bits!r}).")
+    path = _temporary_png()
+    counts = write_weight_plot(family, layer, bits, path)
+    per_channel = bool(family.record.get("per_channel", False))
+    scale = 1.0 if per_channel else float(compute_scale(layer_weight(family, layer), bits))
+    rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
+    unit = "in per-channel scale units" if per_channel else f"scale {scale:.4g}"
+    return str(path), rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."
+
