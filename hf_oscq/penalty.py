@@ -43,6 +43,10 @@ def oscillation_penalty(
     return torch.stack(terms).sum()
 
 
+_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                  torch.bfloat16: torch.int16}
+
+
 class PenaltyWorkspace:
     """Scratch buffers reused across training steps by `fused_oscillation_penalty`.
 
@@ -85,12 +89,24 @@ class _FusedPenalty(torch.autograd.Function):
         for weight in weights:
             w = weight.detach()
             numel = w.numel()
-            rows = w.shape[0] if per_channel and w.dim() > 0 else 1
-            low, high = torch.aminmax(w.reshape(rows, -1), dim=1)
-            peak = torch.maximum(high, -low)
-            safe = _nonzero(peak / top).reshape((rows,) + (1,) * (w.dim() - 1)) if per_channel else _nonzero(peak / top)[0]
+            if per_channel and w.dim() > 0:
+                rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
+                flat = w.reshape(rows, -1)
+                peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
+            else:
+                rows, shape = 1, ()
+                low, high = torch.aminmax(w)
+                peak = torch.maximum(high, -low).reshape(1)
+            safe = _nonzero(peak / top)
+            as_int = _SAME_SIZE_INT[w.dtype]
+            # |w| == peak is tested on the bit patterns: exact, and several times faster than a float compare on CPU.
+            peak_bits, negative_peak_bits = peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)
+            scale_arg = safe.reshape(shape)
+            if rows == 1 and w.device.type == "cpu":
+                # CPU kernels broadcast a 0-d tensor operand much slower than a Python number; reading one back is free.
+                scale_arg, peak_bits, negative_peak_bits = scale_arg.item(), peak_bits.item(), negative_peak_bits.item()
             diff, at_peak, at_negative_peak = workspace.buffers(w)
-            torch.div(w, safe, out=diff).round_().mul_(safe).sub_(w)
+            torch.div(w, scale_arg, out=diff).round_().mul_(scale_arg).sub_(w)
             if rows == 1:
                 w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
                 d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
@@ -98,14 +114,13 @@ class _FusedPenalty(torch.autograd.Function):
                 w_d = torch.einsum("ij,ij->i", w.reshape(rows, -1), diff.reshape(rows, -1))
                 d_d = torch.einsum("ij,ij->i", diff.reshape(rows, -1), diff.reshape(rows, -1))
             total += (2 * w_d.sum() + d_d.sum()) / numel
-            peak_b = peak.reshape((rows,) + (1,) * (w.dim() - 1)) if per_channel else peak[0]
-            torch.eq(w, peak_b, out=at_peak)
-            at_peak.logical_or_(torch.eq(w, -peak_b, out=at_negative_peak))
+            torch.eq(w.view(as_int), peak_bits, out=at_peak)
+            at_peak.logical_or_(torch.eq(w.view(as_int), negative_peak_bits, out=at_negative_peak))
             idx = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
             row = idx // (numel // rows)
             ties = torch.bincount(row, minlength=rows).clamp_min(1)
             # Stored relative to the final 2/N factor, which backward applies together with grad_output.
-            scale_grad = (w_d + d_d) / (safe.reshape(-1) * top * ties)
+            scale_grad = (w_d + d_d) / (safe * top * ties)
             scales.append((idx, torch.sign(w.reshape(-1)[idx]) * scale_grad[row].to(w.dtype)))
             diffs.append(diff)
         workspace.generation += 1

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .config import OscillationConfig
 from .penalty import PenaltyWorkspace, fused_oscillation_penalty
 from .ptq import quantized_weights
 from .qat import fake_quantized_forward
 from .selection import select_weights
+
+logger = logging.getLogger(__name__)
 
 
 class OscillationTrainer(Trainer):
@@ -48,6 +53,7 @@ class OscillationTrainer(Trainer):
         self._osc_selected: tuple[nn.Module, dict[str, nn.Parameter]] | None = None
         self._osc_workspace = PenaltyWorkspace()
         self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._osc_first_step = 0
         if self.model is not None:
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
 
@@ -73,29 +79,61 @@ class OscillationTrainer(Trainer):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = result if return_outputs else (result, None)
+        if not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
+        accumulation = self.current_gradient_accumulation_steps
+        trainer_divides = not self._loss_is_scaled_for_ga(num_items_in_batch)
+        # Metrics are recorded as this micro-batch's share of the optimizer step, like the Trainer's own loss.
+        if not self._osc_metrics:
+            self._osc_first_step = self.state.global_step
+        self._osc_metrics["task_loss"].append(loss.detach() / (accumulation if trainer_divides else 1))
+        if args.osc_method == "oscillation":
             penalty = fused_oscillation_penalty(
                 self._quantized_weights(), args.osc_bits, args.osc_per_channel, workspace=self._osc_workspace
             )
-            self._osc_metrics["task_loss"].append(loss.detach())
-            self._osc_metrics["osc_penalty"].append(penalty.detach())
-            weight = args.osc_lambda
-            if self._loss_is_scaled_for_ga(num_items_in_batch):
-                weight /= self.current_gradient_accumulation_steps
+            self._osc_metrics["osc_penalty"].append(penalty.detach() / accumulation)
+            weight = args.osc_lambda if trainer_divides else args.osc_lambda / accumulation
             loss = loss + weight * penalty.to(loss.dtype)
-            return (loss, outputs) if return_outputs else loss
-        if model.training:
-            self._osc_metrics["task_loss"].append((result[0] if return_outputs else result).detach())
-        return result
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (they carry "loss") are emitted on every process at once, so the reduction is safe here.
         if "loss" in logs and self._osc_metrics:
+            steps = max(1, self.state.global_step - self._osc_first_step)
             for key, values in self._osc_metrics.items():
-                mean = torch.stack([value.float() for value in values]).mean()
-                logs[key] = round(self.accelerator.reduce(mean, reduction="mean").item(), 6)
+                mean = torch.stack([value.float() for value in values]).sum() / steps
+                logs[key] = self.accelerator.reduce(mean, reduction="mean").item()
             self._osc_metrics.clear()
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_pretrained_weights(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_pretrained_weights(self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_pretrained_weights(self, model: nn.Module, folder: str) -> bool:
+        """Loads a checkpoint folder's weights through `from_pretrained`, strictly; False where that does not apply.
+
+        The Trainer reloads checkpoints with `load_state_dict(strict=False)` on the raw file, but `save_pretrained`
+        writes some architectures (ViT among them) under their legacy key names: the resumed or "best" model would
+        silently keep the wrong weights. `from_pretrained` applies the key conversion.
+        """
+        if (
+            not isinstance(model, PreTrainedModel)
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+        ):
+            return False
+        logger.info("Loading model weights from %s through from_pretrained.", folder)
+        reloaded = type(model).from_pretrained(folder, config=model.config)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+        return True
 
     def _calibration_batches(self) -> Iterator[dict] | None:
         """Training batches for BatchNorm re-estimation after rounding (same samples on every process)."""

@@ -1,0 +1,118 @@
+"""Training-step overhead of each mode against plain full-precision training, measured side by side.
+
+Every mode runs the exact computation `OscillationTrainer.compute_loss` adds on top of the task loss:
+* fp: plain step;
+* oscillation: task loss + osc_lambda * fused_oscillation_penalty (the trainer's path);
+* qat: forward through fake_quantized_forward;
+* reference: task loss + osc_lambda * oscillation_penalty (plain autograd through the quantizer, the way the paper's
+  reference code computes it).
+Each step is forward, backward and an Adam update on ResNet-18 (timm) with 32x32 inputs. Modes are interleaved in a
+rotating order and the median step time is reported, so machine noise hits every mode alike.
+
+    python bench/overhead.py                        # CPU, batch 128 and 32
+    python bench/overhead.py --device cuda --batch-sizes 256 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from hf_oscq import PenaltyWorkspace, fake_quantized_forward, fused_oscillation_penalty, oscillation_penalty
+from hf_oscq import select_weights
+
+MODES = ("fp", "oscillation", "qat", "reference")
+
+
+def make_step(mode: str, device: str, bits: int, osc_lambda: float):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weights = select_weights(model)
+    workspace = PenaltyWorkspace()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        if mode == "qat":
+            with fake_quantized_forward(model, model, weights, bits):
+                loss = F.cross_entropy(model(images), labels)
+        else:
+            loss = F.cross_entropy(model(images), labels)
+        if mode == "oscillation":
+            loss = loss + osc_lambda * fused_oscillation_penalty(weights, bits, workspace=workspace)
+        elif mode == "reference":
+            loss = loss + osc_lambda * oscillation_penalty(model, bits)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(batch_size: int, device: str, rounds: int, warmup: int, bits: int, osc_lambda: float) -> dict:
+    steps = {mode: make_step(mode, device, bits, osc_lambda) for mode in MODES}
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+    times = {mode: [] for mode in MODES}
+    for round_index in range(warmup + rounds):
+        order = MODES[round_index % len(MODES):] + MODES[: round_index % len(MODES)]
+        for mode in order:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[mode](images, labels)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_index >= warmup:
+                times[mode].append(time.perf_counter() - start)
+    medians = {mode: statistics.median(values) for mode, values in times.items()}
+    return {
+        "batch_size": batch_size,
+        "median_step_seconds": medians,
+        "ratio_to_fp": {mode: medians[mode] / medians["fp"] for mode in MODES},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--osc-lambda", type=float, default=1.0)
+    parser.add_argument("--output", default=None, help="default: bench/results/overhead[_<device>].json")
+    args = parser.parse_args()
+
+    results = []
+    for batch_size in args.batch_sizes:
+        result = measure(batch_size, args.device, args.rounds, args.warmup, args.bits, args.osc_lambda)
+        results.append(result)
+        ratios = "  ".join(f"{mode} {ratio:.3f}x" for mode, ratio in result["ratio_to_fp"].items())
+        print(f"batch {batch_size:4d}: fp step {1000 * result['median_step_seconds']['fp']:.1f} ms | {ratios}")
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    output = Path(args.output or Path(__file__).parent / "results" / f"overhead{suffix}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "workload": "timm resnet18, 32x32 inputs, 10 classes, Adam, forward+backward+step",
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "bits": args.bits,
+        "rounds": args.rounds,
+        "results": results,
+    }
+    output.write_text(json.dumps(record, indent=2))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_oscq import PenaltyWorkspace, fused_oscillation_penalty, oscillation_penalty, select_weights
+
+
+def reference_numpy(weights, bits, per_channel=False):
+    """Value and gradient of sum_l mean(q(W_l)^2 - W_l^2), written out by hand (float64)."""
+    top = 2 ** (bits - 1) - 1
+    value, grads = 0.0, []
+    for w in weights:
+        rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+        grad_rows = np.zeros_like(rows)
+        n = w.size
+        for i, row in enumerate(rows):
+            s = np.abs(row).max() / top
+            r = np.round(row / s)
+            q = r * s
+            value += np.sum(q**2 - row**2) / n
+            grad_rows[i] = 2 / n * (q - row)  # straight-through part
+            dp_ds = 2 / n * np.sum(q * (r - row / s))  # dq/ds = round(w/s) - w/s
+            peaks = np.flatnonzero(np.abs(row) == np.abs(row).max())
+            grad_rows[i, peaks] += dp_ds * np.sign(row[peaks]) / top / len(peaks)
+        grads.append(grad_rows.reshape(w.shape))
+    return value, grads
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_reference_and_fused_match_hand_formula(bits, per_channel):
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten(), nn.Linear(7, 6), nn.BatchNorm1d(6)).double()
+    with torch.no_grad():  # exact ties at the maximum magnitude, split evenly like torch.amax
+        model[2].weight[0, :2] = 2.0
+        model[2].weight[3, 4] = -2.0
+    weights = select_weights(model)
+    expected_value, expected_grads = reference_numpy([w.detach().numpy() for w in weights.values()], bits, per_channel)
+
+    reference = oscillation_penalty(model, bits, per_channel=per_channel)
+    reference_grads = torch.autograd.grad(reference, list(weights.values()))
+    fused = fused_oscillation_penalty(weights, bits, per_channel)
+    fused_grads = torch.autograd.grad(fused, list(weights.values()))
+
+    assert float(reference.detach()) == pytest.approx(expected_value, rel=1e-12)
+    assert float(fused.detach()) == pytest.approx(expected_value, rel=1e-12)
+    for ref, fast, hand in zip(reference_grads, fused_grads, expected_grads):
+        np.testing.assert_allclose(ref.numpy(), hand, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(fast.numpy(), hand, rtol=1e-10, atol=1e-15)
+
+
+def test_fused_float32_matches_reference_across_steps_and_upstream_gradient():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.Flatten(), nn.Linear(32, 64, bias=False))
+    weights = select_weights(model)
+    workspace = PenaltyWorkspace()
+    for _ in range(3):  # the workspace is reused across steps
+        fused = fused_oscillation_penalty(weights, 3, workspace=workspace)
+        fused_grads = torch.autograd.grad(2.5 * fused, list(weights.values()))
+        reference = oscillation_penalty(model, 3)
+        reference_grads = torch.autograd.grad(2.5 * reference, list(weights.values()))
+        torch.testing.assert_close(fused, reference.detach(), rtol=1e-5, atol=1e-7)
+        for fast, ref in zip(fused_grads, reference_grads):
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-9)
+        with torch.no_grad():
+            for w in weights.values():
+                w.add_(0.01 * torch.randn_like(w))
+
+
+def test_workspace_reused_before_backward_is_an_error():
+    weights = [torch.randn(5, 4, requires_grad=True)]
+    workspace = PenaltyWorkspace()
+    first = fused_oscillation_penalty(weights, 3, workspace=workspace)
+    fused_oscillation_penalty(weights, 3, workspace=workspace)
+    with pytest.raises(RuntimeError, match="computed again with the same PenaltyWorkspace"):
+        first.backward()
+
+
+def test_gradient_pushes_towards_threshold():
+    # w = 0.3 s sits near level 0: descent on (q^2 - w^2) moves it away from 0, towards the threshold 0.5 s.
+    weight = torch.tensor([0.3, 1.0], requires_grad=True)  # 2 bits: s = 1, levels {-1, 0, 1}
+    fused_oscillation_penalty([weight], 2).backward()
+    assert weight.grad[0] < 0  # descent increases w towards 0.5
+
+
+def test_non_finite_weights_named():
+    model = nn.Sequential(nn.Linear(3, 3))
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="'0.weight' contains NaN or Inf"):
+        oscillation_penalty(model, 3)
+    with pytest.raises(ValueError, match="'0.weight' contains NaN or Inf"):
+        fused_oscillation_penalty(select_weights(model), 3)
+
+
+def test_invalid_bits_rejected():
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        oscillation_penalty(nn.Linear(2, 2), 1)
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        fused_oscillation_penalty([torch.ones(2, 2)], 9)

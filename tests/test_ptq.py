@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_oscq import cross_bit_evaluate, format_cross_bit_table, quantize_model, quantized_weights, recalibrate_batchnorm
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def test_quantize_model_rounds_selected_weights_on_a_copy():
+    model = small_net()
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    quantized = quantize_model(model, 2)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name])  # the input model is untouched
+    conv = quantized[0].weight.detach()
+    scale = original["0.weight"].abs().max() / 1
+    assert set(torch.unique(conv / scale).tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.equal(quantized[0].bias, original["0.bias"])  # biases stay float
+    assert torch.equal(quantized[1].weight, original["1.weight"])  # norms stay float
+
+
+def test_quantized_weights_restores_bit_exactly_even_on_error():
+    model = small_net()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with quantized_weights(model, 3):
+            assert not torch.equal(model[4].weight, before["4.weight"])
+            raise RuntimeError("boom")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_recalibrate_batchnorm_matches_batch_statistics():
+    model = small_net()
+    images = torch.randn(40, 1, 8, 8)
+    batches = [images[:16], images[16:32], images[32:]]
+    assert recalibrate_batchnorm(model, batches) == 40
+    # momentum=None: a cumulative average over batches of the per-batch mean and unbiased variance of the input
+    with torch.no_grad():
+        means = [model[0](b).mean(dim=(0, 2, 3)) for b in batches]
+        variances = [model[0](b).var(dim=(0, 2, 3), unbiased=True) for b in batches]
+    torch.testing.assert_close(model[1].running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.1 and model.training
+
+
+def test_bn_recalibration_inside_quantized_weights_is_undone():
+    model = small_net().eval()
+    stats = model[1].running_mean.clone()
+    with quantized_weights(model, 3, calibration_batches=[torch.randn(8, 1, 8, 8)]):
+        assert not torch.equal(model[1].running_mean, stats)
+    assert torch.equal(model[1].running_mean, stats)
+
+
+def test_cross_bit_evaluate_and_table():
+    model = small_net().eval()
+    images = torch.randn(32, 1, 8, 8)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"accuracy": float((m(images).argmax(-1) == 0).float().mean())}
+
+    table = cross_bit_evaluate(model, evaluate, bits=[2, 8])
+    assert list(table) == ["fp", "w2", "w8"]
+    expected_w2 = evaluate(quantize_model(model, 2))["accuracy"]
+    assert table["w2"]["accuracy"] == expected_w2
+    rendered = format_cross_bit_table({"osc": table, "qat": {"w2": {"accuracy": 0.5}}})
+    assert rendered.splitlines()[0] == "| run | fp | w2 | w8 |"
+    assert rendered.splitlines()[3] == "| qat | - | 50.0 | - |"
+    assert f"{100 * expected_w2:.1f}" in rendered.splitlines()[2]
+
+
+def test_non_finite_weight_named_by_quantize_model():
+    model = small_net()
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'4.weight' contains NaN"):
+        quantize_model(model, 4)
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        quantize_model(small_net(), 2.5)
+
+
+def test_rounding_error_shrinks_with_bits():
+    model = small_net()
+    errors = [float((quantize_model(model, b)[4].weight - model[4].weight).abs().max()) for b in range(2, 9)]
+    scale = float(model[4].weight.abs().max())
+    for bits, error in zip(range(2, 9), errors):
+        assert error <= scale / (2 ** (bits - 1) - 1) / 2 + 1e-7  # at most half a step
+    assert np.all(np.diff(errors) < 0)

@@ -1,0 +1,50 @@
+import pytest
+from torch import nn
+
+from hf_oscq import ALL_WEIGHTS, select_weights
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.norm = nn.BatchNorm2d(2)
+        self.block = nn.ModuleDict({"fc": nn.Linear(4, 4), "ln": nn.LayerNorm(4)})
+        self.head = nn.Linear(4, 10)
+
+
+def test_default_selects_linear_conv_embedding_weights_only():
+    assert list(select_weights(Net())) == ["embed.weight", "conv.weight", "block.fc.weight", "head.weight"]
+
+
+def test_reference_preset_selects_every_module_weight():
+    assert list(select_weights(Net(), ALL_WEIGHTS)) == [
+        "embed.weight", "conv.weight", "norm.weight", "block.fc.weight", "block.ln.weight", "head.weight",
+    ]
+
+
+def test_names_suffixes_and_regex():
+    net = Net()
+    assert list(select_weights(net, ["head"])) == ["head.weight"]
+    assert list(select_weights(net, ["fc", "conv"])) == ["conv.weight", "block.fc.weight"]
+    assert list(select_weights(net, r"block\..*")) == ["block.fc.weight", "block.ln.weight"]
+    assert list(select_weights(net, exclude_modules=["head", "embed"])) == ["conv.weight", "block.fc.weight"]
+
+
+def test_tied_weights_selected_once():
+    net = Net()
+    net.head.weight = net.embed.weight
+    net.head = nn.Linear(4, 10)
+    tied = nn.Linear(4, 10, bias=False)
+    tied.weight = net.embed.weight
+    net.tied = tied
+    selected = select_weights(net)
+    assert list(selected) == ["embed.weight", "conv.weight", "block.fc.weight", "head.weight"]
+
+
+def test_empty_selection_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"No weights selected.*Modules with a weight in this model: \[embed, conv"):
+        select_weights(Net(), ["does_not_exist"])
+    with pytest.raises(ValueError, match="No weights selected"):
+        select_weights(nn.Sequential(nn.ReLU()))

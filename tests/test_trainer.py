@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
+
+from hf_oscq import OscillationConfig, OscillationTrainer, oscillation_penalty, quantize_model
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n, size=16, channels=3, classes=4, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, channels, size, size, generator=generator)
+        self.y = torch.randint(0, classes, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, num_labels=4)
+    return ViTForImageClassification(config)
+
+
+def tiny_timm_resnet():
+    torch.manual_seed(0)
+    config = TimmWrapperConfig(architecture="resnet18", num_labels=4,
+                               model_args={"channels": (8, 16, 32, 64), "stem_width": 8})
+    return TimmWrapperForImageClassification(config)
+
+
+class PlainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.body(pixel_values)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def accuracy(prediction):
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+
+def make_trainer(model, tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
+        osc_eval_bits=[2, 3], seed=0,
+    )
+    settings.update(overrides)
+    return OscillationTrainer(
+        model=model, args=OscillationConfig(**settings), train_dataset=RandomImages(48),
+        eval_dataset=RandomImages(24, seed=1), compute_metrics=accuracy,
+    )
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_timm_resnet, lambda: PlainNet()], ids=["vit", "timm", "plain"])
+@pytest.mark.parametrize("method", ["oscillation", "qat", "none"])
+def test_every_mode_trains_and_logs(build, method, tmp_path):
+    model = build()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = make_trainer(model, tmp_path, osc_method=method)
+    trainer.train()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert len(changed) == len(before)
+    assert [name for name, _ in model.named_parameters()] == list(before)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all("task_loss" in entry for entry in logs)
+    assert all(("osc_penalty" in entry) == (method == "oscillation") for entry in logs)
+
+
+def test_logged_penalty_and_loss_follow_the_formula(tmp_path):
+    model = tiny_vit()
+    expected_penalty = float(oscillation_penalty(model, 3).detach())
+    trainer = make_trainer(model, tmp_path, max_steps=1, osc_lambda=4.0)
+    trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert log["osc_penalty"] == pytest.approx(expected_penalty, rel=1e-5)
+    assert log["loss"] == pytest.approx(log["task_loss"] + 4.0 * log["osc_penalty"], rel=1e-5)
+
+
+def test_zero_lambda_equals_plain_training(tmp_path):
+    runs = {}
+    for method, kwargs in {"none": {}, "oscillation": {"osc_lambda": 0.0}}.items():
+        model = tiny_vit()
+        trainer = make_trainer(model, tmp_path / method, osc_method=method, **kwargs)
+        trainer.train()
+        runs[method] = ([e["loss"] for e in trainer.state.log_history if "loss" in e], model.state_dict())
+    assert runs["none"][0] == runs["oscillation"][0]
+    for name, tensor in runs["none"][1].items():
+        assert torch.equal(tensor, runs["oscillation"][1][name])
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path):
+    states, logs = [], []
+    for batch, accumulation in [(8, 1), (4, 2)]:
+        model = tiny_vit()
+        trainer = make_trainer(model, tmp_path / str(batch), max_steps=1, osc_lambda=50.0, optim="sgd",
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        states.append(model.state_dict())
+        logs.append([entry for entry in trainer.state.log_history if "loss" in entry][0])
+    for key in ("loss", "task_loss", "osc_penalty"):
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5)
+    for name, tensor in states[0].items():
+        torch.testing.assert_close(states[1][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_reports_every_bit_and_restores_weights(tmp_path):
+    model = tiny_vit()
+    trainer = make_trainer(model, tmp_path, osc_eval_bits=[2, 4, 8])
+    trainer.train()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    metrics = trainer.evaluate()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    assert {"eval_accuracy", "eval_w2_accuracy", "eval_w4_accuracy", "eval_w8_accuracy", "eval_w2_loss"} <= set(metrics)
+    dataset = trainer.eval_dataset
+    for bits in (2, 4, 8):
+        with torch.no_grad():
+            logits = quantize_model(model, bits).eval()(pixel_values=dataset.x).logits
+        expected = float((logits.argmax(-1) == dataset.y).float().mean())
+        assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
+
+
+def test_best_model_selected_on_quantized_accuracy(tmp_path):
+    model = tiny_vit()
+    trainer = make_trainer(
+        model, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        metric_for_best_model="eval_w2_accuracy", load_best_model_at_end=True, save_total_limit=1,
+    )
+    trainer.train()
+    scores = [entry["eval_w2_accuracy"] for entry in trainer.state.log_history if "eval_w2_accuracy" in entry]
+    assert len(scores) == 4
+    assert trainer.state.best_metric == max(scores)
+    best = ViTForImageClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    for name, tensor in best.state_dict().items():  # the best checkpoint's weights really are loaded
+        assert torch.equal(model.state_dict()[name], tensor)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    full = tiny_vit()
+    make_trainer(full, tmp_path / "full", max_steps=4).train()
+    interrupted = make_trainer(tiny_vit(), tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2)
+    interrupted.train()
+    resumed_model = tiny_vit()
+    resumed = make_trainer(resumed_model, tmp_path / "resumed", max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-2"))
+    for name, tensor in full.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = make_trainer(tiny_vit(), tmp_path, bf16=True, osc_lambda=2.0)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(np.isfinite([entry["loss"], entry["osc_penalty"]]).all() for entry in logs)
+
+
+def test_qat_model_saves_and_reloads_with_unchanged_names(tmp_path):
+    model = tiny_vit()
+    trainer = make_trainer(model, tmp_path, osc_method="qat")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = ViTForImageClassification.from_pretrained(str(tmp_path / "saved"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor)
+
+
+def test_bad_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="OscillationConfig"):
+        OscillationTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    with pytest.raises(ValueError, match="No weights selected"):
+        make_trainer(tiny_vit(), tmp_path, osc_target_modules=["nothing_like_this"])
+
+
+def test_nan_weights_stop_training_with_the_parameter_name(tmp_path):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'classifier.weight' contains NaN or Inf"):
+        make_trainer(model, tmp_path).train()
