@@ -1,0 +1,260 @@
+"""`export_quantized`: one `save_pretrained` folder per bit-width, weights bit-packed at b bits, written atomically.
+
+```
+OUT/fp/  OUT/w2/ ... OUT/w8/  OUT/oscq_export.json
+```
+The whole export is written to a hidden sibling folder and renamed into place at the end, so a failure never
+leaves a half-written checkpoint and never damages a previous export in `OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import revert_weight_conversion
+
+from .checkpoint_format import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    SCALE_SUFFIX,
+    guard_config,
+    packed_shape,
+    serialize_checkpoint,
+)
+from .packing import pack_codes
+from .ptq import DEFAULT_EVAL_BITS, quantized_weights
+from .quantizer import check_finite, quantize_codes, validate_bits
+from .selection import Patterns, select_weights
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "oscq_export.json"
+WEIGHTS_NAME = "model.safetensors"
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
+
+def weights_size(folder: str | Path) -> int:
+    """Bytes of the safetensors weight files of a `save_pretrained` folder."""
+    return sum(path.stat().st_size for path in _weight_files(Path(folder)))
+
+
+def _check_output_dir(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"Export output {str(output)!r} is a file: pass a folder path.")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
+        raise ValueError(
+            f"Export output {str(output)!r} is a non-empty folder that is not an hf_oscq export (no {MANIFEST_NAME}); "
+            "it would be replaced. Pass a new or empty folder, or a previous export folder to overwrite."
+        )
+
+
+def _json_field(name: str, value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"export_quantized({name}=...) must be JSON-serializable (plain dicts of numbers/strings): {error}"
+        ) from None
+
+
+def _calibration(batches: Iterable | Callable[[], Iterable] | None) -> Iterable | None:
+    return batches() if callable(batches) else batches
+
+
+def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], packed_names: set[str]) -> dict:
+    """Renames model-side names to the names `save_pretrained` writes (transformers' reverse weight conversion)."""
+    kept, seen = {}, set()
+    for name, tensor in tensors.items():  # tied weights: save one copy, transformers ties them again at load
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if name not in packed_names and tensor.numel() and storage in seen:
+            continue
+        seen.add(storage)
+        kept[name] = tensor
+    renamed = revert_weight_conversion(model, dict(kept)) if hasattr(model, "config") else kept
+    identity = {id(tensor): key for key, tensor in renamed.items()}
+    lost = [name for name in packed_names if id(kept[name]) not in identity]
+    if lost:
+        raise ValueError(
+            f"This model converts the weights {lost[:5]} when saving (fused or split tensors), so they cannot be "
+            "stored bit-packed one by one: exclude them with exclude_modules=[...]."
+        )
+    return renamed
+
+
+def _write_variant(
+    model: nn.Module,
+    fp_dir: Path,
+    folder: Path,
+    bits: int,
+    weights: Mapping[str, nn.Parameter],
+    options: dict[str, Any],
+) -> bool:
+    """Writes `folder` (config.json, model.safetensors, side files); returns whether BatchNorm was recalibrated."""
+    folder.mkdir()
+    packed = {name: quantize_codes(weight, bits, options["per_channel"]) for name, weight in weights.items()}
+    batches = _calibration(options["calibration_batches"])
+    bn_recalibrated = batches is not None and any(isinstance(m, _BATCHNORM_TYPES) for m in model.modules())
+    if bn_recalibrated:
+        with quantized_weights(
+            model, bits, options["target_modules"], options["exclude_modules"], options["per_channel"], batches
+        ):
+            state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    else:
+        state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    tensors, packed_names = {}, set()
+    for key, value in state.items():
+        if key in packed:
+            codes, scale = packed[key]
+            tensors[key] = pack_codes(codes, bits).reshape(packed_shape(codes.shape, bits))
+            tensors[key + SCALE_SUFFIX] = scale.detach().cpu().clone()
+            packed_names |= {key, key + SCALE_SUFFIX}
+        else:
+            tensors[key] = value
+    tensors = _checkpoint_tensors(model, tensors, packed_names)
+    (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, bits))
+
+    config = json.loads((fp_dir / "config.json").read_text())
+    guarded = guard_config(config)
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "bits": bits,
+        "per_channel": options["per_channel"],
+        "modules": [name.removesuffix(".weight") for name in weights],
+        "format_version": FORMAT_VERSION,
+        "bn_recalibrated": bn_recalibrated,
+        "target_modules": options["target_modules"],
+        "exclude_modules": options["exclude_modules"],
+        "guarded_fields": guarded,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
+        if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
+            shutil.copy2(extra, folder / extra.name)
+    return bn_recalibrated
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    previous = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(output, previous)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(previous, output)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export_quantized(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    bits: Sequence[int] = DEFAULT_EVAL_BITS,
+    *,
+    image_processor: Any = None,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    per_channel: bool = False,
+    calibration_batches: Iterable | Callable[[], Iterable] | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    comparisons: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes the full-precision model and one bit-packed PTQ checkpoint per bit-width (layout: docs/EXPORT.md).
+
+    Each `OUT/w{b}/` loads with `AutoModelForImageClassification.from_pretrained` after `import hf_oscq` and gives
+    exactly `quantize_model(model, b, ...)`; without hf_oscq imported, loading it raises an error naming it.
+
+    Args:
+        model: a transformers model (anything with `save_pretrained`), e.g. a ViT or a TimmWrapper model.
+        output_dir: the export folder; a previous export there is replaced only once the new one is complete.
+        bits: bit-widths in [2, 8].
+        image_processor: saved into every folder so each one works on its own.
+        target_modules: which modules to quantize, see `select_weights`.
+        exclude_modules: modules left in float, see `select_weights`.
+        per_channel: one scale per output channel.
+        calibration_batches: model inputs (a re-iterable such as a list or DataLoader, or a callable returning
+            fresh ones) to re-estimate BatchNorm statistics at each bit-width; ignored for models without BatchNorm.
+        metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
+        training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
+        comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
+
+    Returns:
+        The export folder.
+    """
+    bit_widths = sorted({validate_bits(b) for b in bits})
+    if not bit_widths:
+        raise ValueError("export_quantized needs at least one bit-width, e.g. bits=(2, 3, 4, 8).")
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(
+            f"export_quantized needs a transformers model with save_pretrained, got {type(model).__name__}. Wrap timm "
+            "models with transformers' TimmWrapperForImageClassification."
+        )
+    output = Path(output_dir).resolve()
+    _check_output_dir(output)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "bits": bit_widths,
+        "per_channel": bool(per_channel),
+        "target_modules": _json_field("target_modules", target_modules),
+        "exclude_modules": _json_field("exclude_modules", exclude_modules),
+        "bn_recalibrated": False,
+        "sizes_bytes": {},
+        "metrics": _json_field("metrics", metrics),
+        "training": _json_field("training", training),
+        "comparisons": _json_field("comparisons", comparisons),
+    }
+    weights = select_weights(model, target_modules, exclude_modules)
+    for name, weight in weights.items():
+        check_finite(weight, name)
+    options = {
+        "per_channel": bool(per_channel),
+        "target_modules": manifest["target_modules"],
+        "exclude_modules": manifest["exclude_modules"],
+        "calibration_batches": calibration_batches,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+        fp_dir = staging / "fp"
+        model.save_pretrained(fp_dir)
+        if image_processor is not None:
+            image_processor.save_pretrained(fp_dir)
+        manifest["sizes_bytes"]["fp"] = weights_size(fp_dir)
+        for b in bit_widths:
+            start = time.perf_counter()
+            recalibrated = _write_variant(model, fp_dir, staging / f"w{b}", b, weights, options)
+            manifest["bn_recalibrated"] = manifest["bn_recalibrated"] or recalibrated
+            manifest["sizes_bytes"][f"w{b}"] = weights_size(staging / f"w{b}")
+            logger.info(
+                "Wrote w%d (%d bytes) in %.2f s", b, manifest["sizes_bytes"][f"w{b}"], time.perf_counter() - start
+            )
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Exported %s to %s", ", ".join(["fp"] + [f"w{b}" for b in bit_widths]), output)
+    return output
