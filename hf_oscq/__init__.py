@@ -1,7 +1,11 @@
 """hf_oscq: oscillation-regularized training for robust low-bit post-training quantization, on Hugging Face."""
 
 from .config import OSC_METHODS, OscillationConfig
+from .export_manifest import ExportFolderError, read_export_manifest
+from .hub import HubPushError, PushPlan, plan_push, push_to_hub
+from .model_card import render_card_files, render_model_card, write_model_cards
 from .penalty import PenaltyWorkspace, fused_oscillation_penalty, oscillation_penalty
+from .plots import plot_accuracy_vs_bits, plot_weight_histogram
 from .ptq import (
     DEFAULT_EVAL_BITS,
     cross_bit_evaluate,
@@ -38,5 +42,16 @@ __all__ = [
     "quantized_weights",
     "recalibrate_batchnorm",
     "select_weights",
+    "ExportFolderError",
+    "HubPushError",
+    "PushPlan",
+    "plan_push",
+    "plot_accuracy_vs_bits",
+    "plot_weight_histogram",
+    "push_to_hub",
+    "read_export_manifest",
+    "render_card_files",
+    "render_model_card",
+    "write_model_cards",
     "validate_bits",
 ]

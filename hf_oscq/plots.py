@@ -132,7 +132,7 @@ def plot_weight_histogram(
         xlabel = f"weight (scale s = {float(scale):.3g})"
     figure = Figure(figsize=(6.0, 3.8))
     axes = figure.subplots()
-    axes.hist(values, bins=bins, color="C0", alpha=0.8)
+    axes.hist(values, bins=bins, histtype="stepfilled", color="C0", alpha=0.8)
     axes.vlines(
         thresholds, 0, 1, transform=axes.get_xaxis_transform(), colors="C3", linestyles="--", linewidths=0.8,
         label="rounding thresholds",

@@ -60,22 +60,22 @@ def _write_by_contract(model, root: Path, bits, metrics, training, comparisons) 
     (root / "oscq_export.json").write_text(json.dumps(manifest, indent=2))
 
 
-def build_export(root: Path, with_results: bool = True) -> Path:
-    """Exports the tiny model to `root` with measured cross-bit metrics (and, with `with_results`, comparisons)."""
+def build_export(root: Path, with_results: bool = True, bits: tuple[int, ...] = BITS) -> Path:
+    """Exports the tiny model to `root`; with `with_results`, measured cross-bit metrics, comparisons and recipe."""
     model = tiny_model()
     generator = torch.Generator().manual_seed(1)
     inputs, labels = torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 3, (64,), generator=generator)
     evaluate = _accuracy_on(inputs, labels)
-    metrics = hf_oscq.cross_bit_evaluate(model, evaluate, bits=BITS) if with_results else None
+    metrics = hf_oscq.cross_bit_evaluate(model, evaluate, bits=bits) if with_results else None
     comparisons = None
     if with_results:
         baseline = tiny_model()
         with torch.no_grad():
             baseline.classifier[1].weight.mul_(-1)  # a different model with the same architecture
-        comparisons = {"qat": hf_oscq.cross_bit_evaluate(baseline, evaluate, bits=BITS), "fp_ptq": metrics}
+        comparisons = {"qat": hf_oscq.cross_bit_evaluate(baseline, evaluate, bits=bits), "fp_ptq": metrics}
     training = TRAINING if with_results else None
     if hasattr(hf_oscq, "export_quantized"):
-        hf_oscq.export_quantized(model, root, bits=BITS, metrics=metrics, training=training, comparisons=comparisons)
+        hf_oscq.export_quantized(model, root, bits=bits, metrics=metrics, training=training, comparisons=comparisons)
     else:
-        _write_by_contract(model, root, BITS, metrics, training, comparisons)
+        _write_by_contract(model, root, bits, metrics, training, comparisons)
     return root
