@@ -71,61 +71,70 @@ class PenaltyWorkspace:
         return found
 
 
-class _FusedPenalty(torch.autograd.Function):
-    """The penalty and its exact gradient in a few in-place passes per weight, without an autograd graph.
+def _fused_terms(w: torch.Tensor, top: int, per_channel: bool, buffers: tuple[torch.Tensor, ...]):
+    """One weight's penalty value, `d = q(w) - w` (in a workspace buffer) and its scale-gradient scatter.
 
-    With `d = q(w) - w`, `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`, `dP/dw = 2/N d` (straight-through), and the
-    gradient through the scale is `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, which reaches the
-    largest-magnitude element(s) of each scale group as `sign(w) / max_code` (split evenly among ties, like
-    `torch.amax`).
+    With `d = q(w) - w`: `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`; `dP/dw = 2/N d` (straight-through); and through the
+    scale, `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, reaching the largest-magnitude element(s) of
+    each scale group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The 2/N factor is left to the
+    backward pass.
     """
+    numel = w.numel()
+    diff, at_peak, at_other_peak = buffers
+    as_int = _SAME_SIZE_INT[w.dtype]
+    if per_channel and w.dim() > 0:
+        rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
+        flat = w.reshape(rows, -1)
+        peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
+        safe = _nonzero(peak / top)
+        scale_arg = safe.reshape(shape)
+        peak_bits = [peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)]
+    else:
+        rows = 1
+        low, high = torch.aminmax(w)
+        peak = torch.maximum(high, -low).reshape(1)
+        safe = _nonzero(peak / top)
+        scale_arg = safe[0]
+        peak_bits = [peak[0].view(as_int), (-peak[0]).view(as_int)]
+        if w.device.type == "cpu":
+            # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading numbers back
+            # is free on CPU; knowing the extremes also tells which sign(s) can hold the peak.
+            scale_arg, (low, high) = scale_arg.item(), (low.item(), high.item())
+            peak_bits = [bits.item() for bits, holds in zip(peak_bits, (high >= -low, -low >= high)) if holds]
+    torch.div(w, scale_arg, out=diff).round_().mul_(scale_arg).sub_(w)
+    if rows == 1:
+        w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
+        d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
+    else:
+        w_d = torch.einsum("ij,ij->i", w.reshape(rows, -1), diff.reshape(rows, -1))
+        d_d = torch.einsum("ij,ij->i", diff.reshape(rows, -1), diff.reshape(rows, -1))
+    value = (2 * w_d.sum() + d_d.sum()) / numel
+    # |w| == peak, tested on the bit patterns: exact, and several times faster than a float compare on CPU.
+    torch.eq(w.view(as_int), peak_bits[0], out=at_peak)
+    if len(peak_bits) == 2:
+        at_peak.logical_or_(torch.eq(w.view(as_int), peak_bits[1], out=at_other_peak))
+    idx = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
+    row = idx // (numel // rows)
+    ties = torch.bincount(row, minlength=rows).clamp_min(1)
+    scale_grad = torch.sign(w.reshape(-1)[idx]) * ((w_d + d_d) / (safe * top * ties))[row].to(w.dtype)
+    return value, diff, idx, scale_grad
+
+
+class _FusedPenalty(torch.autograd.Function):
+    """The penalty and its exact gradient in a few in-place passes per weight, without an autograd graph."""
 
     @staticmethod
     def forward(ctx, bits: int, per_channel: bool, workspace: PenaltyWorkspace, *weights: torch.Tensor):
         top = max_code(bits)
-        dtype = torch.promote_types(torch.float32, weights[0].dtype)
-        total = torch.zeros((), dtype=dtype, device=weights[0].device)
-        diffs, scales = [], []
+        total = torch.zeros((), dtype=torch.promote_types(torch.float32, weights[0].dtype), device=weights[0].device)
+        ctx.terms = []
         for weight in weights:
             w = weight.detach()
-            numel = w.numel()
-            if per_channel and w.dim() > 0:
-                rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
-                flat = w.reshape(rows, -1)
-                peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
-            else:
-                rows, shape = 1, ()
-                low, high = torch.aminmax(w)
-                peak = torch.maximum(high, -low).reshape(1)
-            safe = _nonzero(peak / top)
-            as_int = _SAME_SIZE_INT[w.dtype]
-            # |w| == peak is tested on the bit patterns: exact, and several times faster than a float compare on CPU.
-            peak_bits, negative_peak_bits = peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)
-            scale_arg = safe.reshape(shape)
-            if rows == 1 and w.device.type == "cpu":
-                # CPU kernels broadcast a 0-d tensor operand much slower than a Python number; reading one back is free.
-                scale_arg, peak_bits, negative_peak_bits = scale_arg.item(), peak_bits.item(), negative_peak_bits.item()
-            diff, at_peak, at_negative_peak = workspace.buffers(w)
-            torch.div(w, scale_arg, out=diff).round_().mul_(scale_arg).sub_(w)
-            if rows == 1:
-                w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
-                d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
-            else:
-                w_d = torch.einsum("ij,ij->i", w.reshape(rows, -1), diff.reshape(rows, -1))
-                d_d = torch.einsum("ij,ij->i", diff.reshape(rows, -1), diff.reshape(rows, -1))
-            total += (2 * w_d.sum() + d_d.sum()) / numel
-            torch.eq(w.view(as_int), peak_bits, out=at_peak)
-            at_peak.logical_or_(torch.eq(w.view(as_int), negative_peak_bits, out=at_negative_peak))
-            idx = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
-            row = idx // (numel // rows)
-            ties = torch.bincount(row, minlength=rows).clamp_min(1)
-            # Stored relative to the final 2/N factor, which backward applies together with grad_output.
-            scale_grad = (w_d + d_d) / (safe * top * ties)
-            scales.append((idx, torch.sign(w.reshape(-1)[idx]) * scale_grad[row].to(w.dtype)))
-            diffs.append(diff)
+            value, diff, idx, scale_grad = _fused_terms(w, top, per_channel, workspace.buffers(w))
+            total += value
+            ctx.terms.append((diff, idx, scale_grad))
         workspace.generation += 1
         ctx.workspace, ctx.generation = workspace, workspace.generation
-        ctx.diffs, ctx.scales = diffs, scales
         return total
 
     @staticmethod
@@ -136,10 +145,10 @@ class _FusedPenalty(torch.autograd.Function):
                 "one was backpropagated; use one workspace per pending penalty."
             )
         grads = []
-        for diff, (idx, scale_grad) in zip(ctx.diffs, ctx.scales):
+        for diff, idx, scale_grad in ctx.terms:
             diff.reshape(-1).index_add_(0, idx, scale_grad)
             grads.append(diff.mul_(grad_output * (2.0 / diff.numel())))
-        del ctx.diffs, ctx.scales
+        del ctx.terms
         return (None, None, None, *grads)
 
 
