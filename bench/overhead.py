@@ -26,8 +26,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from hf_oscq import PenaltyWorkspace, fake_quantized_forward, fused_oscillation_penalty, oscillation_penalty
-from hf_oscq import select_weights
+from hf_oscq import (
+    PenaltyWorkspace,
+    fake_quantized_forward,
+    fused_oscillation_penalty,
+    oscillation_penalty,
+    select_weights,
+)
 
 MODES = ("fp", "oscillation", "qat", "reference")
 
@@ -62,7 +67,7 @@ def measure(batch_size: int, device: str, rounds: int, warmup: int, bits: int, o
     labels = torch.randint(0, 10, (batch_size,), device=device)
     times = {mode: [] for mode in MODES}
     for round_index in range(warmup + rounds):
-        order = MODES[round_index % len(MODES):] + MODES[: round_index % len(MODES)]
+        order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]
         for mode in order:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()

@@ -43,8 +43,12 @@ def oscillation_penalty(
     return torch.stack(terms).sum()
 
 
-_SAME_SIZE_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-                  torch.bfloat16: torch.int16}
+_SAME_SIZE_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 class PenaltyWorkspace:

@@ -88,9 +88,7 @@ def fake_quantize(weight: torch.Tensor, bits: int, per_channel: bool = False) ->
     return _RoundSTE.apply(weight / scale) * scale
 
 
-def quantize_codes(
-    weight: torch.Tensor, bits: int, per_channel: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_codes(weight: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes and scale(s) of `weight` (no gradient).
 
     Returns:

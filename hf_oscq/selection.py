@@ -73,7 +73,11 @@ def select_weights(
             seen.add(id(weight))
             selected[f"{module_name}.weight" if module_name else "weight"] = weight
     if not selected:
-        candidates = [name for name, module in model.named_modules() if isinstance(module._parameters.get("weight"), nn.Parameter)]
+        candidates = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module._parameters.get("weight"), nn.Parameter)
+        ]
         shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
         raise ValueError(
             f"No weights selected for quantization with target_modules={target_modules!r} and "

@@ -1,4 +1,4 @@
-"""`OscillationTrainer`: the Hugging Face Trainer with the oscillation regularizer, a QAT mode and cross-bit evaluation."""
+"""`OscillationTrainer`: the Trainer with the oscillation regularizer, a QAT mode and cross-bit evaluation."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ class OscillationTrainer(Trainer):
         *trainer_args, **trainer_kwargs: everything else `transformers.Trainer` accepts.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: OscillationConfig | None = None, *trainer_args, **trainer_kwargs):
+    def __init__(
+        self, model: nn.Module | None = None, args: OscillationConfig | None = None, *trainer_args, **trainer_kwargs
+    ):
         if not isinstance(args, OscillationConfig):
             raise TypeError(
                 f"OscillationTrainer needs args=OscillationConfig(...), got {type(args).__name__}. OscillationConfig "
@@ -68,14 +70,18 @@ class OscillationTrainer(Trainer):
         # Mirrors Trainer.training_step: when True the Trainer does not divide the loss by the accumulation steps.
         if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         if not model.training or args.osc_method == "none":
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         elif args.osc_method == "qat":
-            with fake_quantized_forward(model, self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel):
+            with fake_quantized_forward(
+                model, self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel
+            ):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -127,7 +133,9 @@ class OscillationTrainer(Trainer):
             not isinstance(model, PreTrainedModel)
             or self.is_fsdp_enabled
             or self.is_deepspeed_enabled
-            or not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+            or not any(
+                os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+            )
         ):
             return False
         logger.info("Loading model weights from %s through from_pretrained.", folder)
@@ -154,7 +162,9 @@ class OscillationTrainer(Trainer):
         batches = itertools.islice(loader, -(-samples // self.args.per_device_eval_batch_size))
         return (self._prepare_inputs(batch) for batch in batches)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """The usual evaluation, then the same at every bit of `osc_eval_bits` (PTQ'd weights, restored afterwards)."""
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         args = self.args
@@ -168,7 +178,10 @@ class OscillationTrainer(Trainer):
                 self._calibration_batches(),
             ):
                 quantized = super().evaluation_loop(
-                    dataloader, f"{description} at {bits} bits", prediction_loss_only, ignore_keys,
+                    dataloader,
+                    f"{description} at {bits} bits",
+                    prediction_loss_only,
+                    ignore_keys,
                     f"{metric_key_prefix}_w{bits}",
                 )
             output.metrics.update(quantized.metrics)

@@ -6,8 +6,24 @@ from hf_oscq import OscillationConfig
 
 def test_cli_parsing():
     (config,) = HfArgumentParser(OscillationConfig).parse_args_into_dataclasses(
-        ["--output_dir", "out", "--osc_method", "qat", "--osc_bits", "2", "--osc_target_modules", "conv1", "fc",
-         "--osc_eval_bits", "4", "2", "--osc_per_channel", "true", "--report_to", "none"]
+        [
+            "--output_dir",
+            "out",
+            "--osc_method",
+            "qat",
+            "--osc_bits",
+            "2",
+            "--osc_target_modules",
+            "conv1",
+            "fc",
+            "--osc_eval_bits",
+            "4",
+            "2",
+            "--osc_per_channel",
+            "true",
+            "--report_to",
+            "none",
+        ]
     )
     assert (config.osc_method, config.osc_bits, config.osc_per_channel) == ("qat", 2, True)
     assert config.osc_target_modules == ["conv1", "fc"]

@@ -3,7 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from hf_oscq import cross_bit_evaluate, format_cross_bit_table, quantize_model, quantized_weights, recalibrate_batchnorm
+from hf_oscq import (
+    cross_bit_evaluate,
+    format_cross_bit_table,
+    quantize_model,
+    quantized_weights,
+    recalibrate_batchnorm,
+)
 
 
 def small_net():

@@ -20,7 +20,12 @@ def test_default_selects_linear_conv_embedding_weights_only():
 
 def test_reference_preset_selects_every_module_weight():
     assert list(select_weights(Net(), ALL_WEIGHTS)) == [
-        "embed.weight", "conv.weight", "norm.weight", "block.fc.weight", "block.ln.weight", "head.weight",
+        "embed.weight",
+        "conv.weight",
+        "norm.weight",
+        "block.fc.weight",
+        "block.ln.weight",
+        "head.weight",
     ]
 
 

@@ -22,15 +22,23 @@ class RandomImages(torch.utils.data.Dataset):
 
 def tiny_vit():
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37, num_labels=4)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=4,
+    )
     return ViTForImageClassification(config)
 
 
 def tiny_timm_resnet():
     torch.manual_seed(0)
-    config = TimmWrapperConfig(architecture="resnet18", num_labels=4,
-                               model_args={"channels": (8, 16, 32, 64), "stem_width": 8})
+    config = TimmWrapperConfig(
+        architecture="resnet18", num_labels=4, model_args={"channels": (8, 16, 32, 64), "stem_width": 8}
+    )
     return TimmWrapperForImageClassification(config)
 
 
@@ -50,14 +58,25 @@ def accuracy(prediction):
 
 def make_trainer(model, tmp_path, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-        logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
-        osc_eval_bits=[2, 3], seed=0,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        osc_eval_bits=[2, 3],
+        seed=0,
     )
     settings.update(overrides)
     return OscillationTrainer(
-        model=model, args=OscillationConfig(**settings), train_dataset=RandomImages(48),
-        eval_dataset=RandomImages(24, seed=1), compute_metrics=accuracy,
+        model=model,
+        args=OscillationConfig(**settings),
+        train_dataset=RandomImages(48),
+        eval_dataset=RandomImages(24, seed=1),
+        compute_metrics=accuracy,
     )
 
 
@@ -102,8 +121,15 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path):
     states, logs = [], []
     for batch, accumulation in [(8, 1), (4, 2)]:
         model = tiny_vit()
-        trainer = make_trainer(model, tmp_path / str(batch), max_steps=1, osc_lambda=50.0, optim="sgd",
-                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer = make_trainer(
+            model,
+            tmp_path / str(batch),
+            max_steps=1,
+            osc_lambda=50.0,
+            optim="sgd",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
         trainer.train()
         states.append(model.state_dict())
         logs.append([entry for entry in trainer.state.log_history if "loss" in entry][0])
@@ -121,7 +147,9 @@ def test_evaluation_reports_every_bit_and_restores_weights(tmp_path):
     metrics = trainer.evaluate()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
-    assert {"eval_accuracy", "eval_w2_accuracy", "eval_w4_accuracy", "eval_w8_accuracy", "eval_w2_loss"} <= set(metrics)
+    assert {"eval_accuracy", "eval_w2_accuracy", "eval_w4_accuracy", "eval_w8_accuracy", "eval_w2_loss"} <= set(
+        metrics
+    )
     dataset = trainer.eval_dataset
     for bits in (2, 4, 8):
         with torch.no_grad():
@@ -133,8 +161,16 @@ def test_evaluation_reports_every_bit_and_restores_weights(tmp_path):
 def test_best_model_selected_on_quantized_accuracy(tmp_path):
     model = tiny_vit()
     trainer = make_trainer(
-        model, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-        metric_for_best_model="eval_w2_accuracy", load_best_model_at_end=True, save_total_limit=1,
+        model,
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        metric_for_best_model="eval_w2_accuracy",
+        load_best_model_at_end=True,
+        save_total_limit=1,
     )
     trainer.train()
     scores = [entry["eval_w2_accuracy"] for entry in trainer.state.log_history if "eval_w2_accuracy" in entry]
