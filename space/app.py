@@ -38,19 +38,26 @@ CSS = """
 .oscq-label {flex: 0 0 70px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;}
 .oscq-bar {height: 10px; background: #f97316; border-radius: 3px; min-width: 1px;}
 .oscq-prob {flex: 0 0 48px; text-align: right; margin-left: auto;}
+#input-image img, .gallery img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;}
 """
 
 
-class UploadedImage(gr.Image):
-    """`gr.Image` that hands unreadable uploads to the app (as a path) instead of failing before it runs."""
+def upload_box(**kwargs) -> gr.Image:
+    """An image input that hands unreadable uploads to the app (as a path) instead of failing before it runs.
 
-    is_template = True
+    (Wrapping the instance's `preprocess` rather than subclassing: gradio writes a stub file for every subclass.)
+    """
+    box = gr.Image(type="filepath", image_mode=None, **kwargs)
+    preprocess = box.preprocess
 
-    def preprocess(self, payload):
+    def tolerant_preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except Exception:  # the app turns this into a friendly message on the page
             return None if payload is None else payload.path
+
+    box.preprocess = tolerant_preprocess
+    return box
 
 
 def _intro(families: list[Family], problems: list[str]) -> str:
@@ -91,7 +98,7 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     family_box = gr.Dropdown(names, value=names[0] if names else None, label="Model family")
-                    image_box = UploadedImage(type="filepath", image_mode=None, label="Image", height=240)
+                    image_box = upload_box(label="Image", height=240, elem_id="input-image")
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
                     if examples:
                         gr.Examples(examples, inputs=image_box, label="Examples (digits and Fashion-MNIST)")
@@ -110,6 +117,7 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             accuracy_table = gr.Dataframe(headers=ACCURACY_HEADERS, label="Accuracy", interactive=False)
             accuracy_outputs = [accuracy_plot, accuracy_table, accuracy_message]
             accuracy_button.click(lambda: accuracy_view(families), None, accuracy_outputs, api_name="accuracy")
+        demo.load(lambda: accuracy_view(families), None, accuracy_outputs, api_visibility="private")
         with gr.Tab("Weights"):
             with gr.Row():
                 weights_family = gr.Dropdown(names, value=names[0] if names else None, label="Model family")

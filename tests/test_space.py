@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def test_configured_entries_env_and_discovery(tmp_path):
     (tmp_path / "outputs" / "noise").mkdir()
     expected = [str(tmp_path / "outputs" / "alpha"), str(tmp_path / "outputs" / "zeta" / "run")]
     assert configured_entries({}, tmp_path) == expected
-    assert configured_entries({}, tmp_path / "elsewhere") == []
+    assert configured_entries({}, tmp_path / "elsewhere", space_card=tmp_path / "no-card.md") == []
+    card = tmp_path / "README.md"
+    card.write_text("---\nsdk: gradio\nmodels:\n  - org/vit-digits\n  - org/vit-digits-qat\n---\n# Space\n")
+    assert configured_entries({}, tmp_path / "elsewhere", space_card=card) == ["org/vit-digits", "org/vit-digits-qat"]
+    assert configured_entries({}, tmp_path, space_card=card) == expected  # local exports come first
 
 
 def test_family_loads_every_bit_width(families, export_dir):
@@ -392,3 +397,67 @@ def test_browser_classifies_an_example(served, tmp_path):
         assert Image.open(screenshot).size[0] >= 1000
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------------------- deployment
+
+
+def test_space_card_front_matter():
+    import gradio
+    from huggingface_hub import SpaceCard
+
+    data = SpaceCard.load(SPACE_DIR / "README.md").data
+    assert (data.sdk, data.sdk_version, data.app_file) == ("gradio", gradio.__version__, "app.py")
+    assert len(data.short_description) <= 60  # the Hub's limit
+
+
+def test_deploy_uploads_app_package_and_models(monkeypatch):
+    import deploy
+    from huggingface_hub import SpaceCard
+
+    calls = []
+    monkeypatch.setattr(deploy.HfApi, "create_repo", lambda self, *a, **k: calls.append(("create_repo", a, k)))
+    monkeypatch.setattr(deploy.HfApi, "create_commit", lambda self, *a, **k: calls.append(("create_commit", a, k)))
+    url = deploy.deploy("org/oscq-space", ["org/vit-digits", "org/vit-digits-qat"])
+    assert url == "https://huggingface.co/spaces/org/oscq-space"
+    assert calls[0] == ("create_repo", ("org/oscq-space",), {"repo_type": "space", "space_sdk": "gradio",
+                                                            "private": False, "exist_ok": True})
+    operations = calls[1][1][1]
+    paths = {operation.path_in_repo for operation in operations}
+    expected = {"README.md", "app.py", "requirements.txt", "oscq_space/families.py", "examples/digit_3.png",
+                "hf_oscq/__init__.py", "hf_oscq/export.py", "hf_oscq/templates/model_card.md"}
+    assert expected <= paths and not any("__pycache__" in path or path.endswith(".pyc") for path in paths)
+    assert "deploy.py" not in paths and "examples/make_examples.py" not in paths
+    readme = next(op for op in operations if op.path_in_repo == "README.md").path_or_fileobj
+    assert SpaceCard(readme.decode()).data.models == ["org/vit-digits", "org/vit-digits-qat"]
+    with pytest.raises(ValueError, match="--models ORG/NAME"):
+        deploy.plan_upload([])
+
+
+@pytest.mark.slow
+def test_python_space_app_py_serves_the_page(export_dir, tmp_path):
+    """`python space/app.py` as a user runs it: OSCQ_MODELS names the export, the page answers on the port."""
+    import httpx
+
+    port = _free_port()
+    environment = {**os.environ, "OSCQ_MODELS": str(export_dir), "GRADIO_SERVER_PORT": str(port),
+                   "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "app.log").open("w")
+    process = subprocess.Popen([sys.executable, str(SPACE_DIR / "app.py")], env=environment, stdout=log, stderr=log)
+    try:
+        for _ in range(240):
+            try:
+                config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, (tmp_path / "app.log").read_text()
+                time.sleep(0.25)
+        else:
+            pytest.fail("space/app.py did not serve within 60 s:\n" + (tmp_path / "app.log").read_text())
+        api_names = {dependency.get("api_name") for dependency in config["dependencies"]}
+        assert {"classify", "accuracy", "weights", "weight_choices"} <= api_names
+        assert "**Oscillation · digits-oscillation** (8 checkpoints)" in json.dumps(config, ensure_ascii=False)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -19,12 +19,14 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_oscq  # noqa: F401  (registers the loader for quantized checkpoints with transformers)
+import hf_oscq.models  # noqa: F401  (registers timm's resnet18_cifar, the architecture of the CIFAR ResNet-18 exports)
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FILE = "oscq_export.json"
 MODELS_ENV = "OSCQ_MODELS"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+SPACE_CARD = Path(__file__).resolve().parents[1] / "README.md"
 METHOD_NAMES = {"oscillation": "Oscillation", "qat": "QAT", "none": "FP + PTQ"}
 
 
@@ -72,14 +74,22 @@ class Family:
         return int(getattr(models[0].config, "num_channels", 3)) if models else 3
 
 
-def configured_entries(environ: Mapping[str, str] = os.environ, repo_root: Path | None = None) -> list[str]:
-    """The entries named by `OSCQ_MODELS` (comma-separated), or else the export folders found under `outputs/`."""
+def configured_entries(
+    environ: Mapping[str, str] = os.environ, repo_root: Path | None = None, space_card: Path = SPACE_CARD
+) -> list[str]:
+    """The entries to load, first of: `OSCQ_MODELS` (comma-separated), the export folders found under the
+    repository's `outputs/`, the `models` of the Space's README front matter (how a deployed Space knows them)."""
     configured = [entry.strip() for entry in environ.get(MODELS_ENV, "").split(",") if entry.strip()]
     if configured:
         return configured
     root = repo_root if repo_root is not None else Path(__file__).resolve().parents[2]
     outputs = root / "outputs"
-    return [str(path.parent) for path in sorted(outputs.rglob(EXPORT_FILE))] if outputs.is_dir() else []
+    found = [str(path.parent) for path in sorted(outputs.rglob(EXPORT_FILE))] if outputs.is_dir() else []
+    if found or not space_card.is_file():
+        return found
+    from huggingface_hub import SpaceCard
+
+    return list(SpaceCard.load(space_card).data.models or [])
 
 
 def resolve_entry(entry: str) -> Path:

@@ -9,8 +9,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_oscq import compute_scale, max_code, quantize_codes, select_weights
-from hf_oscq.plots import plot_accuracy_vs_bits
+from hf_oscq import compute_scale, max_code, plot_accuracy_vs_bits, quantize_codes, select_weights
 
 from .families import Family
 
