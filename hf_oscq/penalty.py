@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .quantizer import _nonzero, check_finite, fake_quantize, max_code, validate_bits
+from .quantizer import _groups, _peak_positions, check_finite, fake_quantize, max_code, validate_bits
 from .selection import Patterns, select_weights
 
 
@@ -43,14 +43,6 @@ def oscillation_penalty(
     return torch.stack(terms).sum()
 
 
-_SAME_SIZE_INT = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
-
 class PenaltyWorkspace:
     """Scratch buffers reused across training steps by `fused_oscillation_penalty`.
 
@@ -83,45 +75,19 @@ def _fused_terms(w: torch.Tensor, top: int, per_channel: bool, buffers: tuple[to
     each scale group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The 2/N factor is left to the
     backward pass.
     """
-    numel = w.numel()
     diff, at_peak, at_other_peak = buffers
-    as_int = _SAME_SIZE_INT[w.dtype]
-    if per_channel and w.dim() > 0:
-        rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
-        flat = w.reshape(rows, -1)
-        peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
-        safe = _nonzero(peak / top)
-        scale_arg = safe.reshape(shape)
-        peak_bits = [peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)]
-    else:
-        rows = 1
-        low, high = torch.aminmax(w)
-        peak = torch.maximum(high, -low).reshape(1)
-        safe = _nonzero(peak / top)
-        scale_arg = safe[0]
-        peak_bits = [peak[0].view(as_int), (-peak[0]).view(as_int)]
-        if w.device.type == "cpu":
-            # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading numbers back
-            # is free on CPU; knowing the extremes also tells which sign(s) can hold the peak.
-            scale_arg, (low, high) = scale_arg.item(), (low.item(), high.item())
-            peak_bits = [bits.item() for bits, holds in zip(peak_bits, (high >= -low, -low >= high)) if holds]
-    torch.div(w, scale_arg, out=diff).round_().mul_(scale_arg).sub_(w)
-    if rows == 1:
+    groups = _groups(w, top, per_channel)
+    torch.div(w, groups.divisor, out=diff).round_().mul_(groups.divisor).sub_(w)
+    if groups.rows == 1:
         w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
         d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
     else:
-        w_d = torch.einsum("ij,ij->i", w.reshape(rows, -1), diff.reshape(rows, -1))
-        d_d = torch.einsum("ij,ij->i", diff.reshape(rows, -1), diff.reshape(rows, -1))
-    value = (2 * w_d.sum() + d_d.sum()) / numel
-    # |w| == peak, tested on the bit patterns: exact, and several times faster than a float compare on CPU.
-    torch.eq(w.view(as_int), peak_bits[0], out=at_peak)
-    if len(peak_bits) == 2:
-        at_peak.logical_or_(torch.eq(w.view(as_int), peak_bits[1], out=at_other_peak))
-    idx = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
-    row = idx // (numel // rows)
-    ties = torch.bincount(row, minlength=rows).clamp_min(1)
-    scale_grad = torch.sign(w.reshape(-1)[idx]) * ((w_d + d_d) / (safe * top * ties))[row].to(w.dtype)
-    return value, diff, idx, scale_grad
+        w_d = torch.einsum("ij,ij->i", w.reshape(groups.rows, -1), diff.reshape(groups.rows, -1))
+        d_d = torch.einsum("ij,ij->i", diff.reshape(groups.rows, -1), diff.reshape(groups.rows, -1))
+    value = (2 * w_d.sum() + d_d.sum()) / w.numel()
+    index, group, ties = _peak_positions(w, groups, (at_peak, at_other_peak))
+    scale_grad = torch.sign(w.reshape(-1)[index]) * ((w_d + d_d) / (groups.scale * top * ties))[group].to(w.dtype)
+    return value, diff, index, scale_grad
 
 
 class _FusedPenalty(torch.autograd.Function):

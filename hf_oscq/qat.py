@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import stateless
 
-from .quantizer import fake_quantize, validate_bits
+from .quantizer import fused_fake_quantize, validate_bits
 
 
 def _prefix_of(wrapper: nn.Module, model: nn.Module) -> str:
@@ -43,7 +43,7 @@ def fake_quantized_forward(
     """
     validate_bits(bits)
     prefix = _prefix_of(wrapper, model)
-    replacements = {prefix + name: fake_quantize(weight, bits, per_channel) for name, weight in weights.items()}
+    replacements = {prefix + name: fused_fake_quantize(weight, bits, per_channel) for name, weight in weights.items()}
     # torch.func.functional_call does the same swap but only around a call; the Trainer owns that call.
     with stateless._reparametrize_module(wrapper, replacements, tie_weights=True):
         yield

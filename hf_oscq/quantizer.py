@@ -7,6 +7,7 @@ this file, so "how to quantize" is defined exactly once.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -86,6 +87,102 @@ def fake_quantize(weight: torch.Tensor, bits: int, per_channel: bool = False) ->
     """
     scale = _nonzero(compute_scale(weight, bits, per_channel))
     return _RoundSTE.apply(weight / scale) * scale
+
+
+_SAME_SIZE_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+class _Groups(NamedTuple):
+    """The scale groups of a weight (one per tensor, or one per output channel), in the form fast kernels want."""
+
+    rows: int  # number of scale groups
+    shape: tuple[int, ...]  # broadcast shape of a per-group value against the weight
+    scale: torch.Tensor  # (rows,), never zero
+    divisor: torch.Tensor | float  # the scale as the fastest elementwise operand
+    peak_bits: list  # bit patterns of +peak and/or -peak, whichever can occur
+
+
+def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
+    if per_channel and w.dim() > 0:
+        rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
+        flat = w.reshape(rows, -1)
+        peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
+        scale = _nonzero(peak / top)
+        as_int = _SAME_SIZE_INT[w.dtype]
+        peak_bits = [peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)]
+        return _Groups(rows, shape, scale, scale.reshape(shape), peak_bits)
+    low, high = torch.aminmax(w)
+    peak = torch.maximum(high, -low)
+    scale = _nonzero(peak / top).reshape(1)
+    as_int = _SAME_SIZE_INT[w.dtype]
+    peak_bits = [peak.view(as_int), (-peak).view(as_int)]
+    if w.device.type != "cpu":
+        return _Groups(1, (), scale, scale[0], peak_bits)
+    # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading numbers back is free on
+    # CPU; knowing the extremes also tells which sign(s) can hold the peak.
+    low, high = low.item(), high.item()
+    present = [bits.item() for bits, holds in zip(peak_bits, (high >= -low, -low >= high)) if holds]
+    return _Groups(1, (), scale, scale.item(), present)
+
+
+def _peak_positions(
+    w: torch.Tensor, groups: _Groups, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices of the elements with |w| == max|w| of their group, their group, and the tie count per group.
+
+    The comparison runs on the bit patterns: exact, and several times faster than a float compare on CPU.
+    """
+    as_int = w.view(_SAME_SIZE_INT[w.dtype])
+    masks = masks or (None, None)
+    at_peak = torch.eq(as_int, groups.peak_bits[0], out=masks[0])
+    if len(groups.peak_bits) == 2:
+        at_peak.logical_or_(torch.eq(as_int, groups.peak_bits[1], out=masks[1]))
+    index = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
+    group = index // (w.numel() // groups.rows)
+    ties = torch.bincount(group, minlength=groups.rows).clamp_min(1)
+    return index, group, ties
+
+
+class _FusedFakeQuantize(torch.autograd.Function):
+    """`fake_quantize` in a few passes, with the same value and gradient (STE plus the scale path)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+        top = max_code(bits)
+        w = weight.detach()
+        groups = _groups(w, top, per_channel)
+        quantized = torch.div(w, groups.divisor).round_().mul_(groups.divisor)
+        ctx.save_for_backward(w, quantized)
+        ctx.top, ctx.groups, ctx.peaks = top, groups, _peak_positions(w, groups)
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        w, quantized = ctx.saved_tensors
+        groups, (index, group, ties) = ctx.groups, ctx.peaks
+        # dq/ds = round(w/s) - w/s = (q - w) / s, so dL/ds = sum(g q - g w) / s per group; ds/dw = sign(w) / top.
+        g = grad_output.reshape(groups.rows, -1)
+        dl_ds = (
+            torch.einsum("ij,ij->i", g, quantized.reshape(groups.rows, -1))
+            - torch.einsum("ij,ij->i", g, w.reshape(groups.rows, -1))
+        ) / groups.scale
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        scatter = torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties))[group].to(grad.dtype)
+        grad.reshape(-1).index_add_(0, index, scatter)
+        return grad, None, None
+
+
+def fused_fake_quantize(weight: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    """Same value and gradient as `fake_quantize`, computed without an autograd graph through the quantizer.
+
+    QAT uses it in every forward pass; `fake_quantize` stays the plain autograd formulation it is checked against.
+    """
+    return _FusedFakeQuantize.apply(weight, validate_bits(bits), per_channel)
 
 
 def quantize_codes(weight: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
