@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import revert_weight_conversion
 
 from .checkpoint_format import (
@@ -79,6 +80,19 @@ def _calibration(batches: Iterable | Callable[[], Iterable] | None) -> Iterable 
     return batches() if callable(batches) else batches
 
 
+def _revert_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A model built from scratch saves with every transform but prefix changes; use them all, as a model loaded
+    # from its native checkpoint would: TimmWrapper weights then carry timm's own names, and timm tools reading
+    # the file meet the packed tensors (and fail on their shapes) instead of skipping unknown prefixed names.
+    if getattr(model, "_weight_conversions", None) is not None:
+        return revert_weight_conversion(model, dict(tensors))
+    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False) or None
+    try:
+        return revert_weight_conversion(model, dict(tensors))
+    finally:
+        del model._weight_conversions
+
+
 def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], packed_names: set[str]) -> dict:
     """Renames model-side names to the names `save_pretrained` writes (transformers' reverse weight conversion)."""
     kept, seen = {}, set()
@@ -88,7 +102,7 @@ def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pack
             continue
         seen.add(storage)
         kept[name] = tensor
-    renamed = revert_weight_conversion(model, dict(kept)) if hasattr(model, "config") else kept
+    renamed = _revert_names(model, kept) if hasattr(model, "config") else kept
     identity = {id(tensor): key for key, tensor in renamed.items()}
     lost = [name for name in packed_names if id(kept[name]) not in identity]
     if lost:
