@@ -125,6 +125,14 @@ def test_histogram_uses_the_first_quantized_layer_with_its_own_thresholds(cards)
     assert f"Full-precision weights of `{first}` with the 3-bit" in cards["fp"]["README.md"].decode()  # osc_bits
 
 
+def test_card_without_repo_id_names_local_folders(export_dir):
+    card = ModelCard(render_card_files(export_dir, "w3")["README.md"].decode())
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert card.data.model_name == f"{export_dir.name}-w3"
+    assert f'from_pretrained("path/to/{export_dir.name}/w3")' in card.text
+    assert "https://huggingface.co/" not in card.text
+
+
 def test_card_without_recorded_results(tmp_path):
     export_dir = build_export(tmp_path / "bare", with_results=False)
     files = render_card_files(export_dir, "w3", REPO)
