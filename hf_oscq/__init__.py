@@ -1,9 +1,12 @@
 """hf_oscq: oscillation-regularized training for robust low-bit post-training quantization, on Hugging Face."""
 
 from .config import OSC_METHODS, OscillationConfig
+from .export import export_quantized
 from .export_manifest import ExportFolderError, read_export_manifest
+from .hf_quantizer import OscqHfQuantizer, OscqQuantizationConfig
 from .hub import HubPushError, PushPlan, plan_push, push_to_hub
 from .model_card import render_card_files, render_model_card, write_model_cards
+from .packing import pack_codes, packed_size, unpack_codes
 from .penalty import PenaltyWorkspace, fused_oscillation_penalty, oscillation_penalty
 from .plots import plot_accuracy_vs_bits, plot_weight_histogram
 from .ptq import (
@@ -22,6 +25,12 @@ from .trainer import OscillationTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "OscqHfQuantizer",
+    "OscqQuantizationConfig",
+    "export_quantized",
+    "pack_codes",
+    "packed_size",
+    "unpack_codes",
     "ALL_WEIGHTS",
     "DEFAULT_EVAL_BITS",
     "OSC_METHODS",
