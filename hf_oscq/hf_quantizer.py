@@ -172,12 +172,3 @@ class OscqHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True
 
-
-def is_oscq_config(config: Any) -> bool:
-    """Whether a model config (object or dict) carries an hf_oscq `quantization_config`."""
-    quantization = (
-        config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    )
-    if isinstance(quantization, dict):
-        return quantization.get("quant_method") == QUANT_METHOD
-    return isinstance(quantization, OscqQuantizationConfig)
