@@ -1,0 +1,259 @@
+"""Quality grid on real Fashion-MNIST: FP (+PTQ), QAT at b and the oscillation regularizer at b, every model evaluated
+at every bit-width 2..8, with plain rounding and with BatchNorm re-estimation.
+
+Each cell trains one run through the recipes' `hf_oscq.pipeline.train_one` (the same Trainer, data and model
+builders as `recipes/train_*.py`; no second training loop), evaluates it on the test subset with plain rounding,
+then again with BatchNorm re-estimation (models with BatchNorm only; for the others both are the same numbers), and
+writes `bench/results/quality/<cell>.json` at once. Cells whose JSON exists are skipped, so the grid resumes; several
+workers may run side by side (each claims a cell with a lock file).
+
+    python bench/quality.py --list                        # the grid, in priority order, with what is done
+    python bench/quality.py --threads 1                   # run every missing cell (start one or two workers)
+    python bench/quality.py --only resnet18_osc3_lam10_s0 # one cell
+    python bench/aggregate.py                             # tables and plots into docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# "cpu": the smallest honest settings that fit the 2-core budget (docs/RESULTS.md, "Budget"); every cell uses them.
+CPU_SETTINGS = {
+    "dataset": "fashion_mnist",
+    "max_train_samples": 2000,
+    "max_eval_samples": 500,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 250,  # one batch = the BatchNorm re-estimation set
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "optim": "adamw_torch",
+    "weight_decay": 0.0,
+    "bn_recalibration_samples": 250,
+}
+PROFILES = {
+    "cpu": CPU_SETTINGS,
+    # One H200 (bench/gpu.sh): ten times the data, same schedule otherwise.
+    "gpu": CPU_SETTINGS | {"max_train_samples": 20000, "max_eval_samples": 10000, "num_train_epochs": 3,
+                           "per_device_eval_batch_size": 500, "bn_recalibration_samples": 500},
+    # Seconds on a CPU: checks that the whole path runs (bench/gpu.sh --dry-run); its numbers mean nothing.
+    "smoke": CPU_SETTINGS | {"max_train_samples": 64, "max_eval_samples": 50, "num_train_epochs": 1,
+                             "per_device_eval_batch_size": 25, "bn_recalibration_samples": 50},
+}
+MAIN_LAMBDA = 10.0  # the reference measurement's best ResNet-18 value at 3 bits (issue 7), fixed before this grid
+SWEEP_LAMBDAS = (1.0, 100.0, 1000.0)
+MODELS = ("resnet18", "vit")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid: `method` is an osc_method ("none" = FP), `bits` its target bit-width."""
+
+    model: str
+    method: str
+    bits: int | None
+    osc_lambda: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.method == "none":
+            return f"{self.model}_fp_s{self.seed}"
+        if self.method == "qat":
+            return f"{self.model}_qat{self.bits}_s{self.seed}"
+        return f"{self.model}_osc{self.bits}_lam{self.osc_lambda:g}_s{self.seed}"
+
+
+def grid() -> list[Cell]:
+    """Every cell, most important first: 3-bit, then 2 and 4 bits, then the second seed, then the lambda sweep."""
+    cells: list[Cell] = []
+
+    def add(model: str, method: str, bits: int | None, seed: int, osc_lambda: float | None = None) -> None:
+        if method == "oscillation" and osc_lambda is None:
+            osc_lambda = MAIN_LAMBDA
+        cell = Cell(model, method, bits, osc_lambda, seed)
+        if cell not in cells:
+            cells.append(cell)
+
+    for seed in (0, 1):
+        for model in MODELS:
+            add(model, "none", None, seed)
+            add(model, "oscillation", 3, seed)
+            add(model, "qat", 3, seed)
+        for bits in (2, 4):
+            for model in MODELS:
+                add(model, "oscillation", bits, seed)
+                add(model, "qat", bits, seed)
+    for osc_lambda in SWEEP_LAMBDAS:
+        for model in MODELS:
+            add(model, "oscillation", 3, 0, osc_lambda)
+    return cells
+
+
+def results_folder(profile: str) -> Path:
+    return RESULTS_DIR / ("quality" if profile == "cpu" else f"quality_{profile}")
+
+
+def command_for(cell: Cell, profile: str) -> str:
+    return f"python bench/quality.py --profile {profile} --only {cell.name}"
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
+    """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
+    from hf_oscq.config import OscillationConfig
+    from hf_oscq.data import load_image_dataset
+    from hf_oscq.pipeline import RecipeArguments, cross_bit_table, train_one
+
+    settings = PROFILES[profile]
+    recipe = RecipeArguments(
+        dataset=settings["dataset"], data_dir=data_dir, model=cell.model,
+        max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"],
+        track_oscillations=False, export=False,
+    )
+    output_dir = work_dir / cell.name
+    training = OscillationConfig(
+        output_dir=str(output_dir), osc_method=cell.method, osc_bits=cell.bits or 3,
+        osc_lambda=cell.osc_lambda or 0.0, num_train_epochs=settings["num_train_epochs"],
+        per_device_train_batch_size=settings["per_device_train_batch_size"],
+        per_device_eval_batch_size=settings["per_device_eval_batch_size"], learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"], optim=settings["optim"],
+        weight_decay=settings["weight_decay"], eval_strategy="no", save_strategy="no", logging_steps=8,
+        report_to=[], seed=cell.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        osc_bn_recalibration_samples=0,
+    )
+    data = load_image_dataset(
+        recipe.dataset, recipe.data_dir, seed=cell.seed, max_train_samples=recipe.max_train_samples,
+        max_eval_samples=recipe.max_eval_samples,
+    )
+    start = time.perf_counter()
+    trainer, plain = train_one(cell.method, recipe, training, data, output_dir)
+    train_and_plain_seconds = time.perf_counter() - start
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in trainer.model.modules())
+    bn, bn_seconds = None, 0.0
+    if has_batchnorm:
+        start = time.perf_counter()
+        trainer.args.osc_bn_recalibration_samples = settings["bn_recalibration_samples"]
+        bn = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
+        trainer.args.osc_bn_recalibration_samples = 0
+        bn_seconds = time.perf_counter() - start
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "cell": asdict(cell) | {"name": cell.name},
+        "profile": profile,
+        "settings": settings,
+        "plain": plain,
+        "bn": bn,
+        "has_batchnorm": has_batchnorm,
+        "train_log": losses,
+        "seconds": {"train_and_plain_eval": train_and_plain_seconds, "bn_eval": bn_seconds},
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "commit": _git_commit(),
+        "command": command_for(cell, profile),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _claim(lock: Path) -> bool:
+    """Creates `lock` atomically; a lock whose process has died is taken over."""
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return _claim(lock)
+        except PermissionError:
+            return False
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=None, help="Run these cells (names from --list) only.")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
+                        help="Models to run, in this order (a second worker can start with the other model).")
+    parser.add_argument("--list", action="store_true", help="Print the grid in priority order and exit.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--data_dir", default=None, help="Folder of the Fashion-MNIST IDX files (default: Debian's).")
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="Data size and schedule.")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="Where the per-cell JSON files go (default: bench/results/quality[_<profile>]).")
+    parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_quality"),
+                        help="Training folders (model weights, Trainer state); not committed.")
+    parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cells = sorted((cell for cell in grid() if cell.model in args.models), key=lambda c: args.models.index(c.model))
+    if args.only:
+        known = {cell.name: cell for cell in grid()}
+        unknown = sorted(set(args.only) - set(known))
+        if unknown:
+            raise SystemExit(f"Unknown cells {unknown}; see `python bench/quality.py --list`.")
+        cells = [known[name] for name in args.only]
+    args.results = args.results or results_folder(args.profile)
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for index, cell in enumerate(cells):
+            done = "done" if (args.results / f"{cell.name}.json").exists() else "-"
+            sys.stdout.write(f"{index:3d} {done:5s} {cell.name}\n")
+        return 0
+    ran = 0
+    for cell in cells:
+        result_path = args.results / f"{cell.name}.json"
+        lock = args.results / f"{cell.name}.lock"
+        if result_path.exists() or not _claim(lock):
+            continue
+        try:
+            if result_path.exists():  # finished by another worker between the check and the claim
+                continue
+            sys.stdout.write(f"== {cell.name}: {shlex.join(sys.argv)}\n")
+            sys.stdout.flush()
+            record = run_cell(cell, args.data_dir, args.work_dir / args.profile, args.profile)
+            temporary = result_path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(temporary, result_path)
+            sys.stdout.write(f"== {cell.name} done in {sum(record['seconds'].values()):.0f} s\n")
+            sys.stdout.flush()
+        finally:
+            lock.unlink(missing_ok=True)
+        ran += 1
+        if args.max_cells is not None and ran >= args.max_cells:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
