@@ -31,6 +31,8 @@ def _accelerate_launch_arguments() -> list[str] | None:
     for index, part in enumerate(argv[:-1]):
         if part.endswith("accelerate") and argv[index + 1] == "launch":
             return argv[index + 2:]
+        if part == "accelerate.commands.launch":  # python -m accelerate.commands.launch
+            return argv[index + 1:]
     return None
 
 

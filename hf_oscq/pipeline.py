@@ -156,6 +156,8 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
             recipe.track_every_n_steps,
         ))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()  # the final (or, with load_best_model_at_end, the best) weights, in the run's folder
+    trainer.save_state()
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
     table = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
     return trainer, table
