@@ -82,14 +82,14 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
     by_name = {family.name: family for family in families}
     names = list(by_name)
     first = families[0] if families else None
-    layers, widths = weight_choices(first)
+    layers, widths, shown_bits = weight_choices(first)
     examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
 
     def update_choices(family_name):
-        layer_list, bit_list = weight_choices(by_name.get(family_name))
+        layer_list, bit_list, bits = weight_choices(by_name.get(family_name))
         return (
             gr.Dropdown(choices=layer_list, value=layer_list[0] if layer_list else None),
-            gr.Dropdown(choices=bit_list, value=bit_list[-1] if bit_list else None),
+            gr.Dropdown(choices=bit_list, value=bits),
         )
 
     with gr.Blocks(title="Oscillation-regularized quantization") as demo:
@@ -122,7 +122,7 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             with gr.Row():
                 weights_family = gr.Dropdown(names, value=names[0] if names else None, label="Model family")
                 layer_box = gr.Dropdown(layers, value=layers[0] if layers else None, label="Layer")
-                bits_box = gr.Dropdown(widths, value=widths[-1] if widths else None, label="Bit-width")
+                bits_box = gr.Dropdown(widths, value=shown_bits, label="Bit-width")
             weights_button = gr.Button("Show weights", elem_id="weights-button")
             weights_message = gr.Markdown()
             weights_plot = gr.Image(type="filepath", label="Weights and quantization grid", format="png")

@@ -55,6 +55,7 @@ class Family:
     """A parent model and its quantized children, with the export's record (`oscq_export.json`)."""
 
     name: str
+    method: str
     source: str
     root: Path
     record: dict
@@ -152,9 +153,9 @@ def _download_family(repo_id: str) -> Path:
     return folder
 
 
-def _family_name(record: dict, root: Path) -> str:
+def _method_label(record: dict) -> str:
     method = (record.get("training") or {}).get("osc_method")
-    return f"{METHOD_NAMES.get(method, method or 'model')} · {root.name}"
+    return METHOD_NAMES.get(method, method or "model")
 
 
 def _weights_size(folder: Path) -> int:
@@ -189,7 +190,8 @@ def load_family(entry: str) -> Family:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError as error:
         raise FamilyError(f"{record_path} is not valid JSON ({error}); re-run the export.") from None
-    family = Family(name=_family_name(record, root), source=entry, root=root, record=record)
+    method = _method_label(record)
+    family = Family(name=f"{method} · {root.name}", method=method, source=entry, root=root, record=record)
     bits = sorted((int(b) for b in record.get("bits", [])), reverse=True)
     for name, width in [("fp", None)] + [(f"w{b}", b) for b in bits]:
         variant = Variant(name=name, bits=width, path=root / name)

@@ -30,10 +30,15 @@ def _card_accuracy(folder: Path) -> float | None:
     return None
 
 
-def family_tables(family: Family) -> dict[str, dict[str, dict[str, float]]]:
+def family_tables(family: Family, qualify: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """Cross-bit accuracy tables of a family: its own, then the baselines it was exported with.
 
     The family's own table comes from the `metrics` of `oscq_export.json`, or else from its model cards' eval results.
+
+    Args:
+        family: a loaded family.
+        qualify: name the curves after the family (`"QAT (Oscillation · run)"`), not just the method (`"QAT"`);
+            needed when several families are plotted together.
 
     Returns:
         `{curve_name: {"fp": {"accuracy": ...}, "w2": {...}, ...}}`; empty when the export carries no accuracy.
@@ -47,10 +52,11 @@ def family_tables(family: Family) -> dict[str, dict[str, dict[str, float]]]:
             if accuracy is not None:
                 own[variant.name] = {"accuracy": accuracy}
     if own:
-        tables[family.name] = own
+        tables[family.name if qualify else family.method] = own
     for key, table in (family.record.get("comparisons") or {}).items():
         if table:
-            tables[f"{COMPARISON_NAMES.get(key, key)} (from {family.name})"] = table
+            label = COMPARISON_NAMES.get(key, key)
+            tables[f"{label} ({family.name})" if qualify else label] = table
     return tables
 
 
@@ -124,7 +130,7 @@ def write_weight_plot(family: Family, layer: str, bits: int, path: Path) -> dict
         axes.axvline(threshold, color="C3", linestyle="--", linewidth=0.9, label=label)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("number of weights")
-    axes.set_title(f"{layer}: {values.size} weights, {bits}-bit grid ({2 * top + 1} levels)")
+    axes.set_title(f"{layer.removesuffix('.weight')}: {bits}-bit grid, {2 * top + 1} levels", fontsize="medium")
     axes.legend(fontsize="small", loc="upper right")
     figure.tight_layout()
     FigureCanvasAgg(figure)

@@ -91,7 +91,7 @@ def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
     """The Accuracy tab: `(plot PNG path or None, table rows, message)`."""
     tables = {}
     for family in families:
-        tables.update(family_tables(family))
+        tables.update(family_tables(family, qualify=len(families) > 1))
     if not tables:
         return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
     path = _temporary_png()
@@ -99,11 +99,14 @@ def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
     return str(path), accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
 
 
-def weight_choices(family: Family | None) -> tuple[list[str], list[int]]:
-    """The layers and bit-widths the Weights tab offers for a family."""
+def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | None]:
+    """The layers and bit-widths the Weights tab offers for a family, and the bit-width shown first: the one the
+    family was trained for when it was exported at it, else the lowest."""
     if family is None:
-        return [], []
-    return quantizable_layers(family), [v.bits for v in family.variants.values() if v.bits is not None]
+        return [], [], None
+    widths = [v.bits for v in family.variants.values() if v.bits is not None]
+    target = (family.record.get("training") or {}).get("osc_bits")
+    return quantizable_layers(family), widths, target if target in widths else min(widths, default=None)
 
 
 def weights_view(
@@ -113,7 +116,7 @@ def weights_view(
     family = families.get(family_name or "")
     if family is None:
         return None, [], _warning(f"No model family named {family_name!r} is loaded; pick one from the list.")
-    layers, widths = weight_choices(family)
+    layers, widths, _ = weight_choices(family)
     if layer not in layers:
         return None, [], _warning(f"Pick a layer of {family.name} (got {layer!r}).")
     try:
