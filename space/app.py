@@ -29,6 +29,7 @@ from oscq_space.views import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+MAX_UPLOAD = "50mb"  # gradio refuses larger uploads; images over 25 megapixels are refused by the app
 CSS = """
 .oscq-grid {display: flex; flex-wrap: wrap; gap: 10px;}
 .oscq-variant {flex: 1 1 170px; border: 1px solid #ddd; border-radius: 8px; padding: 8px; max-width: 240px;}
@@ -137,6 +138,7 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, **kwargs):
     """Starts the server with the page's style; `kwargs` go to `gr.Blocks.launch` (port, thread lock, ...)."""
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)
     return demo.launch(css=CSS, allowed_paths=[str(EXAMPLES_DIR)], **kwargs)
 
 
