@@ -461,3 +461,33 @@ def test_python_space_app_py_serves_the_page(export_dir, tmp_path):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def test_several_families_and_per_channel_grid(export_dir, families, tmp_path):
+    """A QAT family next to the oscillation one gets its own qualified curves; per-channel grids count per row."""
+    from dataclasses import replace
+
+    from oscq_space.figures import level_counts
+    from oscq_space.views import accuracy_view
+
+    qat = tmp_path / "digits-qat"
+    shutil.copytree(export_dir, qat)
+    record = json.loads((qat / EXPORT_FILE).read_text())
+    record.update(training={"osc_method": "qat", "osc_bits": 3}, comparisons=None)
+    (qat / EXPORT_FILE).write_text(json.dumps(record))
+    loaded, problems = load_families([str(export_dir), str(qat)])
+    assert problems == []
+    assert [family.name for family in loaded] == ["Oscillation · digits-oscillation", "QAT · digits-qat"]
+    _, rows, message = accuracy_view(loaded)
+    curves = list(dict.fromkeys(row[0] for row in rows))
+    assert curves == ["Oscillation · digits-oscillation", "QAT (Oscillation · digits-oscillation)", "QAT · digits-qat"]
+    assert message.startswith("3 accuracy curves")
+
+    per_channel = replace(families[0], record={**families[0].record, "per_channel": True})
+    layer = "vit.layers.0.mlp.fc1.weight"
+    weight = dict(families[0].variants["fp"].model.named_parameters())[layer].detach().double().numpy()
+    scales = np.abs(weight).max(axis=1, keepdims=True) / 3
+    codes, counts = np.unique(np.round(weight / scales), return_counts=True)
+    expected = dict(zip(codes.astype(int).tolist(), counts.tolist(), strict=True))
+    assert level_counts(per_channel, layer, 3) == {code: expected.get(code, 0) for code in range(-3, 4)}
+    assert level_counts(per_channel, layer, 3) != level_counts(families[0], layer, 3)  # one scale per row differs
