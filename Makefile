@@ -1,7 +1,7 @@
 # Entry points: `make demo` (main job on bundled data), `make test`, `make lint`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
-SYSTEM_PACKAGES := dataset-fashion-mnist chromium
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium chromium-driver
 
 .PHONY: install system-deps demo test lint bench
 
@@ -15,7 +15,7 @@ system-deps:
 	else echo "system-deps: not root or no apt-get; tests needing $(SYSTEM_PACKAGES) will be skipped"; fi
 
 demo: install
-	hf-oscq demo --output_dir outputs/demo
+	$(PYTHON) recipes/train_vit.py --config recipes/configs/digits_demo.yaml
 
 test: install system-deps
 	$(PYTHON) -m pytest -ra

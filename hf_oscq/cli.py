@@ -7,7 +7,7 @@ import importlib
 import logging
 
 # Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
-COMMAND_MODULES = ("hf_oscq.demo", "hf_oscq.hub_cli", "hf_oscq.export_cli")
+COMMAND_MODULES = ("hf_oscq.export_cli", "hf_oscq.hub_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
