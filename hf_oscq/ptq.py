@@ -61,6 +61,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch
     return seen
 
 
+def _round_in_place(name: str, weight: torch.Tensor, bits: int, per_channel: bool) -> None:
+    check_finite(weight, name)
+    weight.copy_(dequantize(*quantize_codes(weight, bits, per_channel)))
+
+
 @contextlib.contextmanager
 def quantized_weights(
     model: nn.Module,
@@ -83,14 +88,12 @@ def quantized_weights(
     """
     validate_bits(bits)
     weights = select_weights(model, target_modules, exclude_modules)
-    saved = {}
+    saved, buffers = {}, None
     with torch.no_grad():
         try:
             for name, weight in weights.items():
-                check_finite(weight, name)
                 saved[name] = weight.detach().clone()
-                weight.copy_(dequantize(*quantize_codes(weight, bits, per_channel)))
-            buffers = None
+                _round_in_place(name, weight, bits, per_channel)
             if calibration_batches is not None:
                 buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
                 recalibrate_batchnorm(model, calibration_batches)
@@ -98,7 +101,7 @@ def quantized_weights(
         finally:
             for name, original in saved.items():
                 weights[name].copy_(original)
-            if calibration_batches is not None and buffers is not None:
+            if buffers is not None:
                 for name, buffer in model.named_buffers():
                     buffer.copy_(buffers[name])
 
@@ -121,7 +124,7 @@ def quantize_model(
         exclude_modules: modules left in float, see `select_weights`.
         per_channel: one scale per output channel.
         calibration_batches: optional model inputs to re-estimate BatchNorm statistics after rounding.
-        inplace: round `model` itself instead of a deep copy (use `quantized_weights` to restore afterwards).
+        inplace: round `model` itself instead of a deep copy (irreversible; `quantized_weights` rounds temporarily).
 
     Returns:
         The quantized model (a copy unless `inplace`).
@@ -130,8 +133,7 @@ def quantize_model(
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for name, weight in select_weights(target, target_modules, exclude_modules).items():
-            check_finite(weight, name)
-            weight.copy_(dequantize(*quantize_codes(weight, bits, per_channel)))
+            _round_in_place(name, weight, bits, per_channel)
     if calibration_batches is not None:
         recalibrate_batchnorm(target, calibration_batches)
     return target
