@@ -6,6 +6,7 @@ this file, so "how to quantize" is defined exactly once.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -126,7 +127,8 @@ def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
     # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading numbers back is free on
     # CPU; knowing the extremes also tells which sign(s) can hold the peak.
     low, high = low.item(), high.item()
-    present = [bits.item() for bits, holds in zip(peak_bits, (high >= -low, -low >= high)) if holds]
+    holds = (high >= -low, -low >= high) if math.isfinite(high - low) else (True, True)
+    present = [bits.item() for bits, held in zip(peak_bits, holds) if held]
     return _Groups(1, (), scale, scale.item(), present)
 
 
