@@ -233,11 +233,11 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
     if not records:
         return "No quality cell has finished yet (`python bench/quality.py`)."
     groups = summarize(records)
-    settings = records[0]["settings"]
-    out = [f"Settings of every cell: `{json.dumps(settings)}`; main lambda {main_lambda:g}.", ""]
+    out = [f"Main lambda {main_lambda:g}.", ""]
     for model in sorted({key[0] for key in groups}):
-        has_bn = any(r["has_batchnorm"] for r in records if r["cell"]["model"] == model)
-        out.append(f"### {model}")
+        own = [r for r in records if r["cell"]["model"] == model]
+        has_bn = any(r["has_batchnorm"] for r in own)
+        out += [f"### {model}", "", f"Settings of every {model} cell: `{json.dumps(own[0]['settings'])}`", ""]
         figure = figures_dir / f"quality_{model}.png"
         plot_cross_bit(groups, model, main_lambda, figure)
         out.append(f"![{model} accuracy vs bit-width]({os.path.relpath(figure, document_dir)})")

@@ -16,6 +16,7 @@ workers may run side by side (each claims a cell with a lock file).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # "cpu": the smallest honest settings that fit the 2-core budget (docs/RESULTS.md, "Budget"); every cell uses them.
@@ -43,15 +45,20 @@ CPU_SETTINGS = {
     "optim": "adamw_torch",
     "weight_decay": 0.0,
     "bn_recalibration_samples": 250,
+    "dataloader_num_workers": 0,
+    # The tiny ViT (hidden 192, 6 layers) learns far slower per step than ResNet-18: with 4-pixel patches and 2000
+    # images it stays near 35 %. 7-pixel patches (16 tokens, a third of the compute) buy it 3x the images.
+    "per_model": {"vit": {"patch_size": 7, "max_train_samples": 6000}},
 }
 PROFILES = {
     "cpu": CPU_SETTINGS,
     # One H200 (bench/gpu.sh): ten times the data, same schedule otherwise.
-    "gpu": CPU_SETTINGS | {"max_train_samples": 20000, "max_eval_samples": 10000, "num_train_epochs": 3,
-                           "per_device_eval_batch_size": 500, "bn_recalibration_samples": 500},
+    "gpu": CPU_SETTINGS | {"max_train_samples": 20000, "max_eval_samples": 5000, "num_train_epochs": 3,
+                           "per_device_eval_batch_size": 500, "bn_recalibration_samples": 500,
+                           "dataloader_num_workers": 4, "per_model": {}},
     # Seconds on a CPU: checks that the whole path runs (bench/gpu.sh --dry-run); its numbers mean nothing.
     "smoke": CPU_SETTINGS | {"max_train_samples": 64, "max_eval_samples": 50, "num_train_epochs": 1,
-                             "per_device_eval_batch_size": 25, "bn_recalibration_samples": 50},
+                             "per_device_eval_batch_size": 25, "bn_recalibration_samples": 50, "per_model": {}},
 }
 MAIN_LAMBDA = 10.0  # the reference measurement's best ResNet-18 value at 3 bits (issue 7), fixed before this grid
 SWEEP_LAMBDAS = (1.0, 100.0, 1000.0)
@@ -121,43 +128,88 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
-    """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
+def _settings(cell: Cell, profile: str) -> dict:
+    settings = {key: value for key, value in PROFILES[profile].items() if key != "per_model"}
+    return settings | PROFILES[profile].get("per_model", {}).get(cell.model, {})
+
+
+def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
+    """The recipe arguments, Trainer arguments and data of a cell, as `recipes/train_<model>.py` would build them."""
     from hf_oscq.config import OscillationConfig
     from hf_oscq.data import load_image_dataset
-    from hf_oscq.pipeline import RecipeArguments, cross_bit_table, train_one
+    from hf_oscq.pipeline import RecipeArguments
 
-    settings = PROFILES[profile]
     recipe = RecipeArguments(
         dataset=settings["dataset"], data_dir=data_dir, model=cell.model,
         max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"],
-        track_oscillations=False, export=False,
+        patch_size=settings.get("patch_size"), track_oscillations=False, export=False,
     )
-    output_dir = work_dir / cell.name
     training = OscillationConfig(
-        output_dir=str(output_dir), osc_method=cell.method, osc_bits=cell.bits or 3,
+        output_dir=str(work_dir / cell.name), osc_method=cell.method, osc_bits=cell.bits or 3,
         osc_lambda=cell.osc_lambda or 0.0, num_train_epochs=settings["num_train_epochs"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
         per_device_eval_batch_size=settings["per_device_eval_batch_size"], learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler_type"], optim=settings["optim"],
         weight_decay=settings["weight_decay"], eval_strategy="no", save_strategy="no", logging_steps=8,
         report_to=[], seed=cell.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-        osc_bn_recalibration_samples=0,
+        osc_bn_recalibration_samples=0, dataloader_num_workers=settings.get("dataloader_num_workers", 0),
     )
     data = load_image_dataset(
         recipe.dataset, recipe.data_dir, seed=cell.seed, max_train_samples=recipe.max_train_samples,
         max_eval_samples=recipe.max_eval_samples,
     )
+    return recipe, training, data
+
+
+def _calibration_batches(trainer, samples: int):
+    """The training images the Trainer's cross-bit evaluation re-estimates BatchNorm with (same seed, same order)."""
+    batch_size = trainer.args.per_device_eval_batch_size
+    loader = DataLoader(trainer.train_dataset, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(trainer.args.seed), collate_fn=trainer.data_collator)
+    for batch in itertools.islice(loader, -(-samples // batch_size)):
+        yield {key: value.to(trainer.args.device) for key, value in batch.items() if key != "labels"}
+
+
+def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
+    """The cross-bit test table with BatchNorm statistics re-estimated at every bit-width, full precision included.
+
+    Full precision too: after a short run the running statistics lag behind the weights, and comparing re-estimated
+    quantized models against a stale full-precision one would credit rounding with what re-estimation did.
+    """
+    from hf_oscq import recalibrate_batchnorm
+    from hf_oscq.pipeline import cross_bit_table
+
+    model = trainer.model
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    try:
+        recalibrate_batchnorm(model, _calibration_batches(trainer, samples))
+        trainer.args.osc_bn_recalibration_samples = samples
+        return cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
+    finally:
+        trainer.args.osc_bn_recalibration_samples = 0
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
+    """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
+    from hf_oscq.pipeline import train_one
+
+    settings = _settings(cell, profile)
+    recipe, training, data = _prepare(cell, data_dir, work_dir, settings)
     start = time.perf_counter()
-    trainer, plain = train_one(cell.method, recipe, training, data, output_dir)
+    trainer, plain = train_one(cell.method, recipe, training, data, Path(training.output_dir))
     train_and_plain_seconds = time.perf_counter() - start
-    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in trainer.model.modules())
+    has_batchnorm = _has_batchnorm(trainer.model)
     bn, bn_seconds = None, 0.0
     if has_batchnorm:
         start = time.perf_counter()
-        trainer.args.osc_bn_recalibration_samples = settings["bn_recalibration_samples"]
-        bn = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
-        trainer.args.osc_bn_recalibration_samples = 0
+        bn = batchnorm_cross_bit(trainer, data, settings["bn_recalibration_samples"])
         bn_seconds = time.perf_counter() - start
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
@@ -166,6 +218,7 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
         "settings": settings,
         "plain": plain,
         "bn": bn,
+        "bn_full_precision_recalibrated": has_batchnorm,
         "has_batchnorm": has_batchnorm,
         "train_log": losses,
         "seconds": {"train_and_plain_eval": train_and_plain_seconds, "bn_eval": bn_seconds},
@@ -177,6 +230,33 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
         "command": command_for(cell, profile),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def redo_batchnorm_table(path: Path, data_dir: str | None, work_dir: Path) -> bool:
+    """Recomputes the BatchNorm table of a finished cell from its saved weights (records written before the
+    full-precision column was re-estimated too); False when the weights are not in `work_dir`."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_oscq import OscillationTrainer
+    from hf_oscq.models import build_image_processor
+    from hf_oscq.pipeline import _accuracy
+
+    record = json.loads(path.read_text())
+    cell = Cell(**{key: value for key, value in record["cell"].items() if key != "name"})
+    folders = sorted(work_dir.glob(f"**/{cell.name}/training/{cell.method}/model.safetensors"))
+    if not folders:
+        return False
+    settings = record["settings"]
+    _, training, data = _prepare(cell, data_dir, work_dir, settings)
+    model = AutoModelForImageClassification.from_pretrained(folders[-1].parent)
+    trainer = OscillationTrainer(model=model, args=training, train_dataset=data.train, eval_dataset=data.eval,
+                                 compute_metrics=_accuracy, processing_class=build_image_processor(data.info))
+    start = time.perf_counter()
+    record["bn"] = batchnorm_cross_bit(trainer, data, settings["bn_recalibration_samples"])
+    record["bn_full_precision_recalibrated"] = True
+    record["seconds"]["bn_eval"] = time.perf_counter() - start
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return True
 
 
 def _claim(lock: Path) -> bool:
@@ -211,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_quality"),
                         help="Training folders (model weights, Trainer state); not committed.")
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
+    parser.add_argument("--redo_batchnorm", action="store_true",
+                        help="Recompute the BatchNorm table of finished cells that lack the re-estimated fp column.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -229,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         for index, cell in enumerate(cells):
             done = "done" if (args.results / f"{cell.name}.json").exists() else "-"
             sys.stdout.write(f"{index:3d} {done:5s} {cell.name}\n")
+        return 0
+    if args.redo_batchnorm:
+        for cell in cells:
+            path = args.results / f"{cell.name}.json"
+            record = json.loads(path.read_text()) if path.exists() else {}
+            if record.get("has_batchnorm") and not record.get("bn_full_precision_recalibrated"):
+                done = redo_batchnorm_table(path, args.data_dir, args.work_dir)
+                sys.stdout.write(f"{cell.name}: {'redone' if done else 'weights not found, left as is'}\n")
         return 0
     ran = 0
     for cell in cells:

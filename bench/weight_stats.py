@@ -1,0 +1,74 @@
+"""Where the quality grid's trained weights sit relative to the quantization grid, layer by layer.
+
+For each finished cell whose weights are still in the work folder (bench/quality.py --work_dir), and for each
+quantized layer: its size N, the per-weight strength of the penalty's gradient 2 lambda / N (PAPER.md section 3), the
+fraction of weights within 0.1 bin of a rounding threshold at the given bit-width (0.2 if positions were uniform),
+and the mean rounding error in bins (0.25 if uniform). Writes bench/results/quality/diagnostics/weight_stats.json.
+
+    python bench/weight_stats.py --bits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification
+
+import hf_oscq
+from hf_oscq import compute_scale, select_weights
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quality"
+
+
+def layer_stats(weight: torch.Tensor, bits: int, window: float = 0.1) -> dict[str, float]:
+    """Position of the weights inside their quantization bins at `bits` bits (per-tensor scale, PAPER.md section 1)."""
+    scale = compute_scale(weight, bits)
+    if float(scale) == 0.0:
+        return {"near_threshold": 0.0, "mean_rounding_error_bins": 0.0}
+    position = weight / scale
+    offset = position - torch.floor(position)  # in [0, 1): 0.5 is a rounding threshold
+    return {
+        "near_threshold": float(((offset - 0.5).abs() < window).float().mean()),
+        "mean_rounding_error_bins": float((torch.round(position) - position).abs().mean()),
+    }
+
+
+def model_folder(work_dir: Path, cell: dict) -> Path | None:
+    matches = sorted(work_dir.glob(f"**/{cell['name']}/training/{cell['method']}/model.safetensors"))
+    return matches[-1].parent if matches else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_quality"))
+    args = parser.parse_args(argv)
+    assert hf_oscq  # registers resnet18_cifar in timm, needed to load the ResNet-18 folders
+    report = {"bits": args.bits, "cells": {}}
+    for path in sorted(args.results.glob("*.json")):
+        cell = json.loads(path.read_text())["cell"]
+        folder = model_folder(args.work_dir, cell)
+        if folder is None:
+            continue
+        model = AutoModelForImageClassification.from_pretrained(folder)
+        osc_lambda = cell["osc_lambda"] or 0.0
+        layers = {}
+        for name, weight in select_weights(model).items():
+            layers[name] = {"numel": weight.numel(), "penalty_gradient_factor": 2 * osc_lambda / weight.numel(),
+                            **layer_stats(weight.detach(), args.bits)}
+        report["cells"][cell["name"]] = layers
+        sys.stdout.write(f"{cell['name']}: {len(layers)} layers\n")
+    output = args.results / "diagnostics" / f"weight_stats_w{args.bits}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    sys.stdout.write(f"wrote {output}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
