@@ -32,8 +32,9 @@ def load_records(folder: Path) -> list[dict]:
 
 
 def run_key(cell: dict) -> tuple:
-    """What seeds are averaged over: (model, method, bits, lambda)."""
-    return cell["model"], cell["method"], cell["bits"], cell["osc_lambda"]
+    """What seeds are averaged over: (model, method, bits, lambda); investigation variants are separate models."""
+    model = f"{cell['model']} ({cell['variant']})" if cell.get("variant") else cell["model"]
+    return model, cell["method"], cell["bits"], cell["osc_lambda"]
 
 
 def run_label(key: tuple) -> str:
@@ -209,18 +210,33 @@ def cost_markdown(results_dir: Path) -> str:
         parts.append("\n".join(lines))
     export = results_dir / "export_size.json"
     if export.exists():
-        parts.append(f"`{os.path.relpath(export, ROOT)}`:\n\n```json\n{export.read_text().strip()}\n```")
+        parts.append(export_markdown(json.loads(export.read_text()), os.path.relpath(export, ROOT)))
     if not parts:
         return ("Not measured yet: `bench/results/overhead.json` (`python bench/overhead.py`, the core bench) and "
                 "`bench/results/export_size.json` (the export bench) do not exist in this tree.")
     return "\n\n".join(parts)
 
 
+def export_markdown(record: dict, source: str) -> str:
+    """The export bench's checkpoint sizes (bytes and fraction of fp32) and export time, one row per model."""
+    models = record.get("models", {})
+    bits = [f"w{b}" for b in record.get("bits", BITS)]
+    lines = [f"`{source}` (checkpoint size as a fraction of the fp32 one; export time for all bit-widths):", "",
+             "| model | fp32 MB | " + " | ".join(bits) + " | export s |", "|---|---|" + "---|" * (len(bits) + 1)]
+    for name, model in models.items():
+        variants = model.get("variants", {})
+        cells = [f"{variants[b]['vs_fp32']:.3f}" if b in variants else "-" for b in bits]
+        seconds = model.get("export_seconds_all_bits")
+        seconds_text = f"{seconds:.1f}" if seconds is not None else "-"
+        lines.append(f"| {name} | {model['fp32_bytes'] / 1e6:.1f} | " + " | ".join(cells) + f" | {seconds_text} |")
+    return "\n".join(lines)
+
+
 def runtime_markdown(records: list[dict]) -> str:
     per_model: dict[str, list[float]] = defaultdict(list)
     threads = set()
     for record in records:
-        per_model[record["cell"]["model"]].append(sum(record["seconds"].values()))
+        per_model[run_key(record["cell"])[0]].append(sum(record["seconds"].values()))
         threads.add(record.get("torch_threads"))
     lines = ["| model | cells | mean s / cell | total min |", "|---|---|---|---|"]
     for model, seconds in sorted(per_model.items()):
@@ -235,10 +251,10 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
     groups = summarize(records)
     out = [f"Main lambda {main_lambda:g}.", ""]
     for model in sorted({key[0] for key in groups}):
-        own = [r for r in records if r["cell"]["model"] == model]
+        own = [r for r in records if run_key(r["cell"])[0] == model]
         has_bn = any(r["has_batchnorm"] for r in own)
         out += [f"### {model}", "", f"Settings of every {model} cell: `{json.dumps(own[0]['settings'])}`", ""]
-        figure = figures_dir / f"quality_{model}.png"
+        figure = figures_dir / f"quality_{model.replace(' (', '_').rstrip(')')}.png"
         plot_cross_bit(groups, model, main_lambda, figure)
         out.append(f"![{model} accuracy vs bit-width]({os.path.relpath(figure, document_dir)})")
         for mode, title in MODES.items():

@@ -60,6 +60,8 @@ PROFILES = {
     "smoke": CPU_SETTINGS | {"max_train_samples": 64, "max_eval_samples": 50, "num_train_epochs": 1,
                              "per_device_eval_batch_size": 25, "bn_recalibration_samples": 50, "per_model": {}},
 }
+# Investigations (docs/RESULTS.md, "Why"): the same cells with one setting changed.
+VARIANTS = {"e6": {"num_train_epochs": 6}}
 MAIN_LAMBDA = 10.0  # the reference measurement's best ResNet-18 value at 3 bits (issue 7), fixed before this grid
 SWEEP_LAMBDAS = (1.0, 100.0, 1000.0)
 MODELS = ("resnet18", "vit")
@@ -74,24 +76,28 @@ class Cell:
     bits: int | None
     osc_lambda: float | None
     seed: int
+    variant: str = ""  # a key of VARIANTS: settings changed for an investigation, kept out of the main tables
 
     @property
     def name(self) -> str:
+        suffix = f"_{self.variant}" if self.variant else ""
         if self.method == "none":
-            return f"{self.model}_fp_s{self.seed}"
+            return f"{self.model}_fp_s{self.seed}{suffix}"
         if self.method == "qat":
-            return f"{self.model}_qat{self.bits}_s{self.seed}"
-        return f"{self.model}_osc{self.bits}_lam{self.osc_lambda:g}_s{self.seed}"
+            return f"{self.model}_qat{self.bits}_s{self.seed}{suffix}"
+        return f"{self.model}_osc{self.bits}_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
 
 
 def grid() -> list[Cell]:
-    """Every cell, most important first: 3-bit, then 2 and 4 bits, then the second seed, then the lambda sweep."""
+    """Every cell, most important first: 3-bit, then 2 and 4 bits, then the second seed, then the lambda sweep,
+    then the investigations (VARIANTS)."""
     cells: list[Cell] = []
 
-    def add(model: str, method: str, bits: int | None, seed: int, osc_lambda: float | None = None) -> None:
+    def add(model: str, method: str, bits: int | None, seed: int, osc_lambda: float | None = None,
+            variant: str = "") -> None:
         if method == "oscillation" and osc_lambda is None:
             osc_lambda = MAIN_LAMBDA
-        cell = Cell(model, method, bits, osc_lambda, seed)
+        cell = Cell(model, method, bits, osc_lambda, seed, variant)
         if cell not in cells:
             cells.append(cell)
 
@@ -107,6 +113,9 @@ def grid() -> list[Cell]:
     for osc_lambda in SWEEP_LAMBDAS:
         for model in MODELS:
             add(model, "oscillation", 3, 0, osc_lambda)
+    for model in reversed(MODELS):  # the ViT first: a third of ResNet-18's cost per cell
+        for method, bits in (("none", None), ("oscillation", 3), ("qat", 3)):
+            add(model, method, bits, 0, variant="e6")
     return cells
 
 
@@ -130,7 +139,8 @@ def _git_commit() -> str | None:
 
 def _settings(cell: Cell, profile: str) -> dict:
     settings = {key: value for key, value in PROFILES[profile].items() if key != "per_model"}
-    return settings | PROFILES[profile].get("per_model", {}).get(cell.model, {})
+    settings |= PROFILES[profile].get("per_model", {}).get(cell.model, {})
+    return settings | VARIANTS.get(cell.variant, {})
 
 
 def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):

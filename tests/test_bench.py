@@ -43,7 +43,8 @@ def _record(model, method, bits, osc_lambda, seed, plain, bn=None, seconds=10.0)
 def test_grid_priority_and_names():
     cells = quality.grid()
     names = [cell.name for cell in cells]
-    assert len(names) == len(set(names)) == 2 * 2 * 7 + 2 * len(quality.SWEEP_LAMBDAS)
+    variants = [cell for cell in cells if cell.variant]
+    assert len(names) == len(set(names)) == 2 * 2 * 7 + 2 * len(quality.SWEEP_LAMBDAS) + len(variants)
     assert names[:6] == [
         "resnet18_fp_s0", "resnet18_osc3_lam10_s0", "resnet18_qat3_s0",
         "vit_fp_s0", "vit_osc3_lam10_s0", "vit_qat3_s0",
@@ -51,7 +52,10 @@ def test_grid_priority_and_names():
     first_seed_one = names.index("resnet18_fp_s1")
     assert all(cell.seed == 0 for cell in cells[:first_seed_one])
     assert {cell.bits for cell in cells[:first_seed_one] if cell.bits} == {2, 3, 4}
-    assert all(cell.bits == 3 and cell.osc_lambda != quality.MAIN_LAMBDA for cell in cells[-6:])
+    sweep = cells[-len(variants) - 2 * len(quality.SWEEP_LAMBDAS):-len(variants)]
+    assert all(cell.bits == 3 and cell.osc_lambda != quality.MAIN_LAMBDA for cell in sweep)
+    assert cells[-len(variants):] == variants  # investigations last
+    assert quality.Cell("vit", "qat", 3, None, 0, "e6").name == "vit_qat3_s0_e6"
 
 
 def test_summarize_mean_spread_and_no_batchnorm_model():
@@ -111,9 +115,12 @@ def test_render_writes_tables_and_plot(tmp_path):
         "results": [{"batch_size": 32, "median_step_seconds": {"fp": 0.1, "qat": 0.15},
                      "ratio_to_fp": {"fp": 1.0, "qat": 1.5}}],
     }))
+    (tmp_path / "export_size.json").write_text(json.dumps({"bits": [2, 8], "models": {"net": {
+        "fp32_bytes": 4e6, "variants": {"w2": {"vs_fp32": 0.0625}, "w8": {"vs_fp32": 0.25}}}}}))
     text = aggregate.render(records, 10.0, tmp_path, tmp_path / "figures", tmp_path)
     assert (tmp_path / "figures" / "quality_resnet18.png").stat().st_size > 0
     assert "(figures/quality_resnet18.png)" in text
     assert "| FP + PTQ | 1 | 90.0 | 90.0 | 40.0 | 90.0 |" in text
     assert "| QAT @3 | 1 | 88.0 | 88.0 | **87.0** | 88.0 |" in text
     assert "| 32 | 100.0 | 1.00x | 1.50x |" in text
+    assert "| net | 4.0 | 0.062 | 0.250 | - |" in text
