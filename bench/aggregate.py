@@ -232,6 +232,29 @@ def export_markdown(record: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+SIZE_BUCKETS = ((0, 10_000, "< 10k"), (10_000, 200_000, "10k-200k"), (200_000, float("inf"), ">= 200k"))
+
+
+def diagnostics_markdown(stats: dict) -> str:
+    """bench/weight_stats.py's output: per cell and layer-size bucket, the fraction of weights within 0.1 bin of a
+    rounding threshold (0.20 if uniform) and the per-weight penalty gradient factor 2 lambda / N."""
+    header = " | ".join(f"{label} near thr. | {label} 2λ/N" for _, _, label in SIZE_BUCKETS)
+    lines = [f"| cell | {header} |", "|---|" + "---|" * 2 * len(SIZE_BUCKETS)]
+    for name, layers in sorted(stats["cells"].items()):
+        cells = []
+        for low, high, _ in SIZE_BUCKETS:
+            chosen = [layer for layer in layers.values() if low <= layer["numel"] < high]
+            total = sum(layer["numel"] for layer in chosen)
+            if not total:
+                cells += ["-", "-"]
+                continue
+            near = sum(layer["near_threshold"] * layer["numel"] for layer in chosen) / total
+            factors = [layer["penalty_gradient_factor"] for layer in chosen]
+            cells += [f"{near:.2f}", f"{min(factors):.1e}..{max(factors):.1e}" if max(factors) else "0"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def runtime_markdown(records: list[dict]) -> str:
     per_model: dict[str, list[float]] = defaultdict(list)
     threads = set()
@@ -244,7 +267,8 @@ def runtime_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + f"\n\ntorch threads per worker: {sorted(t for t in threads if t)}"
 
 
-def render(records: list[dict], main_lambda: float, results_dir: Path, figures_dir: Path, document_dir: Path) -> str:
+def render(records: list[dict], main_lambda: float, results_dir: Path, figures_dir: Path, document_dir: Path,
+           stats: dict | None = None) -> str:
     """The generated Markdown block (tables, target checks, sweep, cost, run time) and its plots."""
     if not records:
         return "No quality cell has finished yet (`python bench/quality.py`)."
@@ -268,6 +292,11 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
             if checks:
                 out += [f"\n**Targets, {MODES[mode]}**\n", targets_markdown(checks)]
         out += ["\n**Lambda sweep at 3 bits** (lambda 0 = the FP run)\n", lambda_sweep_markdown(groups, model), ""]
+    if stats:
+        out += [f"### Where the weights sit in their {stats['bits']}-bit bins (`python bench/weight_stats.py`)\n",
+                "Fraction of weights within 0.1 bin of a rounding threshold, weighted by layer size (0.20 if the "
+                "positions were uniform), per layer-size bucket; 2λ/N is the per-weight factor of the penalty's "
+                "gradient in those layers.\n", diagnostics_markdown(stats), ""]
     out += ["### Run time of the grid on this machine\n", runtime_markdown(records), "",
             "### Cost (training-step overhead, export)\n", cost_markdown(results_dir)]
     return "\n".join(out)
@@ -292,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=ROOT / "docs", help="Where the PNG plots go.")
     args = parser.parse_args(argv)
     records = load_records(args.results)
-    text = render(records, MAIN_LAMBDA, args.results.parent, args.figures, args.document.parent)
+    stats_path = args.results / "diagnostics" / "weight_stats_w3.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    text = render(records, MAIN_LAMBDA, args.results.parent, args.figures, args.document.parent, stats)
     write_results(text, args.document)
     sys.stdout.write(f"{len(records)} cells -> {args.document}\n")
     return 0

@@ -124,3 +124,14 @@ def test_render_writes_tables_and_plot(tmp_path):
     assert "| QAT @3 | 1 | 88.0 | 88.0 | **87.0** | 88.0 |" in text
     assert "| 32 | 100.0 | 1.00x | 1.50x |" in text
     assert "| net | 4.0 | 0.062 | 0.250 | - |" in text
+
+
+def test_diagnostics_weights_by_layer_size():
+    stats = {"bits": 3, "cells": {"m_osc3": {
+        "conv1.weight": {"numel": 1000, "penalty_gradient_factor": 0.02, "near_threshold": 0.5},
+        "fc.weight": {"numel": 3000, "penalty_gradient_factor": 0.002, "near_threshold": 0.3},
+        "big.weight": {"numel": 400_000, "penalty_gradient_factor": 5e-5, "near_threshold": 0.2},
+    }}}
+    row = aggregate.diagnostics_markdown(stats).splitlines()[-1]
+    # < 10k bucket: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; no layer of 10k-200k; >= 200k: 0.2.
+    assert row == "| m_osc3 | 0.35 | 2.0e-03..2.0e-02 | - | - | 0.20 | 5.0e-05..5.0e-05 |"
