@@ -45,13 +45,16 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float):
     workspace = PenaltyWorkspace()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        # Computed before the forward pass, as OscillationTrainer does, so that autograd adds its gradient into the
+        # task gradient in place.
+        penalty = fused_oscillation_penalty(weights, bits, workspace=workspace) if mode == "oscillation" else 0.0
         if mode == "qat":
             with fake_quantized_forward(model, model, weights, bits):
                 loss = F.cross_entropy(model(images), labels)
         else:
             loss = F.cross_entropy(model(images), labels)
         if mode == "oscillation":
-            loss = loss + osc_lambda * fused_oscillation_penalty(weights, bits, workspace=workspace)
+            loss = loss + osc_lambda * penalty
         elif mode == "reference":
             loss = loss + osc_lambda * oscillation_penalty(model, bits)
         loss.backward()

@@ -68,26 +68,31 @@ class PenaltyWorkspace:
 
 
 def _fused_terms(w: torch.Tensor, top: int, per_channel: bool, buffers: tuple[torch.Tensor, ...]):
-    """One weight's penalty value, `d = q(w) - w` (in a workspace buffer) and its scale-gradient scatter.
+    """One weight's penalty value, `w - q(w)` (in a workspace buffer) and its scale-gradient scatter.
 
     With `d = q(w) - w`: `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`; `dP/dw = 2/N d` (straight-through); and through the
     scale, `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, reaching the largest-magnitude element(s) of
-    each scale group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The 2/N factor is left to the
-    backward pass.
+    each scale group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The buffer holds `-d` (one pass
+    fewer); the backward pass applies the factor `-2/N` together with the upstream gradient.
     """
-    diff, at_peak, at_other_peak = buffers
+    negative_diff, at_peak, at_other_peak = buffers
     groups = _groups(w, top, per_channel)
-    torch.div(w, groups.divisor, out=diff).round_().mul_(groups.divisor).sub_(w)
-    if groups.rows == 1:
-        w_d = torch.dot(w.reshape(-1), diff.reshape(-1)).reshape(1)
-        d_d = torch.dot(diff.reshape(-1), diff.reshape(-1)).reshape(1)
+    codes = torch.div(w, groups.divisor, out=negative_diff).round_()
+    if isinstance(groups.divisor, float):
+        torch.sub(w, codes, alpha=groups.divisor, out=negative_diff)
     else:
-        w_d = torch.einsum("ij,ij->i", w.reshape(groups.rows, -1), diff.reshape(groups.rows, -1))
-        d_d = torch.einsum("ij,ij->i", diff.reshape(groups.rows, -1), diff.reshape(groups.rows, -1))
+        torch.addcmul(w, codes, groups.divisor, value=-1, out=negative_diff)
+    if groups.rows == 1:
+        w_d = -torch.dot(w.reshape(-1), negative_diff.reshape(-1)).reshape(1)
+        d_d = torch.dot(negative_diff.reshape(-1), negative_diff.reshape(-1)).reshape(1)
+    else:
+        rows_w, rows_d = w.reshape(groups.rows, -1), negative_diff.reshape(groups.rows, -1)
+        w_d = -torch.einsum("ij,ij->i", rows_w, rows_d)
+        d_d = torch.einsum("ij,ij->i", rows_d, rows_d)
     value = (2 * w_d.sum() + d_d.sum()) / w.numel()
     index, group, ties = _peak_positions(w, groups, (at_peak, at_other_peak))
     scale_grad = torch.sign(w.reshape(-1)[index]) * ((w_d + d_d) / (groups.scale * top * ties))[group].to(w.dtype)
-    return value, diff, index, scale_grad
+    return value, negative_diff, index, -scale_grad
 
 
 class _FusedPenalty(torch.autograd.Function):
@@ -100,7 +105,7 @@ class _FusedPenalty(torch.autograd.Function):
         ctx.terms = []
         for weight in weights:
             w = weight.detach()
-            value, diff, idx, scale_grad = _fused_terms(w, top, per_channel, workspace.buffers(w))
+            value, diff, idx, scale_grad = _fused_terms(w, top, per_channel, workspace.buffers(weight))
             total += value
             ctx.terms.append((diff, idx, scale_grad))
         workspace.generation += 1
@@ -115,9 +120,9 @@ class _FusedPenalty(torch.autograd.Function):
                 "one was backpropagated; use one workspace per pending penalty."
             )
         grads = []
-        for diff, idx, scale_grad in ctx.terms:
-            diff.reshape(-1).index_add_(0, idx, scale_grad)
-            grads.append(diff.mul_(grad_output * (2.0 / diff.numel())))
+        for negative_diff, idx, negative_scale_grad in ctx.terms:
+            negative_diff.reshape(-1).index_add_(0, idx, negative_scale_grad)
+            grads.append(negative_diff.mul_(grad_output * (-2.0 / negative_diff.numel())))
         del ctx.terms
         return (None, None, None, *grads)
 

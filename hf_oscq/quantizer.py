@@ -6,7 +6,6 @@ this file, so "how to quantize" is defined exactly once.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
@@ -98,14 +97,18 @@ _SAME_SIZE_INT = {
 }
 
 
+_BLOCK = 4096  # elements per block when searching a whole tensor for its largest magnitude
+
+
 class _Groups(NamedTuple):
     """The scale groups of a weight (one per tensor, or one per output channel), in the form fast kernels want."""
 
     rows: int  # number of scale groups
     shape: tuple[int, ...]  # broadcast shape of a per-group value against the weight
+    peak: torch.Tensor  # (rows,) largest magnitude per group
     scale: torch.Tensor  # (rows,), never zero
     divisor: torch.Tensor | float  # the scale as the fastest elementwise operand
-    peak_bits: list  # bit patterns of +peak and/or -peak, whichever can occur
+    block_extremes: tuple[torch.Tensor, torch.Tensor] | None  # per-tensor: max and min of each _BLOCK elements
 
 
 def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
@@ -114,38 +117,45 @@ def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
         flat = w.reshape(rows, -1)
         peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
         scale = _nonzero(peak / top)
-        as_int = _SAME_SIZE_INT[w.dtype]
-        peak_bits = [peak.reshape(shape).view(as_int), (-peak).reshape(shape).view(as_int)]
-        return _Groups(rows, shape, scale, scale.reshape(shape), peak_bits)
-    low, high = torch.aminmax(w)
-    peak = torch.maximum(high, -low)
-    scale = _nonzero(peak / top).reshape(1)
-    as_int = _SAME_SIZE_INT[w.dtype]
-    peak_bits = [peak.view(as_int), (-peak).view(as_int)]
-    if w.device.type != "cpu":
-        return _Groups(1, (), scale, scale[0], peak_bits)
-    # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading numbers back is free on
-    # CPU; knowing the extremes also tells which sign(s) can hold the peak.
-    low, high = low.item(), high.item()
-    holds = (high >= -low, -low >= high) if math.isfinite(high - low) else (True, True)
-    present = [bits.item() for bits, held in zip(peak_bits, holds) if held]
-    return _Groups(1, (), scale, scale.item(), present)
+        return _Groups(rows, shape, peak, scale, scale.reshape(shape), None)
+    # Block-wise extremes cost one read like a global max, and later tell where the peak is without another scan.
+    flat = w.reshape(-1)
+    whole = flat.numel() - flat.numel() % _BLOCK
+    highs, lows = [], []
+    for part in (flat[:whole].view(-1, _BLOCK), flat[whole:].view(1, -1)):
+        if part.numel():
+            highs.append(part.amax(dim=1))
+            lows.append(part.amin(dim=1))
+    highs, lows = torch.cat(highs), torch.cat(lows)
+    peak = torch.maximum(highs.amax(), -lows.amin()).reshape(1)
+    scale = _nonzero(peak / top)
+    # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading one back is free there.
+    divisor = scale.item() if w.device.type == "cpu" else scale[0]
+    return _Groups(1, (), peak, scale, divisor, (highs, lows))
 
 
 def _peak_positions(
     w: torch.Tensor, groups: _Groups, masks: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices of the elements with |w| == max|w| of their group, their group, and the tie count per group.
-
-    The comparison runs on the bit patterns: exact, and several times faster than a float compare on CPU.
-    """
-    as_int = w.view(_SAME_SIZE_INT[w.dtype])
-    masks = masks or (None, None)
-    at_peak = torch.eq(as_int, groups.peak_bits[0], out=masks[0])
-    if len(groups.peak_bits) == 2:
-        at_peak.logical_or_(torch.eq(as_int, groups.peak_bits[1], out=masks[1]))
-    index = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
-    group = index // (w.numel() // groups.rows)
+    """Flat indices of the elements with |w| == max|w| of their group, their group, and the tie count per group."""
+    flat = w.reshape(-1)
+    if groups.block_extremes is None:
+        # Every row holds a peak: compare the whole tensor, on the bit patterns (exact, and several times faster
+        # than a float compare on CPU).
+        as_int, peak = w.view(_SAME_SIZE_INT[w.dtype]), groups.peak.reshape(groups.shape)
+        masks = masks or (None, None)
+        at_peak = torch.eq(as_int, peak.view(as_int.dtype), out=masks[0])
+        at_peak.logical_or_(torch.eq(as_int, (-peak).view(as_int.dtype), out=masks[1]))
+        index = torch.nonzero(at_peak.reshape(-1)).squeeze(1)
+    else:
+        highs, lows = groups.block_extremes
+        peak = groups.peak[0]
+        blocks = torch.nonzero((highs == peak) | (lows == -peak)).squeeze(1)
+        candidates = (blocks[:, None] * _BLOCK + torch.arange(_BLOCK, device=w.device)).reshape(-1)
+        candidates = candidates[candidates < flat.numel()]
+        values = flat[candidates]
+        index = candidates[(values == peak) | (values == -peak)]
+    group = index // (flat.numel() // groups.rows)
     ties = torch.bincount(group, minlength=groups.rows).clamp_min(1)
     return index, group, ties
 

@@ -76,17 +76,22 @@ class OscillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
-        if not model.training or args.osc_method == "none":
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        elif args.osc_method == "qat":
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        penalty = None
+        if args.osc_method == "oscillation":
+            # Before the forward pass: autograd then runs the penalty's backward last and adds its gradient into the
+            # task gradient in place instead of allocating a sum.
+            penalty = fused_oscillation_penalty(
+                self._quantized_weights(), args.osc_bits, args.osc_per_channel, workspace=self._osc_workspace
+            )
+        if args.osc_method == "qat":
             with fake_quantized_forward(
                 model, self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel
             ):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not model.training:
-            return result
         loss, outputs = result if return_outputs else (result, None)
         # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
         accumulation = self.current_gradient_accumulation_steps
@@ -95,10 +100,7 @@ class OscillationTrainer(Trainer):
         if not self._osc_metrics:
             self._osc_first_step = self.state.global_step
         self._osc_metrics["task_loss"].append(loss.detach() / (accumulation if trainer_divides else 1))
-        if args.osc_method == "oscillation":
-            penalty = fused_oscillation_penalty(
-                self._quantized_weights(), args.osc_bits, args.osc_per_channel, workspace=self._osc_workspace
-            )
+        if penalty is not None:
             self._osc_metrics["osc_penalty"].append(penalty.detach() / accumulation)
             weight = args.osc_lambda if trainer_divides else args.osc_lambda / accumulation
             loss = loss + weight * penalty.to(loss.dtype)

@@ -97,3 +97,15 @@ def test_invalid_bits_rejected():
         oscillation_penalty(nn.Linear(2, 2), 1)
     with pytest.raises(ValueError, match="between 2 and 8"):
         fused_oscillation_penalty([torch.ones(2, 2)], 9)
+
+
+def test_ties_found_across_blocks_and_in_the_tail():
+    # 3 * 4096 + 5 elements: peaks in two different blocks and in the partial tail block, on both signs.
+    weight = torch.randn(3 * 4096 + 5, dtype=torch.float64)
+    weight[17], weight[2 * 4096 + 1], weight[-2] = 9.0, -9.0, 9.0
+    expected_value, (expected_grad,) = reference_numpy([weight.numpy()], 3)
+    fused_weight = weight.clone().requires_grad_()
+    fused = fused_oscillation_penalty([fused_weight], 3)
+    fused.backward()
+    assert float(fused.detach()) == pytest.approx(expected_value, rel=1e-12)
+    np.testing.assert_allclose(fused_weight.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-15)
