@@ -25,3 +25,4 @@ lint: install
 
 bench: install
 	$(PYTHON) bench/overhead.py
+	$(PYTHON) bench/export_size.py

@@ -30,6 +30,8 @@ from transformers import EarlyStoppingCallback, HfArgumentParser
 from .config import OSC_METHODS, OscillationConfig
 from .data import DATASETS, load_image_dataset
 from .distributed import check_world_size
+from .export import export_quantized
+from .model_card import write_model_cards
 from .models import MODEL_NAMES, build_image_processor, build_model
 from .ptq import DEFAULT_EVAL_BITS, format_cross_bit_table
 from .tracking import OscillationTracker, add_oscillation_tracker
@@ -164,17 +166,11 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
 
 
 def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data, tables: dict, output_dir: Path):
-    import hf_oscq
-
     export_dir = output_dir / "export"
-    if not hasattr(hf_oscq, "export_quantized"):
-        logger.warning("hf_oscq.export_quantized is not available: saving the full-precision model only.")
-        trainer.save_model(str(export_dir / "fp"))
-        return export_dir
     args = trainer.args
     comparisons = {{"none": "fp_ptq"}.get(method, method): table for method, table in tables.items()
                    if method != args.osc_method} or None
-    hf_oscq.export_quantized(
+    export_quantized(
         trainer.model, export_dir, bits=tuple(recipe.export_bits), image_processor=build_image_processor(data.info),
         target_modules=args.osc_target_modules, exclude_modules=args.osc_exclude_modules,
         per_channel=args.osc_per_channel, metrics=tables[args.osc_method],
@@ -190,8 +186,7 @@ def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data,
         },
         comparisons=comparisons,
     )
-    if hasattr(hf_oscq, "write_model_cards"):
-        hf_oscq.write_model_cards(export_dir, repo_id=training.hub_model_id)
+    write_model_cards(export_dir, repo_id=training.hub_model_id)
     return export_dir
 
 
