@@ -165,6 +165,13 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
     return trainer, table
 
 
+def _describe_model(recipe: RecipeArguments) -> str:
+    if recipe.model == "vit":
+        return f"tiny ViT ({recipe.vit_size!r} size of hf_oscq.models)"
+    details = ["timm", "CIFAR stem" if recipe.cifar_stem else "ImageNet stem"]
+    return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
+
+
 def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data, tables: dict, output_dir: Path):
     export_dir = output_dir / "export"
     args = trainer.args
@@ -176,7 +183,7 @@ def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data,
         per_channel=args.osc_per_channel, metrics=tables[args.osc_method],
         training={
             "osc_method": args.osc_method, "osc_bits": args.osc_bits, "osc_lambda": args.osc_lambda,
-            "dataset": recipe.dataset, "model": recipe.model,
+            "dataset": recipe.dataset, "model": _describe_model(recipe),
             "hyperparameters": {
                 "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
                 "max_steps": args.max_steps, "train_batch_size": args.per_device_train_batch_size * args.world_size,
