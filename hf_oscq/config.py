@@ -75,6 +75,7 @@ class OscillationConfig(TrainingArguments):
         refuse_sharding(self)
         if self.osc_method == "qat" and self.gradient_checkpointing:
             raise ValueError(
-                "osc_method='qat' does not support gradient_checkpointing: the recomputed forward pass would use "
-                "the full-precision weights. Disable gradient_checkpointing or use osc_method='oscillation'."
+                "osc_method='qat' does not support activation (gradient) checkpointing: the recomputed forward pass "
+                "would use the full-precision weights. Disable activation_checkpointing or use "
+                "osc_method='oscillation'."
             )

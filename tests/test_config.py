@@ -58,8 +58,8 @@ def test_validation(field, value, message):
 
 
 def test_qat_refuses_gradient_checkpointing():
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        OscillationConfig(output_dir="out", report_to="none", osc_method="qat", gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="activation \(gradient\) checkpointing"):
+        OscillationConfig(output_dir="out", report_to="none", osc_method="qat", activation_checkpointing=True)
 
 
 def test_sharded_training_is_refused():
