@@ -59,7 +59,8 @@ def measure(name: str, model, workdir: Path) -> dict:
             "bytes": size,
             "vs_fp32": size / fp32,
             "vs_fp16": size / fp16,
-            "quantized_tensors_vs_fp32": sum(hf_oscq.packed_size(w.numel(), b) for w in weights.values()) / quantized_fp32,
+            "quantized_tensors_vs_fp32": sum(hf_oscq.packed_size(w.numel(), b) for w in weights.values())
+            / quantized_fp32,
         }
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
