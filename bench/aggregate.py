@@ -163,7 +163,7 @@ def lambda_sweep_markdown(groups: dict, model: str) -> str:
     return "\n".join(lines)
 
 
-def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path) -> None:
+def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path, modes=tuple(MODES)) -> None:
     """Accuracy vs bit-width per method, one panel per mode (plain, BN); error bars = seed spread."""
     import matplotlib
 
@@ -171,8 +171,9 @@ def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path) -> 
     import matplotlib.pyplot as plt
 
     colors = {2: "tab:red", 3: "tab:blue", 4: "tab:green"}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for axis, mode in zip(axes, MODES):
+    figure, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for axis, mode in zip(axes, modes):
         for key in _ordered(groups):
             if key[0] != model or (key[1] == "oscillation" and key[3] != main_lambda):
                 continue
@@ -188,7 +189,7 @@ def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path) -> 
         axis.set_xlabel("PTQ bit-width")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -279,7 +280,7 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
         has_bn = any(r["has_batchnorm"] for r in own)
         out += [f"### {model}", "", f"Settings of every {model} cell: `{json.dumps(own[0]['settings'])}`", ""]
         figure = figures_dir / f"quality_{model.replace(' (', '_').rstrip(')')}.png"
-        plot_cross_bit(groups, model, main_lambda, figure)
+        plot_cross_bit(groups, model, main_lambda, figure, tuple(MODES) if has_bn else ("plain",))
         out.append(f"![{model} accuracy vs bit-width]({os.path.relpath(figure, document_dir)})")
         for mode, title in MODES.items():
             if mode == "bn" and not has_bn:

@@ -1,6 +1,7 @@
 """Where the quality grid's trained weights sit relative to the quantization grid, layer by layer.
 
-For each finished cell whose weights are still in the work folder (bench/quality.py --work_dir), and for each
+For each finished FP cell and each cell trained for `--bits` whose weights are still in the work folder
+(bench/quality.py --work_dir), and for each
 quantized layer: its size N, the per-weight strength of the penalty's gradient 2 lambda / N (PAPER.md section 3), the
 fraction of weights within 0.1 bin of a rounding threshold at the given bit-width (0.2 if positions were uniform),
 and the mean rounding error in bins (0.25 if uniform). Writes bench/results/quality/diagnostics/weight_stats.json.
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(args.results.glob("*.json")):
         cell = json.loads(path.read_text())["cell"]
         folder = model_folder(args.work_dir, cell)
-        if folder is None:
+        if folder is None or cell["bits"] not in (None, args.bits):  # FP runs and runs that target these bits
             continue
         model = AutoModelForImageClassification.from_pretrained(folder)
         osc_lambda = cell["osc_lambda"] or 0.0
