@@ -237,21 +237,25 @@ SIZE_BUCKETS = ((0, 10_000, "< 10k"), (10_000, 200_000, "10k-200k"), (200_000, f
 
 
 def diagnostics_markdown(stats: dict) -> str:
-    """bench/weight_stats.py's output: per cell and layer-size bucket, the fraction of weights within 0.1 bin of a
-    rounding threshold (0.20 if uniform) and the per-weight penalty gradient factor 2 lambda / N."""
-    header = " | ".join(f"{label} near thr. | {label} 2λ/N" for _, _, label in SIZE_BUCKETS)
-    lines = [f"| cell | {header} |", "|---|" + "---|" * 2 * len(SIZE_BUCKETS)]
+    """bench/weight_stats.py's output, one row per cell: the fraction of weights within 0.1 bin of a rounding threshold
+    per layer-size bucket (0.20 if uniform), the median over layers of max|W| / std, the fraction of weights rounded
+    to 0, and the range of the per-weight penalty gradient factor 2 lambda / N."""
+    buckets = " | ".join(f"near thr., {label}" for _, _, label in SIZE_BUCKETS)
+    lines = [f"| cell | {buckets} | max/std (median) | rounded to 0 | 2λ/N |",
+             "|---|" + "---|" * (len(SIZE_BUCKETS) + 3)]
     for name, layers in sorted(stats["cells"].items()):
         cells = []
         for low, high, _ in SIZE_BUCKETS:
             chosen = [layer for layer in layers.values() if low <= layer["numel"] < high]
             total = sum(layer["numel"] for layer in chosen)
-            if not total:
-                cells += ["-", "-"]
-                continue
-            near = sum(layer["near_threshold"] * layer["numel"] for layer in chosen) / total
-            factors = [layer["penalty_gradient_factor"] for layer in chosen]
-            cells += [f"{near:.2f}", f"{min(factors):.1e}..{max(factors):.1e}" if max(factors) else "0"]
+            near = sum(layer["near_threshold"] * layer["numel"] for layer in chosen) / total if total else None
+            cells.append(f"{near:.2f}" if near is not None else "-")
+        total = sum(layer["numel"] for layer in layers.values())
+        ratios = [layer["max_over_std"] for layer in layers.values()]
+        zero = sum(layer["zero_code_fraction"] * layer["numel"] for layer in layers.values()) / total
+        factors = [layer["penalty_gradient_factor"] for layer in layers.values()]
+        factor_text = f"{min(factors):.0e}..{max(factors):.0e}" if max(factors) else "0"
+        cells += [f"{statistics.median(ratios):.2f}", f"{zero:.3f}", factor_text]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -296,8 +300,9 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
     if stats:
         out += [f"### Where the weights sit in their {stats['bits']}-bit bins (`python bench/weight_stats.py`)\n",
                 "Fraction of weights within 0.1 bin of a rounding threshold, weighted by layer size (0.20 if the "
-                "positions were uniform), per layer-size bucket; 2λ/N is the per-weight factor of the penalty's "
-                "gradient in those layers.\n", diagnostics_markdown(stats), ""]
+                "positions were uniform), per layer-size bucket; the median over layers of max|W| / std (the scale, "
+                "hence the grid, follows the largest weight); the fraction of weights rounded to 0; the range of "
+                "the per-weight factor 2λ/N of the penalty's gradient.\n", diagnostics_markdown(stats), ""]
     out += ["### Run time of the grid on this machine\n", runtime_markdown(records), "",
             "### Cost (training-step overhead, export)\n", cost_markdown(results_dir)]
     return "\n".join(out)

@@ -4,7 +4,8 @@ For each finished FP cell and each cell trained for `--bits` whose weights are s
 (bench/quality.py --work_dir), and for each
 quantized layer: its size N, the per-weight strength of the penalty's gradient 2 lambda / N (PAPER.md section 3), the
 fraction of weights within 0.1 bin of a rounding threshold at the given bit-width (0.2 if positions were uniform),
-and the mean rounding error in bins (0.25 if uniform). Writes bench/results/quality/diagnostics/weight_stats.json.
+the mean rounding error in bins (0.25 if uniform), the ratio max|W| / std (the scale follows the largest weight)
+and the fraction of weights rounded to 0. Writes bench/results/quality/diagnostics/weight_stats.json.
 
     python bench/weight_stats.py --bits 3
 """
@@ -35,6 +36,9 @@ def layer_stats(weight: torch.Tensor, bits: int, window: float = 0.1) -> dict[st
     return {
         "near_threshold": float(((offset - 0.5).abs() < window).float().mean()),
         "mean_rounding_error_bins": float((torch.round(position) - position).abs().mean()),
+        # The scale follows the largest weight: a high max/std ratio means a coarse grid for all the others.
+        "max_over_std": float(weight.abs().max() / weight.std()) if weight.numel() > 1 else 0.0,
+        "zero_code_fraction": float((torch.round(position) == 0).float().mean()),
     }
 
 

@@ -127,11 +127,16 @@ def test_render_writes_tables_and_plot(tmp_path):
 
 
 def test_diagnostics_weights_by_layer_size():
+    def layer(numel, factor, near, ratio, zero):
+        return {"numel": numel, "penalty_gradient_factor": factor, "near_threshold": near, "max_over_std": ratio,
+                "zero_code_fraction": zero}
+
     stats = {"bits": 3, "cells": {"m_osc3": {
-        "conv1.weight": {"numel": 1000, "penalty_gradient_factor": 0.02, "near_threshold": 0.5},
-        "fc.weight": {"numel": 3000, "penalty_gradient_factor": 0.002, "near_threshold": 0.3},
-        "big.weight": {"numel": 400_000, "penalty_gradient_factor": 5e-5, "near_threshold": 0.2},
+        "conv1.weight": layer(1000, 0.02, 0.5, 3.0, 0.2),
+        "fc.weight": layer(3000, 0.002, 0.3, 5.0, 0.6),
+        "big.weight": layer(400_000, 5e-5, 0.2, 4.0, 0.5),
     }}}
     row = aggregate.diagnostics_markdown(stats).splitlines()[-1]
-    # < 10k bucket: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; no layer of 10k-200k; >= 200k: 0.2.
-    assert row == "| m_osc3 | 0.35 | 2.0e-03..2.0e-02 | - | - | 0.20 | 5.0e-05..5.0e-05 |"
+    # < 10k: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; none of 10k-200k; >= 200k: 0.2. Median of 3, 5, 4 = 4.
+    # Rounded to 0: (0.2 * 1000 + 0.6 * 3000 + 0.5 * 400000) / 404000 = 0.50.
+    assert row == "| m_osc3 | 0.35 | - | 0.20 | 4.00 | 0.500 | 5e-05..2e-02 |"
