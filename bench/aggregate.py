@@ -146,19 +146,21 @@ def targets_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def lambda_sweep_markdown(groups: dict, model: str) -> str:
+def lambda_sweep_markdown(groups: dict, model: str, has_bn: bool = True) -> str:
     """3-bit regularizer over lambda (lambda 0 is the FP run), with QAT @3 for reference."""
     rows = [(0.0, groups.get((model, "none", None, None)))]
     rows += sorted((k[3], g) for k, g in groups.items() if k[0] == model and k[1] == "oscillation" and k[2] == 3)
     rows.append(("QAT @3", groups.get((model, "qat", 3, None))))
-    lines = ["| lambda | n | fp | w2 plain | w2 BN | w3 plain | w3 BN | w4 plain | w4 BN |", "|---|---|" + "---|" * 7]
+    modes = ("plain", "bn") if has_bn else ("plain",)
+    columns = [(column, mode) for column in ("w2", "w3", "w4") for mode in modes]
+    titles = [f"{column} {'BN' if mode == 'bn' else 'plain'}" if has_bn else column for column, mode in columns]
+    lines = ["| lambda | n | fp | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(columns)]
     for label, group in rows:
         if group is None:
             continue
         label = label if isinstance(label, str) else f"{label:g}"
         cells = [format_cell(group["plain"].get("fp", []))]
-        for column in ("w2", "w3", "w4"):
-            cells += [format_cell(group["plain"].get(column, [])), format_cell(group["bn"].get(column, []))]
+        cells += [format_cell(group[mode].get(column, [])) for column, mode in columns]
         lines.append(f"| {label} | {len(group['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -296,7 +298,8 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
             checks = target_checks(groups, model, mode, main_lambda)
             if checks:
                 out += [f"\n**Targets, {MODES[mode]}**\n", targets_markdown(checks)]
-        out += ["\n**Lambda sweep at 3 bits** (lambda 0 = the FP run)\n", lambda_sweep_markdown(groups, model), ""]
+        sweep = lambda_sweep_markdown(groups, model, has_bn)
+        out += ["\n**Lambda sweep at 3 bits** (lambda 0 = the FP run)\n", sweep, ""]
     if stats:
         out += [f"### Where the weights sit in their {stats['bits']}-bit bins (`python bench/weight_stats.py`)\n",
                 "Fraction of weights within 0.1 bin of a rounding threshold, weighted by layer size (0.20 if the "
