@@ -6,10 +6,12 @@ Every mode runs the exact computation `OscillationTrainer.compute_loss` adds on 
 * qat: forward through fake_quantized_forward;
 * reference: task loss + osc_lambda * oscillation_penalty (plain autograd through the quantizer, the way the paper's
   reference code computes it).
-Each step is forward, backward and an Adam update on ResNet-18 (timm) with 32x32 inputs. Modes are interleaved in a
-rotating order and the median step time is reported, so machine noise hits every mode alike.
+Each step is forward, backward and an Adam update with 32x32 inputs, on ResNet-18 (timm) or the recipes' tiny ViT.
+Modes are interleaved in a rotating order and the median step time is reported, so machine noise hits every mode
+alike.
 
-    python bench/overhead.py                        # CPU, batch 128 and 32
+    python bench/overhead.py                        # CPU, ResNet-18, batch 128 and 32
+    python bench/overhead.py --model vit --batch-sizes 128
     python bench/overhead.py --device cuda --batch-sizes 256 128
 """
 
@@ -20,6 +22,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -33,13 +36,31 @@ from hf_oscq import (
     oscillation_penalty,
     select_weights,
 )
+from hf_oscq.data import DATASETS
+from hf_oscq.models import build_vit
 
 MODES = ("fp", "oscillation", "qat", "reference")
 
 
-def make_step(mode: str, device: str, bits: int, osc_lambda: float):
+WORKLOADS = {
+    "resnet18": "timm resnet18, 32x32 inputs, 10 classes",
+    "vit": "tiny ViT of hf_oscq.models (hidden 192, 6 layers, 3 heads, 4-pixel patches), 32x32 inputs, 10 classes",
+}
+
+
+def build(model_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
+    """The model and the function that maps images to logits."""
+    if model_name == "resnet18":
+        model = timm.create_model("resnet18", num_classes=10)
+        return model, model
+    vit = build_vit(DATASETS["cifar10"], [str(i) for i in range(10)])
+    return (lambda images: vit(pixel_values=images).logits), vit
+
+
+def make_step(mode: str, device: str, bits: int, osc_lambda: float, model_name: str = "resnet18"):
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=10).to(device)
+    forward, model = build(model_name)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     weights = select_weights(model)
     workspace = PenaltyWorkspace()
@@ -50,9 +71,9 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float):
         penalty = fused_oscillation_penalty(weights, bits, workspace=workspace) if mode == "oscillation" else 0.0
         if mode == "qat":
             with fake_quantized_forward(model, model, weights, bits):
-                loss = F.cross_entropy(model(images), labels)
+                loss = F.cross_entropy(forward(images), labels)
         else:
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(forward(images), labels)
         if mode == "oscillation":
             loss = loss + osc_lambda * penalty
         elif mode == "reference":
@@ -64,8 +85,10 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float):
     return step
 
 
-def measure(batch_size: int, device: str, rounds: int, warmup: int, bits: int, osc_lambda: float) -> dict:
-    steps = {mode: make_step(mode, device, bits, osc_lambda) for mode in MODES}
+def measure(
+    batch_size: int, device: str, rounds: int, warmup: int, bits: int, osc_lambda: float, model_name: str
+) -> dict:
+    steps = {mode: make_step(mode, device, bits, osc_lambda, model_name) for mode in MODES}
     images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
     times = {mode: [] for mode in MODES}
@@ -91,6 +114,7 @@ def measure(batch_size: int, device: str, rounds: int, warmup: int, bits: int, o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=sorted(WORKLOADS), default="resnet18")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -101,15 +125,17 @@ def main() -> None:
 
     results = []
     for batch_size in args.batch_sizes:
-        result = measure(batch_size, args.device, args.rounds, args.warmup, args.bits, args.osc_lambda)
+        result = measure(batch_size, args.device, args.rounds, args.warmup, args.bits, args.osc_lambda, args.model)
         results.append(result)
         ratios = "  ".join(f"{mode} {ratio:.3f}x" for mode, ratio in result["ratio_to_fp"].items())
         print(f"batch {batch_size:4d}: fp step {1000 * result['median_step_seconds']['fp']:.1f} ms | {ratios}")
-    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    suffix = ("" if args.model == "resnet18" else f"_{args.model}") + (
+        "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    )
     output = Path(args.output or Path(__file__).parent / "results" / f"overhead{suffix}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "workload": "timm resnet18, 32x32 inputs, 10 classes, Adam, forward+backward+step",
+        "workload": f"{WORKLOADS[args.model]}, Adam, forward+backward+step",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

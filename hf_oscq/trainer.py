@@ -145,7 +145,7 @@ class OscillationTrainer(Trainer):
         model.load_state_dict(reloaded.state_dict(), strict=True)
         return True
 
-    def _calibration_batches(self) -> Iterator[dict] | None:
+    def calibration_batches(self) -> Iterator[dict] | None:
         """Training batches for BatchNorm re-estimation after rounding (same samples on every process)."""
         samples = self.args.osc_bn_recalibration_samples
         if samples == 0 or self.train_dataset is None:
@@ -177,7 +177,7 @@ class OscillationTrainer(Trainer):
                 args.osc_target_modules,
                 args.osc_exclude_modules,
                 args.osc_per_channel,
-                self._calibration_batches(),
+                self.calibration_batches(),
             ):
                 quantized = super().evaluation_loop(
                     dataloader,

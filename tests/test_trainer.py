@@ -225,3 +225,21 @@ def test_nan_weights_stop_training_with_the_parameter_name(tmp_path):
         model.classifier.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="'classifier.weight' contains NaN or Inf"):
         make_trainer(model, tmp_path).train()
+
+
+def test_batchnorm_recalibration_in_cross_bit_evaluation(tmp_path):
+    model = tiny_timm_resnet()
+    trainer = make_trainer(model, tmp_path, osc_bn_recalibration_samples=20, per_device_eval_batch_size=8)
+    trainer.train()
+    batches = list(trainer.calibration_batches())
+    assert [len(batch["pixel_values"]) for batch in batches] == [8, 8, 8]  # ceil(20 / 8) batches
+    again = list(trainer.calibration_batches())
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, again))
+    metrics = trainer.evaluate()
+    dataset = trainer.eval_dataset
+    for bits in (2, 3):
+        quantized = quantize_model(model, bits, calibration_batches=batches).eval()
+        with torch.no_grad():
+            logits = quantized(pixel_values=dataset.x).logits
+        expected = float((logits.argmax(-1) == dataset.y).float().mean())
+        assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
