@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
 # GPU benchmarks in under 10 minutes on one H200: training-step overhead of each mode at realistic batch sizes
-# (bench/overhead.py, ResNet-18) and the 3-bit cells of the quality grid on Fashion-MNIST (bench/quality.py, profile
-# "gpu": 20k training images, 3 epochs, 5k test images), then the tables (bench/aggregate.py).
+# (bench/overhead.py, ResNet-18 and the tiny ViT, batch 256 and 128) and the 3-bit cells of the quality grid on
+# Fashion-MNIST (bench/quality.py, profile "gpu": 20k training images, 3 epochs, 5k test images), then the tables
+# (bench/aggregate.py).
 #
 #   bench/gpu.sh --data_dir data/fashion-mnist        # on the GPU machine (no internet: carry the IDX files)
 #   bench/gpu.sh --dry-run                            # CPU smoke run of the same path, seconds-sized, numbers void
 #
 # The GPU machine cannot download anything: copy the four Fashion-MNIST IDX .gz files into the repository tree
 # (e.g. `mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/`) and pass
-# --data_dir. Results go to bench/results/ (overhead_cuda.json, quality_gpu/); when $OUT is set they are copied there.
+# --data_dir. Results go to bench/results/ (overhead_cuda.json, overhead_vit_cuda.json, quality_gpu/); when $OUT is
+# set, they are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 data_dir=/usr/share/datasets/fashion-mnist
 device=cuda
 dry_run=0
-overhead_seconds=150
+overhead_seconds=100
 quality_seconds=390
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --data_dir) data_dir="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --dry-run) dry_run=1; device=cpu; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -41,15 +43,20 @@ start=$(date +%s)
 if [[ "$dry_run" == 1 ]]; then
   scratch=$(mktemp -d)
   results="$scratch/results"
-  python bench/overhead.py --device cpu --batch-sizes 4 --rounds 2 --warmup 1 --output "$results/overhead_smoke.json"
+  for model in resnet18 vit; do
+    python bench/overhead.py --device cpu --model "$model" --batch-sizes 4 --rounds 2 --warmup 1 \
+      --output "$results/overhead_smoke_$model.json"
+  done
   python bench/quality.py --profile smoke --data_dir "$data_dir" --results "$results/quality_smoke" \
     --work_dir "$scratch/work" --only resnet18_fp_s0 vit_osc3_lam10_s0
   python bench/aggregate.py --results "$results/quality_smoke" --document "$results/quality_smoke/RESULTS.md" \
     --figures "$results/quality_smoke"
 else
   results=bench/results
-  timeout "$overhead_seconds" python bench/overhead.py --device "$device" --batch-sizes 256 128 \
-    || echo "gpu.sh: overhead bench stopped (exit $?)" >&2
+  for model in resnet18 vit; do
+    timeout "$overhead_seconds" python bench/overhead.py --device "$device" --model "$model" --batch-sizes 256 128 \
+      || echo "gpu.sh: overhead bench ($model) stopped (exit $?)" >&2
+  done
   # Cells are written one by one: whatever finishes inside the time limit is kept, the rest is listed as missing.
   timeout "$quality_seconds" python bench/quality.py --profile gpu --data_dir "$data_dir" --max_cells 6 \
     || echo "gpu.sh: quality grid stopped (exit $?); finished cells are kept" >&2

@@ -16,7 +16,6 @@ workers may run side by side (each claims a cell with a lock file).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # "cpu": the smallest honest settings that fit the 2-core budget (docs/RESULTS.md, "Budget"); every cell uses them.
@@ -171,15 +169,6 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
     return recipe, training, data
 
 
-def _calibration_batches(trainer, samples: int):
-    """The training images the Trainer's cross-bit evaluation re-estimates BatchNorm with (same seed, same order)."""
-    batch_size = trainer.args.per_device_eval_batch_size
-    loader = DataLoader(trainer.train_dataset, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(trainer.args.seed), collate_fn=trainer.data_collator)
-    for batch in itertools.islice(loader, -(-samples // batch_size)):
-        yield {key: value.to(trainer.args.device) for key, value in batch.items() if key != "labels"}
-
-
 def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
     """The cross-bit test table with BatchNorm statistics re-estimated at every bit-width, full precision included.
 
@@ -192,8 +181,8 @@ def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
     model = trainer.model
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     try:
-        recalibrate_batchnorm(model, _calibration_batches(trainer, samples))
         trainer.args.osc_bn_recalibration_samples = samples
+        recalibrate_batchnorm(model, trainer.calibration_batches())  # the images every bit-width re-estimates with
         return cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
     finally:
         trainer.args.osc_bn_recalibration_samples = 0
