@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -50,7 +51,27 @@ def run_export(args: argparse.Namespace) -> Path:
         target_modules=args.target_modules,
         exclude_modules=args.exclude_modules,
         per_channel=args.per_channel,
+        calibration_batches=_calibration_batches(args),
     )
+
+
+def _calibration_batches(args: argparse.Namespace) -> list[dict] | None:
+    """Training images for BatchNorm re-estimation after rounding, the same for every bit-width."""
+    if not args.bn_recalibration_samples:
+        return None
+    if not args.dataset:
+        raise SystemExit(
+            "--bn_recalibration_samples needs --dataset (and --data_dir for a local copy): the training images "
+            "forwarded to re-estimate BatchNorm statistics."
+        )
+    from .data import load_image_dataset
+
+    train = load_image_dataset(args.dataset, data_dir=args.data_dir).train
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    batches = itertools.islice(loader, -(-args.bn_recalibration_samples // args.batch_size))
+    return [{"pixel_values": batch["pixel_values"]} for batch in batches]
 
 
 def variant_folders(folder: Path) -> dict[str, Path]:
@@ -106,6 +127,13 @@ def add_parser(subparsers) -> None:
     export.add_argument("--target_modules", nargs="+", default=None)
     export.add_argument("--exclude_modules", nargs="+", default=None)
     export.add_argument("--per_channel", action="store_true")
+    export.add_argument(
+        "--bn_recalibration_samples", type=int, default=0,
+        help="re-estimate BatchNorm statistics after rounding on this many training images of --dataset (0: off)",
+    )
+    export.add_argument("--dataset", default=None, help="dataset of the BatchNorm re-estimation images")
+    export.add_argument("--data_dir", default=None, help="local copy of that dataset (see hf_oscq.data)")
+    export.add_argument("--batch_size", type=int, default=64)
     export.set_defaults(func=_export_main)
 
     evaluate = subparsers.add_parser("eval", help="Evaluate an export folder (or one checkpoint) at every bit-width.")

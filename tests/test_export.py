@@ -332,3 +332,33 @@ def test_cli_export_and_eval_digits(tmp_path, capsys):
 def test_cli_export_refuses_a_quantized_checkpoint(vit_export, tmp_path):
     with pytest.raises(SystemExit, match="already a quantized export"):
         cli_main(["export", str(vit_export[1] / "w3"), "--output", str(tmp_path / "again")])
+
+
+def test_cli_export_with_batchnorm_recalibration(tmp_path):
+    from argparse import Namespace
+
+    from hf_oscq.export_cli import _calibration_batches
+
+    torch.manual_seed(0)
+    narrow = {"channels": (8, 16, 32, 64), "stem_width": 8, "in_chans": 1}
+    config = TimmWrapperConfig(architecture="resnet18", num_labels=10, model_args=narrow)
+    model = TimmWrapperForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match="needs --dataset"):
+        cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "x"),
+                  "--bn_recalibration_samples", "32"])
+    arguments = ["--bn_recalibration_samples", "40", "--dataset", "digits", "--batch_size", "16"]
+    output = ["--bits", "3", "--output", str(tmp_path / "out")]
+    assert cli_main(["export", str(tmp_path / "ckpt"), *output, *arguments]) == 0
+    written = json.loads((tmp_path / "out" / "w3" / "config.json").read_text())
+    assert written["quantization_config"]["bn_recalibrated"] is True
+    settings = Namespace(bn_recalibration_samples=40, dataset="digits", data_dir=None, batch_size=16)
+    batches = _calibration_batches(settings)
+    assert [len(batch["pixel_values"]) for batch in batches] == [16, 16, 16]
+    images = torch.randn(4, 1, 8, 8)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
+    recalibrated = hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()
+    with torch.no_grad():
+        logits = loaded(pixel_values=images).logits
+        torch.testing.assert_close(logits, recalibrated(pixel_values=images).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(logits, hf_oscq.quantize_model(model, 3)(pixel_values=images).logits, atol=1e-3)
