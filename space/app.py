@@ -72,7 +72,7 @@ def _intro(families: list[Family], problems: list[str]) -> str:
     else:
         lines.append(
             f"**⚠️ No model family could be loaded.** Set `{MODELS_ENV}` to export folders or Hub repo ids "
-            "(comma-separated), or run `hf-oscq demo` to create local exports under `outputs/`."
+            "(comma-separated), or run `make demo` to create local exports under `outputs/`."
         )
     lines += [f"* ⚠️ {problem}" for problem in problems]
     return "\n\n".join(lines)

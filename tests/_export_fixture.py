@@ -18,7 +18,7 @@ TRAINING = {
     "dataset": "digits",
     "model": "ResNet (2 stages, 8 and 16 channels)",
     "hyperparameters": {"learning_rate": 0.003, "num_train_epochs": 15, "per_device_train_batch_size": 64, "seed": 0},
-    "command": "hf-oscq demo --bits 3 --osc_lambda 1.0",
+    "command": "python recipes/train_vit.py --config recipes/configs/digits_demo.yaml",
 }
 
 

@@ -111,7 +111,7 @@ def resolve_entry(entry: str) -> Path:
     except HFValidationError:
         raise FamilyError(
             f"{entry!r} is neither an existing folder nor a Hub repo id (owner/name). Fix {MODELS_ENV}, or run "
-            "`hf-oscq demo` to create local exports under outputs/."
+            "`make demo` to create local exports under outputs/."
         ) from None
     return _download_family(entry)
 
