@@ -10,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_oscq import compute_scale, max_code, plot_accuracy_vs_bits, quantize_codes, select_weights
+from hf_oscq.plots import quantization_thresholds
 
 from .families import Family
 
@@ -125,7 +126,7 @@ def write_weight_plot(family: Family, layer: str, bits: int, path: Path) -> dict
     axes.hist(values, bins=min(200, max(30, values.size // 20)), color="C0", alpha=0.8, label="full-precision weights")
     for index, level in enumerate(np.arange(-top, top + 1) * unit):
         axes.axvline(level, color="C2", linewidth=1.2, label="quantization levels" if index == 0 else None)
-    for index, threshold in enumerate((np.arange(-top, top) + 0.5) * unit):
+    for index, threshold in enumerate(quantization_thresholds(bits) * unit):
         label = "rounding thresholds" if index == 0 else None
         axes.axvline(threshold, color="C3", linestyle="--", linewidth=0.9, label=label)
     axes.set_xlabel(xlabel)
