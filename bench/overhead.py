@@ -70,7 +70,7 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float, model_name: 
         # task gradient in place.
         penalty = fused_oscillation_penalty(weights, bits, workspace=workspace) if mode == "oscillation" else 0.0
         if mode == "qat":
-            with fake_quantized_forward(model, model, weights, bits):
+            with fake_quantized_forward(model, weights, bits):
                 loss = F.cross_entropy(forward(images), labels)
         else:
             loss = F.cross_entropy(forward(images), labels)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .distributed import refuse_sharding
+from .distributed import check_sharding
 from .ptq import DEFAULT_EVAL_BITS
 from .quantizer import validate_bits
 
@@ -72,10 +72,4 @@ class OscillationConfig(TrainingArguments):
             raise ValueError(f"osc_lambda must be a finite number >= 0, got {self.osc_lambda!r}.")
         if self.osc_bn_recalibration_samples < 0:
             raise ValueError("osc_bn_recalibration_samples must be >= 0 (0 disables BatchNorm re-estimation).")
-        refuse_sharding(self)
-        if self.osc_method == "qat" and self.gradient_checkpointing:
-            raise ValueError(
-                "osc_method='qat' does not support activation (gradient) checkpointing: the recomputed forward pass "
-                "would use the full-precision weights. Disable activation_checkpointing or use "
-                "osc_method='oscillation'."
-            )
+        check_sharding(self)

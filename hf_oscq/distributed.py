@@ -1,4 +1,4 @@
-"""Checks that a run has the processes its launcher asked for, and refuses sharded training (FSDP / ZeRO-3).
+"""Checks that a run has the processes its launcher asked for, and a weight sharding hf_oscq handles (FSDP2).
 
 Two launcher traps (accelerate 1.15, see docs/DISTRIBUTED.md): `accelerate launch --cpu --num_processes 2` (or a
 `MULTI_CPU` config) starts ONE process; and processes started without `use_cpu` on a machine without GPU each train
@@ -56,20 +56,57 @@ def launcher_world_size() -> int | None:
     return None
 
 
-def refuse_sharding(args) -> None:
-    """Raises for FSDP and DeepSpeed ZeRO-3: they shard each weight, and the per-tensor max scale would be computed
-    from one shard instead of the whole tensor."""
-    sharded = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true")
+
+
+def fsdp_version(args) -> int | None:
+    """The FSDP version the run will use (`None` without FSDP): the Trainer's `fsdp_config["version"]` (default 2),
+    else that of an `accelerate launch` FSDP config (its `fsdp_version`, default 1)."""
+    if args.fsdp:
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+        return int(config.get("version", 2))
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def check_sharding(args) -> None:
+    """Accepts FSDP2; raises for the sharding schemes whose shards are not whole rows of each weight.
+
+    FSDP2 (`fully_shard`) splits each weight by rows, and hf_oscq reduces the scale `max|W|` and the penalty's sums
+    across the shards (docs/DISTRIBUTED.md). FSDP1 and DeepSpeed ZeRO-3 flatten the weights into one buffer and cut it
+    anywhere, so a process holds arbitrary slices of several tensors.
+    """
+    version = fsdp_version(args)
+    if version is not None and version != 2:
+        raise ValueError(
+            f"hf_oscq supports FSDP version 2 (fully_shard) only, got fsdp_version {version}: FSDP1 flattens the "
+            "weights into slices that do not follow tensor rows. Set fsdp_config={'version': 2} (the Trainer's "
+            "default) or fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp.yaml)."
+        )
     zero3 = False
     if args.deepspeed:
         config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
         zero3 = config.get("zero_optimization", {}).get("stage") == 3
-    zero3 = zero3 or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    if sharded or zero3:
+    if zero3 or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ValueError(
-            "hf_oscq does not support FSDP or DeepSpeed ZeRO-3: they shard each weight across processes, and the "
-            "quantizer's per-tensor scale max|W| must be taken over the whole tensor (see docs/DISTRIBUTED.md). "
-            "Use DDP (recipes/accelerate/multi_gpu.yaml) or ZeRO-1/2, which keep whole weights on every process."
+            "hf_oscq does not support DeepSpeed ZeRO-3: it partitions each weight into flat slices, and the "
+            "quantizer's per-tensor scale max|W| needs whole rows (see docs/DISTRIBUTED.md). Shard with FSDP2 "
+            "(recipes/accelerate/fsdp.yaml), or use ZeRO-1/2, which keep whole weights on every process."
+        )
+    checkpointing = args.gradient_checkpointing or (
+        version is not None
+        and (
+            str((args.fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true"
+            or _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+        )
+    )
+    if args.osc_method == "qat" and checkpointing:
+        raise ValueError(
+            "osc_method='qat' does not support activation (gradient) checkpointing: the recomputed forward pass "
+            "would use the full-precision weights. Disable activation_checkpointing (and FSDP's "
+            "activation_checkpointing) or use osc_method='oscillation'."
         )
 
 
@@ -86,12 +123,17 @@ def check_world_size(args, expected: int | None = None):
     Raises:
         WorldSizeError: when the run would not have `expected` processes.
     """
-    refuse_sharding(args)
+    check_sharding(args)
     expected = expected or launcher_world_size() or 1
     started = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size != started and started == expected and not torch.cuda.is_available() and not args.use_cpu:
         logger.info("%d processes on a machine without GPU: training on CPU with torch.distributed (gloo).", started)
         args = dataclasses.replace(args, use_cpu=True)
+    if fsdp_version(args) is not None and (args.use_cpu or not torch.cuda.is_available()):
+        logger.warning(
+            "FSDP was requested on CPU: accelerate runs multi-process CPU training as DDP (whole weights on every "
+            "process), which gives the same model without the memory saving."
+        )
     group = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if args.world_size != expected or (expected > 1 and group != expected):
         raise WorldSizeError(

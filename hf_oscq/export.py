@@ -37,6 +37,7 @@ from .packing import pack_codes
 from .ptq import DEFAULT_EVAL_BITS, quantized_weights
 from .quantizer import check_finite, quantize_codes, validate_bits
 from .selection import Patterns, select_weights
+from .sharding import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,12 @@ def export_quantized(
         raise TypeError(
             f"export_quantized needs a transformers model with save_pretrained, got {type(model).__name__}. Wrap timm "
             "models with transformers' TimmWrapperForImageClassification."
+        )
+    if is_sharded(model):
+        raise ValueError(
+            "export_quantized needs the whole model on this process, but its weights are sharded across processes "
+            "(FSDP2). Save it with trainer.save_model() (which gathers the full weights) and export the model "
+            "from_pretrained(<that folder>) reloads, on one process."
         )
     output = Path(output_dir).resolve()
     _check_output_dir(output)

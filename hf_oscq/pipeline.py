@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from transformers import EarlyStoppingCallback, HfArgumentParser
+from transformers import AutoModelForImageClassification, EarlyStoppingCallback, HfArgumentParser
 
 from .config import OSC_METHODS, OscillationConfig
 from .data import DATASETS, load_image_dataset
@@ -52,7 +52,10 @@ class RecipeArguments:
     vit_size: str = field(default="tiny", metadata={"help": "Tiny ViT size: 'tiny' or 'micro' (see models.py)."})
     patch_size: int | None = field(default=None, metadata={"help": "ViT patch size (must divide the image side)."})
     cifar_stem: bool = field(default=True, metadata={"help": "ResNet-18: 3x3 stride-1 stem, no max-pool."})
-    pretrained: bool = field(default=False, metadata={"help": "ResNet-18: start from ImageNet weights (Hub)."})
+    pretrained: bool = field(
+        default=False,
+        metadata={"help": "Start from ImageNet weights (Hub): timm's ResNet-18, or ViT-Ti/16 for the tiny ViT."},
+    )
     baselines: list[str] = field(
         default_factory=list,
         metadata={"help": "Also train these osc_methods with the same settings for comparison: 'qat', 'none'."},
@@ -167,6 +170,8 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
 
 def _describe_model(recipe: RecipeArguments) -> str:
     if recipe.model == "vit":
+        if recipe.pretrained:
+            return "tiny ViT (timm ViT-Ti/16, ImageNet-pretrained, patch embedding resampled)"
         return f"tiny ViT ({recipe.vit_size!r} size of hf_oscq.models)"
     details = ["timm", "CIFAR stem" if recipe.cifar_stem else "ImageNet stem"]
     return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
@@ -177,8 +182,11 @@ def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data,
     args = trainer.args
     comparisons = {{"none": "fp_ptq"}.get(method, method): table for method, table in tables.items()
                    if method != args.osc_method} or None
+    model = trainer.model
+    if trainer.is_fsdp_enabled:  # FSDP2 shards the weights: export the whole model that save_model gathered
+        model = AutoModelForImageClassification.from_pretrained(args.output_dir).to(args.device)
     export_quantized(
-        trainer.model, export_dir, bits=tuple(recipe.export_bits), image_processor=build_image_processor(data.info),
+        model, export_dir, bits=tuple(recipe.export_bits), image_processor=build_image_processor(data.info),
         target_modules=args.osc_target_modules, exclude_modules=args.osc_exclude_modules,
         per_channel=args.osc_per_channel, metrics=tables[args.osc_method],
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .quantizer import check_finite, dequantize, quantize_codes, validate_bits
+from .quantizer import check_finite, dequantize, sharded_codes, validate_bits
 from .selection import Patterns, select_weights
+from .sharding import reshard
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch
     return seen
 
 
-def _round_in_place(name: str, weight: torch.Tensor, bits: int, per_channel: bool) -> None:
-    check_finite(weight, name)
-    weight.copy_(dequantize(*quantize_codes(weight, bits, per_channel)))
+def _round_in_place(weights: Mapping[str, torch.Tensor], bits: int, per_channel: bool) -> None:
+    """Rounds the weights in place; FSDP2-sharded weights row shard by row shard, with the whole tensor's scale."""
+    for name, weight in weights.items():
+        check_finite(weight, name)
+    for shard, codes, scale in sharded_codes(list(weights.values()), bits, per_channel):
+        shard.local.detach().copy_(dequantize(codes, scale))
 
 
 @contextlib.contextmanager
@@ -87,18 +91,19 @@ def quantized_weights(
         ```
     """
     validate_bits(bits)
+    reshard(model)
     weights = select_weights(model, target_modules, exclude_modules)
     saved, buffers = {}, None
     with torch.no_grad():
         try:
-            for name, weight in weights.items():
-                saved[name] = weight.detach().clone()
-                _round_in_place(name, weight, bits, per_channel)
+            saved = {name: weight.detach().clone() for name, weight in weights.items()}
+            _round_in_place(weights, bits, per_channel)
             if calibration_batches is not None:
                 buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
                 recalibrate_batchnorm(model, calibration_batches)
             yield model
         finally:
+            reshard(model)  # the next forward pass must gather the restored weights, not keep the rounded ones
             for name, original in saved.items():
                 weights[name].copy_(original)
             if buffers is not None:
@@ -131,9 +136,9 @@ def quantize_model(
     """
     validate_bits(bits)
     target = model if inplace else copy.deepcopy(model)
+    reshard(target)
     with torch.no_grad():
-        for name, weight in select_weights(target, target_modules, exclude_modules).items():
-            _round_in_place(name, weight, bits, per_channel)
+        _round_in_place(select_weights(target, target_modules, exclude_modules), bits, per_channel)
     if calibration_batches is not None:
         recalibrate_batchnorm(target, calibration_batches)
     return target

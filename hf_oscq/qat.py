@@ -3,47 +3,69 @@
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import stateless
 
 from .quantizer import fused_fake_quantize, validate_bits
 
 
-def _prefix_of(wrapper: nn.Module, model: nn.Module) -> str:
-    """Name prefix of `model`'s parameters inside `wrapper` (`"module."` under DDP, `""` for the model itself)."""
-    for name, module in wrapper.named_modules():
-        if module is model:
-            return f"{name}." if name else ""
-    raise ValueError("The model is not a submodule of the module that runs the forward pass.")
+def _owners(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dict[nn.Module, list[str]]:
+    """Every module holding one of `weights` as its own parameter, with the attribute names (tied weights: all)."""
+    wanted = {id(weight) for weight in weights.values()}
+    owners: dict[nn.Module, list[str]] = defaultdict(list)
+    for module in model.modules():
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None and id(parameter) in wanted:
+                owners[module].append(attribute)
+    return owners
 
 
 @contextlib.contextmanager
 def fake_quantized_forward(
-    wrapper: nn.Module,
-    model: nn.Module,
-    weights: Mapping[str, torch.Tensor],
-    bits: int,
-    per_channel: bool = False,
+    model: nn.Module, weights: Mapping[str, torch.Tensor], bits: int, per_channel: bool = False
 ) -> Iterator[None]:
-    """Within the block, forward passes of `wrapper` see the selected weights fake-quantized (with STE).
+    """Within the block, forward passes of `model` (or of a DDP / FSDP2 wrapping of it) see the selected weights
+    fake-quantized, with the straight-through estimator.
 
-    The latent full-precision parameters stay registered under their own names (no parametrization, no renamed
-    parameters), so `state_dict`, `save_pretrained` and the optimizer are unaffected; their gradients arrive
-    through the straight-through estimator and the (non-detached) scale.
+    Each module owning a selected weight swaps it for `fused_fake_quantize(weight)` when its forward pass starts and
+    back when it ends. The swap happens inside the module's call, after FSDP2 has gathered its parameters, so the
+    scale is always that of the whole tensor. The latent full-precision parameters stay registered under their own
+    names (no parametrization), so `state_dict`, `save_pretrained` and the optimizer are unaffected; their gradients
+    arrive through the straight-through estimator and the (non-detached) scale.
 
     Args:
-        wrapper: the module that is called (the model, or a DDP wrapper around it).
-        model: the unwrapped model the weight names refer to.
+        model: the model the weights belong to; the call may go through a wrapper around it.
         weights: the selected weights, as returned by `select_weights(model)`.
         bits: bit-width in [2, 8].
         per_channel: one scale per output channel.
     """
     validate_bits(bits)
-    prefix = _prefix_of(wrapper, model)
-    replacements = {prefix + name: fused_fake_quantize(weight, bits, per_channel) for name, weight in weights.items()}
-    # torch.func.functional_call does the same swap but only around a call; the Trainer owns that call.
-    with stateless._reparametrize_module(wrapper, replacements, tie_weights=True):
+    owners = _owners(model, weights)
+    latent: dict[tuple[nn.Module, str], torch.Tensor] = {}
+
+    def quantize(module: nn.Module, args) -> None:
+        for attribute in owners[module]:
+            parameter = module._parameters[attribute]  # under FSDP2: the gathered parameter of this forward pass
+            latent[module, attribute] = parameter
+            module._parameters[attribute] = fused_fake_quantize(parameter, bits, per_channel)
+
+    def restore(module: nn.Module, args=None, output=None) -> None:
+        for attribute in owners[module]:
+            if (module, attribute) in latent:
+                module._parameters[attribute] = latent.pop((module, attribute))
+
+    handles = []
+    try:
+        for module in owners:
+            handles.append(module.register_forward_pre_hook(quantize))
+            # Before FSDP2's own post-forward hook, which re-registers the sharded parameters.
+            handles.append(module.register_forward_hook(restore, prepend=True, always_call=True))
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in owners:
+            restore(module)

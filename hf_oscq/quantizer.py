@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from .sharding import LocalShard, ProcessGroups, all_reduce, local_shard
+
 MIN_BITS = 2
 MAX_BITS = 8
 
@@ -111,27 +113,50 @@ class _Groups(NamedTuple):
     block_extremes: tuple[torch.Tensor, torch.Tensor] | None  # per-tensor: max and min of each _BLOCK elements
 
 
-def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
+def _by_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` as a `(rows, -1)` matrix, also when a shard holds no row."""
+    return t.reshape(rows, t.numel() // rows if rows else 0)
+
+
+def _local_groups(w: torch.Tensor, per_channel: bool) -> _Groups:
+    """The groups of `w` with the peaks of these elements only; `_scaled` completes them once peaks are final."""
     if per_channel and w.dim() > 0:
         rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
-        flat = w.reshape(rows, -1)
-        peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
-        scale = _nonzero(peak / top)
-        return _Groups(rows, shape, peak, scale, scale.reshape(shape), None)
+        flat = _by_row(w, rows)
+        peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)) if flat.shape[1] else flat.new_zeros(rows)
+        return _Groups(rows, shape, peak, peak, peak, None)
     # Block-wise extremes cost one read like a global max, and later tell where the peak is without another scan.
     flat = w.reshape(-1)
     whole = flat.numel() - flat.numel() % _BLOCK
-    highs, lows = [], []
+    highs, lows = [flat.new_zeros(0)], [flat.new_zeros(0)]  # a shard may hold no element at all
     for part in (flat[:whole].view(-1, _BLOCK), flat[whole:].view(1, -1)):
         if part.numel():
             highs.append(part.amax(dim=1))
             lows.append(part.amin(dim=1))
     highs, lows = torch.cat(highs), torch.cat(lows)
-    peak = torch.maximum(highs.amax(), -lows.amin()).reshape(1)
+    peak = torch.maximum(highs.amax(), -lows.amin()).reshape(1) if highs.numel() else flat.new_zeros(1)
+    return _Groups(1, (), peak, peak, peak, (highs, lows))
+
+
+def _scaled(groups: _Groups, peak: torch.Tensor, top: int) -> _Groups:
+    """`groups` with their final peaks (reduced across shards) and the scales they give."""
     scale = _nonzero(peak / top)
+    if groups.block_extremes is None:
+        return groups._replace(peak=peak, scale=scale, divisor=scale.reshape(groups.shape))
     # CPU kernels broadcast a 0-d tensor operand much slower than a Python number, and reading one back is free there.
-    divisor = scale.item() if w.device.type == "cpu" else scale[0]
-    return _Groups(1, (), peak, scale, divisor, (highs, lows))
+    divisor = scale.item() if peak.device.type == "cpu" else scale[0]
+    return groups._replace(peak=peak, scale=scale, divisor=divisor)
+
+
+def _groups(w: torch.Tensor, top: int, per_channel: bool) -> _Groups:
+    groups = _local_groups(w, per_channel)
+    return _scaled(groups, groups.peak, top)
+
+
+def _spanning(shard: LocalShard, per_channel: bool) -> ProcessGroups:
+    """The process groups a scale group spans: all of the shard's for one scale per tensor, none per channel
+    (FSDP2 splits by rows, so every output channel lies on one process)."""
+    return () if per_channel else shard.groups
 
 
 def _peak_positions(
@@ -139,6 +164,9 @@ def _peak_positions(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat indices of the elements with |w| == max|w| of their group, their group, and the tie count per group."""
     flat = w.reshape(-1)
+    if groups.rows == 0:  # a shard without rows
+        empty = torch.zeros(0, dtype=torch.long, device=w.device)
+        return empty, empty, empty
     if groups.block_extremes is None:
         # Every row holds a peak: compare the whole tensor, on the bit patterns (exact, and several times faster
         # than a float compare on CPU).
@@ -155,9 +183,8 @@ def _peak_positions(
         candidates = candidates[candidates < flat.numel()]
         values = flat[candidates]
         index = candidates[(values == peak) | (values == -peak)]
-    group = index // (flat.numel() // groups.rows)
-    ties = torch.bincount(group, minlength=groups.rows).clamp_min(1)
-    return index, group, ties
+    group = index // max(1, flat.numel() // groups.rows)
+    return index, group, torch.bincount(group, minlength=groups.rows)
 
 
 class _FusedFakeQuantize(torch.autograd.Function):
@@ -184,7 +211,7 @@ class _FusedFakeQuantize(torch.autograd.Function):
             - torch.einsum("ij,ij->i", g, w.reshape(groups.rows, -1))
         ) / groups.scale
         grad = grad_output.clone(memory_format=torch.contiguous_format)
-        scatter = torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties))[group].to(grad.dtype)
+        scatter = torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties.clamp_min(1)))[group].to(grad.dtype)
         grad.reshape(-1).index_add_(0, index, scatter)
         return grad, None, None
 
@@ -210,14 +237,40 @@ def quantize_codes(weight: torch.Tensor, bits: int, per_channel: bool = False) -
     return codes, scale
 
 
+def sharded_codes(
+    weights: list[torch.Tensor], bits: int, per_channel: bool = False
+) -> list[tuple[LocalShard, torch.Tensor, torch.Tensor]]:
+    """`quantize_codes` of each weight's local rows, with the scale of the whole tensor (FSDP2-sharded or not).
+
+    Returns:
+        One `(shard, codes, scale)` per weight: `codes` covers `shard.local`; `scale` broadcasts against it.
+    """
+    shards = [local_shard(weight) for weight in weights]
+    with torch.no_grad():
+        # The largest of the shards' scales is the whole tensor's: rounding a quotient is monotonic.
+        scales = [
+            compute_scale(local, bits, per_channel) if local.numel() else local.new_zeros(())
+            for local in (shard.local.detach() for shard in shards)
+        ]
+        scales = all_reduce(scales, [_spanning(shard, per_channel) for shard in shards], "max")
+        return [
+            (shard, torch.round(shard.local.detach() / _nonzero(scale)).to(torch.int8), scale)
+            for shard, scale in zip(shards, scales)
+        ]
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Float weights from integer codes: `codes * scale`, in the dtype of `scale`."""
     return codes.to(scale.dtype) * scale
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:
-    """Raises `ValueError` naming the parameter if `weight` holds NaN or Inf."""
-    if not bool(torch.isfinite(weight).all()):
+    """Raises `ValueError` naming the parameter if `weight` holds NaN or Inf (on every process, for a shard)."""
+    shard = local_shard(weight)
+    flag = torch.isfinite(shard.local).all().to(torch.int32).reshape(1)
+    if shard.groups:
+        flag = -all_reduce([-flag], [shard.groups], "max")[0]  # the minimum: finite everywhere
+    if not bool(flag):
         raise ValueError(
             f"Weight {name!r} contains NaN or Inf values and cannot be quantized. The model diverged or the "
             "checkpoint is corrupt: lower the learning rate (or osc_lambda), or load a healthy checkpoint."

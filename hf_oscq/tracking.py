@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from .quantizer import quantize_codes, validate_bits
+from .quantizer import sharded_codes, validate_bits
 from .selection import Patterns, select_weights
+from .sharding import all_reduce, gather, local_shard, reshard
 from .tracking_plots import plot_oscillation_counts
 
 logger = logging.getLogger(__name__)
@@ -64,26 +65,38 @@ class OscillationCounter:
         """Every weight's oscillation count, flattened and concatenated."""
         return torch.cat([entry["counts"].flatten().cpu() for entry in self.state.values()])
 
-    def summary(self) -> dict[str, float]:
-        """`osc_fraction` (weights that oscillated at least once) and `osc_frequency` (mean EMA frequency)."""
+    def totals(self) -> torch.Tensor:
+        """`[weights that oscillated at least once, sum of frequencies, weights]` (float64, on the state's device),
+        summable across shards."""
+        entries = list(self.state.values())
+        oscillated = torch.stack([(entry["counts"] > 0).sum() for entry in entries]).sum().double()
+        frequency = torch.stack([entry["frequency"].double().sum() for entry in entries]).sum()
+        weights = sum(entry["counts"].numel() for entry in entries)
+        return torch.stack([oscillated, frequency, torch.full_like(frequency, weights)])
+
+    def summary(self, totals: torch.Tensor | None = None) -> dict[str, float]:
+        """`osc_fraction` (weights that oscillated at least once) and `osc_frequency` (mean EMA frequency), from
+        `totals()` (or those of several shards, summed)."""
         if not self.state:
             return {}
-        counts = self.counts()
-        frequency = torch.cat([entry["frequency"].flatten().cpu() for entry in self.state.values()])
-        return {"osc_fraction": float((counts > 0).float().mean()), "osc_frequency": float(frequency.mean())}
+        oscillated, frequency, weights = (self.totals() if totals is None else totals).tolist()
+        return {"osc_fraction": oscillated / max(weights, 1), "osc_frequency": frequency / max(weights, 1)}
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, state_file: str = STATE_FILE, meta_file: str = STATE_META) -> None:
         """Writes the state as safetensors (tensors) and JSON (settings), no pickle."""
         tensors = {f"{name}::{key}": value.contiguous().cpu() for name, entry in self.state.items()
                    for key, value in entry.items()}
-        save_file(tensors, str(Path(folder) / STATE_FILE))
+        save_file(tensors, str(Path(folder) / state_file))
         meta = {"momentum": self.momentum, "updates": self.updates, "weights": list(self.state)}
-        (Path(folder) / STATE_META).write_text(json.dumps(meta, indent=2))
+        (Path(folder) / meta_file).write_text(json.dumps(meta, indent=2))
 
-    def load(self, folder: str | Path, device: torch.device | None = None) -> None:
+    def load(
+        self, folder: str | Path, device: torch.device | None = None, state_file: str = STATE_FILE,
+        meta_file: str = STATE_META,
+    ) -> None:
         """Restores a state written by `save`."""
-        meta = json.loads((Path(folder) / STATE_META).read_text())
-        tensors = load_file(str(Path(folder) / STATE_FILE))
+        meta = json.loads((Path(folder) / meta_file).read_text())
+        tensors = load_file(str(Path(folder) / state_file))
         self.momentum, self.updates = meta["momentum"], meta["updates"]
         self.state = {
             name: {key: tensors[f"{name}::{key}"].to(device or "cpu") for key in _FIELDS} for name in meta["weights"]
@@ -118,68 +131,99 @@ class OscillationTracker(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.histogram_layer = histogram_layer
         self.counter = OscillationCounter(momentum)
-        self._weights: dict[str, nn.Parameter] = {}
+        self._owners: dict[str, nn.Module] = {}
+        self._model: nn.Module | None = None
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        # With FSDP2 each process tracks the rows it holds; the modules are kept because FSDP2 swaps parameters.
+        reshard(self._model)
+        return {name: module.weight for name, module in self._owners.items()}
 
     def _codes(self) -> dict[str, torch.Tensor]:
-        return {name: quantize_codes(weight, self.bits, self.per_channel)[0] for name, weight in self._weights.items()}
+        weights = self._weights()
+        coded = sharded_codes(list(weights.values()), self.bits, self.per_channel)
+        return {name: codes for name, (_, codes, _) in zip(weights, coded)}
+
+    def _shard_groups(self) -> tuple:
+        return next((local_shard(weight).groups for weight in self._weights().values()), ())
+
+    def _state_name(self, args) -> tuple[str, str]:
+        """Checkpoint file names: one state for the whole model, or one per process when FSDP2 shards the weights."""
+        if not self._shard_groups():
+            return STATE_FILE, STATE_META
+        stem = f"oscillation_tracker-rank{args.process_index}"
+        return f"{stem}.safetensors", f"{stem}.json"
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._weights = select_weights(model, self.target_modules, self.exclude_modules)
-        if self.histogram_layer is not None and self.histogram_layer not in self._weights:
+        self._model = model
+        selected = select_weights(model, self.target_modules, self.exclude_modules)
+        self._owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
+        if self.histogram_layer is not None and self.histogram_layer not in selected:
             raise ValueError(
-                f"histogram_layer {self.histogram_layer!r} is not a quantized weight; choose one of "
-                f"{list(self._weights)}."
+                f"histogram_layer {self.histogram_layer!r} is not a quantized weight; choose one of {list(selected)}."
             )
         checkpoint = self._resume_folder(args, state)
         if checkpoint is not None:
-            self.counter.load(checkpoint, next(iter(self._weights.values())).device)
+            self.counter.load(checkpoint, next(iter(selected.values())).device, *self._state_name(args))
             logger.info("Oscillation tracker restored from %s (%d updates)", checkpoint, self.counter.updates)
         elif not self.counter.state:
             self.counter.update(self._codes())
 
-    @staticmethod
-    def _resume_folder(args, state) -> Path | None:
+    def _resume_folder(self, args, state) -> Path | None:
         if state.global_step == 0:
             return None
         candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.insert(0, Path(args.resume_from_checkpoint))
         for folder in candidates:
-            if (folder / STATE_FILE).is_file():
+            if (folder / self._state_name(args)[0]).is_file():
                 return folder
         logger.warning("Resumed at step %d without a saved oscillation tracker: counting restarts.", state.global_step)
         return None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._weights and state.global_step % self.every_n_steps == 0:
+        if self._owners and state.global_step % self.every_n_steps == 0:
             self.counter.update(self._codes())
+
+    def _summary(self) -> dict[str, float]:
+        # Training logs happen on every process at once, so the reduction across shards is safe here.
+        return self.counter.summary(all_reduce([self.counter.totals()], [self._shard_groups()], "sum")[0])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self.counter.state:
-            summary = {key: round(value, 6) for key, value in self.counter.summary().items()}
+            summary = {key: round(value, 6) for key, value in self._summary().items()}
             logs.update(summary)  # seen by the reporting callbacks that follow this one
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(summary)
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            self.counter.save(folder)
+        sharded = bool(self._shard_groups())
+        if (state.is_world_process_zero or sharded) and folder.is_dir():
+            self.counter.save(folder, *self._state_name(args))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or not self._weights:
+        if not self._owners:
             return
         from .plots import plot_weight_histogram
 
-        layer = self.histogram_layer or next(iter(self._weights))
+        # Collectives first, on every process: the whole tensors of sharded weights, and the summed totals.
+        weights = self._weights()
+        layer = self.histogram_layer or next(iter(weights))
+        histogram_weight = gather(local_shard(weights[layer]).local.detach(), weights[layer])
+        counts = torch.cat([
+            gather(self.counter.state[name]["counts"], weight).flatten().cpu() for name, weight in weights.items()
+        ])
+        summary = {**self._summary(), "updates": self.counter.updates, "histogram_layer": layer}
+        if not state.is_world_process_zero:
+            return
         output = Path(args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         plot_weight_histogram(
-            self._weights[layer], self.bits, output / "weight_histogram.png", self.per_channel,
+            histogram_weight, self.bits, output / "weight_histogram.png", self.per_channel,
             title=f"{layer}: weights and {self.bits}-bit thresholds",
         )
-        plot_oscillation_counts(self.counter.counts().numpy(), output / "oscillation_counts.png", self.bits)
-        summary = {**self.counter.summary(), "updates": self.counter.updates, "histogram_layer": layer}
+        plot_oscillation_counts(counts.numpy(), output / "oscillation_counts.png", self.bits)
         (output / "oscillations.json").write_text(json.dumps(summary, indent=2))
 
 

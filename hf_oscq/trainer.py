@@ -19,6 +19,7 @@ from .penalty import PenaltyWorkspace, fused_oscillation_penalty
 from .ptq import quantized_weights
 from .qat import fake_quantized_forward
 from .selection import select_weights
+from .sharding import reshard
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class OscillationTrainer(Trainer):
                 "takes every TrainingArguments field plus the osc_* settings."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        self._osc_selected: tuple[nn.Module, dict[str, nn.Parameter]] | None = None
+        self._osc_selected: tuple[nn.Module, dict[str, nn.Module]] | None = None
         self._osc_workspace = PenaltyWorkspace()
         self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._osc_first_step = 0
@@ -60,11 +61,15 @@ class OscillationTrainer(Trainer):
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
 
     def _quantized_weights(self) -> dict[str, nn.Parameter]:
+        """The selected weights as registered now: FSDP2 swaps each module's parameter objects when it shards
+        (`accelerator.prepare`) and when it gathers, so the owning modules are remembered, not the parameters."""
         model = self.model
+        reshard(model)
         if self._osc_selected is None or self._osc_selected[0] is not model:
             selected = select_weights(model, self.args.osc_target_modules, self.args.osc_exclude_modules)
-            self._osc_selected = (model, selected)
-        return self._osc_selected[1]
+            owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
+            self._osc_selected = (model, owners)
+        return {name: module.weight for name, module in self._osc_selected[1].items()}
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step: when True the Trainer does not divide the loss by the accumulation steps.
@@ -86,9 +91,7 @@ class OscillationTrainer(Trainer):
                 self._quantized_weights(), args.osc_bits, args.osc_per_channel, workspace=self._osc_workspace
             )
         if args.osc_method == "qat":
-            with fake_quantized_forward(
-                model, self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel
-            ):
+            with fake_quantized_forward(self.model, self._quantized_weights(), args.osc_bits, args.osc_per_channel):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -62,6 +62,29 @@ def test_qat_refuses_gradient_checkpointing():
         OscillationConfig(output_dir="out", report_to="none", osc_method="qat", activation_checkpointing=True)
 
 
-def test_sharded_training_is_refused():
-    with pytest.raises(ValueError, match="does not support FSDP"):
-        OscillationConfig(output_dir="out", report_to="none", fsdp="full_shard", use_cpu=True)
+def test_fsdp2_is_accepted_and_other_weight_sharding_refused(monkeypatch):
+    config = OscillationConfig(output_dir="out", report_to="none", fsdp=True, use_cpu=True)
+    assert config.fsdp_plugin_args["fsdp_version"] == 2  # the Trainer's default FSDP version
+    with pytest.raises(ValueError, match="FSDP version 2 \\(fully_shard\\) only, got fsdp_version 1"):
+        OscillationConfig(output_dir="out", report_to="none", fsdp=True, fsdp_config={"version": 1}, use_cpu=True)
+    with monkeypatch.context() as env:  # an `accelerate launch` FSDP config without fsdp_version means FSDP1
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ValueError, match="got fsdp_version 1"):
+            OscillationConfig(output_dir="out", report_to="none", use_cpu=True)
+        env.setenv("FSDP_VERSION", "2")
+        OscillationConfig(output_dir="out", report_to="none", use_cpu=True)
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
+            OscillationConfig(output_dir="out", report_to="none", use_cpu=True)
+
+
+def test_qat_refuses_fsdp_activation_checkpointing():
+    with pytest.raises(ValueError, match="activation \(gradient\) checkpointing"):
+        OscillationConfig(
+            output_dir="out", report_to="none", osc_method="qat", fsdp=True, use_cpu=True,
+            fsdp_config={"activation_checkpointing": True},
+        )
+    OscillationConfig(  # the penalty is computed outside the forward pass: recomputation does not affect it
+        output_dir="out", report_to="none", fsdp=True, use_cpu=True, fsdp_config={"activation_checkpointing": True}
+    )

@@ -3,12 +3,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
-
-from hf_oscq.distributed import refuse_sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--dataset", "digits", "--vit_size", "micro", "--max_steps", "4", "--export", "false",
@@ -22,12 +19,6 @@ def _run(launcher, output, batch):
     command = [*launcher, str(ROOT / "recipes" / "train_vit.py"), *COMMON, "--output_dir", str(output),
                "--per_device_train_batch_size", str(batch)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=output.parent)
-
-
-def test_sharded_training_is_refused():
-    with pytest.raises(ValueError, match="FSDP or DeepSpeed ZeRO-3"):
-        refuse_sharding(SimpleNamespace(fsdp="full_shard", deepspeed=None))
-    refuse_sharding(SimpleNamespace(fsdp=None, deepspeed=None))
 
 
 @pytest.mark.slow
@@ -54,3 +45,18 @@ def test_accelerate_cpu_flag_trap_is_a_clear_error(tmp_path):
     assert trapped.returncode != 0
     assert "asked for 2 process(es), but this run has 1" in trapped.stderr
     assert not (tmp_path / "trap" / "run_info.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_load_and_are_accepted(config, monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from hf_oscq import OscillationConfig
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 1 and loaded.mixed_precision == "no"
+    if loaded.fsdp_config:  # what `accelerate launch` exports to the processes it starts
+        assert loaded.fsdp_config["fsdp_version"] == 2
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", str(loaded.fsdp_config["fsdp_version"]))
+    OscillationConfig(output_dir="out", report_to="none", use_cpu=True)
