@@ -7,7 +7,14 @@ from .export_manifest import ExportFolderError, read_export_manifest
 from .hf_quantizer import OscqHfQuantizer, OscqQuantizationConfig
 from .hub import HubPushError, PushPlan, plan_push, push_to_hub
 from .model_card import render_card_files, render_model_card, write_model_cards
-from .models import build_image_processor, build_model, build_resnet18, build_vit, tiny_vit_config
+from .models import (
+    build_image_processor,
+    build_model,
+    build_pretrained_vit,
+    build_resnet18,
+    build_vit,
+    tiny_vit_config,
+)
 from .packing import pack_codes, packed_size, unpack_codes
 from .penalty import PenaltyWorkspace, fused_oscillation_penalty, oscillation_penalty
 from .plots import plot_accuracy_vs_bits, plot_weight_histogram
@@ -41,6 +48,7 @@ __all__ = [
     "ALL_WEIGHTS",
     "build_image_processor",
     "build_model",
+    "build_pretrained_vit",
     "build_resnet18",
     "build_vit",
     "compute_scale",

@@ -5,6 +5,10 @@ Tiny ViT (`tiny_vit_config`, size "tiny"): hidden size 192, 6 layers, 3 heads, M
 pooling; patches of 4 pixels on 32x32 (64 tokens) and 28x28 (49 tokens), 8 on 64x64 (64 tokens), 2 on 8x8 (16
 tokens). Size "micro" (hidden 64, 2 layers, 4 heads, MLP 128) is the quick CPU model of the digits demo.
 
+Fine-tuned tiny ViT (`pretrained=True`): timm's ViT-Ti/16 (hidden size 192, 12 layers, 3 heads, MLP 768) with its
+ImageNet weights, through `TimmWrapperForImageClassification`; timm resamples the patch embedding to the patch size
+above and the position embeddings to the token grid, and the classifier is new.
+
 ResNet-18 with `cifar_stem=True` is timm's `resnet18` with a 3x3 stride-1 first convolution and no max-pool,
 registered in timm as `resnet18_cifar` when hf_oscq is imported, so `import hf_oscq` is all a saved model needs.
 """
@@ -27,6 +31,7 @@ from .data import DatasetInfo, HubUnreachableError
 
 MODEL_NAMES = ("vit", "resnet18")
 PRETRAINED_RESNET18 = "timm/resnet18.a1_in1k"
+PRETRAINED_VIT = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 VIT_SIZES = {
     "tiny": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768},
     "micro": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
@@ -64,6 +69,23 @@ def _labels(label_names: list[str]) -> dict:
             "label2id": {name: i for i, name in enumerate(label_names)}}
 
 
+def _patch_size(info: DatasetInfo, patch_size: int | None) -> int:
+    patch_size = patch_size or _PATCH_SIZES.get(info.image_size) or max(1, info.image_size // 8)
+    if info.image_size % patch_size:
+        raise ValueError(
+            f"patch_size {patch_size} does not divide the image size {info.image_size}: pick a divisor of it."
+        )
+    return patch_size
+
+
+def _unreachable(weights: str, error: OSError) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"--pretrained needs the ImageNet weights {weights!r} from the Hugging Face Hub, which could not be reached "
+        f"({str(error).splitlines()[0]}). Train from scratch (drop --pretrained) or run where the Hub is reachable "
+        "(a cached download also works offline)."
+    )
+
+
 def tiny_vit_config(info: DatasetInfo, label_names: list[str], size: str = "tiny", patch_size: int | None = None
                     ) -> ViTConfig:
     """The ViTConfig of the paper's tiny ViT for a dataset (see the module docstring for the exact numbers).
@@ -77,11 +99,7 @@ def tiny_vit_config(info: DatasetInfo, label_names: list[str], size: str = "tiny
     """
     if size not in VIT_SIZES:
         raise ValueError(f"Unknown ViT size {size!r}: choose one of {sorted(VIT_SIZES)}.")
-    patch_size = patch_size or _PATCH_SIZES.get(info.image_size) or max(1, info.image_size // 8)
-    if info.image_size % patch_size:
-        raise ValueError(
-            f"patch_size {patch_size} does not divide the image size {info.image_size}: pick a divisor of it."
-        )
+    patch_size = _patch_size(info, patch_size)
     return ViTConfig(
         image_size=info.image_size, patch_size=patch_size, num_channels=info.num_channels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **VIT_SIZES[size], **_labels(label_names),
@@ -92,6 +110,42 @@ def build_vit(info: DatasetInfo, label_names: list[str], size: str = "tiny", pat
               ) -> ViTForImageClassification:
     """A randomly initialised tiny ViT for the dataset."""
     return ViTForImageClassification(tiny_vit_config(info, label_names, size, patch_size))
+
+
+def build_pretrained_vit(
+    info: DatasetInfo, label_names: list[str], patch_size: int | None = None, weights_file: str | None = None
+) -> TimmWrapperForImageClassification:
+    """The tiny ViT for fine-tuning: ViT-Ti/16 with its ImageNet weights, adapted to the dataset's images.
+
+    Args:
+        info: the dataset's `DatasetInfo` (RGB images).
+        label_names: class names, in label order.
+        patch_size: as in `tiny_vit_config`; the pretrained 16x16 patch embedding is resampled to it.
+        weights_file: a local safetensors copy of `PRETRAINED_VIT`'s weights instead of the Hub download.
+
+    Raises:
+        HubUnreachableError: when the weights cannot be downloaded.
+        ValueError: for images that are not RGB.
+    """
+    import timm
+
+    if info.num_channels != 3:
+        raise ValueError(f"ImageNet weights need RGB images; {info.name} has {info.num_channels} channel(s).")
+    architecture = PRETRAINED_VIT.split("/")[1].split(".")[0]
+    model_args = {"img_size": info.image_size, "patch_size": _patch_size(info, patch_size)}
+    local = {"file": weights_file, "custom_load": False} if weights_file else None
+    try:
+        pretrained = timm.create_model(
+            PRETRAINED_VIT.split("/")[1], pretrained=True, num_classes=len(label_names),
+            pretrained_cfg_overlay=local, **model_args,
+        )
+    except OSError as error:
+        raise _unreachable(PRETRAINED_VIT, error) from None
+    model = TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture=architecture, model_args=model_args, **_labels(label_names))
+    )
+    model.timm_model.load_state_dict(pretrained.state_dict())
+    return model
 
 
 def build_resnet18(info: DatasetInfo, label_names: list[str], cifar_stem: bool = True, pretrained: bool = False
@@ -123,20 +177,18 @@ def build_resnet18(info: DatasetInfo, label_names: list[str], cifar_stem: bool =
             PRETRAINED_RESNET18, config=config, ignore_mismatched_sizes=True
         )
     except OSError as error:
-        raise HubUnreachableError(
-            f"--pretrained needs the ImageNet weights {PRETRAINED_RESNET18!r} from the Hugging Face Hub, which "
-            f"could not be reached ({str(error).splitlines()[0]}). Train from scratch (drop --pretrained) or run "
-            "where the Hub is reachable (a cached download also works offline)."
-        ) from None
+        raise _unreachable(PRETRAINED_RESNET18, error) from None
 
 
 def build_model(name: str, info: DatasetInfo, label_names: list[str], *, vit_size: str = "tiny",
                 patch_size: int | None = None, cifar_stem: bool = True, pretrained: bool = False) -> PreTrainedModel:
-    """`build_vit` or `build_resnet18` by name ("vit" or "resnet18")."""
+    """`build_vit` (`build_pretrained_vit` with `pretrained`) or `build_resnet18` by name ("vit" or "resnet18")."""
     if name == "vit":
-        if pretrained:
-            raise ValueError("The tiny ViT has no pretrained weights: drop --pretrained or use --model resnet18.")
-        return build_vit(info, label_names, vit_size, patch_size)
+        if not pretrained:
+            return build_vit(info, label_names, vit_size, patch_size)
+        if vit_size != "tiny":
+            raise ValueError(f"ImageNet weights exist for --vit_size tiny only (ViT-Ti/16), got {vit_size!r}.")
+        return build_pretrained_vit(info, label_names, patch_size)
     if name == "resnet18":
         return build_resnet18(info, label_names, cifar_stem, pretrained)
     raise ValueError(f"Unknown model {name!r}: choose one of {MODEL_NAMES}.")

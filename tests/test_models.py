@@ -1,13 +1,21 @@
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, TimmWrapperConfig
 
 import hf_oscq  # noqa: F401  (registers resnet18_cifar with timm, as a user's `import hf_oscq` does)
 from hf_oscq.data import DATASETS, HubUnreachableError, load_image_dataset
-from hf_oscq.models import build_image_processor, build_model, build_resnet18, tiny_vit_config
+from hf_oscq.models import (
+    build_image_processor,
+    build_model,
+    build_pretrained_vit,
+    build_resnet18,
+    tiny_vit_config,
+)
 
 LABELS = [f"class{i}" for i in range(10)]
 
@@ -41,8 +49,31 @@ def test_pretrained_without_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(TimmWrapperConfig, "from_pretrained", unreachable)
     with pytest.raises(HubUnreachableError, match="drop --pretrained"):
         build_resnet18(DATASETS["cifar10"], LABELS, pretrained=True)
-    with pytest.raises(ValueError, match="no pretrained weights"):
-        build_model("vit", DATASETS["cifar10"], LABELS, pretrained=True)
+    with pytest.raises(HubUnreachableError, match="vit_tiny_patch16_224.augreg_in21k_ft_in1k"):
+        build_model("vit", DATASETS["cifar10"], LABELS, pretrained=True)  # HF_HUB_OFFLINE: timm's download fails
+    with pytest.raises(ValueError, match="need RGB images"):
+        build_model("vit", DATASETS["fashion_mnist"], LABELS, pretrained=True)
+    with pytest.raises(ValueError, match="--vit_size tiny only"):
+        build_model("vit", DATASETS["cifar10"], LABELS, vit_size="micro", pretrained=True)
+
+
+def test_pretrained_vit_takes_the_imagenet_weights_and_adapts_the_patch_grid(tmp_path):
+    torch.manual_seed(0)
+    imagenet = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # stands in for the Hub download
+    save_file(imagenet.state_dict(), str(tmp_path / "vit_tiny.safetensors"))
+    model = build_pretrained_vit(DATASETS["cifar10"], LABELS, weights_file=str(tmp_path / "vit_tiny.safetensors"))
+    vit = model.timm_model
+    assert vit.patch_embed.proj.weight.shape == (192, 3, 4, 4)  # 16x16 patches resampled to 4x4
+    assert vit.pos_embed.shape == (1, 1 + 8 * 8, 192)  # class token + an 8x8 grid instead of 14x14
+    torch.testing.assert_close(vit.pos_embed[:, 0], imagenet.pos_embed[:, 0], rtol=0, atol=0)
+    for name in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "norm.weight"):
+        assert torch.equal(vit.get_parameter(name), imagenet.get_parameter(name)), name
+    assert vit.head.weight.shape == (10, 192)  # a new classifier
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model.eval()(pixels).logits)
 
 
 @pytest.mark.parametrize(("dataset", "patch", "tokens"), [("cifar10", 4, 64), ("fashion_mnist", 4, 49),
