@@ -60,12 +60,15 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true")
 
 
+def _fsdp_config(args) -> dict:
+    return args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+
+
 def fsdp_version(args) -> int | None:
     """The FSDP version the run will use (`None` without FSDP): the Trainer's `fsdp_config["version"]` (default 2),
     else that of an `accelerate launch` FSDP config (its `fsdp_version`, default 1)."""
     if args.fsdp:
-        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
-        return int(config.get("version", 2))
+        return int(_fsdp_config(args).get("version", 2))
     if _env_flag("ACCELERATE_USE_FSDP"):
         return int(os.environ.get("FSDP_VERSION", "1"))
     return None
@@ -98,7 +101,7 @@ def check_sharding(args) -> None:
     checkpointing = args.gradient_checkpointing or (
         version is not None
         and (
-            str((args.fsdp_config or {}).get("activation_checkpointing", False)).lower() == "true"
+            str(_fsdp_config(args).get("activation_checkpointing", False)).lower() == "true"
             or _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         )
     )
