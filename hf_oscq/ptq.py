@@ -20,6 +20,11 @@ DEFAULT_EVAL_BITS = (2, 3, 4, 5, 6, 7, 8)
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` has BatchNorm layers, whose statistics rounding invalidates."""
+    return any(isinstance(module, _BATCHNORM_TYPES) for module in model.modules())
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]) -> int:
     """Re-estimates the running statistics of every BatchNorm layer with the model's current (quantized) weights.
 
