@@ -126,7 +126,6 @@ def check_world_size(args, expected: int | None = None):
     Raises:
         WorldSizeError: when the run would not have `expected` processes.
     """
-    check_sharding(args)
     expected = expected or launcher_world_size() or 1
     started = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size != started and started == expected and not torch.cuda.is_available() and not args.use_cpu:

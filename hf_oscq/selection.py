@@ -85,3 +85,15 @@ def select_weights(
             f"dotted suffixes or a regex of those, None for Linear/Conv/Embedding layers, or {ALL_WEIGHTS!r}."
         )
     return selected
+
+
+def weight_owners(
+    model: nn.Module, target_modules: Patterns = None, exclude_modules: Patterns = None
+) -> dict[str, nn.Module]:
+    """The modules owning the weights `select_weights` picks, under the same names.
+
+    Code that reads the weights throughout a training run keeps their modules rather than the parameters: FSDP2
+    replaces each module's parameter objects when it shards and gathers them (see `sharding.current_weights`).
+    """
+    selected = select_weights(model, target_modules, exclude_modules)
+    return {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}

@@ -72,6 +72,13 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def current_weights(model: nn.Module, owners: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The weights of `owners` (from `selection.weight_owners`) as registered now, `model` being in its sharded
+    state."""
+    reshard(model)
+    return {name: module.weight for name, module in owners.items()}
+
+
 def all_reduce(tensors: Sequence[torch.Tensor], groups: Sequence[ProcessGroups], op: str) -> list[torch.Tensor]:
     """Reduces each tensor across its process groups (`op` "sum" or "max"), one collective per distinct group.
 

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .quantizer import sharded_codes, validate_bits
-from .selection import Patterns, select_weights
-from .sharding import all_reduce, gather, local_shard, reshard
+from .selection import Patterns, weight_owners
+from .sharding import all_reduce, current_weights, gather, local_shard
 from .tracking_plots import plot_oscillation_counts
 
 logger = logging.getLogger(__name__)
@@ -133,38 +133,36 @@ class OscillationTracker(TrainerCallback):
         self.counter = OscillationCounter(momentum)
         self._owners: dict[str, nn.Module] = {}
         self._model: nn.Module | None = None
+        self._shard_groups: tuple = ()  # with FSDP2 each process tracks the rows it holds
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        # With FSDP2 each process tracks the rows it holds; the modules are kept because FSDP2 swaps parameters.
-        reshard(self._model)
-        return {name: module.weight for name, module in self._owners.items()}
+        return current_weights(self._model, self._owners)
 
     def _codes(self) -> dict[str, torch.Tensor]:
         weights = self._weights()
         coded = sharded_codes(list(weights.values()), self.bits, self.per_channel)
         return {name: codes for name, (_, codes, _) in zip(weights, coded)}
 
-    def _shard_groups(self) -> tuple:
-        return next((local_shard(weight).groups for weight in self._weights().values()), ())
-
     def _state_name(self, args) -> tuple[str, str]:
         """Checkpoint file names: one state for the whole model, or one per process when FSDP2 shards the weights."""
-        if not self._shard_groups():
+        if not self._shard_groups:
             return STATE_FILE, STATE_META
         stem = f"oscillation_tracker-rank{args.process_index}"
         return f"{stem}.safetensors", f"{stem}.json"
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
-        selected = select_weights(model, self.target_modules, self.exclude_modules)
-        self._owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
-        if self.histogram_layer is not None and self.histogram_layer not in selected:
+        self._owners = weight_owners(model, self.target_modules, self.exclude_modules)
+        if self.histogram_layer is not None and self.histogram_layer not in self._owners:
             raise ValueError(
-                f"histogram_layer {self.histogram_layer!r} is not a quantized weight; choose one of {list(selected)}."
+                f"histogram_layer {self.histogram_layer!r} is not a quantized weight; choose one of "
+                f"{list(self._owners)}."
             )
+        first = next(iter(self._weights().values()))
+        self._shard_groups = local_shard(first).groups
         checkpoint = self._resume_folder(args, state)
         if checkpoint is not None:
-            self.counter.load(checkpoint, next(iter(selected.values())).device, *self._state_name(args))
+            self.counter.load(checkpoint, first.device, *self._state_name(args))
             logger.info("Oscillation tracker restored from %s (%d updates)", checkpoint, self.counter.updates)
         elif not self.counter.state:
             self.counter.update(self._codes())
@@ -187,7 +185,7 @@ class OscillationTracker(TrainerCallback):
 
     def _summary(self) -> dict[str, float]:
         # Training logs happen on every process at once, so the reduction across shards is safe here.
-        return self.counter.summary(all_reduce([self.counter.totals()], [self._shard_groups()], "sum")[0])
+        return self.counter.summary(all_reduce([self.counter.totals()], [self._shard_groups], "sum")[0])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self.counter.state:
@@ -198,8 +196,7 @@ class OscillationTracker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        sharded = bool(self._shard_groups())
-        if (state.is_world_process_zero or sharded) and folder.is_dir():
+        if (state.is_world_process_zero or self._shard_groups) and folder.is_dir():
             self.counter.save(folder, *self._state_name(args))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -18,8 +18,8 @@ from .config import OscillationConfig
 from .penalty import PenaltyWorkspace, fused_oscillation_penalty
 from .ptq import quantized_weights
 from .qat import fake_quantized_forward
-from .selection import select_weights
-from .sharding import reshard
+from .selection import weight_owners
+from .sharding import current_weights
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,12 @@ class OscillationTrainer(Trainer):
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
 
     def _quantized_weights(self) -> dict[str, nn.Parameter]:
-        """The selected weights as registered now: FSDP2 swaps each module's parameter objects when it shards
-        (`accelerator.prepare`) and when it gathers, so the owning modules are remembered, not the parameters."""
+        """The selected weights as registered now (FSDP2 swaps parameter objects; see `weight_owners`)."""
         model = self.model
-        reshard(model)
         if self._osc_selected is None or self._osc_selected[0] is not model:
-            selected = select_weights(model, self.args.osc_target_modules, self.args.osc_exclude_modules)
-            owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
+            owners = weight_owners(model, self.args.osc_target_modules, self.args.osc_exclude_modules)
             self._osc_selected = (model, owners)
-        return {name: module.weight for name, module in self._osc_selected[1].items()}
+        return current_weights(model, self._osc_selected[1])
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step: when True the Trainer does not divide the loss by the accumulation steps.
