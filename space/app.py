@@ -85,6 +85,10 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
     first = families[0] if families else None
     layers, widths, shown_bits = weight_choices(first)
     examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
+    # The families never change after startup, so neither does the Accuracy tab: its plot (a temporary PNG that
+    # nothing deletes) and table are made on first use and then served from memory. Made lazily so that a model
+    # card that cannot be read fails the tab, as an error on the page, and not the whole Space at startup.
+    accuracy = functools.cache(functools.partial(accuracy_view, families))
 
     def update_choices(family_name):
         layer_list, bit_list, bits = weight_choices(by_name.get(family_name))
@@ -117,8 +121,8 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             accuracy_plot = gr.Image(type="filepath", label="Accuracy vs bit-width", format="png")
             accuracy_table = gr.Dataframe(headers=ACCURACY_HEADERS, label="Accuracy", interactive=False)
             accuracy_outputs = [accuracy_plot, accuracy_table, accuracy_message]
-            accuracy_button.click(lambda: accuracy_view(families), None, accuracy_outputs, api_name="accuracy")
-        demo.load(lambda: accuracy_view(families), None, accuracy_outputs, api_visibility="private")
+            accuracy_button.click(accuracy, None, accuracy_outputs, api_name="accuracy")
+        demo.load(accuracy, None, accuracy_outputs, api_visibility="private")
         with gr.Tab("Weights"):
             with gr.Row():
                 weights_family = gr.Dropdown(names, value=names[0] if names else None, label="Model family")

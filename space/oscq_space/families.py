@@ -7,6 +7,7 @@ checkpoint never takes the whole Space down.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,12 +19,14 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-import hf_oscq  # noqa: F401  (registers the loader for quantized checkpoints with transformers)
-import hf_oscq.models  # noqa: F401  (registers timm's resnet18_cifar, the architecture of the CIFAR ResNet-18 exports)
+# Importing hf_oscq registers the loader for quantized checkpoints with transformers, and timm's resnet18_cifar
+# (the architecture of the CIFAR ResNet-18 exports).
+from hf_oscq import select_weights
+from hf_oscq.export import weights_size
+from hf_oscq.export_manifest import MANIFEST_NAME as EXPORT_FILE
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FILE = "oscq_export.json"
 MODELS_ENV = "OSCQ_MODELS"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 SPACE_CARD = Path(__file__).resolve().parents[1] / "README.md"
@@ -45,10 +48,6 @@ class Variant:
     size_bytes: int | None = None
     error: str | None = None
 
-    @property
-    def title(self) -> str:
-        return "full precision" if self.bits is None else f"{self.bits}-bit"
-
 
 @dataclass
 class Family:
@@ -56,8 +55,6 @@ class Family:
 
     name: str
     method: str
-    source: str
-    root: Path
     record: dict
     image_processor: object | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
@@ -69,10 +66,23 @@ class Family:
         return [variant for variant in self.variants.values() if variant.model is not None]
 
     @property
-    def num_channels(self) -> int:
+    def reference_model(self) -> nn.Module | None:
+        """The full-precision model when it loaded, else the first loaded checkpoint (None when none loaded)."""
         parent = self.variants.get("fp")
-        models = ([parent.model] if parent and parent.model is not None else []) + [v.model for v in self.loaded]
-        return int(getattr(models[0].config, "num_channels", 3)) if models else 3
+        if parent is not None and parent.model is not None:
+            return parent.model
+        return self.loaded[0].model if self.loaded else None
+
+    @property
+    def num_channels(self) -> int:
+        model = self.reference_model
+        return int(getattr(model.config, "num_channels", 3)) if model is not None else 3
+
+    @functools.cached_property
+    def quantizable_layers(self) -> tuple[str, ...]:
+        """Names of the weights the export quantized, found in the reference model."""
+        record = self.record
+        return tuple(select_weights(self.reference_model, record.get("target_modules"), record.get("exclude_modules")))
 
 
 def configured_entries(
@@ -158,17 +168,13 @@ def _method_label(record: dict) -> str:
     return METHOD_NAMES.get(method, method or "model")
 
 
-def _weights_size(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
-
-
 def _load_variant(variant: Variant) -> None:
     if not (variant.path / "config.json").is_file():
         variant.error = f"{variant.name}: checkpoint missing at {variant.path} (no config.json); re-run the export."
         return
     try:
         variant.model = AutoModelForImageClassification.from_pretrained(variant.path).eval()
-        variant.size_bytes = _weights_size(variant.path)
+        variant.size_bytes = weights_size(variant.path)
     except Exception as error:  # a corrupt checkpoint must not stop the other bit-widths from loading
         variant.error = f"{variant.name}: could not load {variant.path} ({type(error).__name__}: {error})."
 
@@ -191,7 +197,7 @@ def load_family(entry: str) -> Family:
     except json.JSONDecodeError as error:
         raise FamilyError(f"{record_path} is not valid JSON ({error}); re-run the export.") from None
     method = _method_label(record)
-    family = Family(name=f"{method} · {root.name}", method=method, source=entry, root=root, record=record)
+    family = Family(name=f"{method} · {root.name}", method=method, record=record)
     bits = sorted((int(b) for b in record.get("bits", [])), reverse=True)
     for name, width in [("fp", None)] + [(f"w{b}", b) for b in bits]:
         variant = Variant(name=name, bits=width, path=root / name)
@@ -199,9 +205,9 @@ def load_family(entry: str) -> Family:
         family.variants[name] = variant
         if variant.error:
             family.problems.append(variant.error)
-    for folder in [root / "fp"] + [variant.path for variant in family.variants.values()]:
-        if (folder / "preprocessor_config.json").is_file():
-            family.image_processor = AutoImageProcessor.from_pretrained(folder)
+    for variant in family.variants.values():  # full precision first
+        if (variant.path / "preprocessor_config.json").is_file():
+            family.image_processor = AutoImageProcessor.from_pretrained(variant.path)
             break
     else:
         family.problems.append(

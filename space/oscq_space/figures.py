@@ -9,7 +9,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_oscq import compute_scale, max_code, plot_accuracy_vs_bits, quantize_codes, select_weights
+from hf_oscq import max_code, quantize_codes
 from hf_oscq.plots import quantization_thresholds
 
 from .families import Family
@@ -72,48 +72,41 @@ def accuracy_rows(tables: dict[str, dict[str, dict[str, float]]]) -> list[list]:
     return rows
 
 
-def write_accuracy_plot(tables: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
-    """Accuracy against bit-width, one line per curve (the hub's card figure, so both always agree)."""
-    plot_accuracy_vs_bits(tables, path, title="Test accuracy after post-training quantization")
-
-
-def quantizable_layers(family: Family) -> list[str]:
-    """Names of the weights the export quantized, from the full-precision model (or any loaded checkpoint)."""
-    model = (family.variants.get("fp").model if family.variants.get("fp") else None) or family.loaded[0].model
-    record = family.record
-    return list(select_weights(model, record.get("target_modules"), record.get("exclude_modules")))
-
-
 def layer_weight(family: Family, layer: str) -> torch.Tensor:
     """The full-precision weight `layer` of the family (from the parent model when it loaded)."""
-    variant = family.variants.get("fp")
-    model = variant.model if variant and variant.model is not None else family.loaded[0].model
-    parameters = dict(model.named_parameters())
+    parameters = dict(family.reference_model.named_parameters())
     if layer not in parameters:
         raise KeyError(f"{family.name} has no weight named {layer!r}; pick one from the list.")
     return parameters[layer].detach().float()
 
 
-def level_counts(family: Family, layer: str, bits: int) -> dict[int, int]:
-    """How many weights of `layer` fall on each integer code when rounded at `bits` bits (the export's quantizer)."""
-    codes, _ = quantize_codes(layer_weight(family, layer), bits, bool(family.record.get("per_channel", False)))
+def code_counts(codes: torch.Tensor, bits: int) -> dict[int, int]:
+    """How many of `codes` fall on each integer code of the `bits`-bit grid; codes nothing falls on count 0."""
     values, counts = torch.unique(codes.to(torch.int64), return_counts=True)
     occupancy = dict.fromkeys(range(-max_code(bits), max_code(bits) + 1), 0)
     occupancy.update({int(v): int(c) for v, c in zip(values, counts, strict=True)})
     return occupancy
 
 
-def write_weight_plot(family: Family, layer: str, bits: int, path: Path) -> dict[int, int]:
-    """Histogram of `layer`'s full-precision weights with the `bits`-bit grid (levels) and rounding thresholds.
+def level_counts(family: Family, layer: str, bits: int) -> dict[int, int]:
+    """How many weights of `layer` fall on each integer code when rounded at `bits` bits (the export's quantizer)."""
+    codes, _ = quantize_codes(layer_weight(family, layer), bits, bool(family.record.get("per_channel", False)))
+    return code_counts(codes, bits)
+
+
+def write_weight_plot(
+    weight: torch.Tensor, scale: torch.Tensor, per_channel: bool, layer: str, bits: int, path: Path
+) -> None:
+    """Histogram of the full-precision `weight` (named `layer`) with the `bits`-bit grid (levels) and rounding
+    thresholds, written as a PNG to `path`.
 
     With per-channel scales the weights are drawn in units of their channel's scale, so one grid fits all.
 
-    Returns:
-        The number of weights on each integer code (as `level_counts`).
+    Args:
+        weight: the full-precision weight (`layer_weight`).
+        scale: its scale(s) at `bits` bits, as `quantize_codes` returns them.
+        per_channel: whether `scale` holds one scale per output channel.
     """
-    weight = layer_weight(family, layer)
-    per_channel = bool(family.record.get("per_channel", False))
-    scale = compute_scale(weight, bits, per_channel)
     top = max_code(bits)
     if per_channel:
         values = (weight / scale.clamp_min(torch.finfo(torch.float32).tiny)).flatten().numpy()
@@ -136,4 +129,3 @@ def write_weight_plot(family: Family, layer: str, bits: int, path: Path) -> dict
     figure.tight_layout()
     FigureCanvasAgg(figure)
     figure.savefig(path, format="png", dpi=100)
-    return level_counts(family, layer, bits)

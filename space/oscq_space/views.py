@@ -7,18 +7,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from hf_oscq import compute_scale
+from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
 from .classify import InputError, Prediction, classify, load_image
 from .families import Family
-from .figures import (
-    accuracy_rows,
-    family_tables,
-    layer_weight,
-    quantizable_layers,
-    write_accuracy_plot,
-    write_weight_plot,
-)
+from .figures import accuracy_rows, code_counts, family_tables, layer_weight, write_weight_plot
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +88,8 @@ def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
     if not tables:
         return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
     path = _temporary_png()
-    write_accuracy_plot(tables, path)
+    # the hub's card figure, so both always agree
+    plot_accuracy_vs_bits(tables, path, title="Test accuracy after post-training quantization")
     return str(path), accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
 
 
@@ -106,7 +100,7 @@ def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | N
         return [], [], None
     widths = [v.bits for v in family.variants.values() if v.bits is not None]
     target = (family.record.get("training") or {}).get("osc_bits")
-    return quantizable_layers(family), widths, target if target in widths else min(widths, default=None)
+    return list(family.quantizable_layers), widths, target if target in widths else min(widths, default=None)
 
 
 def weights_view(
@@ -125,10 +119,13 @@ def weights_view(
         bits = None
     if bits not in widths:
         return None, [], _warning(f"Pick one of the exported bit-widths {widths} (got {bits!r}).")
-    path = _temporary_png()
-    counts = write_weight_plot(family, layer, bits, path)
+    weight = layer_weight(family, layer)
     per_channel = bool(family.record.get("per_channel", False))
-    scale = 1.0 if per_channel else float(compute_scale(layer_weight(family, layer), bits))
+    codes, scales = quantize_codes(weight, bits, per_channel)
+    counts = code_counts(codes, bits)
+    path = _temporary_png()
+    write_weight_plot(weight, scales, per_channel, layer, bits, path)
+    scale = 1.0 if per_channel else float(scales)
     rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
     unit = "in per-channel scale units" if per_channel else f"scale {scale:.4g}"
     return str(path), rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."
