@@ -21,24 +21,25 @@ import torch
 from transformers import AutoModelForImageClassification
 
 import hf_oscq
-from hf_oscq import compute_scale, select_weights
+from hf_oscq import quantize_codes, select_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality"
 
 
 def layer_stats(weight: torch.Tensor, bits: int, window: float = 0.1) -> dict[str, float]:
-    """Position of the weights inside their quantization bins at `bits` bits (per-tensor scale, PAPER.md section 1)."""
-    scale = compute_scale(weight, bits)
-    if float(scale) == 0.0:
-        return {"near_threshold": 0.0, "mean_rounding_error_bins": 0.0}
-    position = weight / scale
+    """Position of the weights inside their quantization bins at `bits` bits (per-tensor scale, PAPER.md section 1).
+
+    An all-zero tensor (scale 0) has every code and position at 0, and a max/std ratio of 0.
+    """
+    codes, scale = quantize_codes(weight, bits)
+    position = weight / scale if scale else torch.zeros_like(weight)
     offset = position - torch.floor(position)  # in [0, 1): 0.5 is a rounding threshold
     return {
         "near_threshold": float(((offset - 0.5).abs() < window).float().mean()),
-        "mean_rounding_error_bins": float((torch.round(position) - position).abs().mean()),
+        "mean_rounding_error_bins": float((codes - position).abs().mean()),
         # The scale follows the largest weight: a high max/std ratio means a coarse grid for all the others.
-        "max_over_std": float(weight.abs().max() / weight.std()) if weight.numel() > 1 else 0.0,
-        "zero_code_fraction": float((torch.round(position) == 0).float().mean()),
+        "max_over_std": float(weight.abs().max() / weight.std()) if weight.numel() > 1 and scale else 0.0,
+        "zero_code_fraction": float((codes == 0).float().mean()),
     }
 
 
