@@ -1,7 +1,8 @@
 """Checkpoint sizes of every w{b} export against fp32 and fp16, and export time for all seven bit-widths.
 
-Models: timm's ResNet-18 through transformers' TimmWrapper (full size, 10 classes, random weights: sizes and
-times do not depend on the values) and the tiny ViT of the digits demo. Writes bench/results/export_size.json.
+Models: timm's ResNet-18 through transformers' TimmWrapper (full size with the ImageNet stem, 10 classes, random
+weights: sizes and times do not depend on the values) and the micro ViT of the digits demo. Writes
+bench/results/export_size.json.
 
     python bench/export_size.py
 """
@@ -16,29 +17,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import TimmWrapperForImageClassification, ViTForImageClassification
 
 import hf_oscq
 
-BITS = (2, 3, 4, 5, 6, 7, 8)
+BITS = hf_oscq.DEFAULT_EVAL_BITS
 RESULTS = Path(__file__).parent / "results" / "export_size.json"
+LABELS = [str(i) for i in range(10)]
 
 
 def resnet18() -> TimmWrapperForImageClassification:
-    import timm
-
-    config = TimmWrapperConfig(
-        architecture="resnet18", num_labels=10, pretrained_cfg=timm.models.get_pretrained_cfg("resnet18").to_dict()
-    )
-    return TimmWrapperForImageClassification(config).eval()
+    return hf_oscq.build_resnet18(hf_oscq.DATASETS["cifar10"], LABELS, cifar_stem=False).eval()
 
 
 def tiny_vit() -> ViTForImageClassification:
-    config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, num_labels=10,
-    )
-    return ViTForImageClassification(config).eval()
+    return hf_oscq.build_vit(hf_oscq.DATASETS["digits"], LABELS, size="micro").eval()
 
 
 def measure(name: str, model, workdir: Path) -> dict:

@@ -191,20 +191,17 @@ def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
                 buffer.copy_(saved[name])
 
 
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
-
-
 def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
     """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
     from hf_oscq.pipeline import train_one
+    from hf_oscq.ptq import has_batchnorm as model_has_batchnorm
 
     settings = _settings(cell, profile)
     recipe, training, data = _prepare(cell, data_dir, work_dir, settings)
     start = time.perf_counter()
     trainer, plain = train_one(cell.method, recipe, training, data, Path(training.output_dir))
     train_and_plain_seconds = time.perf_counter() - start
-    has_batchnorm = _has_batchnorm(trainer.model)
+    has_batchnorm = model_has_batchnorm(trainer.model)
     bn, bn_seconds = None, 0.0
     if has_batchnorm:
         start = time.perf_counter()
@@ -217,7 +214,6 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
         "settings": settings,
         "plain": plain,
         "bn": bn,
-        "bn_full_precision_recalibrated": has_batchnorm,
         "has_batchnorm": has_batchnorm,
         "train_log": losses,
         "seconds": {"train_and_plain_eval": train_and_plain_seconds, "bn_eval": bn_seconds},
@@ -229,33 +225,6 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
         "command": command_for(cell, profile),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def redo_batchnorm_table(path: Path, data_dir: str | None, work_dir: Path) -> bool:
-    """Recomputes the BatchNorm table of a finished cell from its saved weights (records written before the
-    full-precision column was re-estimated too); False when the weights are not in `work_dir`."""
-    from transformers import AutoModelForImageClassification
-
-    from hf_oscq import OscillationTrainer
-    from hf_oscq.models import build_image_processor
-    from hf_oscq.pipeline import _accuracy
-
-    record = json.loads(path.read_text())
-    cell = Cell(**{key: value for key, value in record["cell"].items() if key != "name"})
-    folders = sorted(work_dir.glob(f"**/{cell.name}/training/{cell.method}/model.safetensors"))
-    if not folders:
-        return False
-    settings = record["settings"]
-    _, training, data = _prepare(cell, data_dir, work_dir, settings)
-    model = AutoModelForImageClassification.from_pretrained(folders[-1].parent)
-    trainer = OscillationTrainer(model=model, args=training, train_dataset=data.train, eval_dataset=data.eval,
-                                 compute_metrics=_accuracy, processing_class=build_image_processor(data.info))
-    start = time.perf_counter()
-    record["bn"] = batchnorm_cross_bit(trainer, data, settings["bn_recalibration_samples"])
-    record["bn_full_precision_recalibrated"] = True
-    record["seconds"]["bn_eval"] = time.perf_counter() - start
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return True
 
 
 def _claim(lock: Path) -> bool:
@@ -290,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_quality"),
                         help="Training folders (model weights, Trainer state); not committed.")
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
-    parser.add_argument("--redo_batchnorm", action="store_true",
-                        help="Recompute the BatchNorm table of finished cells that lack the re-estimated fp column.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -310,14 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         for index, cell in enumerate(cells):
             done = "done" if (args.results / f"{cell.name}.json").exists() else "-"
             sys.stdout.write(f"{index:3d} {done:5s} {cell.name}\n")
-        return 0
-    if args.redo_batchnorm:
-        for cell in cells:
-            path = args.results / f"{cell.name}.json"
-            record = json.loads(path.read_text()) if path.exists() else {}
-            if record.get("has_batchnorm") and not record.get("bn_full_precision_recalibrated"):
-                done = redo_batchnorm_table(path, args.data_dir, args.work_dir)
-                sys.stdout.write(f"{cell.name}: {'redone' if done else 'weights not found, left as is'}\n")
         return 0
     ran = 0
     for cell in cells:

@@ -121,8 +121,8 @@ def load_image_dataset(
     if name == "digits":
         train, test = digits_splits(seed)
         label_names = [str(i) for i in range(10)]
-    elif name == "fashion_mnist" and _idx_dir(data_dir) is not None:
-        train, test = _fashion_mnist_idx(_idx_dir(data_dir))
+    elif name == "fashion_mnist" and (idx_dir := _idx_dir(data_dir)) is not None:
+        train, test = _fashion_mnist_idx(idx_dir)
         label_names = list(FASHION_MNIST_LABELS)
     else:
         train, test, label_names = _load_hub_schema(info, data_dir)
@@ -189,12 +189,9 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
 
 
 def _idx_dir(data_dir: str | Path | None) -> Path | None:
-    """The folder holding the Fashion-MNIST IDX files: `data_dir` if it has them, else the Debian package's."""
-    folders = [Path(data_dir)] if data_dir is not None else [FASHION_MNIST_DIR]
-    for folder in folders:
-        if all(_idx_file(folder, stem) for pair in _IDX_FILES.values() for stem in pair):
-            return folder
-    return None
+    """`data_dir` (by default the Debian package's folder) if it holds the four Fashion-MNIST IDX files, else None."""
+    folder = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
+    return folder if all(_idx_file(folder, stem) for pair in _IDX_FILES.values() for stem in pair) else None
 
 
 def _fashion_mnist_idx(folder: Path) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -177,7 +177,7 @@ def _describe_model(recipe: RecipeArguments) -> str:
     return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
 
 
-def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data, tables: dict, output_dir: Path):
+def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Path):
     export_dir = output_dir / "export"
     args = trainer.args
     comparisons = {{"none": "fp_ptq"}.get(method, method): table for method, table in tables.items()
@@ -203,7 +203,7 @@ def _export(trainer, recipe: RecipeArguments, training: OscillationConfig, data,
         },
         comparisons=comparisons,
     )
-    write_model_cards(export_dir, repo_id=training.hub_model_id)
+    write_model_cards(export_dir, repo_id=args.hub_model_id)
     return export_dir
 
 
@@ -231,7 +231,7 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         (output_dir / "cross_bit.json").write_text(json.dumps(tables, indent=2))
         (output_dir / "cross_bit.md").write_text(format_cross_bit_table(tables) + "\n")
         if recipe.export:
-            summary["export_dir"] = str(_export(trainer, recipe, training, data, tables, output_dir))
+            summary["export_dir"] = str(_export(trainer, recipe, data, tables, output_dir))
             if training.push_to_hub:
                 from .hub import push_to_hub
 
