@@ -31,31 +31,22 @@ from .checkpoint_format import (
     SCALE_SUFFIX,
     guard_config,
     packed_shape,
+    read_config,
     serialize_checkpoint,
 )
+from .export_manifest import MANIFEST_NAME, WEIGHTS_NAME, weight_files
 from .packing import pack_codes
-from .ptq import DEFAULT_EVAL_BITS, quantized_weights
+from .ptq import DEFAULT_EVAL_BITS, has_batchnorm, quantized_weights
 from .quantizer import check_finite, quantize_codes, validate_bits
 from .selection import Patterns, select_weights
 from .sharding import is_sharded
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "oscq_export.json"
-WEIGHTS_NAME = "model.safetensors"
-_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    index = folder / f"{WEIGHTS_NAME}.index.json"
-    return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-
 
 def weights_size(folder: str | Path) -> int:
     """Bytes of the safetensors weight files of a `save_pretrained` folder."""
-    return sum(path.stat().st_size for path in _weight_files(Path(folder)))
+    return sum(path.stat().st_size for path in weight_files(Path(folder)))
 
 
 def _check_output_dir(output: Path) -> None:
@@ -121,17 +112,19 @@ def _write_variant(
     bits: int,
     weights: Mapping[str, nn.Parameter],
     options: dict[str, Any],
-) -> bool:
-    """Writes `folder` (config.json, model.safetensors, side files); returns whether BatchNorm was recalibrated."""
+) -> None:
+    """Writes `folder` (config.json, model.safetensors, side files)."""
     folder.mkdir()
     packed = {name: quantize_codes(weight, bits, options["per_channel"]) for name, weight in weights.items()}
-    batches = _calibration(options["calibration_batches"])
-    bn_recalibrated = batches is not None and any(isinstance(m, _BATCHNORM_TYPES) for m in model.modules())
-    if bn_recalibrated:
+    if options["bn_recalibrated"]:
+        batches = _calibration(options["calibration_batches"])
         with quantized_weights(
             model, bits, options["target_modules"], options["exclude_modules"], options["per_channel"], batches
-        ):
-            state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        ):  # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
+            state = {
+                key: value if key in packed else value.detach().cpu().clone()
+                for key, value in model.state_dict().items()
+            }
     else:
         state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     tensors, packed_names = {}, set()
@@ -146,7 +139,7 @@ def _write_variant(
     tensors = _checkpoint_tensors(model, tensors, packed_names)
     (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, bits))
 
-    config = json.loads((fp_dir / "config.json").read_text())
+    config = read_config(fp_dir)
     guarded = guard_config(config)
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -154,7 +147,7 @@ def _write_variant(
         "per_channel": options["per_channel"],
         "modules": [name.removesuffix(".weight") for name in weights],
         "format_version": FORMAT_VERSION,
-        "bn_recalibrated": bn_recalibrated,
+        "bn_recalibrated": options["bn_recalibrated"],
         "target_modules": options["target_modules"],
         "exclude_modules": options["exclude_modules"],
         "guarded_fields": guarded,
@@ -163,7 +156,6 @@ def _write_variant(
     for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             shutil.copy2(extra, folder / extra.name)
-    return bn_recalibrated
 
 
 def _swap_into_place(staging: Path, output: Path) -> None:
@@ -238,7 +230,7 @@ def export_quantized(
         "per_channel": bool(per_channel),
         "target_modules": _json_field("target_modules", target_modules),
         "exclude_modules": _json_field("exclude_modules", exclude_modules),
-        "bn_recalibrated": False,
+        "bn_recalibrated": calibration_batches is not None and has_batchnorm(model),
         "sizes_bytes": {},
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),
@@ -252,6 +244,7 @@ def export_quantized(
         "target_modules": manifest["target_modules"],
         "exclude_modules": manifest["exclude_modules"],
         "calibration_batches": calibration_batches,
+        "bn_recalibrated": manifest["bn_recalibrated"],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -266,8 +259,7 @@ def export_quantized(
         manifest["sizes_bytes"]["fp"] = weights_size(fp_dir)
         for b in bit_widths:
             start = time.perf_counter()
-            recalibrated = _write_variant(model, fp_dir, staging / f"w{b}", b, weights, options)
-            manifest["bn_recalibrated"] = manifest["bn_recalibrated"] or recalibrated
+            _write_variant(model, fp_dir, staging / f"w{b}", b, weights, options)
             manifest["sizes_bytes"][f"w{b}"] = weights_size(staging / f"w{b}")
             logger.info(
                 "Wrote w%d (%d bytes) in %.2f s", b, manifest["sizes_bytes"][f"w{b}"], time.perf_counter() - start

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_format import FORMAT_VERSION, QUANT_METHOD
 from .quantizer import validate_bits
 
 MANIFEST_NAME = "oscq_export.json"
-FORMAT_VERSION = 1
-QUANT_METHOD = "oscq"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Formats that are unpickled on load: never published.

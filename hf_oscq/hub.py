@@ -26,8 +26,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .export_manifest import ExportFolderError, folder_files, read_export_manifest, variants
-from .model_card import DEFAULT_LICENSE, format_size, render_card_files, variant_repo_id
+from .export_manifest import ExportFolderError, folder_files, read_export_manifest
+from .model_card import DEFAULT_LICENSE, format_size, render_all_card_files, variant_accuracy, variant_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _check_repo_id(repo_id: str, bits: list[int]) -> None:
 
 
 def _note(manifest: dict, variant: str) -> str:
-    accuracy = ((manifest["metrics"] or {}).get(variant) or {}).get("accuracy")
+    accuracy = variant_accuracy(manifest, variant)
     what = "full precision (parent)" if variant == "fp" else f"{variant[1:]}-bit weights (PTQ)"
     return what + (f", test accuracy {100 * accuracy:.1f} %" if accuracy is not None else "")
 
@@ -147,8 +147,7 @@ def plan_push(
         raise HubPushError(str(error)) from None
     _check_repo_id(repo_id, manifest["bits"])
     repos = []
-    for variant in variants(manifest):
-        rendered = render_card_files(export_dir, variant, repo_id, license, manifest)
+    for variant, rendered in render_all_card_files(export_dir, repo_id, license, manifest).items():
         files = [PlannedFile(name, len(content), content=content) for name, content in rendered.items()]
         for relative in folder_files(export_dir / variant):
             if relative.as_posix() not in rendered:  # a card written locally is replaced by the Hub-specific one

@@ -7,18 +7,18 @@ QAT / plain PTQ comparisons, sizes), the variants' `config.json` and the full-pr
 from __future__ import annotations
 
 import io
-import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
+from .checkpoint_format import read_config
 from .export_manifest import folder_size, read_export_manifest, variants, weight_files
 from .plots import plot_accuracy_vs_bits, plot_weight_histogram
 from .ptq import format_cross_bit_table
+from .quantizer import max_code
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,13 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _percent(table: Mapping | None, variant: str) -> str:
-    value = (table or {}).get(variant, {}).get("accuracy")
+def variant_accuracy(manifest: dict, variant: str) -> float | None:
+    """The test accuracy of `variant` recorded in the manifest's `metrics`, or `None` when none was measured."""
+    return ((manifest["metrics"] or {}).get(variant) or {}).get("accuracy")
+
+
+def _percent(manifest: dict, variant: str) -> str:
+    value = variant_accuracy(manifest, variant)
     return "not measured" if value is None else f"{100 * value:.1f} %"
 
 
@@ -75,7 +80,7 @@ def _variant_size(export_dir: Path, manifest: dict, variant: str) -> int:
 
 
 def _task(export_dir: Path) -> tuple[str | None, str]:
-    architectures = json.loads((export_dir / "fp" / "config.json").read_text()).get("architectures") or []
+    architectures = read_config(export_dir / "fp").get("architectures") or []
     for suffix, task in _TASKS.items():
         if any(name.endswith(suffix) for name in architectures):
             return task
@@ -83,7 +88,7 @@ def _task(export_dir: Path) -> tuple[str | None, str]:
 
 
 def _quantized_modules(export_dir: Path, manifest: dict) -> list[str]:
-    config = json.loads((export_dir / f"w{manifest['bits'][0]}" / "config.json").read_text())
+    config = read_config(export_dir / f"w{manifest['bits'][0]}")
     return list(config["quantization_config"].get("modules") or [])
 
 
@@ -100,7 +105,11 @@ def comparison_tables(manifest: dict) -> dict[str, dict]:
 def histogram_layer(export_dir: str | Path, manifest: dict) -> tuple[str, Any]:
     """The first quantized layer's full-precision weight: `(parameter name, tensor)`, read from `fp/` safetensors."""
     export_dir = Path(export_dir)
-    names = [m if m.endswith(".weight") else f"{m}.weight" for m in _quantized_modules(export_dir, manifest)]
+    return _histogram_layer(export_dir, _quantized_modules(export_dir, manifest))
+
+
+def _histogram_layer(export_dir: Path, modules: list[str]) -> tuple[str, Any]:
+    names = [m if m.endswith(".weight") else f"{m}.weight" for m in modules]
     for path in weight_files(export_dir / "fp"):
         with safe_open(str(path), framework="pt") as weights:
             keys = list(weights.keys())
@@ -109,6 +118,22 @@ def histogram_layer(export_dir: str | Path, manifest: dict) -> tuple[str, Any]:
                 if tensor.dim() >= 2:
                     return name, tensor
     raise ValueError(f"No 2-D weight found in {export_dir / 'fp'} to draw the weight histogram from.")
+
+
+class _ExportFacts(NamedTuple):
+    """What every card of one export shares, read from its folder once."""
+
+    manifest: dict
+    task: str | None
+    auto_class: str
+    modules: list[str]
+    histogram: tuple[str, Any]  # (parameter name, full-precision weight), see `histogram_layer`
+
+
+def _export_facts(export_dir: Path, manifest: dict | None) -> _ExportFacts:
+    manifest = manifest or read_export_manifest(export_dir)
+    modules = _quantized_modules(export_dir, manifest)
+    return _ExportFacts(manifest, *_task(export_dir), modules, _histogram_layer(export_dir, modules))
 
 
 def _histogram_bits(manifest: dict, variant: str) -> int:
@@ -166,7 +191,7 @@ def _summary(manifest: dict, variant: str, parent: str) -> str:
 
 
 def _eval_results(manifest: dict, variant: str, task: str | None, model_name: str) -> list[EvalResult]:
-    accuracy = ((manifest["metrics"] or {}).get(variant) or {}).get("accuracy")
+    accuracy = variant_accuracy(manifest, variant)
     if accuracy is None:
         return []
     dataset = (manifest["training"] or {}).get("dataset") or "held-out test set"
@@ -185,7 +210,7 @@ def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str
         name = _link(repo_id and variant_repo_id(repo_id, other), other) + (" (this page)" if other == variant else "")
         bits = "full precision" if other == "fp" else f"{other[1:]} bits"
         size = format_size(_variant_size(export_dir, manifest, other))
-        lines.append(f"| {name} | {bits} | {_percent(manifest['metrics'], other)} | {size} |")
+        lines.append(f"| {name} | {bits} | {_percent(manifest, other)} | {size} |")
     return "\n".join(lines)
 
 
@@ -221,12 +246,17 @@ def render_model_card(
         next to it (see `render_card_files`).
     """
     export_dir = Path(export_dir)
-    manifest = manifest or read_export_manifest(export_dir)
+    return _render_model_card(export_dir, variant, repo_id, license, _export_facts(export_dir, manifest))
+
+
+def _render_model_card(
+    export_dir: Path, variant: str, repo_id: str | None, license: str, facts: _ExportFacts
+) -> ModelCard:
+    manifest, task = facts.manifest, facts.task
     if variant not in variants(manifest):
         raise ValueError(f"Unknown variant {variant!r}: this export has {variants(manifest)}.")
     training = manifest["training"] or {}
     quantized = variant != "fp"
-    task, auto_class = _task(export_dir)
     own_id = repo_id and variant_repo_id(repo_id, variant)
     model_name = own_id.split("/")[-1] if own_id else f"{export_dir.name}-{variant}" if quantized else export_dir.name
     tags = ["hf_oscq", "oscq", "quantization", f"{variant[1:]}-bit" if quantized else "full-precision"]
@@ -240,7 +270,7 @@ def render_model_card(
         data.base_model, data.base_model_relation = repo_id, "quantized"
     elif not quantized and training.get("base_model"):
         data.base_model, data.base_model_relation = training["base_model"], "finetune"
-    modules = _quantized_modules(export_dir, manifest)
+    modules = facts.modules
     shown = ", ".join(f"`{m}`" for m in modules[:4]) + (f", ... ({len(modules)} layers)" if len(modules) > 4 else "")
     tables = comparison_tables(manifest)
     intro, recipe_table, command = _recipe(manifest)
@@ -253,11 +283,11 @@ def render_model_card(
         is_quantized=quantized,
         parent=_link(repo_id, "fp"),
         bits=bits,
-        levels=2**bits - 1 if bits else None,
+        levels=2 * max_code(bits) + 1 if bits else None,
         per_channel=bool(manifest.get("per_channel")),
         bn_recalibrated=bool(manifest.get("bn_recalibrated")),
         modules=shown or "(none recorded)",
-        own_accuracy=_percent(manifest["metrics"], variant),
+        own_accuracy=_percent(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),
         variants_table=_variants_table(export_dir, manifest, variant, repo_id),
         cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]}) if manifest["metrics"] else
@@ -266,9 +296,9 @@ def render_model_card(
         osc_bits=training.get("osc_bits", "the target"),
         accuracy_plot=ACCURACY_PLOT if manifest["metrics"] else None,
         histogram_plot=HISTOGRAM_PLOT,
-        histogram_layer=histogram_layer(export_dir, manifest)[0],
+        histogram_layer=facts.histogram[0],
         histogram_bits=_histogram_bits(manifest, variant),
-        auto_class=auto_class,
+        auto_class=facts.auto_class,
         load_id=own_id or f"path/to/{export_dir.name}/{variant}",
         recipe_intro=intro,
         recipe_table=recipe_table,
@@ -287,8 +317,26 @@ def render_card_files(
     twice gives identical files.
     """
     export_dir = Path(export_dir)
-    manifest = manifest or read_export_manifest(export_dir)
-    card = render_model_card(export_dir, variant, repo_id, license, manifest)
+    return _render_card_files(export_dir, variant, repo_id, license, _export_facts(export_dir, manifest))
+
+
+def render_all_card_files(
+    export_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE, manifest: dict | None = None
+) -> dict[str, dict[str, bytes]]:
+    """`{variant: render_card_files(...)}` for every variant, parent first, reading the export folder only once.
+
+    Same arguments as `render_model_card`, without `variant`.
+    """
+    export_dir = Path(export_dir)
+    facts = _export_facts(export_dir, manifest)
+    return {v: _render_card_files(export_dir, v, repo_id, license, facts) for v in variants(facts.manifest)}
+
+
+def _render_card_files(
+    export_dir: Path, variant: str, repo_id: str | None, license: str, facts: _ExportFacts
+) -> dict[str, bytes]:
+    manifest = facts.manifest
+    card = _render_model_card(export_dir, variant, repo_id, license, facts)
     files = {"README.md": str(card).encode()}
     if manifest["metrics"]:
         buffer = io.BytesIO()
@@ -296,7 +344,7 @@ def render_card_files(
         plot_accuracy_vs_bits(comparison_tables(manifest), buffer, highlight_bits=bits, title=card.data.model_name)
         files[ACCURACY_PLOT] = buffer.getvalue()
     buffer = io.BytesIO()
-    layer, weight = histogram_layer(export_dir, manifest)
+    layer, weight = facts.histogram
     plot_weight_histogram(weight, _histogram_bits(manifest, variant), buffer, bool(manifest.get("per_channel")), layer)
     files[HISTOGRAM_PLOT] = buffer.getvalue()
     return files
@@ -319,8 +367,7 @@ def write_model_cards(
         The paths of the README.md files written, parent first.
     """
     export_dir = Path(export_dir)
-    manifest = read_export_manifest(export_dir)
-    rendered = {v: render_card_files(export_dir, v, repo_id, license, manifest) for v in variants(manifest)}
+    rendered = render_all_card_files(export_dir, repo_id, license)
     written = []
     for variant, files in rendered.items():
         if output_dir is None:

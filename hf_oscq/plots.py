@@ -15,7 +15,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .quantizer import compute_scale, max_code, validate_bits
+from .quantizer import _nonzero, compute_scale, max_code, validate_bits
 
 # PNG metadata without the matplotlib version: the same numbers always give the same bytes, so a re-upload of an
 # unchanged card is recognised as a no-op by the Hub.
@@ -124,7 +124,7 @@ def plot_weight_histogram(
     scale = compute_scale(weight, bits, per_channel)
     thresholds = quantization_thresholds(bits)
     if per_channel:
-        values = (weight / scale.clamp_min(torch.finfo(torch.float32).tiny)).flatten().numpy()
+        values = (weight / _nonzero(scale)).flatten().numpy()
         xlabel = "weight / per-channel scale"
     else:
         values = weight.flatten().numpy()

@@ -6,14 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-def _save(figure: Figure, path: str | Path) -> None:
-    FigureCanvasAgg(figure)
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=110, metadata={"Software": None})
+from .plots import _save
 
 
 def plot_oscillation_counts(counts: np.ndarray, path: str | Path, bits: int | None = None) -> None:
@@ -28,6 +23,7 @@ def plot_oscillation_counts(counts: np.ndarray, path: str | Path, bits: int | No
     axes.set_ylabel("number of weights")
     suffix = f" ({bits}-bit codes)" if bits else ""
     axes.set_title(f"{100 * fraction:.1f}% of {counts.size} weights oscillated{suffix}")
+    figure.tight_layout()
     _save(figure, path)
 
 
@@ -44,6 +40,7 @@ def plot_toy_one_weight(trajectories: dict[str, np.ndarray], path: str | Path, o
     axes.set_xlabel("step")
     axes.set_ylabel("weight")
     axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
     _save(figure, path)
 
 
@@ -62,4 +59,5 @@ def plot_toy_two_weights(trajectories: dict[str, np.ndarray], path: str | Path, 
     axes.set_xlabel("w1")
     axes.set_ylabel("w2")
     axes.legend(fontsize="small")
+    figure.tight_layout()
     _save(figure, path)
