@@ -230,7 +230,8 @@ def export_quantized(
         "per_channel": bool(per_channel),
         "target_modules": _json_field("target_modules", target_modules),
         "exclude_modules": _json_field("exclude_modules", exclude_modules),
-        "bn_recalibrated": calibration_batches is not None and has_batchnorm(model),
+        # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
+        "bn_recalibrated": has_batchnorm(model) and _calibration(calibration_batches) is not None,
         "sizes_bytes": {},
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),

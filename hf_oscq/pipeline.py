@@ -190,7 +190,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         target_modules=args.osc_target_modules, exclude_modules=args.osc_exclude_modules,
         per_channel=args.osc_per_channel, metrics=tables[args.osc_method],
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
-        calibration_batches=trainer.calibration_batches if args.osc_bn_recalibration_samples else None,
+        calibration_batches=trainer.calibration_batches,
         training={
             "osc_method": args.osc_method, "osc_bits": args.osc_bits, "osc_lambda": args.osc_lambda,
             "dataset": recipe.dataset, "model": _describe_model(recipe),

@@ -121,6 +121,17 @@ def test_per_channel_and_batchnorm_recalibration(tmp_path):
     assert not torch.allclose(_logits(loaded, pixel_values), _logits(without_recalibration, pixel_values))
 
 
+def test_calibration_callable_returning_none_means_plain_rounding(tmp_path):
+    model = tiny_resnet18()  # has BatchNorm; OscillationTrainer.calibration_batches returns None with 0 samples
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(4,), calibration_batches=lambda: None)
+    assert json.loads((out / "oscq_export.json").read_text())["bn_recalibrated"] is False
+    assert json.loads((out / "w4" / "config.json").read_text())["quantization_config"]["bn_recalibrated"] is False
+    pixel_values = torch.randn(2, 3, 32, 32)
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w4")
+    expected = _logits(hf_oscq.quantize_model(model, 4), pixel_values)
+    torch.testing.assert_close(_logits(loaded, pixel_values), expected, rtol=0, atol=1e-5)
+
+
 def test_layout_config_and_manifest(vit_export):
     model, out = vit_export
     assert sorted(p.name for p in out.iterdir()) == ["fp", "oscq_export.json"] + [f"w{b}" for b in ALL_BITS]
