@@ -22,7 +22,9 @@ test: install system-deps
 
 lint: install
 	ruff check hf_oscq tests bench recipes space
+	ruff format --check hf_oscq tests bench recipes space
 
 bench: install
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/export_size.py
+	$(PYTHON) bench/import_cost.py

@@ -20,6 +20,7 @@ import torch
 from transformers import TimmWrapperForImageClassification, ViTForImageClassification
 
 import hf_oscq
+from hf_oscq.export.folder import weights_size
 
 BITS = hf_oscq.DEFAULT_EVAL_BITS
 RESULTS = Path(__file__).parent / "results" / "export_size.json"
@@ -38,7 +39,7 @@ def measure(name: str, model, workdir: Path) -> dict:
     weights = hf_oscq.select_weights(model)
     quantized_fp32 = sum(w.numel() * 4 for w in weights.values())
     model.half().save_pretrained(workdir / f"{name}-fp16")
-    fp16 = hf_oscq.export.weights_size(workdir / f"{name}-fp16")
+    fp16 = weights_size(workdir / f"{name}-fp16")
     model.float()
     start = time.perf_counter()
     out = hf_oscq.export_quantized(model, workdir / name, bits=BITS)

@@ -36,8 +36,8 @@ from hf_oscq import (
     oscillation_penalty,
     select_weights,
 )
-from hf_oscq.data import DATASETS
-from hf_oscq.models import build_vit
+from hf_oscq.scripts.data import DATASETS
+from hf_oscq.scripts.models import build_vit
 
 MODES = ("fp", "oscillation", "qat", "reference")
 

@@ -1,7 +1,7 @@
 """Quality grid on real Fashion-MNIST: FP (+PTQ), QAT at b and the oscillation regularizer at b, every model evaluated
 at every bit-width 2..8, with plain rounding and with BatchNorm re-estimation.
 
-Each cell trains one run through the recipes' `hf_oscq.pipeline.train_one` (the same Trainer, data and model
+Each cell trains one run through the recipes' `hf_oscq.scripts.recipe.train_one` (the same Trainer, data and model
 builders as `recipes/train_*.py`; no second training loop), evaluates it on the test subset with plain rounding,
 then again with BatchNorm re-estimation (models with BatchNorm only; for the others both are the same numbers), and
 writes `bench/results/quality/<cell>.json` at once. Cells whose JSON exists are skipped, so the grid resumes; several
@@ -143,9 +143,9 @@ def _settings(cell: Cell, profile: str) -> dict:
 
 def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
     """The recipe arguments, Trainer arguments and data of a cell, as `recipes/train_<model>.py` would build them."""
-    from hf_oscq.config import OscillationConfig
-    from hf_oscq.data import load_image_dataset
-    from hf_oscq.pipeline import RecipeArguments
+    from hf_oscq.training.config import OscillationConfig
+    from hf_oscq.scripts.data import load_image_dataset
+    from hf_oscq.scripts.recipe import RecipeArguments
 
     recipe = RecipeArguments(
         dataset=settings["dataset"], data_dir=data_dir, model=cell.model,
@@ -176,7 +176,7 @@ def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
     quantized models against a stale full-precision one would credit rounding with what re-estimation did.
     """
     from hf_oscq import recalibrate_batchnorm
-    from hf_oscq.pipeline import cross_bit_table
+    from hf_oscq.training.metrics import cross_bit_table
 
     model = trainer.model
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
@@ -193,8 +193,8 @@ def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
 
 def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
     """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
-    from hf_oscq.pipeline import train_one
-    from hf_oscq.ptq import has_batchnorm as model_has_batchnorm
+    from hf_oscq.scripts.recipe import train_one
+    from hf_oscq.quantization.batchnorm import has_batchnorm as model_has_batchnorm
 
     settings = _settings(cell, profile)
     recipe, training, data = _prepare(cell, data_dir, work_dir, settings)

@@ -1,4 +1,5 @@
-"""Figures for model cards and reports: accuracy versus bit-width, and a weight histogram with the rounding thresholds.
+"""Figures for model cards, training runs and the Space: accuracy versus bit-width, and a weight histogram with the
+quantization grid.
 
 Plain functions of numbers and tensors that write a PNG. They draw on a bare `matplotlib.figure.Figure` (Agg
 canvas, no pyplot), so they never open a window, never change the global backend and are safe in threads.
@@ -15,7 +16,10 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .quantizer import _nonzero, compute_scale, max_code, validate_bits
+from .errors import OscqValueError
+from .quantization.primitives import compute_scale, nonzero_scale
+from .quantization.spec import QuantSpec, max_code, resolve_spec
+from .quantization.variants import FULL_PRECISION, is_variant, variant_bits, variant_name
 
 # PNG metadata without the matplotlib version: the same numbers always give the same bytes, so a re-upload of an
 # unchanged card is recognised as a no-op by the Hub.
@@ -23,12 +27,13 @@ _PNG_METADATA = {"Software": None}
 
 
 def _bit_columns(table: Mapping[str, Mapping[str, float]]) -> list[int]:
-    return sorted(int(key[1:]) for key in table if key.startswith("w") and key[1:].isdigit())
+    return sorted(variant_bits(key) for key in table if key != FULL_PRECISION and is_variant(key))
 
 
-def _save(figure: Figure, path: str | Path | BinaryIO) -> None:
+def save_png(figure: Figure, path: str | Path | BinaryIO, dpi: int = 110) -> None:
+    """Writes `figure` as a PNG whose bytes depend on its content only."""
     FigureCanvasAgg(figure)
-    figure.savefig(path, format="png", dpi=110, metadata=_PNG_METADATA)
+    figure.savefig(path, format="png", dpi=dpi, metadata=_PNG_METADATA)
 
 
 def plot_accuracy_vs_bits(
@@ -59,18 +64,18 @@ def plot_accuracy_vs_bits(
     all_bits: set[int] = set()
     for index, (run, table) in enumerate(tables.items()):
         color = f"C{index}"
-        bits = [b for b in _bit_columns(table) if metric in table[f"w{b}"]]
+        bits = [b for b in _bit_columns(table) if metric in table[variant_name(b)]]
         if bits:
-            values = [100 * table[f"w{b}"][metric] for b in bits]
+            values = [100 * table[variant_name(b)][metric] for b in bits]
             axes.plot(bits, values, marker="o", color=color, label=run)
             all_bits.update(bits)
             plotted = True
-        if metric in table.get("fp", {}):
-            full = 100 * table["fp"][metric]
+        if metric in table.get(FULL_PRECISION, {}):
+            full = 100 * table[FULL_PRECISION][metric]
             axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
             plotted = True
     if not plotted:
-        raise ValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
+        raise OscqValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
     if highlight_bits is not None:
         axes.axvline(highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)")
     axes.set_xlabel("weight bit-width (post-training quantization)")
@@ -81,7 +86,7 @@ def plot_accuracy_vs_bits(
     if title:
         axes.set_title(title)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
     return figure
 
 
@@ -97,50 +102,62 @@ def quantization_thresholds(bits: int) -> np.ndarray:
 
 def plot_weight_histogram(
     weight: torch.Tensor | np.ndarray,
-    bits: int,
-    path: str | Path | BinaryIO,
-    per_channel: bool = False,
+    bits: int | None = None,
+    path: str | Path | BinaryIO | None = None,
+    per_channel: bool | None = None,
     title: str | None = None,
     bins: int = 120,
+    *,
+    spec: QuantSpec | None = None,
+    show_levels: bool = False,
+    dpi: int = 110,
 ) -> Figure:
     """Histogram of one layer's full-precision weights with the `bits`-bit rounding thresholds drawn on it.
 
-    Oscillation training pushes weights towards the thresholds (the paper's figure 2); this figure shows it.
+    Oscillation training pushes weights towards the thresholds (the paper's figure 2); this figure shows it. Model
+    cards, training runs (`OscillationTracker`) and the Space's Weights tab all draw it here.
 
     Args:
         weight: the layer's weight tensor.
-        bits: bit-width of the quantizer whose thresholds are drawn.
+        bits: bit-width of the quantizer whose thresholds are drawn (shorthand for `spec`).
         path: where to write the PNG (a path or a binary file object).
-        per_channel: with one scale per output channel the weights are drawn divided by their channel's scale,
-            so that every channel shares the thresholds at +-0.5, +-1.5, ...
+        per_channel: one scale per output channel (shorthand for `spec`): the weights are then drawn divided by their
+            channel's scale, so that every channel shares the thresholds at +-0.5, +-1.5, ...
         title: figure title.
         bins: number of histogram bins.
+        spec: the `QuantSpec` whose grid is drawn.
+        show_levels: also draw the quantization levels (the values the weights are rounded to).
+        dpi: resolution of the PNG.
 
     Returns:
         The matplotlib `Figure` (already saved).
     """
-    bits = validate_bits(bits)
+    spec = resolve_spec("plot_weight_histogram", spec, bits, per_channel)
+    if path is None:
+        raise TypeError("plot_weight_histogram needs path=... (a file path or a binary file object).")
     weight = torch.as_tensor(weight).detach().float().cpu()
-    scale = compute_scale(weight, bits, per_channel)
-    thresholds = quantization_thresholds(bits)
-    if per_channel:
-        values = (weight / _nonzero(scale)).flatten().numpy()
+    scale = compute_scale(weight, spec=spec)
+    if spec.per_channel:
+        values, unit = (weight / nonzero_scale(scale)).flatten().numpy(), 1.0
         xlabel = "weight / per-channel scale"
     else:
-        values = weight.flatten().numpy()
-        thresholds = thresholds * float(scale)
-        xlabel = f"weight (scale s = {float(scale):.3g})"
-    figure = Figure(figsize=(6.0, 3.8))
+        values, unit = weight.flatten().numpy(), float(scale)
+        xlabel = f"weight (scale s = {unit:.3g})"
+    figure = Figure(figsize=(7.0 if show_levels else 6.0, 3.8))
     axes = figure.subplots()
-    axes.hist(values, bins=bins, histtype="stepfilled", color="C0", alpha=0.8)
+    axes.hist(values, bins=bins, histtype="stepfilled", color="C0", alpha=0.8, label="full-precision weights")
+    if show_levels:
+        levels = np.arange(-spec.max_code, spec.max_code + 1) * unit
+        axes.vlines(levels, 0, 1, transform=axes.get_xaxis_transform(), colors="C2", linewidths=1.2,
+                    label="quantization levels")
     axes.vlines(
-        thresholds, 0, 1, transform=axes.get_xaxis_transform(), colors="C3", linestyles="--", linewidths=0.8,
-        label="rounding thresholds",
+        quantization_thresholds(spec.bits) * unit, 0, 1, transform=axes.get_xaxis_transform(), colors="C3",
+        linestyles="--", linewidths=0.8, label="rounding thresholds",
     )
     axes.set_xlabel(xlabel)
     axes.set_ylabel("number of weights")
-    axes.legend(fontsize="small")
-    axes.set_title(title or f"{values.size} weights, {bits}-bit thresholds")
+    axes.legend(fontsize="small", loc="upper right")
+    axes.set_title(title or f"{values.size} weights, {spec.bits}-bit thresholds", fontsize="medium")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path, dpi)
     return figure

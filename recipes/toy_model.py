@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from hf_oscq.toy import toy_trajectory
-from hf_oscq.tracking_plots import plot_toy_one_weight, plot_toy_two_weights
+from hf_oscq.scripts.toy import toy_trajectory
+from hf_oscq.training.figures import plot_toy_one_weight, plot_toy_two_weights
 
 
 def main() -> int:

@@ -6,7 +6,7 @@
 Every Trainer flag and every osc_* flag can be given or overridden on the command line; see docs/RECIPES.md.
 """
 
-from hf_oscq.pipeline import main
+from hf_oscq.scripts.recipe import main
 
 if __name__ == "__main__":
     raise SystemExit(main(model="resnet18"))

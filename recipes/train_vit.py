@@ -7,7 +7,7 @@ Every Trainer flag (--learning_rate, --report_to tensorboard, ...) and every osc
 on the command line; see docs/RECIPES.md.
 """
 
-from hf_oscq.pipeline import main
+from hf_oscq.scripts.recipe import main
 
 if __name__ == "__main__":
     raise SystemExit(main(model="vit"))

@@ -17,7 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 SPACE_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = SPACE_DIR.parent / "hf_oscq"
 SPACE_FILES = ("app.py", "requirements.txt", "oscq_space/*.py", "examples/*.png")
-PACKAGE_FILES = ("*.py", "templates/*")
+PACKAGE_FILES = ("**/*.py", "templates/*")
 
 
 def plan_upload(models: list[str]) -> list[CommitOperationAdd]:

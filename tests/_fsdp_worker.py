@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from hf_oscq import fake_quantized_forward, fused_oscillation_penalty, quantized_weights, select_weights
-from hf_oscq.sharding import reshard
+from hf_oscq.quantization.sharding import reshard
 
 BITS, STRENGTH = 3, 0.7
 
@@ -139,7 +139,7 @@ def recipe(out: Path) -> None:
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    from hf_oscq import pipeline
+    from hf_oscq.scripts import recipe as pipeline
 
     class FsdpOnCpuTrainer(pipeline.OscillationTrainer):
         def __init__(self, *args, **kwargs):

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 
 from hf_oscq import OscillationConfig, OscillationTrainer
-from hf_oscq.data import load_image_dataset
-from hf_oscq.models import build_vit
-from hf_oscq.tracking import OscillationTracker, add_oscillation_tracker
+from hf_oscq.scripts.data import load_image_dataset
+from hf_oscq.scripts.models import build_vit
+from hf_oscq.training.tracking import OscillationTracker, add_oscillation_tracker
 
 STEPS = 4
 GLOBAL_BATCH = 16

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hf_oscq.data import FASHION_MNIST_DIR, digits_splits, read_idx
+from hf_oscq.scripts.data import FASHION_MNIST_DIR, digits_splits, read_idx
 
 HERE = Path(__file__).resolve().parent
 FASHION_LABELS = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 
 
 def write_digits(count: int = 4, seed: int = 0) -> None:
-    test = digits_splits(seed)[1].with_format("numpy")  # the digits test split of hf_oscq.data
+    test = digits_splits(seed)[1].with_format("numpy")  # the digits test split of hf_oscq.scripts.data
     images, labels = test["pixel_values"], test["labels"]
     chosen = {}
     for index, label in enumerate(labels):  # the first test image of each of `count` different digits

@@ -17,20 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoImageProcessor
 
 # Importing hf_oscq registers the loader for quantized checkpoints with transformers, and timm's resnet18_cifar
 # (the architecture of the CIFAR ResNet-18 exports).
 from hf_oscq import select_weights
-from hf_oscq.export import weights_size
-from hf_oscq.export_manifest import MANIFEST_NAME as EXPORT_FILE
+from hf_oscq.export.checkpoint import FORMAT_VERSION
+from hf_oscq.export.folder import MANIFEST_NAME as EXPORT_FILE
+from hf_oscq.export.folder import ExportFolderError, auto_class_for, export_spec, read_manifest, weights_size
+from hf_oscq.quantization.variants import (
+    FULL_PRECISION,
+    sort_variants, variant_bits, variant_name,
+    variant_names,
+    variant_repo_id,
+)
+from hf_oscq.training.methods import run_label
 
 logger = logging.getLogger(__name__)
 
 MODELS_ENV = "OSCQ_MODELS"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 SPACE_CARD = Path(__file__).resolve().parents[1] / "README.md"
-METHOD_NAMES = {"oscillation": "Oscillation", "qat": "QAT", "none": "FP + PTQ"}
 
 
 class FamilyError(Exception):
@@ -68,7 +75,7 @@ class Family:
     @property
     def reference_model(self) -> nn.Module | None:
         """The full-precision model when it loaded, else the first loaded checkpoint (None when none loaded)."""
-        parent = self.variants.get("fp")
+        parent = self.variants.get(FULL_PRECISION)
         if parent is not None and parent.model is not None:
             return parent.model
         return self.loaded[0].model if self.loaded else None
@@ -81,8 +88,8 @@ class Family:
     @functools.cached_property
     def quantizable_layers(self) -> tuple[str, ...]:
         """Names of the weights the export quantized, found in the reference model."""
-        record = self.record
-        return tuple(select_weights(self.reference_model, record.get("target_modules"), record.get("exclude_modules")))
+        spec = export_spec(self.record, min(self.record["bits"]))
+        return tuple(select_weights(self.reference_model, spec=spec))
 
 
 def configured_entries(
@@ -142,30 +149,30 @@ def _download_family(repo_id: str) -> Path:
         parent = _download(repo_id)
     except Exception as error:  # any download failure is reported on the page, not raised
         raise FamilyError(f"Could not download {repo_id!r} from the Hub ({type(error).__name__}: {error}).") from None
-    if (parent / EXPORT_FILE).is_file() and (parent / "fp").is_dir():
+    if (parent / EXPORT_FILE).is_file() and (parent / FULL_PRECISION).is_dir():
         return parent
     record = json.loads((parent / EXPORT_FILE).read_text()) if (parent / EXPORT_FILE).is_file() else {}
     bits = record.get("bits") or list(range(2, 9))
     folder = Path(tempfile.mkdtemp(prefix="oscq_family_")) / repo_id.split("/")[-1]
     folder.mkdir()
-    (folder / "fp").symlink_to(parent, target_is_directory=True)
+    (folder / FULL_PRECISION).symlink_to(parent, target_is_directory=True)
     found = []
     for width in bits:
         try:
-            (folder / f"w{width}").symlink_to(_download(f"{repo_id}-w{width}"), target_is_directory=True)
+            child = variant_name(width)
+            (folder / child).symlink_to(_download(variant_repo_id(repo_id, child)), target_is_directory=True)
             found.append(width)
         except Exception as error:  # noqa: BLE001 - a missing child is reported by load_family
             logger.warning("No checkpoint at %s-w%s (%s)", repo_id, width, type(error).__name__)
     if not record and not found:
         raise FamilyError(f"{repo_id!r} has neither {EXPORT_FILE} nor child repos {repo_id}-w2 ... {repo_id}-w8.")
-    record = {**record, "bits": bits if record else found}
+    record = {"format_version": FORMAT_VERSION, **record, "bits": bits if record else found}
     (folder / EXPORT_FILE).write_text(json.dumps(record))
     return folder
 
 
 def _method_label(record: dict) -> str:
-    method = (record.get("training") or {}).get("osc_method")
-    return METHOD_NAMES.get(method, method or "model")
+    return run_label((record.get("training") or {}).get("osc_method"), short=True)
 
 
 def _load_variant(variant: Variant) -> None:
@@ -173,7 +180,7 @@ def _load_variant(variant: Variant) -> None:
         variant.error = f"{variant.name}: checkpoint missing at {variant.path} (no config.json); re-run the export."
         return
     try:
-        variant.model = AutoModelForImageClassification.from_pretrained(variant.path).eval()
+        variant.model = auto_class_for(variant.path).from_pretrained(variant.path).eval()
         variant.size_bytes = weights_size(variant.path)
     except Exception as error:  # a corrupt checkpoint must not stop the other bit-widths from loading
         variant.error = f"{variant.name}: could not load {variant.path} ({type(error).__name__}: {error})."
@@ -193,14 +200,13 @@ def load_family(entry: str) -> Family:
             "(it holds fp/, w2/ ... w8/ and the record)."
         )
     try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as error:
-        raise FamilyError(f"{record_path} is not valid JSON ({error}); re-run the export.") from None
+        record = read_manifest(root)
+    except ExportFolderError as error:
+        raise FamilyError(str(error)) from None
     method = _method_label(record)
     family = Family(name=f"{method} · {root.name}", method=method, record=record)
-    bits = sorted((int(b) for b in record.get("bits", [])), reverse=True)
-    for name, width in [("fp", None)] + [(f"w{b}", b) for b in bits]:
-        variant = Variant(name=name, bits=width, path=root / name)
+    for name in sort_variants(variant_names(record["bits"]), descending=True):
+        variant = Variant(name=name, bits=variant_bits(name), path=root / name)
         _load_variant(variant)
         family.variants[name] = variant
         if variant.error:

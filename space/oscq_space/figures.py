@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from hf_oscq import max_code, quantize_codes
-from hf_oscq.plots import quantization_thresholds
+from hf_oscq import QuantSpec, max_code, quantize_codes
+from hf_oscq.export.folder import export_spec
+from hf_oscq.plots import plot_weight_histogram
+from hf_oscq.quantization.variants import sort_variants, variant_bits
+from hf_oscq.training.methods import run_label
 
 from .families import Family
-
-COMPARISON_NAMES = {"qat": "QAT", "fp_ptq": "FP + PTQ"}
 
 
 def _card_accuracy(folder: Path) -> float | None:
@@ -56,7 +54,7 @@ def family_tables(family: Family, qualify: bool = True) -> dict[str, dict[str, d
         tables[family.name if qualify else family.method] = own
     for key, table in (family.record.get("comparisons") or {}).items():
         if table:
-            label = COMPARISON_NAMES.get(key, key)
+            label = run_label(key, short=True)
             tables[f"{label} ({family.name})" if qualify else label] = table
     return tables
 
@@ -65,10 +63,10 @@ def accuracy_rows(tables: dict[str, dict[str, dict[str, float]]]) -> list[list]:
     """One row per curve and checkpoint: `[curve, variant, bits or None, accuracy in %]`."""
     rows = []
     for curve, table in tables.items():
-        for variant in sorted(table, key=lambda name: (name != "fp", -int(name[1:]) if name != "fp" else 0)):
+        for variant in sort_variants(table, descending=True):
             accuracy = table[variant].get("accuracy")
             if accuracy is not None:
-                rows.append([curve, variant, None if variant == "fp" else int(variant[1:]), round(100 * accuracy, 2)])
+                rows.append([curve, variant, variant_bits(variant), round(100 * accuracy, 2)])
     return rows
 
 
@@ -88,44 +86,24 @@ def code_counts(codes: torch.Tensor, bits: int) -> dict[int, int]:
     return occupancy
 
 
+def family_spec(family: Family, bits: int) -> QuantSpec:
+    """The spec the family's `w{bits}` checkpoint was quantized with."""
+    return export_spec(family.record, bits)
+
+
 def level_counts(family: Family, layer: str, bits: int) -> dict[int, int]:
     """How many weights of `layer` fall on each integer code when rounded at `bits` bits (the export's quantizer)."""
-    codes, _ = quantize_codes(layer_weight(family, layer), bits, bool(family.record.get("per_channel", False)))
+    codes, _ = quantize_codes(layer_weight(family, layer), spec=family_spec(family, bits))
     return code_counts(codes, bits)
 
 
-def write_weight_plot(
-    weight: torch.Tensor, scale: torch.Tensor, per_channel: bool, layer: str, bits: int, path: Path
-) -> None:
-    """Histogram of the full-precision `weight` (named `layer`) with the `bits`-bit grid (levels) and rounding
-    thresholds, written as a PNG to `path`.
+def write_weight_plot(weight: torch.Tensor, spec: QuantSpec, layer: str, path: Path) -> None:
+    """Histogram of the full-precision `weight` (named `layer`) with the grid of `spec` (levels and rounding
+    thresholds), written as a PNG to `path`: `hf_oscq.plots`' weight histogram, as on the model cards.
 
     With per-channel scales the weights are drawn in units of their channel's scale, so one grid fits all.
-
-    Args:
-        weight: the full-precision weight (`layer_weight`).
-        scale: its scale(s) at `bits` bits, as `quantize_codes` returns them.
-        per_channel: whether `scale` holds one scale per output channel.
     """
-    top = max_code(bits)
-    if per_channel:
-        values = (weight / scale.clamp_min(torch.finfo(torch.float32).tiny)).flatten().numpy()
-        unit, xlabel = 1.0, "weight / per-channel scale"
-    else:
-        values, unit = weight.flatten().numpy(), float(scale)
-        xlabel = f"weight value (scale s = {unit:.3g})"
-    figure = Figure(figsize=(7.0, 3.8))
-    axes = figure.subplots()
-    axes.hist(values, bins=min(200, max(30, values.size // 20)), color="C0", alpha=0.8, label="full-precision weights")
-    for index, level in enumerate(np.arange(-top, top + 1) * unit):
-        axes.axvline(level, color="C2", linewidth=1.2, label="quantization levels" if index == 0 else None)
-    for index, threshold in enumerate(quantization_thresholds(bits) * unit):
-        label = "rounding thresholds" if index == 0 else None
-        axes.axvline(threshold, color="C3", linestyle="--", linewidth=0.9, label=label)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("number of weights")
-    axes.set_title(f"{layer.removesuffix('.weight')}: {bits}-bit grid, {2 * top + 1} levels", fontsize="medium")
-    axes.legend(fontsize="small", loc="upper right")
-    figure.tight_layout()
-    FigureCanvasAgg(figure)
-    figure.savefig(path, format="png", dpi=100)
+    plot_weight_histogram(
+        weight, path=path, spec=spec, show_levels=True, bins=min(200, max(30, weight.numel() // 20)), dpi=100,
+        title=f"{layer.removesuffix('.weight')}: {spec.bits}-bit grid, {2 * spec.max_code + 1} levels",
+    )

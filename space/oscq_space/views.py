@@ -11,7 +11,7 @@ from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
 from .classify import InputError, Prediction, classify, load_image
 from .families import Family
-from .figures import accuracy_rows, code_counts, family_tables, layer_weight, write_weight_plot
+from .figures import accuracy_rows, code_counts, family_spec, family_tables, layer_weight, write_weight_plot
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +120,12 @@ def weights_view(
     if bits not in widths:
         return None, [], _warning(f"Pick one of the exported bit-widths {widths} (got {bits!r}).")
     weight = layer_weight(family, layer)
-    per_channel = bool(family.record.get("per_channel", False))
-    codes, scales = quantize_codes(weight, bits, per_channel)
+    spec = family_spec(family, bits)
+    per_channel = spec.per_channel
+    codes, scales = quantize_codes(weight, spec=spec)
     counts = code_counts(codes, bits)
     path = _temporary_png()
-    write_weight_plot(weight, scales, per_channel, layer, bits, path)
+    write_weight_plot(weight, spec, layer, path)
     scale = 1.0 if per_channel else float(scales)
     rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
     unit = "in per-channel scale units" if per_channel else f"scale {scale:.4g}"

@@ -1,0 +1,142 @@
+"""Every use hf_oscq makes of a private or undocumented Trainer, transformers or accelerate API, in one place.
+
+Each is written against the versions in `WRITTEN_FOR`. When an upgrade breaks one, the fix belongs here;
+`check_private_apis()` (run by the test suite) names what the installed versions lack. Heavy modules are imported
+inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+WRITTEN_FOR = {"transformers": "5.24", "accelerate": "1.15", "torch": "2.14"}
+
+# Private Trainer methods OscillationTrainer overrides (training/trainer.py): it reloads checkpoints through
+# from_pretrained, which applies transformers' legacy key renaming, where the Trainer would load the raw file.
+TRAINER_OVERRIDES = ("_load_from_checkpoint", "_load_best_model")
+# Private Trainer members called or read.
+TRAINER_MEMBERS = ("_remove_unused_columns", "_prepare_inputs")
+# HfQuantizer hooks OscqHfQuantizer implements (export/hf_quantizer.py). `update_attn_implementation` is the only one
+# that sees the model config before the weights file is resolved: it restores the guarded config fields there.
+HF_QUANTIZER_HOOKS = (
+    "update_attn_implementation",
+    "_process_model_before_weight_loading",
+    "_process_model_after_weight_loading",
+    "get_load_operations",
+)
+# transformers.core_model_loading / conversion_mapping: the renaming of legacy checkpoint names (ViT's
+# `vit.encoder.layer.0...` on disk, `vit.layers.0...` in the model) that export and loading must apply too.
+CONVERSION_APIS = {
+    "transformers.conversion_mapping": ("get_model_conversion_mapping",),
+    "transformers.core_model_loading": (
+        "ConversionOps",
+        "WeightRenaming",
+        "rename_source_key",
+        "revert_weight_conversion",
+    ),
+}
+ACCELERATE_APIS = {
+    "accelerate.commands.launch": ("launch_command_parser",),
+    "accelerate.commands.config.config_args": ("load_config_from_file",),
+}
+
+
+def check_private_apis() -> list[str]:
+    """The private APIs listed here that the installed libraries no longer provide (empty when all are there)."""
+    from transformers import Trainer
+    from transformers.quantizers import HfQuantizer
+
+    missing = [f"Trainer.{name}" for name in TRAINER_OVERRIDES + TRAINER_MEMBERS if not hasattr(Trainer, name)]
+    missing += [f"HfQuantizer.{name}" for name in HF_QUANTIZER_HOOKS if not hasattr(HfQuantizer, name)]
+    for module_name, names in {**CONVERSION_APIS, **ACCELERATE_APIS}.items():
+        module = importlib.import_module(module_name)
+        missing += [f"{module_name}.{name}" for name in names if not hasattr(module, name)]
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------------- Trainer
+
+
+def loss_is_scaled_for_gradient_accumulation(trainer, num_items_in_batch) -> bool:
+    """Whether the Trainer leaves the loss `compute_loss` returns undivided by the accumulation steps.
+
+    Mirrors the condition in `Trainer.training_step` (transformers 5.24).
+    """
+    if trainer.loss_is_scaled_for_ga is not None:
+        return trainer.loss_is_scaled_for_ga
+    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+
+
+def remove_unused_columns(trainer, dataset, description: str):
+    """A `datasets.Dataset` without the columns the model's forward does not take, as the Trainer's loaders do."""
+    return trainer._remove_unused_columns(dataset, description=description)
+
+
+def prepare_inputs(trainer, batch: dict) -> dict:
+    """A batch moved to the Trainer's device, as its training and evaluation loops do."""
+    return trainer._prepare_inputs(batch)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint key names
+
+
+def conversion_ops_class() -> type:
+    """`transformers.core_model_loading.ConversionOps`, the base of the loader's per-tensor operations."""
+    from transformers.core_model_loading import ConversionOps
+
+    return ConversionOps
+
+
+def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Model-side tensor names -> the names `save_pretrained` writes (transformers' reverse weight conversion).
+
+    A model built from scratch saves with every transform but prefix changes; all are used here, as a model loaded
+    from its native checkpoint would: TimmWrapper weights then carry timm's own names, and timm tools reading the
+    file meet the packed tensors (and fail on their shapes) instead of skipping unknown prefixed names.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if getattr(model, "_weight_conversions", None) is not None:
+        return revert_weight_conversion(model, dict(tensors))
+    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False) or None
+    try:
+        return revert_weight_conversion(model, dict(tensors))
+    finally:
+        del model._weight_conversions
+
+
+def checkpoint_to_model_names(entries: dict[str, Any], model, suffix: str) -> dict[str, Any]:
+    """Checkpoint names -> parameter names, with the renamings transformers applies while loading (legacy names).
+
+    A key ending in `suffix` (the scale tensors) is renamed as the weight it belongs to, then given `suffix` back.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [transform for transform in get_model_conversion_mapping(model) if isinstance(transform, WeightRenaming)]
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    renamed = {}
+    for key, entry in entries.items():
+        stem, tail = (key.removesuffix(suffix), suffix) if key.endswith(suffix) else (key, "")
+        renamed[rename_source_key(stem, renamings, [], prefix, meta_state)[0] + tail] = entry
+    return renamed
+
+
+# ---------------------------------------------------------------------------------------------------- accelerate
+
+
+def accelerate_launch_parser():
+    """The argument parser of `accelerate launch` (to read `--num_processes` of a parent launch command)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    return launch_command_parser()
+
+
+def accelerate_config_processes(config_file: str) -> int:
+    """`num_processes` of an accelerate config file."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return int(load_config_from_file(config_file).num_processes)

@@ -1,0 +1,42 @@
+"""The `hf-oscq` command line: one subcommand module each, with an `add_parser(subparsers)` function.
+
+Every error hf_oscq raises on purpose (`OscqError`: bad arguments, incomplete export folders, corrupted checkpoints,
+failed pushes) is printed as one line on stderr, `hf-oscq <command>: error: <message>`, with exit code 1. Building the
+parser imports no heavy library, so `hf-oscq --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import OscqError
+
+# Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
+COMMAND_MODULES = ("hf_oscq.cli.export", "hf_oscq.cli.push")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-oscq", description="Oscillation-regularized training and low-bit PTQ.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs `hf-oscq`; returns the exit code (1 for an `OscqError`, printed as one line on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except OscqError as error:
+        message = " ".join(str(error).splitlines())
+        sys.stderr.write(f"hf-oscq {args.command}: error: {message}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

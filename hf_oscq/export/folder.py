@@ -1,0 +1,226 @@
+"""The export folder (the layout `export_quantized` writes): reading its manifest, finding its variants, and the
+Auto class its checkpoints load with.
+
+```
+OUT/fp/  OUT/w2/ ... OUT/w8/  OUT/oscq_export.json
+```
+Everything here is local and read-only: a folder that is incomplete is rejected before any card is rendered or any
+network call is made. The CLI, the cards, the Hub push and the Space all read export folders through this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import OscqValueError
+from ..quantization.spec import QuantSpec, validate_bits
+from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
+from .checkpoint import FORMAT_VERSION, QUANT_METHOD, read_config
+
+MANIFEST_NAME = "oscq_export.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Formats that are unpickled on load: never published.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Architecture suffix -> (pipeline tag, Auto class of transformers). A new task is one more row.
+TASKS = {
+    "ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
+    "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "ForCausalLM": ("text-generation", "AutoModelForCausalLM"),
+}
+FALLBACK_AUTO_CLASS = "AutoModel"
+
+
+class ExportFolderError(OscqValueError):
+    """The export folder is missing, incomplete or not in the format this version of hf_oscq reads."""
+
+
+def _fail(export_dir: Path, problem: str) -> ExportFolderError:
+    return ExportFolderError(
+        f"Export folder {str(export_dir)!r} is incomplete: {problem}. Re-run hf_oscq.export_quantized(model, "
+        f"{str(export_dir)!r}, bits=...) to write it again."
+    )
+
+
+def _read_json(path: Path, export_dir: Path) -> dict[str, Any]:
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _fail(export_dir, f"{path.relative_to(export_dir)} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _fail(export_dir, f"{path.relative_to(export_dir)} is not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise _fail(export_dir, f"{path.relative_to(export_dir)} does not hold a JSON object")
+    return content
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors weight files of a `save_pretrained` folder (one file, or the shards its index lists)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return []
+    shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return [folder / shard for shard in shards]
+
+
+def weights_size(folder: str | Path) -> int:
+    """Bytes of the safetensors weight files of a `save_pretrained` folder."""
+    return sum(path.stat().st_size for path in weight_files(Path(folder)))
+
+
+def _check_variant(export_dir: Path, variant: str, bits: int | None) -> None:
+    folder = export_dir / variant
+    if not folder.is_dir():
+        raise _fail(export_dir, f"the folder {variant}/ is missing")
+    pickled = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ExportFolderError(
+            f"{variant}/ in {str(export_dir)!r} holds pickle files {pickled}: only safetensors are published. "
+            "Save with save_pretrained(..., safe_serialization=True) and delete the pickle files."
+        )
+    config = _read_json(folder / "config.json", export_dir)
+    files = weight_files(folder)
+    if not files or not all(f.is_file() for f in files):
+        raise _fail(export_dir, f"{variant}/ has no complete {WEIGHTS_NAME} (or sharded {WEIGHTS_INDEX_NAME})")
+    quantization = config.get("quantization_config")
+    if bits is None:
+        return
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        raise _fail(export_dir, f"{variant}/config.json has no quantization_config with quant_method {QUANT_METHOD!r}")
+    if quantization.get("bits") != bits:
+        raise _fail(export_dir, f"{variant}/config.json says bits={quantization.get('bits')!r}, expected {bits}")
+
+
+def read_manifest(export_dir: str | Path) -> dict[str, Any]:
+    """Reads and checks `oscq_export.json` alone (the variant folders are not looked at; see
+    `read_export_manifest`).
+
+    Returns:
+        The manifest, with `bits` as a sorted list of ints and `metrics`, `training`, `comparisons`, `versions`
+        present (possibly `None`; exports written before versions were recorded have none).
+
+    Raises:
+        ExportFolderError: for a missing folder or manifest, another format version or invalid fields.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ExportFolderError(
+            f"Export folder {str(export_dir)!r} does not exist: pass the directory hf_oscq.export_quantized wrote."
+        )
+    manifest = _read_json(export_dir / MANIFEST_NAME, export_dir)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+        writer = f" ({versions['hf_oscq']})" if versions.get("hf_oscq") else ""
+        raise ExportFolderError(
+            f"{MANIFEST_NAME} in {str(export_dir)!r} has format_version {manifest.get('format_version')!r}; this "
+            f"hf_oscq reads version {FORMAT_VERSION}. Install the hf_oscq version that wrote it{writer}, or export "
+            "again."
+        )
+    try:
+        bits = sorted({validate_bits(b) for b in manifest.get("bits") or []})
+    except ValueError as error:
+        raise _fail(export_dir, f"{MANIFEST_NAME} lists invalid bit-widths ({error})") from None
+    if not bits:
+        raise _fail(export_dir, f"{MANIFEST_NAME} lists no bit-widths")
+    manifest["bits"] = bits
+    for key in ("metrics", "training", "comparisons", "versions"):
+        if not isinstance(manifest.setdefault(key, None), dict | None):
+            raise _fail(export_dir, f"{MANIFEST_NAME} field {key!r} must be an object or null")
+    return manifest
+
+
+def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
+    """Checks that `export_dir` is a complete export folder and returns its `oscq_export.json`.
+
+    Checked: the manifest (format version, bit-widths), `fp/` and every `w{b}/` folder (config.json, safetensors
+    weights, a matching `quantization_config`), and that no pickle file is present.
+
+    Args:
+        export_dir: the folder `export_quantized` wrote.
+
+    Returns:
+        The manifest, as `read_manifest` returns it.
+
+    Raises:
+        ExportFolderError: naming the first problem found and how to fix it.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    _check_variant(export_dir, FULL_PRECISION, None)
+    for b in manifest["bits"]:
+        _check_variant(export_dir, variant_name(b), b)
+    return manifest
+
+
+def variants(manifest: dict[str, Any]) -> list[str]:
+    """`["fp", "w2", ...]`: the folders of an export, parent first."""
+    return variant_names(manifest["bits"])
+
+
+def export_spec(manifest: dict[str, Any], bits: int) -> QuantSpec:
+    """The `QuantSpec` the export's `w{bits}` variant was quantized with (its manifest stores the spec's fields)."""
+    return QuantSpec.from_dict({**manifest, "bits": bits})
+
+
+def variant_folders(folder: str | Path) -> dict[str, Path]:
+    """`{"fp": path, "w2": path, ...}` for an export folder (parent first), or `{name: folder}` for one checkpoint
+    folder.
+
+    Raises:
+        ExportFolderError: when `folder` does not exist or holds neither.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportFolderError(f"{folder} does not exist: pass an export folder or a checkpoint folder.")
+    if (folder / "config.json").is_file():
+        return {folder.name: folder}
+    found = {child.name: child for child in folder.iterdir() if (child / "config.json").is_file()}
+    names = sort_variants(name for name in found if is_variant(name))
+    if not names:
+        raise ExportFolderError(f"{folder} holds neither config.json nor fp/ or w{{b}}/ checkpoint folders.")
+    return {name: found[name] for name in names}
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes of all files under `folder` (hidden ones excluded)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not _hidden(p, Path(folder)))
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def folder_files(folder: str | Path) -> list[Path]:
+    """Files under `folder` in sorted order, relative to it, without hidden files and folders (`.cache/`, ...)."""
+    root = Path(folder)
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not _hidden(p, root))
+
+
+def task_for(config: dict[str, Any] | Any) -> tuple[str | None, str]:
+    """`(pipeline tag, Auto class name)` of a model config (a `config.json` dict or a `PretrainedConfig`), from its
+    architecture's suffix (`TASKS`); `(None, "AutoModel")` for an architecture not listed there."""
+    architectures = (config.get("architectures") if isinstance(config, dict) else config.architectures) or []
+    for suffix, task in TASKS.items():
+        if any(name.endswith(suffix) for name in architectures):
+            return task
+    return None, FALLBACK_AUTO_CLASS
+
+
+def auto_class_for(config: dict[str, Any] | Any | str | Path) -> type:
+    """The transformers Auto class that loads a checkpoint: from its config, or from its folder's `config.json`.
+
+    Example:
+        ```python
+        model = auto_class_for("export/w3").from_pretrained("export/w3")
+        ```
+    """
+    if isinstance(config, str | Path):
+        config = read_config(config)
+    import transformers
+
+    return getattr(transformers, task_for(config)[1])

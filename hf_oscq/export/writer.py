@@ -1,0 +1,255 @@
+"""`export_quantized`: one `save_pretrained` folder per bit-width, weights bit-packed at b bits, written atomically.
+
+```
+OUT/fp/  OUT/w2/ ... OUT/w8/  OUT/oscq_export.json
+```
+The whole export is written to a hidden sibling folder and renamed into place at the end, so a failure never
+leaves a half-written checkpoint and never damages a previous export in `OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import revert_checkpoint_names
+from ..errors import OscqValueError
+from ..quantization.batchnorm import has_batchnorm
+from ..quantization.packing import pack_codes
+from ..quantization.primitives import check_finite, quantize_codes
+from ..quantization.ptq import quantized_weights
+from ..quantization.selection import select_weights
+from ..quantization.sharding import is_sharded
+from ..quantization.spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
+from ..quantization.variants import FULL_PRECISION, variant_name, variant_names
+from ..versions import library_versions
+from .checkpoint import FORMAT_VERSION, SCALE_SUFFIX, guard_config, packed_shape, read_config, serialize_checkpoint
+from .folder import MANIFEST_NAME, WEIGHTS_NAME, weights_size
+
+logger = logging.getLogger(__name__)
+
+
+def _check_output_dir(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise OscqValueError(f"Export output {str(output)!r} is a file: pass a folder path.")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
+        raise OscqValueError(
+            f"Export output {str(output)!r} is a non-empty folder that is not an hf_oscq export (no {MANIFEST_NAME}); "
+            "it would be replaced. Pass a new or empty folder, or a previous export folder to overwrite."
+        )
+
+
+def _json_field(name: str, value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise OscqValueError(
+            f"export_quantized({name}=...) must be JSON-serializable (plain dicts of numbers/strings): {error}"
+        ) from None
+
+
+def _calibration(batches: Iterable | Callable[[], Iterable] | None) -> Iterable | None:
+    return batches() if callable(batches) else batches
+
+
+def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], packed_names: set[str]) -> dict:
+    """Renames model-side names to the names `save_pretrained` writes (transformers' reverse weight conversion)."""
+    kept, seen = {}, set()
+    for name, tensor in tensors.items():  # tied weights: save one copy, transformers ties them again at load
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if name not in packed_names and tensor.numel() and storage in seen:
+            continue
+        seen.add(storage)
+        kept[name] = tensor
+    renamed = revert_checkpoint_names(model, kept) if hasattr(model, "config") else kept
+    identity = {id(tensor): key for key, tensor in renamed.items()}
+    lost = [name for name in packed_names if id(kept[name]) not in identity]
+    if lost:
+        raise OscqValueError(
+            f"This model converts the weights {lost[:5]} when saving (fused or split tensors), so they cannot be "
+            "stored bit-packed one by one: exclude them with exclude_modules=[...]."
+        )
+    return renamed
+
+
+def _write_variant(
+    model: nn.Module,
+    fp_dir: Path,
+    folder: Path,
+    spec: QuantSpec,
+    weights: Mapping[str, nn.Parameter],
+    calibration_batches: Iterable | Callable[[], Iterable] | None,
+    bn_recalibrated: bool,
+    versions: dict[str, str],
+) -> None:
+    """Writes `folder` (config.json, model.safetensors, side files)."""
+    from .hf_quantizer import OscqQuantizationConfig
+
+    folder.mkdir()
+    packed = {name: quantize_codes(weight, spec=spec) for name, weight in weights.items()}
+    if bn_recalibrated:
+        with quantized_weights(model, calibration_batches=_calibration(calibration_batches), spec=spec):
+            # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
+            state = {
+                key: value if key in packed else value.detach().cpu().clone()
+                for key, value in model.state_dict().items()
+            }
+    else:
+        state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    tensors, packed_names = {}, set()
+    for key, value in state.items():
+        if key in packed:
+            codes, scale = packed[key]
+            tensors[key] = pack_codes(codes, spec.bits).reshape(packed_shape(codes.shape, spec.bits))
+            tensors[key + SCALE_SUFFIX] = scale.detach().cpu().clone()
+            packed_names |= {key, key + SCALE_SUFFIX}
+        else:
+            tensors[key] = value
+    tensors = _checkpoint_tensors(model, tensors, packed_names)
+    (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, spec.bits))
+
+    config = read_config(fp_dir)
+    quantization = OscqQuantizationConfig.from_spec(
+        spec,
+        [name.removesuffix(".weight") for name in weights],
+        bn_recalibrated=bn_recalibrated,
+        guarded_fields=guard_config(config),
+        versions=versions,
+    )
+    config["quantization_config"] = quantization.to_dict()
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
+        if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
+            shutil.copy2(extra, folder / extra.name)
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    previous = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(output, previous)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(previous, output)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export_quantized(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    bits: Sequence[int] = DEFAULT_EVAL_BITS,
+    *,
+    spec: QuantSpec | None = None,
+    image_processor: Any = None,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    per_channel: bool | None = None,
+    calibration_batches: Iterable | Callable[[], Iterable] | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    comparisons: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes the full-precision model and one bit-packed PTQ checkpoint per bit-width (layout: docs/EXPORT.md).
+
+    Each `OUT/w{b}/` loads with `from_pretrained` (the Auto class `auto_class_for` names) after `import hf_oscq` and
+    gives exactly `quantize_model(model, spec=spec.with_bits(b))`; without hf_oscq imported, loading it raises an
+    error naming it. The manifest `OUT/oscq_export.json`, every safetensors file's metadata and the model cards record
+    the hf_oscq, torch and transformers versions that wrote them.
+
+    Args:
+        model: a transformers model (anything with `save_pretrained`), e.g. a ViT or a TimmWrapper model.
+        output_dir: the export folder; a previous export there is replaced only once the new one is complete.
+        bits: bit-widths in [2, 8].
+        spec: how and which weights are quantized; each bit-width `b` uses `spec.with_bits(b)`.
+        image_processor: saved into every folder so each one works on its own.
+        target_modules: which modules to quantize, see `select_weights` (shorthand for `spec`).
+        exclude_modules: modules left in float, see `select_weights` (shorthand for `spec`).
+        per_channel: one scale per output channel (shorthand for `spec`).
+        calibration_batches: model inputs (a re-iterable such as a list or DataLoader, or a callable returning
+            fresh ones, or `None`) to re-estimate BatchNorm statistics at each bit-width; ignored for models without
+            BatchNorm.
+        metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
+        training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
+        comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
+
+    Returns:
+        The export folder.
+
+    Raises:
+        OscqValueError: for invalid bit-widths, a non-JSON record, weights holding NaN, sharded weights, or an
+            output folder that is a file or a foreign non-empty folder.
+    """
+    bit_widths = sorted({validate_bits(b) for b in bits})
+    if not bit_widths:
+        raise OscqValueError("export_quantized needs at least one bit-width, e.g. bits=(2, 3, 4, 8).")
+    shorthand_bits = None if spec is not None else bit_widths[0]
+    spec = resolve_spec("export_quantized", spec, shorthand_bits, per_channel, target_modules, exclude_modules)
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(
+            f"export_quantized needs a transformers model with save_pretrained, got {type(model).__name__}. Wrap timm "
+            "models with transformers' TimmWrapperForImageClassification."
+        )
+    if is_sharded(model):
+        raise OscqValueError(
+            "export_quantized needs the whole model on this process, but its weights are sharded across processes "
+            "(FSDP2). Save it with trainer.save_model() (which gathers the full weights) and export the model "
+            "from_pretrained(<that folder>) reloads, on one process."
+        )
+    output = Path(output_dir).resolve()
+    _check_output_dir(output)
+    versions = library_versions()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **spec.to_dict(),
+        "bits": bit_widths,
+        # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
+        "bn_recalibrated": has_batchnorm(model) and _calibration(calibration_batches) is not None,
+        "sizes_bytes": {},
+        "metrics": _json_field("metrics", metrics),
+        "training": _json_field("training", training),
+        "comparisons": _json_field("comparisons", comparisons),
+        "versions": versions,
+    }
+    weights = select_weights(model, spec=spec)
+    for name, weight in weights.items():
+        check_finite(weight, name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+        fp_dir = staging / FULL_PRECISION
+        model.save_pretrained(fp_dir)
+        if image_processor is not None:
+            image_processor.save_pretrained(fp_dir)
+        manifest["sizes_bytes"][FULL_PRECISION] = weights_size(fp_dir)
+        for b in bit_widths:
+            start, name = time.perf_counter(), variant_name(b)
+            _write_variant(
+                model, fp_dir, staging / name, spec.with_bits(b), weights, calibration_batches,
+                manifest["bn_recalibrated"], versions,
+            )
+            manifest["sizes_bytes"][name] = weights_size(staging / name)
+            logger.info("Wrote %s (%d bytes) in %.2f s", name, manifest["sizes_bytes"][name], time.perf_counter() - start)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Exported %s to %s", ", ".join(variant_names(bit_widths)), output)
+    return output

@@ -1,0 +1,98 @@
+"""What the model cards of an export say, read from its folder: accuracies and sizes per variant, the comparison
+tables, the task, the quantized layers and the weight shown in the histogram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from safetensors import safe_open
+
+from ..errors import OscqValueError
+from ..export.checkpoint import read_config
+from ..export.folder import folder_size, read_export_manifest, task_for, weight_files
+from ..quantization.variants import FULL_PRECISION, variant_bits, variant_name
+from ..training.methods import OSCILLATION, run_label
+
+
+def format_size(num_bytes: int) -> str:
+    """`12345678` -> `"12.3 MB"` (decimal units, as the Hub shows them)."""
+    size = float(num_bytes)
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def variant_accuracy(manifest: dict, variant: str) -> float | None:
+    """The test accuracy of `variant` recorded in the manifest's `metrics`, or `None` when none was measured."""
+    return ((manifest["metrics"] or {}).get(variant) or {}).get("accuracy")
+
+
+def percent(manifest: dict, variant: str) -> str:
+    value = variant_accuracy(manifest, variant)
+    return "not measured" if value is None else f"{100 * value:.1f} %"
+
+
+def variant_size(export_dir: Path, manifest: dict, variant: str) -> int:
+    return int((manifest.get("sizes_bytes") or {}).get(variant) or folder_size(export_dir / variant))
+
+
+def comparison_tables(manifest: dict) -> dict[str, dict]:
+    """`{row label: cross-bit table}`: this export's model first, then its QAT / plain PTQ comparisons."""
+    method = (manifest["training"] or {}).get("osc_method", OSCILLATION)
+    tables = {f"{run_label(method)} (this model)": manifest["metrics"]} if manifest["metrics"] else {}
+    for key, table in (manifest["comparisons"] or {}).items():
+        if table:
+            tables[run_label(key)] = table
+    return tables
+
+
+def histogram_bits(manifest: dict, variant: str) -> int:
+    """The bit-width whose grid a variant's histogram shows: its own, or for `fp` the training target."""
+    if variant != FULL_PRECISION:
+        return variant_bits(variant)
+    target = (manifest["training"] or {}).get("osc_bits")
+    return target if target in manifest["bits"] else manifest["bits"][0]
+
+
+def quantized_modules(export_dir: Path, manifest: dict) -> list[str]:
+    config = read_config(export_dir / variant_name(manifest["bits"][0]))
+    return list(config["quantization_config"].get("modules") or [])
+
+
+def histogram_layer(export_dir: str | Path, manifest: dict) -> tuple[str, Any]:
+    """The first quantized layer's full-precision weight: `(parameter name, tensor)`, read from `fp/` safetensors."""
+    export_dir = Path(export_dir)
+    return _histogram_layer(export_dir, quantized_modules(export_dir, manifest))
+
+
+def _histogram_layer(export_dir: Path, modules: list[str]) -> tuple[str, Any]:
+    names = [m if m.endswith(".weight") else f"{m}.weight" for m in modules]
+    for path in weight_files(export_dir / FULL_PRECISION):
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+            for name in [n for n in names if n in keys] or [k for k in keys if k.endswith(".weight")]:
+                tensor = weights.get_tensor(name)
+                if tensor.dim() >= 2:
+                    return name, tensor
+    raise OscqValueError(f"No 2-D weight found in {export_dir / FULL_PRECISION} to draw the weight histogram from.")
+
+
+class ExportFacts(NamedTuple):
+    """What every card of one export shares, read from its folder once."""
+
+    manifest: dict
+    task: str | None
+    auto_class: str
+    modules: list[str]
+    histogram: tuple[str, Any]  # (parameter name, full-precision weight), see `histogram_layer`
+
+
+def export_facts(export_dir: Path, manifest: dict | None = None) -> ExportFacts:
+    """The facts of an export folder (its manifest is read and checked when not given)."""
+    manifest = manifest or read_export_manifest(export_dir)
+    modules = quantized_modules(export_dir, manifest)
+    task, auto_class = task_for(read_config(export_dir / FULL_PRECISION))
+    return ExportFacts(manifest, task, auto_class, modules, _histogram_layer(export_dir, modules))

@@ -1,0 +1,284 @@
+"""Model cards for an export folder: one per variant (`fp`, `w2`, ...), rendered from `templates/model_card.md`.
+
+Everything on a card comes from the export folder (`card_facts.py`): `oscq_export.json` (cross-bit accuracy, training
+recipe, QAT / plain PTQ comparisons, sizes, versions), the variants' `config.json` and the full-precision weights
+(histogram).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..errors import OscqValueError
+from ..export.folder import export_spec, variants
+from ..paper import CITATION, PAPER
+from ..quantization.ptq import format_cross_bit_table
+from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
+from ..training.methods import NONE, OSCILLATION, QAT, method_sentence
+from . import ACCURACY_PLOT, DEFAULT_LICENSE, HISTOGRAM_PLOT
+from .card_facts import (
+    ExportFacts,
+    comparison_tables,
+    export_facts,
+    format_size,
+    histogram_bits,
+    percent,
+    variant_accuracy,
+    variant_size,
+)
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "model_card.md"
+_RECIPE_KEYS = {
+    "osc_method": "method", "osc_bits": "target bit-width", "osc_lambda": "osc_lambda", "dataset": "dataset",
+    "model": "model",
+}
+
+
+def _versions(manifest: dict) -> str | None:
+    versions = manifest.get("versions") or {}
+    return ", ".join(f"{name} {version}" for name, version in versions.items()) or None
+
+
+def _link(repo_id: str | None, label: str) -> str:
+    return f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else f"`{label}`"
+
+
+def _cell(value: Any) -> str:
+    return f"`{value}`".replace("|", "\\|")
+
+
+def _recipe(manifest: dict) -> tuple[str, str, str | None]:
+    training = manifest["training"]
+    if not training:
+        return "No training record was stored with this export.", "", None
+    rows = [(label, training[key]) for key, label in _RECIPE_KEYS.items() if key in training]
+    rows += [(key, value) for key, value in (training.get("hyperparameters") or {}).items()]
+    skip = set(_RECIPE_KEYS) | {"hyperparameters", "command"}
+    rows += [(key, value) for key, value in training.items() if key not in skip]
+    table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])
+    intro = method_sentence(training.get("osc_method"), training.get("osc_bits"), training.get("osc_lambda"))
+    return intro, table, training.get("command")
+
+
+def _summary(manifest: dict, variant: str, parent: str) -> str:
+    training = manifest["training"] or {}
+    dataset = f" on {training['dataset']}" if training.get("dataset") else ""
+    how = {
+        OSCILLATION: f"with the oscillation regularizer of {PAPER}",
+        QAT: f"with quantization-aware training (the baseline of {PAPER})",
+        NONE: f"in full precision without any quantization term (the FP baseline of {PAPER})",
+    }.get(training.get("osc_method", OSCILLATION), "with hf_oscq")
+    trained = f"{training.get('model', 'model')} trained{dataset} {how}"
+    bits = variant_bits(variant)
+    if bits is None:
+        return (
+            f"Full-precision weights of a {trained}. The quantized versions below are these weights rounded after "
+            "training: weight-only post-training quantization, activations in float."
+        )
+    return (
+        f"A {trained}, with its weights rounded to {bits} bits after training: the {bits}-bit "
+        f"weight-only post-training quantization of {parent}. Activations stay in float."
+    )
+
+
+def _eval_results(manifest: dict, variant: str, task: str | None, model_name: str) -> list[EvalResult]:
+    accuracy = variant_accuracy(manifest, variant)
+    if accuracy is None:
+        return []
+    dataset = (manifest["training"] or {}).get("dataset") or "held-out test set"
+    name = "full precision" if variant == FULL_PRECISION else f"{variant_bits(variant)}-bit PTQ"
+    return [
+        EvalResult(
+            task_type=task or "other", dataset_type=dataset, dataset_name=dataset, dataset_split="test",
+            metric_type="accuracy", metric_value=float(accuracy), metric_name=f"Test accuracy ({name})",
+        )
+    ]
+
+
+def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str | None) -> str:
+    lines = ["| model | weights | test accuracy | size on disk |", "|---|---|---|---|"]
+    for other in variants(manifest):
+        name = _link(repo_id and variant_repo_id(repo_id, other), other) + (" (this page)" if other == variant else "")
+        size = format_size(variant_size(export_dir, manifest, other))
+        lines.append(f"| {name} | {variant_title(other)} | {percent(manifest, other)} | {size} |")
+    return "\n".join(lines)
+
+
+def _size_text(export_dir: Path, manifest: dict, variant: str) -> str:
+    size = variant_size(export_dir, manifest, variant)
+    if variant == FULL_PRECISION:
+        return format_size(size)
+    full = variant_size(export_dir, manifest, FULL_PRECISION)
+    if full / size < 1.05:
+        return f"{format_size(size)} (full precision: {format_size(full)})"
+    return f"{format_size(size)}, {full / size:.1f}x smaller than the full-precision {format_size(full)}"
+
+
+def render_model_card(
+    export_dir: str | Path,
+    variant: str = FULL_PRECISION,
+    repo_id: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    manifest: dict | None = None,
+) -> ModelCard:
+    """The model card of one variant of an export folder.
+
+    Args:
+        export_dir: the folder `export_quantized` wrote.
+        variant: `"fp"` (the parent) or `"w{b}"`.
+        repo_id: the parent's Hub id `ORG/NAME`; variants live at `ORG/NAME-w{b}` and declare
+            `base_model: ORG/NAME`, `base_model_relation: quantized`. Without it, cards name local folders.
+        license: the license identifier for the metadata.
+        manifest: the already-read `oscq_export.json` (read and checked from `export_dir` when `None`).
+
+    Returns:
+        A `huggingface_hub.ModelCard`; its images are `oscq_accuracy_vs_bits.png` and `oscq_weight_histogram.png`
+        next to it (see `render_card_files`).
+    """
+    export_dir = Path(export_dir)
+    return _render_model_card(export_dir, variant, repo_id, license, export_facts(export_dir, manifest))
+
+
+def _render_model_card(
+    export_dir: Path, variant: str, repo_id: str | None, license: str, facts: ExportFacts
+) -> ModelCard:
+    manifest, task = facts.manifest, facts.task
+    if variant not in variants(manifest):
+        raise OscqValueError(f"Unknown variant {variant!r}: this export has {variants(manifest)}.")
+    training = manifest["training"] or {}
+    quantized = variant != FULL_PRECISION
+    bits = variant_bits(variant)
+    spec = export_spec(manifest, histogram_bits(manifest, variant))
+    own_id = repo_id and variant_repo_id(repo_id, variant)
+    model_name = own_id.split("/")[-1] if own_id else f"{export_dir.name}-{variant}" if quantized else export_dir.name
+    tags = ["hf_oscq", "oscq", "quantization", f"{bits}-bit" if quantized else "full-precision"]
+    dataset = training.get("dataset")
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag=task, license=license, model_name=model_name, tags=tags,
+        datasets=[dataset] if dataset else None,
+        eval_results=_eval_results(manifest, variant, task, model_name) or None,
+    )
+    if quantized and repo_id:
+        data.base_model, data.base_model_relation = repo_id, "quantized"
+    elif not quantized and training.get("base_model"):
+        data.base_model, data.base_model_relation = training["base_model"], "finetune"
+    modules = facts.modules
+    shown = ", ".join(f"`{m}`" for m in modules[:4]) + (f", ... ({len(modules)} layers)" if len(modules) > 4 else "")
+    tables = comparison_tables(manifest)
+    intro, recipe_table, command = _recipe(manifest)
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE_PATH),
+        title=model_name,
+        summary=_summary(manifest, variant, _link(repo_id, "fp")),
+        is_quantized=quantized,
+        parent=_link(repo_id, "fp"),
+        bits=bits,
+        levels=2 * spec.max_code + 1 if quantized else None,
+        per_channel=spec.per_channel,
+        bn_recalibrated=bool(manifest.get("bn_recalibrated")),
+        modules=shown or "(none recorded)",
+        own_accuracy=percent(manifest, variant),
+        own_size=_size_text(export_dir, manifest, variant),
+        variants_table=_variants_table(export_dir, manifest, variant, repo_id),
+        cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]}) if manifest["metrics"] else
+        "No evaluation was recorded with this export.",
+        comparison_table=format_cross_bit_table(tables) if len(tables) > 1 else None,
+        osc_bits=training.get("osc_bits", "the target"),
+        accuracy_plot=ACCURACY_PLOT if manifest["metrics"] else None,
+        histogram_plot=HISTOGRAM_PLOT,
+        histogram_layer=facts.histogram[0],
+        histogram_bits=spec.bits,
+        auto_class=facts.auto_class,
+        load_id=own_id or f"path/to/{export_dir.name}/{variant}",
+        recipe_intro=intro,
+        recipe_table=recipe_table,
+        command=command,
+        versions=_versions(manifest),
+        citation=CITATION,
+    )
+
+
+def render_card_files(
+    export_dir: str | Path, variant: str, repo_id: str | None = None, license: str = DEFAULT_LICENSE,
+    manifest: dict | None = None,
+) -> dict[str, bytes]:
+    """The files of a variant's card, in memory: `{"README.md": ..., "oscq_weight_histogram.png": ..., ...}`.
+
+    Same arguments as `render_model_card`. Nothing is written to disk; the bytes are deterministic, so rendering
+    twice gives identical files.
+    """
+    export_dir = Path(export_dir)
+    return _render_card_files(export_dir, variant, repo_id, license, export_facts(export_dir, manifest))
+
+
+def render_all_card_files(
+    export_dir: str | Path, repo_id: str | None = None, license: str = DEFAULT_LICENSE, manifest: dict | None = None
+) -> dict[str, dict[str, bytes]]:
+    """`{variant: render_card_files(...)}` for every variant, parent first, reading the export folder only once.
+
+    Same arguments as `render_model_card`, without `variant`.
+    """
+    export_dir = Path(export_dir)
+    facts = export_facts(export_dir, manifest)
+    return {v: _render_card_files(export_dir, v, repo_id, license, facts) for v in variants(facts.manifest)}
+
+
+def _render_card_files(
+    export_dir: Path, variant: str, repo_id: str | None, license: str, facts: ExportFacts
+) -> dict[str, bytes]:
+    manifest = facts.manifest
+    from ..plots import plot_accuracy_vs_bits, plot_weight_histogram
+
+    card = _render_model_card(export_dir, variant, repo_id, license, facts)
+    files = {"README.md": str(card).encode()}
+    if manifest["metrics"]:
+        buffer = io.BytesIO()
+        highlight = variant_bits(variant)
+        plot_accuracy_vs_bits(comparison_tables(manifest), buffer, highlight_bits=highlight, title=card.data.model_name)
+        files[ACCURACY_PLOT] = buffer.getvalue()
+    buffer = io.BytesIO()
+    layer, weight = facts.histogram
+    plot_weight_histogram(weight, path=buffer, title=layer, spec=export_spec(manifest, histogram_bits(manifest, variant)))
+    files[HISTOGRAM_PLOT] = buffer.getvalue()
+    return files
+
+
+def write_model_cards(
+    export_dir: str | Path, repo_id: str | None = None, output_dir: str | Path | None = None,
+    license: str = DEFAULT_LICENSE,
+) -> list[Path]:
+    """Writes every variant's card (README.md and its PNG plots).
+
+    Args:
+        export_dir: the folder `export_quantized` wrote.
+        repo_id: the parent's Hub id `ORG/NAME` (see `render_model_card`).
+        output_dir: `None` writes into `export_dir/fp/`, `export_dir/w2/`, ...; a folder writes to
+            `output_dir/<repo name>/` instead (how `model_cards/` in this repository is produced).
+        license: the license identifier for the metadata.
+
+    Returns:
+        The paths of the README.md files written, parent first.
+    """
+    export_dir = Path(export_dir)
+    rendered = render_all_card_files(export_dir, repo_id, license)
+    written = []
+    for variant, files in rendered.items():
+        if output_dir is None:
+            folder = export_dir / variant
+        else:
+            name = variant_repo_id(repo_id, variant).split("/")[-1] if repo_id else f"{export_dir.name}-{variant}"
+            folder = Path(output_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+        written.append(folder / "README.md")
+        logger.info("Model card for %s written to %s", variant, folder / "README.md")
+    return written

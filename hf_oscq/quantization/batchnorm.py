@@ -1,0 +1,93 @@
+"""BatchNorm after rounding: whether a model has BatchNorm layers, re-estimating their statistics with the rounded
+weights, and the calibration batches to do it with (one function and one seed rule for the Trainer, the CLI and the
+benches)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import OscqValueError
+
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` has BatchNorm layers, whose statistics rounding invalidates."""
+    return any(isinstance(module, _BATCHNORM_TYPES) for module in model.modules())
+
+
+def calibration_batches(
+    dataset, samples: int, batch_size: int, seed: int, collate_fn: Callable | None = None
+) -> Iterator:
+    """Training batches for BatchNorm re-estimation: the first `samples` (rounded up to whole batches) of a
+    permutation of `dataset` drawn from `torch.Generator().manual_seed(seed)`.
+
+    The permutation depends on the seed and the dataset's length only, so any batch size dividing `samples` picks
+    the same images. The Trainer passes its run's `seed`; `hf-oscq export --seed` defaults to the same default (42).
+
+    Args:
+        dataset: a map-style dataset (e.g. a `datasets.Dataset` with a transform).
+        samples: number of images, > 0.
+        batch_size: images per batch.
+        seed: seed of the permutation.
+        collate_fn: the DataLoader's collate function (the Trainer's data collator), default collation otherwise.
+
+    Returns:
+        An iterator of batches (dicts of tensors with the default collation).
+    """
+    if samples <= 0 or batch_size <= 0:
+        raise OscqValueError(f"calibration_batches needs samples > 0 and batch_size > 0, got {samples}, {batch_size}.")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
+    return itertools.islice(loader, math.ceil(samples / batch_size))
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]) -> int:
+    """Re-estimates the running statistics of every BatchNorm layer with the model's current (quantized) weights.
+
+    Statistics collected with full-precision weights no longer match the activations once the weights are
+    rounded; resetting them and forwarding a few hundred training images (no gradient) fixes that.
+
+    Args:
+        model: the model, already quantized.
+        batches: model inputs: dicts of keyword arguments (`{"pixel_values": ...}`) or plain tensors.
+
+    Returns:
+        The number of samples forwarded (0 when the model has no BatchNorm layer: nothing is done).
+
+    Raises:
+        OscqValueError: when `batches` is empty.
+    """
+    norms = [module for module in model.modules() if isinstance(module, _BATCHNORM_TYPES)]
+    if not norms:
+        return 0
+    saved = {module: module.momentum for module in norms}
+    was_training = model.training
+    seen = 0
+    try:
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over every batch forwarded
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, Mapping):
+                    inputs = {key: value for key, value in batch.items() if key != "labels"}
+                    model(**inputs)
+                    seen += len(next(iter(inputs.values())))
+                else:
+                    model(batch)
+                    seen += len(batch)
+    finally:
+        for module, momentum in saved.items():
+            module.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise OscqValueError("recalibrate_batchnorm got no batches: pass a few hundred training images.")
+    return seen

@@ -1,0 +1,121 @@
+"""Which weights get quantized: defined once here, used by the penalty, QAT, PTQ, export and tracking."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+from torch import nn
+
+from ..errors import OscqValueError
+from .spec import ALL_WEIGHTS, Patterns, QuantSpec
+
+__all__ = ["ALL_WEIGHTS", "select_weights", "weight_owners"]
+
+_DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+try:  # GPT-2 style language models use a transposed Linear
+    from transformers.pytorch_utils import Conv1D
+
+    _DEFAULT_TYPES += (Conv1D,)
+except ImportError:  # pragma: no cover - transformers is a dependency
+    pass
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """PEFT-style match: the exact module name, a dotted suffix of it, or a regex matching the whole name."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+
+
+def select_weights(
+    model: nn.Module,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    *,
+    spec: QuantSpec | None = None,
+) -> dict[str, nn.Parameter]:
+    """The weights to quantize, keyed by parameter name (`"layer1.0.conv1.weight"`).
+
+    Args:
+        model: any `nn.Module`.
+        target_modules: `None` for the default (weights of Linear, Conv1d/2d/3d and Embedding layers; biases and
+            norm layers stay float), `"all-weights"` for every module with a `.weight` (the paper's reference
+            code), or module names / dotted suffixes / regular expressions matching whole module names.
+        exclude_modules: patterns of the same kind; matching modules are left in float.
+        spec: a `QuantSpec` whose `target_modules` / `exclude_modules` are used instead.
+
+    Returns:
+        An ordered dict of distinct parameters (tied weights appear once, under their first name).
+
+    Raises:
+        OscqValueError: when nothing is selected, with the module names that were available.
+
+    Warns:
+        UserWarning: for each target or exclude pattern that matches no module with a weight (a typo selects or
+            excludes nothing).
+    """
+    if spec is not None:
+        if target_modules is not None or exclude_modules is not None:
+            raise TypeError("select_weights: pass spec=QuantSpec(...) or target_modules/exclude_modules, not both.")
+        target_modules, exclude_modules = spec.target_modules, spec.exclude_modules
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    excludes = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
+    preset = not targets or targets == [ALL_WEIGHTS]
+    selected: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    owners: list[str] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter) or id(weight) in seen:
+            continue
+        owners.append(module_name)
+        if not targets:
+            wanted = isinstance(module, _DEFAULT_TYPES)
+        elif preset:
+            wanted = True
+        else:
+            wanted = any(_matches(module_name, pattern) for pattern in targets)
+        if wanted and not any(_matches(module_name, pattern) for pattern in excludes):
+            seen.add(id(weight))
+            selected[f"{module_name}.weight" if module_name else "weight"] = weight
+    if not selected:
+        raise OscqValueError(
+            f"No weights selected for quantization with target_modules={target_modules!r} and "
+            f"exclude_modules={exclude_modules!r}. Modules with a weight in this model: [{_shown(owners)}]. Pass "
+            f"names, dotted suffixes or a regex of those, None for Linear/Conv/Embedding layers, or {ALL_WEIGHTS!r}."
+        )
+    for kind, patterns in (("target_modules", [] if preset else targets), ("exclude_modules", excludes)):
+        for pattern in patterns:
+            if not any(_matches(name, pattern) for name in owners):
+                warnings.warn(
+                    f"{kind} pattern {pattern!r} matches no module with a weight, so it "
+                    f"{'selects' if kind == 'target_modules' else 'excludes'} nothing. Modules with a weight in this "
+                    f"model: [{_shown(owners)}]; patterns are names, dotted suffixes or regexes of those.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    return selected
+
+
+def weight_owners(
+    model: nn.Module,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    *,
+    spec: QuantSpec | None = None,
+) -> dict[str, nn.Module]:
+    """The modules owning the weights `select_weights` picks, under the same names.
+
+    Code that reads the weights throughout a training run keeps their modules rather than the parameters: FSDP2
+    replaces each module's parameter objects when it shards and gathers them (see `sharding.current_weights`).
+    """
+    selected = select_weights(model, target_modules, exclude_modules, spec=spec)
+    return {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}

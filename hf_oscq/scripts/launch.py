@@ -1,0 +1,91 @@
+"""Checks that a run has the processes its launcher asked for.
+
+Two launcher traps (accelerate 1.15, see docs/DISTRIBUTED.md): `accelerate launch --cpu --num_processes 2` (or a
+`MULTI_CPU` config) starts ONE process; and processes started without `use_cpu` on a machine without GPU each train
+alone (torch.distributed is initialised, but the Trainer does not use it), all writing one output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .._compat import accelerate_config_processes, accelerate_launch_parser
+from ..errors import OscqError
+from ..training.guards import fsdp_version
+
+logger = logging.getLogger(__name__)
+
+
+class WorldSizeError(OscqError, RuntimeError):
+    """The number of training processes differs from what the launcher was asked for."""
+
+
+def _accelerate_launch_arguments() -> list[str] | None:
+    """The arguments of the parent `accelerate launch` command, when this process was started by one (Linux)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    for index, part in enumerate(argv[:-1]):
+        if part.endswith("accelerate") and argv[index + 1] == "launch":
+            return argv[index + 2:]
+        if part == "accelerate.commands.launch":  # python -m accelerate.commands.launch
+            return argv[index + 1:]
+    return None
+
+
+def launcher_world_size() -> int | None:
+    """The number of processes the launcher was asked for: `WORLD_SIZE` (torchrun, accelerate's multi-process
+    launchers), else `--num_processes` / the config file's `num_processes` of a parent `accelerate launch`."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    argv = _accelerate_launch_arguments()
+    if argv is None:
+        return None
+    arguments, _ = accelerate_launch_parser().parse_known_args(argv)
+    if arguments.num_processes is not None:
+        return int(arguments.num_processes)
+    if arguments.config_file:
+        return accelerate_config_processes(arguments.config_file)
+    return None
+
+
+def check_world_size(args, expected: int | None = None):
+    """Makes the Trainer arguments use every launched process, or stops with an error saying how to launch.
+
+    Args:
+        args: the parsed `OscillationConfig`.
+        expected: the number of processes wanted (default: `launcher_world_size()`).
+
+    Returns:
+        `args`, or a copy with `use_cpu=True` when several processes run on a machine without GPU.
+
+    Raises:
+        WorldSizeError: when the run would not have `expected` processes.
+    """
+    expected = expected or launcher_world_size() or 1
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size != started and started == expected and not torch.cuda.is_available() and not args.use_cpu:
+        logger.info("%d processes on a machine without GPU: training on CPU with torch.distributed (gloo).", started)
+        args = dataclasses.replace(args, use_cpu=True)
+    if fsdp_version(args) is not None and (args.use_cpu or not torch.cuda.is_available()):
+        logger.warning(
+            "FSDP was requested on CPU: accelerate runs multi-process CPU training as DDP (whole weights on every "
+            "process), which gives the same model without the memory saving."
+        )
+    group = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if args.world_size != expected or (expected > 1 and group != expected):
+        raise WorldSizeError(
+            f"The launcher was asked for {expected} process(es), but this run has {started} process(es) and the "
+            f"Trainer sees a world size of {args.world_size}. With accelerate 1.15, `accelerate launch --cpu "
+            "--num_processes N` and `distributed_type: MULTI_CPU` start ONE process: on CPU use `accelerate launch "
+            "--multi_gpu --num_processes N` or --config_file recipes/accelerate/multi_cpu.yaml (the recipes switch "
+            "to use_cpu themselves); on GPUs check num_processes against the visible GPUs."
+        )
+    return args

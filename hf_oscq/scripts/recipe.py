@@ -1,0 +1,238 @@
+"""What the training recipes share: parse arguments (YAML + command line), build data and model, train with
+`OscillationTrainer` (plus QAT / FP baselines), evaluate cross-bit on the test split, export every bit-width,
+write the model cards and push.
+
+Output folder:
+```
+OUTPUT_DIR/
+  training/<method>/   the Trainer's folder per run: checkpoints, TensorBoard logs, oscillation figures
+  export/              export_quantized: fp/, w2/ ... w8/, oscq_export.json, model cards
+  cross_bit.json       {run: cross-bit test table}, cross_bit.md the same as a Markdown table
+  run_info.json        dataset, model, world size, where things went
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import EarlyStoppingCallback, HfArgumentParser
+
+from ..errors import OscqValueError
+from ..export.folder import auto_class_for
+from ..export.writer import export_quantized
+from ..hub.model_card import write_model_cards
+from ..quantization.ptq import format_cross_bit_table
+from ..quantization.spec import DEFAULT_EVAL_BITS
+from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
+from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key
+from ..training.metrics import compute_accuracy, cross_bit_table
+from ..training.tracking import OscillationTracker, add_oscillation_tracker
+from ..training.trainer import OscillationTrainer
+from .data import DATASETS, load_image_dataset
+from .launch import check_world_size
+from .models import MODEL_NAMES, build_image_processor, build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeArguments:
+    """Settings of a recipe that are not Trainer arguments."""
+
+    dataset: str = field(default="digits", metadata={"help": f"One of {sorted(DATASETS)}."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local copy of the dataset (IDX files, save_to_disk folder or parquet)."}
+    )
+    model: str = field(default="vit", metadata={"help": f"One of {MODEL_NAMES} (set by the recipe script)."})
+    vit_size: str = field(default="tiny", metadata={"help": "Tiny ViT size: 'tiny' or 'micro' (see models.py)."})
+    patch_size: int | None = field(default=None, metadata={"help": "ViT patch size (must divide the image side)."})
+    cifar_stem: bool = field(default=True, metadata={"help": "ResNet-18: 3x3 stride-1 stem, no max-pool."})
+    pretrained: bool = field(
+        default=False,
+        metadata={"help": "Start from ImageNet weights (Hub): timm's ResNet-18, or ViT-Ti/16 for the tiny ViT."},
+    )
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Also train these osc_methods with the same settings for comparison: 'qat', 'none'."},
+    )
+    export_bits: list[int] = field(
+        default_factory=lambda: list(DEFAULT_EVAL_BITS), metadata={"help": "Bit-widths to export."}
+    )
+    export: bool = field(default=True, metadata={"help": "Export every bit-width and write model cards."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement of the best metric."}
+    )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training split for model selection (0: the test split)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many test images."})
+    track_oscillations: bool = field(default=True, metadata={"help": "Count oscillations (PAPER.md section 7)."})
+    track_every_n_steps: int = field(default=1, metadata={"help": "Record the integer codes every N steps."})
+    expected_world_size: int | None = field(
+        default=None, metadata={"help": "Number of processes the run must have (default: what the launcher says)."}
+    )
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise OscqValueError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}.")
+        if self.model not in MODEL_NAMES:
+            raise OscqValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}.")
+        unknown = [method for method in self.baselines if method not in OSC_METHODS]
+        if unknown:
+            raise OscqValueError(f"--baselines takes osc_methods {OSC_METHODS}, got {unknown}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise OscqValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+
+
+def parse_arguments(argv: list[str] | None = None, model: str | None = None
+                    ) -> tuple[RecipeArguments, OscillationConfig]:
+    """Parses `--config file.yaml` (defaults) then the command line (overrides) into the two dataclasses."""
+    parser = HfArgumentParser((RecipeArguments, OscillationConfig))
+    parser.add_argument("--config", default=None, help="YAML file of arguments; the command line overrides it.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = parser.parse_known_args(argv)
+    defaults = {"model": model} if model else {}
+    if known.config:
+        loaded = yaml.safe_load(Path(known.config).read_text()) or {}
+        destinations = {action.dest for action in parser._actions}
+        unknown = sorted(set(loaded) - destinations)
+        if unknown:
+            raise OscqValueError(f"{known.config}: unknown keys {unknown}; keys are the --flags of this recipe.")
+        defaults.update(loaded)
+    parser.set_defaults(**defaults)
+    recipe, training, _ = parser.parse_args_into_dataclasses(argv, return_remaining_strings=False)
+    if model and recipe.model != model:
+        raise OscqValueError(f"This recipe trains --model {model}; use the other recipe script for {recipe.model}.")
+    return recipe, training
+
+
+def _run_arguments(training: OscillationConfig, output_dir: Path, method: str) -> OscillationConfig:
+    """The Trainer arguments of one run: its own folder; FP runs select on full-precision accuracy (PAPER.md 4);
+    baselines keep the main run's settings but `osc_lambda`, which only the oscillation method uses."""
+    changes = {"output_dir": str(output_dir / "training" / method), "osc_method": method, "push_to_hub": False}
+    if method != OSCILLATION:
+        changes["osc_lambda"] = DEFAULT_OSC_LAMBDA
+    metric = training.metric_for_best_model
+    if method == NONE and metric and re.fullmatch(r"(eval_)?w\d+_accuracy", metric):
+        changes["metric_for_best_model"] = "accuracy"
+    return dataclasses.replace(training, **changes)
+
+
+def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig, data, output_dir: Path):
+    """Trains one run and returns `(trainer, cross-bit test table)`."""
+    args = _run_arguments(training, output_dir, method)
+    torch.manual_seed(args.seed)
+    model = build_model(
+        recipe.model, data.info, data.label_names, vit_size=recipe.vit_size, patch_size=recipe.patch_size,
+        cifar_stem=recipe.cifar_stem, pretrained=recipe.pretrained,
+    )
+    callbacks = []
+    if recipe.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
+    trainer = OscillationTrainer(
+        model=model, args=args, train_dataset=data.train,
+        eval_dataset=data.validation if data.validation is not None else data.eval,
+        compute_metrics=compute_accuracy, callbacks=callbacks, processing_class=build_image_processor(data.info),
+    )
+    if recipe.track_oscillations:
+        add_oscillation_tracker(trainer, OscillationTracker(every_n_steps=recipe.track_every_n_steps,
+                                                            spec=args.quant_spec))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()  # the final (or, with load_best_model_at_end, the best) weights, in the run's folder
+    trainer.save_state()
+    trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
+    table = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
+    return trainer, table
+
+
+def _describe_model(recipe: RecipeArguments) -> str:
+    if recipe.model == "vit":
+        if recipe.pretrained:
+            return "tiny ViT (timm ViT-Ti/16, ImageNet-pretrained, patch embedding resampled)"
+        return f"tiny ViT ({recipe.vit_size!r} size of hf_oscq.models)"
+    details = ["timm", "CIFAR stem" if recipe.cifar_stem else "ImageNet stem"]
+    return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
+
+
+def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Path):
+    export_dir = output_dir / "export"
+    args = trainer.args
+    comparisons = {comparison_key(method): table for method, table in tables.items()
+                   if method != args.osc_method} or None
+    model = trainer.model
+    if trainer.is_fsdp_enabled:  # FSDP2 shards the weights: export the whole model that save_model gathered
+        model = auto_class_for(args.output_dir).from_pretrained(args.output_dir).to(args.device)
+    export_quantized(
+        model, export_dir, bits=tuple(recipe.export_bits), spec=args.quant_spec,
+        image_processor=build_image_processor(data.info), metrics=tables[args.osc_method],
+        # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
+        calibration_batches=trainer.calibration_batches,
+        training={
+            "osc_method": args.osc_method, "osc_bits": args.osc_bits, "osc_lambda": args.osc_lambda,
+            "dataset": recipe.dataset, "model": _describe_model(recipe),
+            "hyperparameters": {
+                "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
+                "max_steps": args.max_steps, "train_batch_size": args.per_device_train_batch_size * args.world_size,
+                "optimizer": str(args.optim), "weight_decay": args.weight_decay, "seed": args.seed,
+                "pretrained": recipe.pretrained,
+            },
+        },
+        comparisons=comparisons,
+    )
+    write_model_cards(export_dir, repo_id=args.hub_model_id)
+    return export_dir
+
+
+def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
+    """Runs a recipe end to end (see the module docstring for what lands where) and returns its summary."""
+    training = check_world_size(training, recipe.expected_world_size)
+    if training.push_to_hub and not training.hub_model_id:
+        raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
+    output_dir = Path(training.output_dir)
+    data = load_image_dataset(
+        recipe.dataset, recipe.data_dir, seed=training.seed, max_train_samples=recipe.max_train_samples,
+        max_eval_samples=recipe.max_eval_samples, validation_fraction=recipe.validation_fraction,
+    )
+    tables, trainer = {}, None
+    for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
+        run_trainer, tables[method] = train_one(method, recipe, training, data, output_dir)
+        trainer = trainer or run_trainer
+        logger.info("%s: %s", method, tables[method])
+    summary = {
+        "dataset": recipe.dataset, "model": recipe.model, "world_size": trainer.args.world_size,
+        "tables": tables, "export_dir": None,
+    }
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "cross_bit.json").write_text(json.dumps(tables, indent=2))
+        (output_dir / "cross_bit.md").write_text(format_cross_bit_table(tables) + "\n")
+        if recipe.export:
+            summary["export_dir"] = str(_export(trainer, recipe, data, tables, output_dir))
+            if training.push_to_hub:
+                from ..hub.push import push_to_hub
+
+                push_to_hub(summary["export_dir"], training.hub_model_id, private=bool(training.hub_private_repo))
+        (output_dir / "run_info.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "tables"}))
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def main(model: str, argv: list[str] | None = None) -> int:
+    """Entry point of `recipes/train_<model>.py`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe, training = parse_arguments(argv, model)
+    summary = run_recipe(recipe, training)
+    if summary["export_dir"] is not None:
+        sys.stdout.write(f"{format_cross_bit_table(summary['tables'])}\n\nExported to {summary['export_dir']}\n")
+    return 0

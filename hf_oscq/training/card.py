@@ -1,0 +1,87 @@
+"""The model card `OscillationTrainer.create_model_card` writes (and `trainer.push_to_hub()` uploads): the method,
+its quantization settings, the cross-bit table of the last evaluation, hyperparameters, versions and citation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..paper import CITATION
+from ..quantization.ptq import format_cross_bit_table
+from ..versions import library_versions
+from .metrics import cross_bit_table
+from .methods import OSCILLATION, method_sentence
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "trainer_card.md"
+TAGS = ["hf_oscq", "oscq", "quantization"]
+_HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "optim", "weight_decay", "lr_scheduler_type", "seed",
+)
+
+
+def last_cross_bit_table(log_history: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """The cross-bit table of the last evaluation in a Trainer's `log_history` (empty when there was none)."""
+    for entry in reversed(log_history):
+        table = cross_bit_table(entry, prefix="eval")
+        if any(name != "fp" for name in table):
+            return table
+    return {}
+
+
+def _listed(values: str | Sequence[str] | None) -> list[str] | None:
+    return [values] if isinstance(values, str) else list(values) if values else None
+
+
+def render_trainer_card(
+    args,
+    log_history: Sequence[dict],
+    model_name: str,
+    base_model: str | None = None,
+    datasets: str | Sequence[str] | None = None,
+    tags: str | Sequence[str] | None = None,
+    license: str | None = None,
+    language: str | Sequence[str] | None = None,
+) -> ModelCard:
+    """The card of a training run. Rendered locally (jinja2 template), no network.
+
+    Args:
+        args: the run's `OscillationConfig`.
+        log_history: the Trainer's `state.log_history` (the last evaluation gives the cross-bit table).
+        model_name: the card's title.
+        base_model: the model it was fine-tuned from.
+        datasets, tags, license, language: card metadata.
+    """
+    spec = args.quant_spec
+    table = last_cross_bit_table(log_history)
+    has_accuracy = any("accuracy" in row for row in table.values())
+    versions = library_versions()
+    data = ModelCardData(
+        library_name="transformers", model_name=model_name, base_model=base_model, license=license,
+        language=_listed(language), datasets=_listed(datasets),
+        tags=TAGS + [tag for tag in _listed(tags) or [] if tag not in TAGS],
+    )
+    hyperparameters = [f"| {key} | `{getattr(args, key)}` |" for key in _HYPERPARAMETERS if hasattr(args, key)]
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE_PATH),
+        title=model_name,
+        method=method_sentence(args.osc_method, spec.bits, args.osc_lambda),
+        osc_method=args.osc_method,
+        osc_lambda=args.osc_lambda if args.osc_method == OSCILLATION else None,
+        bits=spec.bits,
+        levels=2 * spec.max_code + 1,
+        granularity="one scale per output channel" if spec.per_channel else "one scale per tensor",
+        targets=", ".join(f"`{t}`" for t in spec.target_modules) if spec.target_modules else "Linear, Conv, Embedding",
+        excludes=", ".join(f"`{t}`" for t in spec.exclude_modules or ()),
+        bn_samples=f"{args.osc_bn_recalibration_samples} training images" if args.osc_bn_recalibration_samples
+        else "none (plain rounding, as in the paper)",
+        cross_bit_table=format_cross_bit_table({model_name: table}) if has_accuracy
+        else "No evaluation with an accuracy metric was logged: pass compute_metrics and evaluate.",
+        eval_bits=" ".join(map(str, args.osc_eval_bits)),
+        hyperparameters="\n".join(["| hyperparameter | value |", "|---|---|", *hyperparameters]),
+        versions=", ".join(f"{name} {version}" for name, version in versions.items()),
+        citation=CITATION,
+    )

@@ -1,0 +1,134 @@
+"""`OscillationConfig`: the Trainer arguments of hf_oscq."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..errors import OscqValueError
+from ..quantization.spec import DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec, validate_bits
+from .guards import check_sharding
+from .methods import OSC_METHODS, OSCILLATION
+
+DEFAULT_OSC_LAMBDA = 1.0
+
+
+@dataclass
+class OscillationConfig(TrainingArguments):
+    r"""`TrainingArguments` plus the settings of oscillation training, its QAT baseline and cross-bit evaluation.
+
+    Parsable with `HfArgumentParser` from the command line (`--osc_method qat --osc_bits 3`) and from YAML. The
+    quantization settings form one `QuantSpec`, `quant_spec`, which the Trainer hands to the penalty, QAT, PTQ and
+    tracking.
+
+    Parameters:
+        > Training method
+
+        osc_method (`str`, *optional*, defaults to `"oscillation"`):
+            `"oscillation"`: task loss + `osc_lambda` x oscillation penalty, full-precision forward pass (the paper's
+            regularizer); `"qat"`: forward pass through fake-quantized weights (the QAT baseline); `"none"`: plain
+            training.
+        osc_lambda (`float`, *optional*, defaults to `1.0`):
+            Weight of the oscillation penalty, >= 0. Used by `osc_method="oscillation"` only; another value with
+            `"qat"` or `"none"` warns that it is ignored.
+
+        > Quantization (`quant_spec`)
+
+        osc_bits (`int`, *optional*, defaults to `3`):
+            Target bit-width of the penalty or of QAT, in [2, 8].
+        osc_target_modules (`list[str]`, *optional*):
+            Modules whose weights are quantized: names, dotted suffixes or regexes of module names; `"all-weights"`
+            for every module with a weight (the paper's reference code). Default: Linear, Conv and Embedding layers.
+        osc_exclude_modules (`list[str]`, *optional*):
+            Modules kept in float (same pattern syntax). A pattern that matches no module warns.
+        osc_per_channel (`bool`, *optional*, defaults to `False`):
+            One scale per output channel instead of one per tensor.
+
+        > Cross-bit evaluation
+
+        osc_eval_bits (`list[int]`, *optional*, defaults to `[2, 3, 4, 5, 6, 7, 8]`):
+            Bit-widths at which every evaluation also evaluates the PTQ'd model, reported as `eval_w{b}_<metric>`
+            (e.g. `metric_for_best_model="eval_w3_accuracy"`).
+        osc_bn_recalibration_samples (`int`, *optional*, defaults to `0`):
+            Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit evaluation
+            (0 = plain rounding, as in the paper). The samples are drawn with the run's `seed`
+            (`quantization.batchnorm.calibration_batches`). A model without BatchNorm warns that it is ignored.
+
+    Raises:
+        OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the
+            quantizer cannot handle (FSDP1, DeepSpeed ZeRO-3, QAT with activation checkpointing).
+    """
+
+    osc_method: str = field(
+        default=OSCILLATION,
+        metadata={
+            "help": "'oscillation': task loss + osc_lambda x oscillation penalty, full-precision forward (the paper's "
+            "regularizer); 'qat': forward through fake-quantized weights (the QAT baseline); 'none': plain training.",
+            "choices": list(OSC_METHODS),
+        },
+    )
+    osc_bits: int = field(default=3, metadata={"help": "Target bit-width of the penalty or of QAT, in [2, 8]."})
+    osc_lambda: float = field(
+        default=DEFAULT_OSC_LAMBDA, metadata={"help": "Weight of the oscillation penalty (osc_method='oscillation')."}
+    )
+    osc_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules whose weights are quantized: names, dotted suffixes or regexes of module names; "
+            "'all-weights' for every module with a weight (the paper's reference code). Default: Linear, Conv and "
+            "Embedding layers."
+        },
+    )
+    osc_exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules kept in float (same pattern syntax as osc_target_modules)."}
+    )
+    osc_per_channel: bool = field(
+        default=False, metadata={"help": "One scale per output channel instead of one per tensor."}
+    )
+    osc_eval_bits: list[int] = field(
+        default_factory=lambda: list(DEFAULT_EVAL_BITS),
+        metadata={"help": "Bit-widths at which every evaluation also evaluates the PTQ'd model (eval_w{b}_*)."},
+    )
+    osc_bn_recalibration_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit "
+            "evaluation (0 = plain rounding, as in the paper)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.osc_method not in OSC_METHODS:
+            raise OscqValueError(f"osc_method must be one of {OSC_METHODS}, got {self.osc_method!r}.")
+        try:
+            validate_bits(self.osc_bits)
+            self.osc_eval_bits = sorted({validate_bits(b) for b in self.osc_eval_bits})
+        except ValueError as error:
+            raise OscqValueError(f"Invalid osc_bits / osc_eval_bits: {error}") from None
+        self.quant_spec  # noqa: B018 - validates the patterns
+        if not (isinstance(self.osc_lambda, (int, float)) and math.isfinite(self.osc_lambda) and self.osc_lambda >= 0):
+            raise OscqValueError(f"osc_lambda must be a finite number >= 0, got {self.osc_lambda!r}.")
+        if self.osc_method != OSCILLATION and self.osc_lambda not in (0, DEFAULT_OSC_LAMBDA):
+            warnings.warn(
+                f"osc_lambda={self.osc_lambda} is ignored with osc_method={self.osc_method!r}: only 'oscillation' "
+                "adds the penalty.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.osc_bn_recalibration_samples < 0:
+            raise OscqValueError("osc_bn_recalibration_samples must be >= 0 (0 disables BatchNorm re-estimation).")
+        check_sharding(self)
+
+    @property
+    def quant_spec(self) -> QuantSpec:
+        """The `QuantSpec` of `osc_bits`, `osc_per_channel`, `osc_target_modules` and `osc_exclude_modules`."""
+        return QuantSpec(
+            bits=self.osc_bits,
+            granularity=PER_CHANNEL if self.osc_per_channel else PER_TENSOR,
+            target_modules=self.osc_target_modules,
+            exclude_modules=self.osc_exclude_modules,
+        )

@@ -1,0 +1,212 @@
+"""`OscillationTrainer`: the Trainer with the oscillation regularizer, a QAT mode and cross-bit evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .. import _compat
+from ..quantization.batchnorm import calibration_batches, has_batchnorm
+from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
+from ..quantization.ptq import quantized_weights
+from ..quantization.qat import fake_quantized_forward
+from ..quantization.selection import weight_owners
+from ..quantization.sharding import current_weights
+from ..quantization.variants import variant_name
+from .config import OscillationConfig
+from .methods import OSCILLATION, QAT
+
+logger = logging.getLogger(__name__)
+
+
+class OscillationTrainer(Trainer):
+    """A `Trainer` that trains with the oscillation regularizer (or QAT, or plainly) and evaluates every bit-width.
+
+    * `osc_method="oscillation"`: loss = task loss + `osc_lambda` x `oscillation_penalty`, training only; the forward
+      pass uses the full-precision weights.
+    * `osc_method="qat"`: the forward pass sees fake-quantized weights (straight-through estimator); the model keeps
+      its latent full-precision weights and parameter names.
+    * `osc_method="none"`: plain training.
+
+    Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
+    so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. Training
+    logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over each logging interval.
+
+    Args:
+        model: any model whose forward returns a loss (transformers models, `TimmWrapperForImageClassification`, or
+            an `nn.Module` returning `{"loss": ..., "logits": ...}`).
+        args: an `OscillationConfig`.
+        *trainer_args, **trainer_kwargs: everything else `transformers.Trainer` accepts.
+    """
+
+    def __init__(
+        self, model: nn.Module | None = None, args: OscillationConfig | None = None, *trainer_args, **trainer_kwargs
+    ):
+        if not isinstance(args, OscillationConfig):
+            raise TypeError(
+                f"OscillationTrainer needs args=OscillationConfig(...), got {type(args).__name__}. OscillationConfig "
+                "takes every TrainingArguments field plus the osc_* settings."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self._osc_selected: tuple[nn.Module, dict[str, nn.Module]] | None = None
+        self._osc_workspace = PenaltyWorkspace()
+        self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._osc_first_step = 0
+        if self.model is not None:
+            self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
+            if args.osc_bn_recalibration_samples and not has_batchnorm(self.model):
+                warnings.warn(
+                    f"osc_bn_recalibration_samples={args.osc_bn_recalibration_samples} is ignored: the model has no "
+                    "BatchNorm layer whose statistics rounding would invalidate.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def _quantized_weights(self) -> dict[str, nn.Parameter]:
+        """The selected weights as registered now (FSDP2 swaps parameter objects; see `weight_owners`)."""
+        model = self.model
+        if self._osc_selected is None or self._osc_selected[0] is not model:
+            owners = weight_owners(model, spec=self.args.quant_spec)
+            self._osc_selected = (model, owners)
+        return current_weights(model, self._osc_selected[1])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        penalty, spec = None, args.quant_spec
+        if args.osc_method == OSCILLATION:
+            # Before the forward pass: autograd then runs the penalty's backward last and adds its gradient into the
+            # task gradient in place instead of allocating a sum.
+            penalty = fused_oscillation_penalty(self._quantized_weights(), workspace=self._osc_workspace, spec=spec)
+        if args.osc_method == QAT:
+            with fake_quantized_forward(self.model, self._quantized_weights(), spec=spec):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = result if return_outputs else (result, None)
+        # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
+        accumulation = self.current_gradient_accumulation_steps
+        trainer_divides = not _compat.loss_is_scaled_for_gradient_accumulation(self, num_items_in_batch)
+        # Metrics are recorded as this micro-batch's share of the optimizer step, like the Trainer's own loss.
+        if not self._osc_metrics:
+            self._osc_first_step = self.state.global_step
+        self._osc_metrics["task_loss"].append(loss.detach() / (accumulation if trainer_divides else 1))
+        if penalty is not None:
+            self._osc_metrics["osc_penalty"].append(penalty.detach() / accumulation)
+            weight = args.osc_lambda if trainer_divides else args.osc_lambda / accumulation
+            loss = loss + weight * penalty.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs (they carry "loss") are emitted on every process at once, so the reduction is safe here.
+        if "loss" in logs and self._osc_metrics:
+            steps = max(1, self.state.global_step - self._osc_first_step)
+            for key, values in self._osc_metrics.items():
+                mean = torch.stack([value.float() for value in values]).sum() / steps
+                logs[key] = self.accelerator.reduce(mean, reduction="mean").item()
+            self._osc_metrics.clear()
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._load_pretrained_weights(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_pretrained_weights(self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_pretrained_weights(self, model: nn.Module, folder: str) -> bool:
+        """Loads a checkpoint folder's weights through `from_pretrained`, strictly; False where that does not apply.
+
+        The Trainer reloads checkpoints with `load_state_dict(strict=False)` on the raw file, but `save_pretrained`
+        writes some architectures (ViT among them) under their legacy key names: the resumed or "best" model would
+        silently keep the wrong weights. `from_pretrained` applies the key conversion.
+        """
+        if (
+            not isinstance(model, PreTrainedModel)
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or not any(
+                os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+            )
+        ):
+            return False
+        logger.info("Loading model weights from %s through from_pretrained.", folder)
+        reloaded = type(model).from_pretrained(folder, config=model.config)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+        return True
+
+    def calibration_batches(self) -> Iterator[dict] | None:
+        """Training batches for BatchNorm re-estimation after rounding: `osc_bn_recalibration_samples` images drawn
+        with the run's `seed` (`quantization.batchnorm.calibration_batches`), the same on every process; `None`
+        for plain rounding."""
+        samples = self.args.osc_bn_recalibration_samples
+        if samples == 0 or self.train_dataset is None:
+            return None
+        dataset = self.train_dataset
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop columns the model does not take
+            dataset = _compat.remove_unused_columns(self, dataset, "calibration")
+        batches = calibration_batches(
+            dataset, samples, self.args.per_device_eval_batch_size, self.args.seed, collate_fn=self.data_collator
+        )
+        return (_compat.prepare_inputs(self, batch) for batch in batches)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The usual evaluation, then the same at every bit of `osc_eval_bits` (PTQ'd weights, restored afterwards)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        spec = self.args.quant_spec
+        for bits in self.args.osc_eval_bits:
+            with quantized_weights(self.model, calibration_batches=self.calibration_batches(), spec=spec.with_bits(bits)):
+                quantized = super().evaluation_loop(
+                    dataloader,
+                    f"{description} at {bits} bits",
+                    prediction_loss_only,
+                    ignore_keys,
+                    f"{metric_key_prefix}_{variant_name(bits)}",
+                )
+            output.metrics.update(quantized.metrics)
+        return output
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Writes `output_dir/README.md`: the method and its settings, the paper's citation, and the cross-bit
+        table of the last evaluation (what `push_to_hub` uploads). Same arguments as `Trainer.create_model_card`
+        (`tasks` and `dataset_args` are not used). Nothing is sent anywhere.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .card import render_trainer_card
+
+        card = render_trainer_card(
+            self.args,
+            self.state.log_history,
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=finetuned_from,
+            datasets=dataset_tags or dataset,
+            tags=tags,
+            license=license,
+            language=language,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))

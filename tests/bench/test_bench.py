@@ -1,0 +1,142 @@
+"""The quality bench's pure logic: the grid's priority order and the aggregator, on hand-made cell records."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load("quality")
+aggregate = _load("aggregate")
+
+
+def _table(fp: float, per_bit: dict[int, float]) -> dict:
+    table = {"fp": {"accuracy": fp}}
+    table.update({f"w{b}": {"accuracy": per_bit.get(b, fp)} for b in range(2, 9)})
+    return table
+
+
+def _record(model, method, bits, osc_lambda, seed, plain, bn=None, seconds=10.0):
+    return {
+        "cell": {"model": model, "method": method, "bits": bits, "osc_lambda": osc_lambda, "seed": seed},
+        "settings": {"max_train_samples": 8},
+        "plain": plain,
+        "bn": bn,
+        "has_batchnorm": bn is not None,
+        "seconds": {"train_and_plain_eval": seconds, "bn_eval": 0.0},
+        "torch_threads": 1,
+    }
+
+
+def test_grid_priority_and_names():
+    cells = quality.grid()
+    names = [cell.name for cell in cells]
+    variants = [cell for cell in cells if cell.variant]
+    assert len(names) == len(set(names)) == 2 * 2 * 7 + 2 * len(quality.SWEEP_LAMBDAS) + len(variants)
+    assert names[:6] == [
+        "resnet18_fp_s0", "resnet18_osc3_lam10_s0", "resnet18_qat3_s0",
+        "vit_fp_s0", "vit_osc3_lam10_s0", "vit_qat3_s0",
+    ]
+    first_seed_one = names.index("resnet18_fp_s1")
+    assert all(cell.seed == 0 for cell in cells[:first_seed_one])
+    assert {cell.bits for cell in cells[:first_seed_one] if cell.bits} == {2, 3, 4}
+    sweep = cells[-len(variants) - 2 * len(quality.SWEEP_LAMBDAS):-len(variants)]
+    assert all(cell.bits == 3 and cell.osc_lambda != quality.MAIN_LAMBDA for cell in sweep)
+    assert cells[-len(variants):] == variants  # investigations last
+    assert quality.Cell("vit", "qat", 3, None, 0, "e6").name == "vit_qat3_s0_e6"
+
+
+def test_summarize_mean_spread_and_no_batchnorm_model():
+    records = [
+        _record("resnet18", "none", None, None, 0, _table(0.90, {3: 0.40}), bn=_table(0.90, {3: 0.80})),
+        _record("resnet18", "none", None, None, 1, _table(0.92, {3: 0.50}), bn=_table(0.92, {3: 0.84})),
+        _record("vit", "qat", 3, None, 0, _table(0.70, {3: 0.75})),
+    ]
+    groups = aggregate.summarize(records)
+    fp = groups[("resnet18", "none", None, None)]
+    assert fp["seeds"] == [0, 1]
+    assert aggregate.mean(fp["plain"]["w3"]) == pytest.approx(45.0)
+    assert aggregate.spread(fp["plain"]["w3"]) == pytest.approx(50 ** 0.5)  # sample std of 40 and 50
+    assert aggregate.format_cell(fp["bn"]["w3"]) == "82.0 ± 2.8"
+    vit = groups[("vit", "qat", 3, None)]
+    assert vit["bn"]["w3"] == vit["plain"]["w3"] == [75.0]
+
+
+def test_target_checks_verdicts():
+    records = [
+        _record("m", "none", None, None, 0, _table(0.90, {3: 0.50, 4: 0.86})),
+        # Regularizer at 3 bits: 0.5 below QAT at w3 (within 1 point), far above PTQ (50).
+        _record("m", "oscillation", 3, 10.0, 0, _table(0.90, {3: 0.80, 2: 0.30})),
+        _record("m", "qat", 3, None, 0, _table(0.85, {3: 0.805, 2: 0.20})),
+        # At 4 bits: 2 points below QAT, only 1 point above PTQ.
+        _record("m", "oscillation", 4, 10.0, 0, _table(0.90, {4: 0.87})),
+        _record("m", "qat", 4, None, 0, _table(0.90, {4: 0.89})),
+    ]
+    rows = aggregate.target_checks(aggregate.summarize(records), "m", "plain", 10.0)
+    verdicts = {row["target"]: (row["values"], row["holds"]) for row in rows}
+    assert verdicts["Reg @3 within 1 point of QAT @3 at w3"] == ("80.0 vs 80.5", True)
+    assert verdicts["Reg @3 far above FP + PTQ at w3 (>= 5 points)"] == ("80.0 vs 50.0", True)
+    assert verdicts["Reg @4 within 1 point of QAT @4 at w4"] == ("87.0 vs 89.0", False)
+    assert verdicts["Reg @4 far above FP + PTQ at w4 (>= 5 points)"] == ("87.0 vs 86.0", False)
+    # Unseen bits for a 3-bit run: w2, w4..w8. Reg: (30 + 5 * 90) / 6 = 80; QAT: (20 + 5 * 85) / 6 = 74.17.
+    assert verdicts["trained @3: Reg >= QAT on average over unseen w2..w8"] == ("80.0 vs 74.2", True)
+    assert not any(target.startswith("trained @2") for target in verdicts)  # no 2-bit runs in the records
+
+
+def test_write_results_keeps_hand_written_text(tmp_path):
+    document = tmp_path / "RESULTS.md"
+    document.write_text(f"# Title\nintro\n{aggregate.BEGIN}\nold table\n{aggregate.END}\nanalysis\n")
+    aggregate.write_results("new table", document)
+    assert document.read_text() == f"# Title\nintro\n{aggregate.BEGIN}\nnew table\n{aggregate.END}\nanalysis\n"
+    document.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        aggregate.write_results("x", document)
+
+
+def test_render_writes_tables_and_plot(tmp_path):
+    records = [
+        _record("resnet18", "none", None, None, 0, _table(0.90, {3: 0.40}), bn=_table(0.90, {3: 0.80})),
+        _record("resnet18", "qat", 3, None, 0, _table(0.88, {3: 0.87}), bn=_table(0.88, {3: 0.88})),
+    ]
+    (tmp_path / "overhead.json").write_text(json.dumps({
+        "workload": "w", "device": "cpu", "torch_threads": 2,
+        "results": [{"batch_size": 32, "median_step_seconds": {"fp": 0.1, "qat": 0.15},
+                     "ratio_to_fp": {"fp": 1.0, "qat": 1.5}}],
+    }))
+    (tmp_path / "export_size.json").write_text(json.dumps({"bits": [2, 8], "models": {"net": {
+        "fp32_bytes": 4e6, "variants": {"w2": {"vs_fp32": 0.0625}, "w8": {"vs_fp32": 0.25}}}}}))
+    text = aggregate.render(records, 10.0, tmp_path, tmp_path / "figures", tmp_path)
+    assert (tmp_path / "figures" / "quality_resnet18.png").stat().st_size > 0
+    assert "(figures/quality_resnet18.png)" in text
+    assert "| FP + PTQ | 1 | 90.0 | 90.0 | 40.0 | 90.0 |" in text
+    assert "| QAT @3 | 1 | 88.0 | 88.0 | **87.0** | 88.0 |" in text
+    assert "| 32 | 100.0 | 1.00x | 1.50x |" in text
+    assert "| net | 4.0 | 0.062 | 0.250 | - |" in text
+
+
+def test_diagnostics_weights_by_layer_size():
+    def layer(numel, factor, near, ratio, zero):
+        return {"numel": numel, "penalty_gradient_factor": factor, "near_threshold": near, "max_over_std": ratio,
+                "zero_code_fraction": zero}
+
+    stats = {"bits": 3, "cells": {"m_osc3": {
+        "conv1.weight": layer(1000, 0.02, 0.5, 3.0, 0.2),
+        "fc.weight": layer(3000, 0.002, 0.3, 5.0, 0.6),
+        "big.weight": layer(400_000, 5e-5, 0.2, 4.0, 0.5),
+    }}}
+    row = aggregate.diagnostics_markdown(stats).splitlines()[-1]
+    # < 10k: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; none of 10k-200k; >= 200k: 0.2. Median of 3, 5, 4 = 4.
+    # Rounded to 0: (0.2 * 1000 + 0.6 * 3000 + 0.5 * 400000) / 404000 = 0.50.
+    assert row == "| m_osc3 | 0.35 | - | 0.20 | 4.00 | 0.500 | 5e-05..2e-02 |"

@@ -1,0 +1,228 @@
+"""Model cards and plots rendered from a real export folder, checked with huggingface_hub's own card parser."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _export_fixture import BITS, TRAINING, build_export, tiny_model
+from huggingface_hub import ModelCard, ModelCardData
+
+import hf_oscq
+from hf_oscq.export.folder import ExportFolderError, read_export_manifest
+from hf_oscq.hub import ACCURACY_PLOT, HISTOGRAM_PLOT
+from hf_oscq.hub.model_card import render_card_files, write_model_cards
+from hf_oscq.plots import plot_accuracy_vs_bits, plot_weight_histogram, quantization_thresholds
+
+REPO = "acme/tiny-vit"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return build_export(tmp_path_factory.mktemp("export") / "tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def manifest(export_dir):
+    return json.loads((export_dir / "oscq_export.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cards(export_dir):
+    return {v: render_card_files(export_dir, v, REPO) for v in ["fp"] + [f"w{b}" for b in BITS]}
+
+
+def _table_row(body: str, label: str) -> list[str]:
+    rows = [line for line in body.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, f"no table row {label!r}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")][1:]
+
+
+def _percents(table: dict) -> list[str]:
+    return [f"{100 * table[key]['accuracy']:.1f}" for key in ["fp"] + [f"w{b}" for b in BITS]]
+
+
+@pytest.mark.parametrize("variant", ["fp", "w2", "w3", "w4"])
+def test_card_metadata_parses_and_eval_results_round_trip(cards, manifest, variant):
+    card = ModelCard(cards[variant]["README.md"].decode())
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["digits"]
+    assert {"hf_oscq", "quantization"} <= set(data.tags)
+    expected_name = REPO.split("/")[1] + ("" if variant == "fp" else f"-{variant}")
+    assert data.model_name == expected_name
+    if variant == "fp":
+        assert "full-precision" in data.tags
+        assert data.base_model is None and data.to_dict().get("base_model_relation") is None
+    else:
+        assert f"{variant[1:]}-bit" in data.tags
+        assert data.base_model == REPO
+        assert data.to_dict()["base_model_relation"] == "quantized"
+
+    (result,) = data.eval_results
+    assert result.metric_type == "accuracy"
+    assert result.metric_value == manifest["metrics"][variant]["accuracy"]
+    assert (result.task_type, result.dataset_name, result.dataset_split) == ("image-classification", "digits", "test")
+
+    # model-index -> ModelCardData -> YAML -> ModelCard gives back the same evaluation results
+    rebuilt = ModelCardData(**data.to_dict())
+    assert rebuilt.eval_results == data.eval_results
+    reparsed = ModelCard(f"---\n{rebuilt.to_yaml()}\n---\n")
+    assert reparsed.data.eval_results == data.eval_results
+    assert reparsed.data.model_name == expected_name
+
+
+def test_card_tables_carry_the_measured_accuracies(cards, manifest, export_dir):
+    body = cards["w3"]["README.md"].decode()
+    assert _table_row(body, "this model") == _percents(manifest["metrics"])
+    assert _table_row(body, "oscillation regularizer (this model)") == _percents(manifest["metrics"])
+    assert _table_row(body, "QAT") == _percents(manifest["comparisons"]["qat"])
+    assert _table_row(body, "FP + PTQ") == _percents(manifest["comparisons"]["fp_ptq"])
+    # the variants table links every bit-width's repo with its accuracy and size on disk
+    for b in BITS:
+        size_kb = manifest["sizes_bytes"][f"w{b}"] / 1000
+        link = f"[{REPO}-w{b}](https://huggingface.co/{REPO}-w{b})" + (" (this page)" if b == 3 else "")
+        row = _table_row(body, link)
+        assert row == [f"{b} bits", f"{100 * manifest['metrics'][f'w{b}']['accuracy']:.1f} %", f"{size_kb:.1f} kB"]
+
+
+def test_card_body_has_recipe_loading_snippet_and_citation(cards):
+    body = cards["w3"]["README.md"].decode()
+    assert 'import hf_oscq' in body
+    assert 'AutoModelForImageClassification.from_pretrained("acme/tiny-vit-w3")' in body
+    for key, value in TRAINING["hyperparameters"].items():
+        assert f"| {key} | `{value}` |" in body
+    assert f"| osc_lambda | `{TRAINING['osc_lambda']}` |" in body
+    assert TRAINING["command"] in body
+    assert "arxiv.org/abs/2502.00490" in body and "Wensh{\\o}j" in body and "Transactions on Machine Learning" in body
+    assert "3 bits: 7 levels" in body
+    fp_body = cards["fp"]["README.md"].decode()
+    assert 'from_pretrained("acme/tiny-vit")' in fp_body
+
+
+def test_card_images_are_pngs_referenced_by_relative_path(cards):
+    for files in cards.values():
+        body = files["README.md"].decode()
+        assert set(files) == {"README.md", ACCURACY_PLOT, HISTOGRAM_PLOT}
+        for image in (ACCURACY_PLOT, HISTOGRAM_PLOT):
+            assert files[image].startswith(PNG_MAGIC)
+            assert f"]({image})" in body
+
+
+def test_rendering_is_deterministic(export_dir, cards):
+    # Identical bytes on every render: re-pushing an unchanged export uploads nothing new.
+    assert render_card_files(export_dir, "w2", REPO) == cards["w2"]
+
+
+def test_histogram_uses_the_first_quantized_layer_with_its_own_thresholds(cards):
+    body = cards["w2"]["README.md"].decode()
+    first = next(iter(hf_oscq.select_weights(tiny_model())))
+    assert f"Full-precision weights of `{first}` with the 2-bit rounding thresholds" in body
+    assert f"Full-precision weights of `{first}` with the 3-bit" in cards["fp"]["README.md"].decode()  # osc_bits
+
+
+def test_card_without_repo_id_names_local_folders(export_dir):
+    card = ModelCard(render_card_files(export_dir, "w3")["README.md"].decode())
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert card.data.model_name == f"{export_dir.name}-w3"
+    assert f'from_pretrained("path/to/{export_dir.name}/w3")' in card.text
+    assert "https://huggingface.co/" not in card.text
+
+
+def test_card_without_recorded_results(tmp_path):
+    export_dir = build_export(tmp_path / "bare", with_results=False)
+    files = render_card_files(export_dir, "w3", REPO)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.eval_results is None
+    assert "No evaluation was recorded" in card.text
+    assert "No training record was stored" in card.text
+    assert set(files) == {"README.md", HISTOGRAM_PLOT}
+
+
+def test_write_model_cards_into_export_and_into_a_cards_folder(export_dir, tmp_path, cards):
+    copy = shutil.copytree(export_dir, tmp_path / "tiny-vit")
+    written = write_model_cards(copy, REPO)
+    assert written == [copy / v / "README.md" for v in ["fp", "w2", "w3", "w4"]]
+    assert (copy / "w3" / HISTOGRAM_PLOT).read_bytes() == cards["w3"][HISTOGRAM_PLOT]
+    outside = write_model_cards(export_dir, REPO, output_dir=tmp_path / "model_cards")
+    assert outside[2] == tmp_path / "model_cards" / "tiny-vit-w3" / "README.md"
+    assert outside[2].read_bytes() == cards["w3"]["README.md"]
+
+
+def test_unknown_variant_is_rejected(export_dir):
+    with pytest.raises(ValueError, match=r"Unknown variant 'w5'.*\['fp', 'w2', 'w3', 'w4'\]"):
+        render_card_files(export_dir, "w5", REPO)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "oscq_export.json").unlink(), r"oscq_export\.json is missing"),
+        (lambda d: shutil.rmtree(d / "w3"), r"the folder w3/ is missing"),
+        (lambda d: (d / "fp" / "model.safetensors").unlink(), r"fp/ has no complete model\.safetensors"),
+        (lambda d: (d / "w2" / "pytorch_model.bin").write_bytes(b"x"), r"pickle files \['pytorch_model\.bin'\]"),
+        (lambda d: _edit_json(d / "w4" / "config.json", quantization_config={"quant_method": "oscq", "bits": 8}),
+         r"w4/config\.json says bits=8, expected 4"),
+        (lambda d: _edit_json(d / "oscq_export.json", format_version=2), r"format_version 2; this hf_oscq reads"),
+        (lambda d: _edit_json(d / "oscq_export.json", bits=[1, 3]), r"invalid bit-widths"),
+    ],
+)
+def test_incomplete_export_folders_are_rejected(export_dir, tmp_path, damage, message):
+    copy = shutil.copytree(export_dir, tmp_path / "damaged")
+    damage(copy)
+    with pytest.raises(ExportFolderError, match=message):
+        read_export_manifest(copy)
+
+
+def _edit_json(path, **changes):
+    content = json.loads(path.read_text())
+    content.update(changes)
+    path.write_text(json.dumps(content))
+
+
+def test_quantization_thresholds_are_half_integers():
+    np.testing.assert_array_equal(quantization_thresholds(2), [-0.5, 0.5])
+    np.testing.assert_array_equal(quantization_thresholds(3), [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
+    assert len(quantization_thresholds(8)) == 254
+
+
+def _threshold_positions(figure) -> list[float]:
+    (collection,) = figure.axes[0].collections
+    return sorted(float(segment[0][0]) for segment in collection.get_segments())
+
+
+def test_weight_histogram_draws_thresholds_at_the_quantizer_bins(tmp_path):
+    weight = torch.tensor([[0.3, -0.9], [0.1, 0.6]])
+    figure = plot_weight_histogram(weight, 3, tmp_path / "hist.png")
+    step = 0.9 / 3  # max|W| / (2**(3-1) - 1)
+    assert _threshold_positions(figure) == pytest.approx([k * step for k in (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)])
+    assert (tmp_path / "hist.png").read_bytes().startswith(PNG_MAGIC)
+    # per channel: weights divided by their row's scale, thresholds shared at +-0.5 and +-1.5 ... in those units
+    figure = plot_weight_histogram(weight, 2, tmp_path / "hist_pc.png", per_channel=True)
+    assert _threshold_positions(figure) == [-0.5, 0.5]
+    # w / s per row: [0.3, -0.9] / 0.9 and [0.1, 0.6] / 0.6, so the histogram spans exactly [-1, 1]
+    (histogram,) = figure.axes[0].patches
+    xs = histogram.get_path().vertices[:, 0]
+    assert (xs.min(), xs.max()) == pytest.approx((-1.0, 1.0))
+
+
+def test_accuracy_plot_draws_each_run(tmp_path):
+    tables = {"osc": {"fp": {"accuracy": 0.9}, "w2": {"accuracy": 0.5}, "w4": {"accuracy": 0.85}}, "qat": {}}
+    figure = plot_accuracy_vs_bits(tables, tmp_path / "acc.png", highlight_bits=4)
+    lines = figure.axes[0].get_lines()
+    curve = next(line for line in lines if line.get_label() == "osc")
+    assert list(curve.get_xdata()) == [2, 4] and list(curve.get_ydata()) == pytest.approx([50.0, 85.0])
+    full = next(line for line in lines if line.get_label() == "osc, full precision")
+    assert list(full.get_ydata()) == pytest.approx([90.0, 90.0])
+    with pytest.raises(ValueError, match="has a 'accuracy' value"):
+        plot_accuracy_vs_bits({"qat": {}}, tmp_path / "none.png")
+
+
+def test_card_readme_has_no_unrendered_template_syntax(cards):
+    for files in cards.values():
+        assert not re.search(r"{{|{%|None\b", files["README.md"].decode())

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForImageClassification
+
+import hf_oscq  # noqa: F401
+from hf_oscq.scripts.data import load_image_dataset
+from hf_oscq.scripts.recipe import parse_arguments
+from hf_oscq.training.metrics import cross_bit_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "digits", "osc_bits": 2, "learning_rate": 0.01, "baselines": ["qat"],
+                                      "output_dir": str(tmp_path / "o"), "use_cpu": True}))
+    recipe, training = parse_arguments(["--config", str(config), "--osc_bits", "4"], model="vit")
+    assert (recipe.dataset, recipe.baselines, recipe.model) == ("digits", ["qat"], "vit")
+    assert (training.osc_bits, training.learning_rate) == (4, 0.01)
+    config.write_text(yaml.safe_dump({"osc_bitz": 3}))
+    with pytest.raises(ValueError, match=r"unknown keys \['osc_bitz'\]"):
+        parse_arguments(["--config", str(config)], model="vit")
+
+
+def test_every_shipped_config_parses():
+    for config in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        model = "resnet18" if "resnet18" in config.name else "vit"
+        recipe, training = parse_arguments(["--config", str(config), "--use_cpu"], model=model)
+        assert recipe.model == model and training.osc_bits in range(2, 9), config.name
+
+
+def test_cross_bit_table_from_metrics():
+    metrics = {"test_accuracy": 0.9, "test_loss": 0.3, "test_w3_accuracy": 0.8, "test_w10_accuracy": 0.1,
+               "test_runtime": 1.0, "test_w2_accuracy": 0.5}
+    assert cross_bit_table(metrics) == {"fp": {"accuracy": 0.9, "loss": 0.3}, "w2": {"accuracy": 0.5},
+                                        "w3": {"accuracy": 0.8}, "w10": {"accuracy": 0.1}}
+
+
+@pytest.mark.slow
+def test_digits_recipe_end_to_end(tmp_path):
+    output = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "recipes" / "train_vit.py"),
+        "--config", str(ROOT / "recipes/configs/digits_demo.yaml"),
+        "--max_steps", "6", "--logging_steps", "2", "--baselines", "qat", "none", "--output_dir", str(output),
+        "--report_to", "tensorboard", "--osc_eval_bits", "3",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = json.loads((output / "cross_bit.json").read_text())
+    assert list(tables) == ["oscillation", "qat", "none"]
+    assert all(list(table) == ["fp"] + [f"w{b}" for b in range(2, 9)] for table in tables.values())
+    assert "| oscillation |" in result.stdout
+    info = json.loads((output / "run_info.json").read_text())
+    assert info["world_size"] == 1
+    run = output / "training" / "oscillation"
+    for name in ("weight_histogram.png", "oscillation_counts.png", "oscillations.json", "model.safetensors"):
+        assert (run / name).is_file(), name
+    assert list(run.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    export = output / "export"
+    manifest = json.loads((export / "oscq_export.json").read_text())
+    assert manifest["bits"] == list(range(2, 9))
+    assert manifest["training"]["osc_method"] == "oscillation" and manifest["training"]["dataset"] == "digits"
+    assert set(manifest["comparisons"]) == {"qat", "fp_ptq"}
+    # Every exported variant loads and reproduces the accuracy measured before export.
+    digits = load_image_dataset("digits")
+    pixels = torch.stack([digits.eval[i]["pixel_values"] for i in range(len(digits.eval))])
+    labels = np.array(digits.eval["labels"])
+    for variant in ["fp"] + [f"w{b}" for b in range(2, 9)]:
+        assert (export / variant / "README.md").is_file()
+        model = AutoModelForImageClassification.from_pretrained(export / variant).eval()
+        with torch.no_grad():
+            accuracy = float((model(pixel_values=pixels).logits.argmax(-1).numpy() == labels).mean())
+        assert accuracy == pytest.approx(tables["oscillation"][variant]["accuracy"], abs=1e-9), variant
+        if variant != "fp":
+            config = json.loads((export / variant / "config.json").read_text())
+            assert config["quantization_config"]["bits"] == int(variant[1:])
