@@ -54,8 +54,9 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
     groups: dict[tuple, dict] = {}
     for record in sorted(records, key=lambda r: r["cell"]["seed"]):
         key = run_key(record["cell"])
-        group = groups.setdefault(key, {"seeds": [], "plain": defaultdict(list), "bn": defaultdict(list),
-                                        "seconds": []})
+        group = groups.setdefault(
+            key, {"seeds": [], "plain": defaultdict(list), "bn": defaultdict(list), "seconds": []}
+        )
         group["seeds"].append(record["cell"]["seed"])
         group["seconds"].append(sum(record["seconds"].values()))
         for mode in MODES:
@@ -118,25 +119,43 @@ def target_checks(groups: dict, model: str, mode: str, main_lambda: float) -> li
         qat = accuracy((model, "qat", bits, None), f"w{bits}")
         ptq = mean(fp[mode][f"w{bits}"]) if fp and fp[mode].get(f"w{bits}") else None
         if regularizer is not None and qat is not None:
-            rows.append({"target": f"Reg @{bits} within {WITHIN_POINTS:g} point of QAT @{bits} at w{bits}",
-                         "values": f"{regularizer:.1f} vs {qat:.1f}", "holds": regularizer >= qat - WITHIN_POINTS})
+            rows.append(
+                {
+                    "target": f"Reg @{bits} within {WITHIN_POINTS:g} point of QAT @{bits} at w{bits}",
+                    "values": f"{regularizer:.1f} vs {qat:.1f}",
+                    "holds": regularizer >= qat - WITHIN_POINTS,
+                }
+            )
         if regularizer is not None and ptq is not None:
-            rows.append({"target": f"Reg @{bits} far above FP + PTQ at w{bits} (>= {FAR_ABOVE_POINTS:g} points)",
-                         "values": f"{regularizer:.1f} vs {ptq:.1f}",
-                         "holds": regularizer >= ptq + FAR_ABOVE_POINTS})
+            rows.append(
+                {
+                    "target": f"Reg @{bits} far above FP + PTQ at w{bits} (>= {FAR_ABOVE_POINTS:g} points)",
+                    "values": f"{regularizer:.1f} vs {ptq:.1f}",
+                    "holds": regularizer >= ptq + FAR_ABOVE_POINTS,
+                }
+            )
     for bits in (2, 3):
         unseen = [f"w{b}" for b in BITS if b != bits]
         regularizer = [accuracy((model, "oscillation", bits, main_lambda), c) for c in unseen]
         qat = [accuracy((model, "qat", bits, None), c) for c in unseen]
         if None not in regularizer and None not in qat:
-            rows.append({"target": f"trained @{bits}: Reg >= QAT on average over unseen w2..w8",
-                         "values": f"{mean(regularizer):.1f} vs {mean(qat):.1f}",
-                         "holds": mean(regularizer) >= mean(qat)})
+            rows.append(
+                {
+                    "target": f"trained @{bits}: Reg >= QAT on average over unseen w2..w8",
+                    "values": f"{mean(regularizer):.1f} vs {mean(qat):.1f}",
+                    "holds": mean(regularizer) >= mean(qat),
+                }
+            )
     regularizer = accuracy((model, "oscillation", 2, main_lambda), "w2")
     qat = accuracy((model, "qat", 2, None), "w2")
     if regularizer is not None and qat is not None:
-        rows.append({"target": "paper: at 2 bits QAT @2 stays ahead of Reg @2",
-                     "values": f"{qat:.1f} vs {regularizer:.1f}", "holds": qat > regularizer})
+        rows.append(
+            {
+                "target": "paper: at 2 bits QAT @2 stays ahead of Reg @2",
+                "values": f"{qat:.1f} vs {regularizer:.1f}",
+                "holds": qat > regularizer,
+            }
+        )
     return rows
 
 
@@ -183,9 +202,11 @@ def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path, mod
             bits = [b for b in BITS if series.get(f"w{b}")]
             means = [mean(series[f"w{b}"]) for b in bits]
             errors = [spread(series[f"w{b}"]) for b in bits]
-            style = {"none": dict(color="black", linestyle="-", marker="o"),
-                     "qat": dict(color=colors.get(key[2]), linestyle="--", marker="s"),
-                     "oscillation": dict(color=colors.get(key[2]), linestyle="-", marker="^")}[key[1]]
+            style = {
+                "none": dict(color="black", linestyle="-", marker="o"),
+                "qat": dict(color=colors.get(key[2]), linestyle="--", marker="s"),
+                "oscillation": dict(color=colors.get(key[2]), linestyle="-", marker="^"),
+            }[key[1]]
             axis.errorbar(bits, means, yerr=errors, label=run_label(key), capsize=2, **style)
         axis.set_title(f"{model}: {MODES[mode]}")
         axis.set_xlabel("PTQ bit-width")
@@ -203,10 +224,13 @@ def cost_markdown(results_dir: Path) -> str:
     parts = []
     for path in sorted(results_dir.glob("overhead*.json")):
         record = json.loads(path.read_text())
-        lines = [f"`{os.path.relpath(path, ROOT)}` ({record.get('workload')}; device {record.get('device')}, "
-                 f"{record.get('torch_threads')} threads):", "",
-                 "| batch | fp step (ms) | " + " | ".join(record["results"][0]["ratio_to_fp"]) + " |",
-                 "|---|---|" + "---|" * len(record["results"][0]["ratio_to_fp"])]
+        lines = [
+            f"`{os.path.relpath(path, ROOT)}` ({record.get('workload')}; device {record.get('device')}, "
+            f"{record.get('torch_threads')} threads):",
+            "",
+            "| batch | fp step (ms) | " + " | ".join(record["results"][0]["ratio_to_fp"]) + " |",
+            "|---|---|" + "---|" * len(record["results"][0]["ratio_to_fp"]),
+        ]
         for result in record["results"]:
             ratios = " | ".join(f"{ratio:.2f}x" for ratio in result["ratio_to_fp"].values())
             lines.append(f"| {result['batch_size']} | {1000 * result['median_step_seconds']['fp']:.1f} | {ratios} |")
@@ -215,8 +239,10 @@ def cost_markdown(results_dir: Path) -> str:
     if export.exists():
         parts.append(export_markdown(json.loads(export.read_text()), os.path.relpath(export, ROOT)))
     if not parts:
-        return ("Not measured yet: `bench/results/overhead.json` (`python bench/overhead.py`, the core bench) and "
-                "`bench/results/export_size.json` (the export bench) do not exist in this tree.")
+        return (
+            "Not measured yet: `bench/results/overhead.json` (`python bench/overhead.py`, the core bench) and "
+            "`bench/results/export_size.json` (the export bench) do not exist in this tree."
+        )
     return "\n\n".join(parts)
 
 
@@ -224,8 +250,12 @@ def export_markdown(record: dict, source: str) -> str:
     """The export bench's checkpoint sizes (bytes and fraction of fp32) and export time, one row per model."""
     models = record.get("models", {})
     bits = [f"w{b}" for b in record.get("bits", BITS)]
-    lines = [f"`{source}` (checkpoint size as a fraction of the fp32 one; export time for all bit-widths):", "",
-             "| model | fp32 MB | " + " | ".join(bits) + " | export s |", "|---|---|" + "---|" * (len(bits) + 1)]
+    lines = [
+        f"`{source}` (checkpoint size as a fraction of the fp32 one; export time for all bit-widths):",
+        "",
+        "| model | fp32 MB | " + " | ".join(bits) + " | export s |",
+        "|---|---|" + "---|" * (len(bits) + 1),
+    ]
     for name, model in models.items():
         variants = model.get("variants", {})
         cells = [f"{variants[b]['vs_fp32']:.3f}" if b in variants else "-" for b in bits]
@@ -243,8 +273,10 @@ def diagnostics_markdown(stats: dict) -> str:
     per layer-size bucket (0.20 if uniform), the median over layers of max|W| / std, the fraction of weights rounded
     to 0, and the range of the per-weight penalty gradient factor 2 lambda / N."""
     buckets = " | ".join(f"near thr., {label}" for _, _, label in SIZE_BUCKETS)
-    lines = [f"| cell | {buckets} | max/std (median) | rounded to 0 | 2λ/N |",
-             "|---|" + "---|" * (len(SIZE_BUCKETS) + 3)]
+    lines = [
+        f"| cell | {buckets} | max/std (median) | rounded to 0 | 2λ/N |",
+        "|---|" + "---|" * (len(SIZE_BUCKETS) + 3),
+    ]
     for name, layers in sorted(stats["cells"].items()):
         cells = []
         for low, high, _ in SIZE_BUCKETS:
@@ -274,8 +306,14 @@ def runtime_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + f"\n\ntorch threads per worker: {sorted(t for t in threads if t)}"
 
 
-def render(records: list[dict], main_lambda: float, results_dir: Path, figures_dir: Path, document_dir: Path,
-           stats: dict | None = None) -> str:
+def render(
+    records: list[dict],
+    main_lambda: float,
+    results_dir: Path,
+    figures_dir: Path,
+    document_dir: Path,
+    stats: dict | None = None,
+) -> str:
     """The generated Markdown block (tables, target checks, sweep, cost, run time) and its plots."""
     if not records:
         return "No quality cell has finished yet (`python bench/quality.py`)."
@@ -301,13 +339,22 @@ def render(records: list[dict], main_lambda: float, results_dir: Path, figures_d
         sweep = lambda_sweep_markdown(groups, model, has_bn)
         out += ["\n**Lambda sweep at 3 bits** (lambda 0 = the FP run)\n", sweep, ""]
     if stats:
-        out += [f"### Where the weights sit in their {stats['bits']}-bit bins (`python bench/weight_stats.py`)\n",
-                "Fraction of weights within 0.1 bin of a rounding threshold, weighted by layer size (0.20 if the "
-                "positions were uniform), per layer-size bucket; the median over layers of max|W| / std (the scale, "
-                "hence the grid, follows the largest weight); the fraction of weights rounded to 0; the range of "
-                "the per-weight factor 2λ/N of the penalty's gradient.\n", diagnostics_markdown(stats), ""]
-    out += ["### Run time of the grid on this machine\n", runtime_markdown(records), "",
-            "### Cost (training-step overhead, export)\n", cost_markdown(results_dir)]
+        out += [
+            f"### Where the weights sit in their {stats['bits']}-bit bins (`python bench/weight_stats.py`)\n",
+            "Fraction of weights within 0.1 bin of a rounding threshold, weighted by layer size (0.20 if the "
+            "positions were uniform), per layer-size bucket; the median over layers of max|W| / std (the scale, "
+            "hence the grid, follows the largest weight); the fraction of weights rounded to 0; the range of "
+            "the per-weight factor 2λ/N of the penalty's gradient.\n",
+            diagnostics_markdown(stats),
+            "",
+        ]
+    out += [
+        "### Run time of the grid on this machine\n",
+        runtime_markdown(records),
+        "",
+        "### Cost (training-step overhead, export)\n",
+        cost_markdown(results_dir),
+    ]
     return "\n".join(out)
 
 

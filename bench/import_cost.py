@@ -32,8 +32,18 @@ from pathlib import Path
 
 BASELINE = "import torch, transformers; from transformers import AutoModelForImageClassification"
 HEAVY_MODULES = (
-    "datasets", "timm", "torchvision", "matplotlib", "jinja2", "pandas", "gradio", "sklearn", "tensorboard",
-    "accelerate", "scipy", "PIL",
+    "datasets",
+    "timm",
+    "torchvision",
+    "matplotlib",
+    "jinja2",
+    "pandas",
+    "gradio",
+    "sklearn",
+    "tensorboard",
+    "accelerate",
+    "scipy",
+    "PIL",
 )
 TARGET_SECONDS = 0.5
 TARGET_MEGABYTES = 30.0
@@ -120,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = measure(args.rounds, args.warmup)
-    import hf_oscq
     import torch
     import transformers
 
+    import hf_oscq
+
     result["versions"] = {
-        "hf_oscq": hf_oscq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "hf_oscq": hf_oscq.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"

@@ -51,12 +51,26 @@ CPU_SETTINGS = {
 PROFILES = {
     "cpu": CPU_SETTINGS,
     # One H200 (bench/gpu.sh): ten times the data, same schedule otherwise.
-    "gpu": CPU_SETTINGS | {"max_train_samples": 20000, "max_eval_samples": 5000, "num_train_epochs": 3,
-                           "per_device_eval_batch_size": 500, "bn_recalibration_samples": 500,
-                           "dataloader_num_workers": 4, "per_model": {}},
+    "gpu": CPU_SETTINGS
+    | {
+        "max_train_samples": 20000,
+        "max_eval_samples": 5000,
+        "num_train_epochs": 3,
+        "per_device_eval_batch_size": 500,
+        "bn_recalibration_samples": 500,
+        "dataloader_num_workers": 4,
+        "per_model": {},
+    },
     # Seconds on a CPU: checks that the whole path runs (bench/gpu.sh --dry-run); its numbers mean nothing.
-    "smoke": CPU_SETTINGS | {"max_train_samples": 64, "max_eval_samples": 50, "num_train_epochs": 1,
-                             "per_device_eval_batch_size": 25, "bn_recalibration_samples": 50, "per_model": {}},
+    "smoke": CPU_SETTINGS
+    | {
+        "max_train_samples": 64,
+        "max_eval_samples": 50,
+        "num_train_epochs": 1,
+        "per_device_eval_batch_size": 25,
+        "bn_recalibration_samples": 50,
+        "per_model": {},
+    },
 }
 # Investigations (docs/RESULTS.md, "Why"): the same cells with one setting changed.
 VARIANTS = {"e6": {"num_train_epochs": 6}}
@@ -91,8 +105,9 @@ def grid() -> list[Cell]:
     then the investigations (VARIANTS)."""
     cells: list[Cell] = []
 
-    def add(model: str, method: str, bits: int | None, seed: int, osc_lambda: float | None = None,
-            variant: str = "") -> None:
+    def add(
+        model: str, method: str, bits: int | None, seed: int, osc_lambda: float | None = None, variant: str = ""
+    ) -> None:
         if method == "oscillation" and osc_lambda is None:
             osc_lambda = MAIN_LAMBDA
         cell = Cell(model, method, bits, osc_lambda, seed, variant)
@@ -128,7 +143,10 @@ def command_for(cell: Cell, profile: str) -> str:
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -143,27 +161,47 @@ def _settings(cell: Cell, profile: str) -> dict:
 
 def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
     """The recipe arguments, Trainer arguments and data of a cell, as `recipes/train_<model>.py` would build them."""
-    from hf_oscq.training.config import OscillationConfig
     from hf_oscq.scripts.data import load_image_dataset
     from hf_oscq.scripts.recipe import RecipeArguments
+    from hf_oscq.training.config import OscillationConfig
 
     recipe = RecipeArguments(
-        dataset=settings["dataset"], data_dir=data_dir, model=cell.model,
-        max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"],
-        patch_size=settings.get("patch_size"), track_oscillations=False, export=False,
+        dataset=settings["dataset"],
+        data_dir=data_dir,
+        model=cell.model,
+        max_train_samples=settings["max_train_samples"],
+        max_eval_samples=settings["max_eval_samples"],
+        patch_size=settings.get("patch_size"),
+        track_oscillations=False,
+        export=False,
     )
     training = OscillationConfig(
-        output_dir=str(work_dir / cell.name), osc_method=cell.method, osc_bits=cell.bits or 3,
-        osc_lambda=cell.osc_lambda or 0.0, num_train_epochs=settings["num_train_epochs"],
+        output_dir=str(work_dir / cell.name),
+        osc_method=cell.method,
+        osc_bits=cell.bits or 3,
+        osc_lambda=cell.osc_lambda or 0.0,
+        num_train_epochs=settings["num_train_epochs"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
-        per_device_eval_batch_size=settings["per_device_eval_batch_size"], learning_rate=settings["learning_rate"],
-        lr_scheduler_type=settings["lr_scheduler_type"], optim=settings["optim"],
-        weight_decay=settings["weight_decay"], eval_strategy="no", save_strategy="no", logging_steps=8,
-        report_to=[], seed=cell.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-        osc_bn_recalibration_samples=0, dataloader_num_workers=settings.get("dataloader_num_workers", 0),
+        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        optim=settings["optim"],
+        weight_decay=settings["weight_decay"],
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=8,
+        report_to=[],
+        seed=cell.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        osc_bn_recalibration_samples=0,
+        dataloader_num_workers=settings.get("dataloader_num_workers", 0),
     )
     data = load_image_dataset(
-        recipe.dataset, recipe.data_dir, seed=cell.seed, max_train_samples=recipe.max_train_samples,
+        recipe.dataset,
+        recipe.data_dir,
+        seed=cell.seed,
+        max_train_samples=recipe.max_train_samples,
         max_eval_samples=recipe.max_eval_samples,
     )
     return recipe, training, data
@@ -193,8 +231,8 @@ def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
 
 def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "cpu") -> dict:
     """Trains and evaluates one cell with the recipes' pipeline; returns the record written to its JSON."""
-    from hf_oscq.scripts.recipe import train_one
     from hf_oscq.quantization.batchnorm import has_batchnorm as model_has_batchnorm
+    from hf_oscq.scripts.recipe import train_one
 
     settings = _settings(cell, profile)
     recipe, training, data = _prepare(cell, data_dir, work_dir, settings)
@@ -248,16 +286,29 @@ def _claim(lock: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=None, help="Run these cells (names from --list) only.")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
-                        help="Models to run, in this order (a second worker can start with the other model).")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="Models to run, in this order (a second worker can start with the other model).",
+    )
     parser.add_argument("--list", action="store_true", help="Print the grid in priority order and exit.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--data_dir", default=None, help="Folder of the Fashion-MNIST IDX files (default: Debian's).")
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="Data size and schedule.")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="Where the per-cell JSON files go (default: bench/results/quality[_<profile>]).")
-    parser.add_argument("--work_dir", type=Path, default=Path("outputs/bench_quality"),
-                        help="Training folders (model weights, Trainer state); not committed.")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="Where the per-cell JSON files go (default: bench/results/quality[_<profile>]).",
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=Path("outputs/bench_quality"),
+        help="Training folders (model weights, Trainer state); not committed.",
+    )
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

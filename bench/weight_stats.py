@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         osc_lambda = cell["osc_lambda"] or 0.0
         layers = {}
         for name, weight in select_weights(model).items():
-            layers[name] = {"numel": weight.numel(), "penalty_gradient_factor": 2 * osc_lambda / weight.numel(),
-                            **layer_stats(weight.detach(), args.bits)}
+            layers[name] = {
+                "numel": weight.numel(),
+                "penalty_gradient_factor": 2 * osc_lambda / weight.numel(),
+                **layer_stats(weight.detach(), args.bits),
+            }
         report["cells"][cell["name"]] = layers
         sys.stdout.write(f"{cell['name']}: {len(layers)} layers\n")
     output = args.results / "diagnostics" / f"weight_stats_w{args.bits}.json"

@@ -65,7 +65,9 @@ def loss_is_scaled_for_gradient_accumulation(trainer, num_items_in_batch) -> boo
     """
     if trainer.loss_is_scaled_for_ga is not None:
         return trainer.loss_is_scaled_for_ga
-    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    return (
+        trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    ) or trainer.compute_loss_func is not None
 
 
 def remove_unused_columns(trainer, dataset, description: str):
@@ -115,7 +117,9 @@ def checkpoint_to_model_names(entries: dict[str, Any], model, suffix: str) -> di
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    renamings = [transform for transform in get_model_conversion_mapping(model) if isinstance(transform, WeightRenaming)]
+    renamings = [
+        transform for transform in get_model_conversion_mapping(model) if isinstance(transform, WeightRenaming)
+    ]
     meta_state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
     renamed = {}

@@ -148,11 +148,24 @@ def plot_weight_histogram(
     axes.hist(values, bins=bins, histtype="stepfilled", color="C0", alpha=0.8, label="full-precision weights")
     if show_levels:
         levels = np.arange(-spec.max_code, spec.max_code + 1) * unit
-        axes.vlines(levels, 0, 1, transform=axes.get_xaxis_transform(), colors="C2", linewidths=1.2,
-                    label="quantization levels")
+        axes.vlines(
+            levels,
+            0,
+            1,
+            transform=axes.get_xaxis_transform(),
+            colors="C2",
+            linewidths=1.2,
+            label="quantization levels",
+        )
     axes.vlines(
-        quantization_thresholds(spec.bits) * unit, 0, 1, transform=axes.get_xaxis_transform(), colors="C3",
-        linestyles="--", linewidths=0.8, label="rounding thresholds",
+        quantization_thresholds(spec.bits) * unit,
+        0,
+        1,
+        transform=axes.get_xaxis_transform(),
+        colors="C3",
+        linestyles="--",
+        linewidths=0.8,
+        label="rounding thresholds",
     )
     axes.set_xlabel(xlabel)
     axes.set_ylabel("number of weights")

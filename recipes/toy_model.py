@@ -1,6 +1,6 @@
 """The paper's toy model (PAPER.md section 2): figure 1 (one weight) and figure 4 (two weights) as PNGs.
 
-    python recipes/toy_model.py --output_dir outputs/toy
+python recipes/toy_model.py --output_dir outputs/toy
 """
 
 import argparse
@@ -24,10 +24,12 @@ def main() -> int:
     settings = {"steps": args.steps, "learning_rate": args.learning_rate}
     one = {method: toy_trajectory((0.75,), method=method, **settings).numpy() for method in ("qat", "fp")}
     plot_toy_one_weight(one, output / "toy_one_weight.png", optimum=0.75)
-    two = {method: toy_trajectory((0.75, 0.3), method=method, **settings).numpy()
-           for method in ("qat", "oscillation", "fp")}
+    two = {
+        method: toy_trajectory((0.75, 0.3), method=method, **settings).numpy()
+        for method in ("qat", "oscillation", "fp")
+    }
     plot_toy_two_weights(two, output / "toy_two_weights.png", optimum=(0.75, 0.3))
-    late = torch.round(torch.tensor(one["qat"][args.steps // 2:, 0])).mean().item()
+    late = torch.round(torch.tensor(one["qat"][args.steps // 2 :, 0])).mean().item()
     sys.stdout.write(f"QAT: late-step mean of q(w) = {late:.3f} (optimum 0.75). Figures in {output}\n")
     return 0
 

@@ -112,8 +112,10 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
                     cards = gr.HTML(elem_id="classify-cards")
                     classify_table = gr.Dataframe(headers=CLASSIFY_HEADERS, label="Predictions", interactive=False)
             classify_button.click(
-                functools.partial(classify_view, by_name), [family_box, image_box],
-                [classify_message, cards, classify_table], api_name="classify",
+                functools.partial(classify_view, by_name),
+                [family_box, image_box],
+                [classify_message, cards, classify_table],
+                api_name="classify",
             )
         with gr.Tab("Accuracy"):
             accuracy_button = gr.Button("Show accuracy vs bit-width", elem_id="accuracy-button")
@@ -134,8 +136,10 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             levels_table = gr.Dataframe(headers=LEVEL_HEADERS, label="Weights per level", interactive=False)
             weights_family.change(update_choices, weights_family, [layer_box, bits_box], api_name="weight_choices")
             weights_button.click(
-                functools.partial(weights_view, by_name), [weights_family, layer_box, bits_box],
-                [weights_plot, levels_table, weights_message], api_name="weights",
+                functools.partial(weights_view, by_name),
+                [weights_family, layer_box, bits_box],
+                [weights_plot, levels_table, weights_message],
+                api_name="weights",
             )
     return demo
 

@@ -47,14 +47,25 @@ def _write_by_contract(model, root: Path, bits, metrics, training, comparisons) 
         hf_oscq.quantize_model(model, b).save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
         config["quantization_config"] = {
-            "quant_method": "oscq", "bits": b, "per_channel": False, "modules": modules, "format_version": 1,
+            "quant_method": "oscq",
+            "bits": b,
+            "per_channel": False,
+            "modules": modules,
+            "format_version": 1,
             "bn_recalibrated": False,
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     sizes = {v: sum(p.stat().st_size for p in (root / v).iterdir()) for v in ["fp"] + [f"w{b}" for b in bits]}
     manifest = {
-        "format_version": 1, "bits": list(bits), "per_channel": False, "target_modules": None, "exclude_modules": None,
-        "bn_recalibrated": False, "sizes_bytes": sizes, "metrics": metrics, "training": training,
+        "format_version": 1,
+        "bits": list(bits),
+        "per_channel": False,
+        "target_modules": None,
+        "exclude_modules": None,
+        "bn_recalibrated": False,
+        "sizes_bytes": sizes,
+        "metrics": metrics,
+        "training": training,
         "comparisons": comparisons,
     }
     (root / "oscq_export.json").write_text(json.dumps(manifest, indent=2))

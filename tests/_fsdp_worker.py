@@ -45,8 +45,11 @@ def shard(net: nn.Sequential) -> nn.Sequential:
 
 
 def gradients(net: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    found = {f"{prefix}/{name}": parameter.grad.full_tensor() for name, parameter in net.named_parameters()
-             if parameter.grad is not None}
+    found = {
+        f"{prefix}/{name}": parameter.grad.full_tensor()
+        for name, parameter in net.named_parameters()
+        if parameter.grad is not None
+    }
     net.zero_grad(set_to_none=True)
     return found
 
@@ -119,8 +122,10 @@ def trainer(out: Path, method: str) -> None:
     run.train()
     run.save_model()
     result = {
-        "world_size": run.args.world_size, "fsdp_version": run.accelerator.state.fsdp_plugin.fsdp_version,
-        "log": [entry for entry in run.state.log_history if "loss" in entry], "metrics": run.evaluate(),
+        "world_size": run.args.world_size,
+        "fsdp_version": run.accelerator.state.fsdp_plugin.fsdp_version,
+        "log": [entry for entry in run.state.log_history if "loss" in entry],
+        "metrics": run.evaluate(),
         "tracker_updates": run.callback_handler.callbacks[1].counter.updates,
     }
     if method == "oscillation":
@@ -148,12 +153,27 @@ def recipe(out: Path) -> None:
 
     pipeline.OscillationTrainer = FsdpOnCpuTrainer
     config = out / "fsdp.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"]}, "use_cpu": True,
-        "dataset": "digits", "vit_size": "micro", "max_steps": 3, "per_device_train_batch_size": 8,
-        "osc_eval_bits": [3], "export_bits": [2, 3], "max_eval_samples": 64, "report_to": "none",
-        "eval_strategy": "no", "save_strategy": "no", "seed": 0, "disable_tqdm": True,
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "fsdp": True,
+                "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"]},
+                "use_cpu": True,
+                "dataset": "digits",
+                "vit_size": "micro",
+                "max_steps": 3,
+                "per_device_train_batch_size": 8,
+                "osc_eval_bits": [3],
+                "export_bits": [2, 3],
+                "max_eval_samples": 64,
+                "report_to": "none",
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "seed": 0,
+                "disable_tqdm": True,
+            }
+        )
+    )
     pipeline.main("vit", ["--config", str(config), "--output_dir", str(out / "run")])
 
 

@@ -19,10 +19,23 @@ def _accuracy(prediction):
 
 def build_config(output_dir, method: str, per_device_batch: int = GLOBAL_BATCH, **extra) -> OscillationConfig:
     settings = dict(
-        output_dir=str(output_dir), osc_method=method, osc_bits=3, osc_lambda=5.0, osc_eval_bits=[3],
-        max_steps=STEPS, per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=16,
-        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", eval_strategy="no",
-        report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        osc_method=method,
+        osc_bits=3,
+        osc_lambda=5.0,
+        osc_eval_bits=[3],
+        max_steps=STEPS,
+        per_device_train_batch_size=per_device_batch,
+        per_device_eval_batch_size=16,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     return OscillationConfig(**{**settings, **extra})
 

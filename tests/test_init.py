@@ -25,30 +25,45 @@ def _run(lines: list[str]) -> dict:
 
 
 def test_import_is_light_and_registers_when_transformers_and_timm_come_later():
-    seen = _run([
-        "import hf_oscq",
-        f"seen['heavy'] = [m for m in {HEAVY!r} if m in sys.modules]",
-        "seen['torch'] = 'torch' in sys.modules",
-        "from hf_oscq.cli import build_parser",
-        "build_parser()",
-        "seen['cli'] = sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules)",
-        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as Q, AUTO_QUANTIZATION_CONFIG_MAPPING as C",
-        "seen['registered'] = [Q['oscq'].__name__, C['oscq'].__name__]",
-        "seen['timm_before'] = 'timm' in sys.modules",
-        "import timm",
-        "seen['timm_model'] = timm.is_model('resnet18_cifar')",
-    ])
+    seen = _run(
+        [
+            "import hf_oscq",
+            f"seen['heavy'] = [m for m in {HEAVY!r} if m in sys.modules]",
+            "seen['torch'] = 'torch' in sys.modules",
+            "from hf_oscq.cli import build_parser",
+            "build_parser()",
+            "seen['cli'] = sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules)",
+            "from transformers.quantizers import auto",
+            "Q, C = auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING",
+            "seen['registered'] = [Q['oscq'].__name__, C['oscq'].__name__]",
+            "seen['timm_before'] = 'timm' in sys.modules",
+            "import timm",
+            "seen['timm_model'] = timm.is_model('resnet18_cifar')",
+        ]
+    )
     assert seen == {
-        "heavy": [], "torch": False, "cli": [], "registered": ["OscqHfQuantizer", "OscqQuantizationConfig"],
-        "timm_before": False, "timm_model": True,
+        "heavy": [],
+        "torch": False,
+        "cli": [],
+        "registered": ["OscqHfQuantizer", "OscqQuantizationConfig"],
+        "timm_before": False,
+        "timm_model": True,
     }
 
 
 def test_registration_after_transformers_and_timm_and_loading_adds_no_heavy_module(tmp_path):
     """Loading a w{b} checkpoint imports nothing beyond what transformers loading its fp/ parent imports."""
     torch.manual_seed(0)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
-                       num_attention_heads=4, intermediate_size=37, num_labels=3)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=3,
+    )
     model = ViTForImageClassification(config).eval()
     export = hf_oscq.export_quantized(model, tmp_path / "export", bits=(3,))
     inputs = "torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))"  # the same in both processes
@@ -56,19 +71,21 @@ def test_registration_after_transformers_and_timm_and_loading_adds_no_heavy_modu
     with torch.no_grad():
         expected = hf_oscq.quantize_model(model, 3)(pixel_values=pixel_values).logits
     heavy = tuple(m for m in HEAVY if m != "timm")
-    seen = _run([
-        "import torch, timm",
-        "from transformers import AutoModelForImageClassification",
-        f"AutoModelForImageClassification.from_pretrained({str(export / 'fp')!r})",
-        f"before = {{m for m in {heavy!r} if m in sys.modules}}",
-        "import hf_oscq",
-        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING",
-        "seen['registered'] = AUTO_QUANTIZER_MAPPING['oscq'].__name__",
-        "seen['timm_model'] = timm.is_model('resnet18_cifar')",
-        f"model = AutoModelForImageClassification.from_pretrained({str(export / 'w3')!r}).eval()",
-        f"seen['logits'] = model(pixel_values={inputs}).logits.tolist()",
-        f"seen['added'] = sorted({{m for m in {heavy!r} if m in sys.modules}} - before)",
-    ])
+    seen = _run(
+        [
+            "import torch, timm",
+            "from transformers import AutoModelForImageClassification",
+            f"AutoModelForImageClassification.from_pretrained({str(export / 'fp')!r})",
+            f"before = {{m for m in {heavy!r} if m in sys.modules}}",
+            "import hf_oscq",
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING",
+            "seen['registered'] = AUTO_QUANTIZER_MAPPING['oscq'].__name__",
+            "seen['timm_model'] = timm.is_model('resnet18_cifar')",
+            f"model = AutoModelForImageClassification.from_pretrained({str(export / 'w3')!r}).eval()",
+            f"seen['logits'] = model(pixel_values={inputs}).logits.tolist()",
+            f"seen['added'] = sorted({{m for m in {heavy!r} if m in sys.modules}} - before)",
+        ]
+    )
     assert (seen["registered"], seen["timm_model"], seen["added"]) == ("OscqHfQuantizer", True, [])
     torch.testing.assert_close(torch.tensor(seen["logits"]), expected, rtol=0, atol=1e-5)
 

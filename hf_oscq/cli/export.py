@@ -51,7 +51,9 @@ def run_export(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint)
     config_path = checkpoint / "config.json"
     if not config_path.is_file():
-        raise OscqValueError(f"{checkpoint} has no config.json: pass a folder written by save_pretrained (or Trainer).")
+        raise OscqValueError(
+            f"{checkpoint} has no config.json: pass a folder written by save_pretrained (or Trainer)."
+        )
     quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == QUANT_METHOD:
         raise OscqValueError(
@@ -112,14 +114,18 @@ def add_parser(subparsers) -> None:
     export.add_argument("--exclude_modules", nargs="+", default=None)
     export.add_argument("--per_channel", action="store_true")
     export.add_argument(
-        "--bn_recalibration_samples", type=int, default=0,
+        "--bn_recalibration_samples",
+        type=int,
+        default=0,
         help="re-estimate BatchNorm statistics after rounding on this many training images of --dataset (0: off)",
     )
     export.add_argument("--dataset", default=None, help="dataset of the BatchNorm re-estimation images")
     export.add_argument("--data_dir", default=None, help="local copy of that dataset (see hf_oscq.scripts.data)")
     export.add_argument("--batch_size", type=int, default=64)
     export.add_argument(
-        "--seed", type=int, default=DEFAULT_SEED,
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
         help="seed of the re-estimation images (the training run's seed picks the images its evaluation used)",
     )
     export.set_defaults(func=_export_main)

@@ -28,7 +28,11 @@ def _main(args: argparse.Namespace) -> int:
     from ..hub.push import push_to_hub
 
     plan = push_to_hub(
-        args.export_dir, args.repo_id, private=args.private, dry_run=args.dry_run, license=args.license,
+        args.export_dir,
+        args.repo_id,
+        private=args.private,
+        dry_run=args.dry_run,
+        license=args.license,
         collection_title=args.collection_title,
     )
     if args.dry_run:

@@ -131,10 +131,10 @@ def validate_checkpoint_files(files: Iterable[str | Path], quantization_config: 
         metadata, file_entries = _read_header(path)
         if metadata.get("oscq_format_version") != str(FORMAT_VERSION):
             writer = metadata.get(VERSION_KEY.format(library="hf_oscq"))
+            writer = f" ({writer})" if writer else ""
             raise CheckpointFormatError(
                 f"{path} has hf_oscq format version {metadata.get('oscq_format_version')!r}; this hf_oscq reads "
-                f"version {FORMAT_VERSION}. Install the hf_oscq version that wrote it{f' ({writer})' if writer else ''}, "
-                "or export it again."
+                f"version {FORMAT_VERSION}. Install the hf_oscq version that wrote it{writer}, or export it again."
             )
         if metadata.get("oscq_bits") != str(bits):
             raise CheckpointFormatError(

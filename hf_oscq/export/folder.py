@@ -24,12 +24,23 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Formats that are unpickled on load: never published.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Architecture suffix -> (pipeline tag, Auto class of transformers). A new task is one more row.
-TASKS = {
-    "ForImageClassification": ("image-classification", "AutoModelForImageClassification"),
-    "ForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
-    "ForCausalLM": ("text-generation", "AutoModelForCausalLM"),
-}
+# (pipeline tag, Auto class, its architecture mapping in transformers.models.auto.modeling_auto, the architecture
+# suffix of models outside that mapping such as TimmWrapper). A new task is one more row.
+TASKS = (
+    (
+        "image-classification",
+        "AutoModelForImageClassification",
+        "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "ForImageClassification",
+    ),
+    (
+        "text-classification",
+        "AutoModelForSequenceClassification",
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        "ForSequenceClassification",
+    ),
+    ("text-generation", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "ForCausalLM"),
+)
 FALLBACK_AUTO_CLASS = "AutoModel"
 
 
@@ -202,12 +213,16 @@ def folder_files(folder: str | Path) -> list[Path]:
 
 
 def task_for(config: dict[str, Any] | Any) -> tuple[str | None, str]:
-    """`(pipeline tag, Auto class name)` of a model config (a `config.json` dict or a `PretrainedConfig`), from its
-    architecture's suffix (`TASKS`); `(None, "AutoModel")` for an architecture not listed there."""
+    """`(pipeline tag, Auto class name)` of a model config (a `config.json` dict or a `PretrainedConfig`): the first
+    row of `TASKS` whose transformers mapping lists its architecture, or whose suffix it ends with;
+    `(None, "AutoModel")` for an architecture no row knows."""
+    from transformers.models.auto import modeling_auto
+
     architectures = (config.get("architectures") if isinstance(config, dict) else config.architectures) or []
-    for suffix, task in TASKS.items():
-        if any(name.endswith(suffix) for name in architectures):
-            return task
+    for tag, auto_class, mapping, suffix in TASKS:
+        known = set(getattr(modeling_auto, mapping, {}).values())
+        if any(name in known or name.endswith(suffix) for name in architectures):
+            return tag, auto_class
     return None, FALLBACK_AUTO_CLASS
 
 

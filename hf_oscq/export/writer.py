@@ -241,11 +241,19 @@ def export_quantized(
         for b in bit_widths:
             start, name = time.perf_counter(), variant_name(b)
             _write_variant(
-                model, fp_dir, staging / name, spec.with_bits(b), weights, calibration_batches,
-                manifest["bn_recalibrated"], versions,
+                model,
+                fp_dir,
+                staging / name,
+                spec.with_bits(b),
+                weights,
+                calibration_batches,
+                manifest["bn_recalibrated"],
+                versions,
             )
             manifest["sizes_bytes"][name] = weights_size(staging / name)
-            logger.info("Wrote %s (%d bytes) in %.2f s", name, manifest["sizes_bytes"][name], time.perf_counter() - start)
+            logger.info(
+                "Wrote %s (%d bytes) in %.2f s", name, manifest["sizes_bytes"][name], time.perf_counter() - start
+            )
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, output)
     except BaseException:

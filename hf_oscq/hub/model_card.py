@@ -36,7 +36,10 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "model_card.md"
 _RECIPE_KEYS = {
-    "osc_method": "method", "osc_bits": "target bit-width", "osc_lambda": "osc_lambda", "dataset": "dataset",
+    "osc_method": "method",
+    "osc_bits": "target bit-width",
+    "osc_lambda": "osc_lambda",
+    "dataset": "dataset",
     "model": "model",
 }
 
@@ -96,8 +99,13 @@ def _eval_results(manifest: dict, variant: str, task: str | None, model_name: st
     name = "full precision" if variant == FULL_PRECISION else f"{variant_bits(variant)}-bit PTQ"
     return [
         EvalResult(
-            task_type=task or "other", dataset_type=dataset, dataset_name=dataset, dataset_split="test",
-            metric_type="accuracy", metric_value=float(accuracy), metric_name=f"Test accuracy ({name})",
+            task_type=task or "other",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split="test",
+            metric_type="accuracy",
+            metric_value=float(accuracy),
+            metric_name=f"Test accuracy ({name})",
         )
     ]
 
@@ -161,7 +169,11 @@ def _render_model_card(
     tags = ["hf_oscq", "oscq", "quantization", f"{bits}-bit" if quantized else "full-precision"]
     dataset = training.get("dataset")
     data = ModelCardData(
-        library_name="transformers", pipeline_tag=task, license=license, model_name=model_name, tags=tags,
+        library_name="transformers",
+        pipeline_tag=task,
+        license=license,
+        model_name=model_name,
+        tags=tags,
         datasets=[dataset] if dataset else None,
         eval_results=_eval_results(manifest, variant, task, model_name) or None,
     )
@@ -188,8 +200,9 @@ def _render_model_card(
         own_accuracy=percent(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),
         variants_table=_variants_table(export_dir, manifest, variant, repo_id),
-        cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]}) if manifest["metrics"] else
-        "No evaluation was recorded with this export.",
+        cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]})
+        if manifest["metrics"]
+        else "No evaluation was recorded with this export.",
         comparison_table=format_cross_bit_table(tables) if len(tables) > 1 else None,
         osc_bits=training.get("osc_bits", "the target"),
         accuracy_plot=ACCURACY_PLOT if manifest["metrics"] else None,
@@ -207,7 +220,10 @@ def _render_model_card(
 
 
 def render_card_files(
-    export_dir: str | Path, variant: str, repo_id: str | None = None, license: str = DEFAULT_LICENSE,
+    export_dir: str | Path,
+    variant: str,
+    repo_id: str | None = None,
+    license: str = DEFAULT_LICENSE,
     manifest: dict | None = None,
 ) -> dict[str, bytes]:
     """The files of a variant's card, in memory: `{"README.md": ..., "oscq_weight_histogram.png": ..., ...}`.
@@ -242,17 +258,23 @@ def _render_card_files(
     if manifest["metrics"]:
         buffer = io.BytesIO()
         highlight = variant_bits(variant)
-        plot_accuracy_vs_bits(comparison_tables(manifest), buffer, highlight_bits=highlight, title=card.data.model_name)
+        plot_accuracy_vs_bits(
+            comparison_tables(manifest), buffer, highlight_bits=highlight, title=card.data.model_name
+        )
         files[ACCURACY_PLOT] = buffer.getvalue()
     buffer = io.BytesIO()
     layer, weight = facts.histogram
-    plot_weight_histogram(weight, path=buffer, title=layer, spec=export_spec(manifest, histogram_bits(manifest, variant)))
+    plot_weight_histogram(
+        weight, path=buffer, title=layer, spec=export_spec(manifest, histogram_bits(manifest, variant))
+    )
     files[HISTOGRAM_PLOT] = buffer.getvalue()
     return files
 
 
 def write_model_cards(
-    export_dir: str | Path, repo_id: str | None = None, output_dir: str | Path | None = None,
+    export_dir: str | Path,
+    repo_id: str | None = None,
+    output_dir: str | Path | None = None,
     license: str = DEFAULT_LICENSE,
 ) -> list[Path]:
     """Writes every variant's card (README.md and its PNG plots).

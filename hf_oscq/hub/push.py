@@ -259,8 +259,11 @@ def push_to_hub(
     target = f"{plan.collection_namespace}/collection {plan.collection_title!r}"
     with _hub_errors(target, f" (all {total} repositories pushed, collection not complete)"):
         collection = api.create_collection(
-            plan.collection_title, namespace=plan.collection_namespace, description=plan.collection_description,
-            private=private, exists_ok=True,
+            plan.collection_title,
+            namespace=plan.collection_namespace,
+            description=plan.collection_description,
+            private=private,
+            exists_ok=True,
         )
         for repo in plan.repos:
             api.add_collection_item(collection.slug, repo.repo_id, "model", note=repo.note, exists_ok=True)

@@ -147,9 +147,9 @@ class _FusedPenalty(torch.autograd.Function):
         for w, group, shard, diff, scale_sums, (index, row, _), count in zip(
             local, groups, shards, diffs, sums, positions, ties
         ):
-            scale_grad = torch.sign(w.reshape(-1)[index]) * (
-                scale_sums / (group.scale * top * count.clamp_min(1))
-            )[row].to(w.dtype)
+            scale_grad = torch.sign(w.reshape(-1)[index]) * (scale_sums / (group.scale * top * count.clamp_min(1)))[
+                row
+            ].to(w.dtype)
             ctx.terms.append((diff, index, -scale_grad, shard.numel))
         workspace.generation += 1
         ctx.workspace, ctx.generation = workspace, workspace.generation

@@ -75,7 +75,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
         )
     stream = np.unpackbits(packed.cpu().numpy(), bitorder="little")
     if stream[numel * bits :].any():
-        raise OscqValueError(f"Padding bits after the last {bits}-bit code are not zero: the packed data is corrupted.")
+        raise OscqValueError(
+            f"Padding bits after the last {bits}-bit code are not zero: the packed data is corrupted."
+        )
     bit_matrix = stream[: numel * bits].reshape(numel, bits).astype(np.uint8)
     unsigned = (bit_matrix << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.int16)
     top = max_code(bits)

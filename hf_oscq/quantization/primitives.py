@@ -99,9 +99,7 @@ def quantize_codes(
     return codes, scale
 
 
-def sharded_codes(
-    weights: list[torch.Tensor], spec: QuantSpec
-) -> list[tuple[LocalShard, torch.Tensor, torch.Tensor]]:
+def sharded_codes(weights: list[torch.Tensor], spec: QuantSpec) -> list[tuple[LocalShard, torch.Tensor, torch.Tensor]]:
     """`quantize_codes` of each weight's local rows, with the scale of the whole tensor (FSDP2-sharded or not).
 
     Returns:

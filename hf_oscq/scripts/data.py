@@ -27,7 +27,16 @@ logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -55,16 +64,33 @@ class DatasetInfo:
 DATASETS = {
     "digits": DatasetInfo("digits", 8, 1, (0.5,), (0.5,), rescale_factor=1 / 16, crop_padding=0, flip=False),
     "fashion_mnist": DatasetInfo(
-        "fashion_mnist", 28, 1, (0.2860,), (0.3530,), hub_id="zalando-datasets/fashion_mnist", crop_padding=2,
+        "fashion_mnist",
+        28,
+        1,
+        (0.2860,),
+        (0.3530,),
+        hub_id="zalando-datasets/fashion_mnist",
+        crop_padding=2,
         flip=False,
     ),
     "cifar10": DatasetInfo(
-        "cifar10", 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hub_id="uoft-cs/cifar10",
+        "cifar10",
+        32,
+        3,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        hub_id="uoft-cs/cifar10",
         image_column="img",
     ),
     "tiny-imagenet": DatasetInfo(
-        "tiny-imagenet", 64, 3, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), hub_id="zh-plus/tiny-imagenet",
-        eval_split="valid", crop_padding=8,
+        "tiny-imagenet",
+        64,
+        3,
+        (0.4802, 0.4481, 0.3975),
+        (0.2770, 0.2691, 0.2821),
+        hub_id="zh-plus/tiny-imagenet",
+        eval_split="valid",
+        crop_padding=8,
     ),
 }
 
@@ -94,8 +120,12 @@ def offline_hint() -> str:
 
 
 def load_image_dataset(
-    name: str, data_dir: str | Path | None = None, seed: int = 0, max_train_samples: int | None = None,
-    max_eval_samples: int | None = None, validation_fraction: float = 0.0,
+    name: str,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    validation_fraction: float = 0.0,
 ) -> ImageDataset:
     """Loads a dataset by name, with augmentation on the training split and normalisation on both.
 

@@ -34,9 +34,9 @@ def _accelerate_launch_arguments() -> list[str] | None:
     argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
     for index, part in enumerate(argv[:-1]):
         if part.endswith("accelerate") and argv[index + 1] == "launch":
-            return argv[index + 2:]
+            return argv[index + 2 :]
         if part == "accelerate.commands.launch":  # python -m accelerate.commands.launch
-            return argv[index + 1:]
+            return argv[index + 1 :]
     return None
 
 

@@ -40,8 +40,11 @@ _PATCH_SIZES = {8: 2, 28: 4, 32: 4, 64: 8}
 
 
 def _labels(label_names: list[str]) -> dict:
-    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-            "label2id": {name: i for i, name in enumerate(label_names)}}
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
 
 
 def _patch_size(info: DatasetInfo, patch_size: int | None) -> int:
@@ -61,8 +64,9 @@ def _unreachable(weights: str, error: OSError) -> HubUnreachableError:
     )
 
 
-def tiny_vit_config(info: DatasetInfo, label_names: list[str], size: str = "tiny", patch_size: int | None = None
-                    ) -> ViTConfig:
+def tiny_vit_config(
+    info: DatasetInfo, label_names: list[str], size: str = "tiny", patch_size: int | None = None
+) -> ViTConfig:
     """The ViTConfig of the paper's tiny ViT for a dataset (see the module docstring for the exact numbers).
 
     Args:
@@ -76,13 +80,19 @@ def tiny_vit_config(info: DatasetInfo, label_names: list[str], size: str = "tiny
         raise OscqValueError(f"Unknown ViT size {size!r}: choose one of {sorted(VIT_SIZES)}.")
     patch_size = _patch_size(info, patch_size)
     return ViTConfig(
-        image_size=info.image_size, patch_size=patch_size, num_channels=info.num_channels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **VIT_SIZES[size], **_labels(label_names),
+        image_size=info.image_size,
+        patch_size=patch_size,
+        num_channels=info.num_channels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **VIT_SIZES[size],
+        **_labels(label_names),
     )
 
 
-def build_vit(info: DatasetInfo, label_names: list[str], size: str = "tiny", patch_size: int | None = None
-              ) -> ViTForImageClassification:
+def build_vit(
+    info: DatasetInfo, label_names: list[str], size: str = "tiny", patch_size: int | None = None
+) -> ViTForImageClassification:
     """A randomly initialised tiny ViT for the dataset."""
     return ViTForImageClassification(tiny_vit_config(info, label_names, size, patch_size))
 
@@ -111,8 +121,11 @@ def build_pretrained_vit(
     local = {"file": weights_file, "custom_load": False} if weights_file else None
     try:
         pretrained = timm.create_model(
-            PRETRAINED_VIT.split("/")[1], pretrained=True, num_classes=len(label_names),
-            pretrained_cfg_overlay=local, **model_args,
+            PRETRAINED_VIT.split("/")[1],
+            pretrained=True,
+            num_classes=len(label_names),
+            pretrained_cfg_overlay=local,
+            **model_args,
         )
     except OSError as error:
         raise _unreachable(PRETRAINED_VIT, error) from None
@@ -123,8 +136,9 @@ def build_pretrained_vit(
     return model
 
 
-def build_resnet18(info: DatasetInfo, label_names: list[str], cifar_stem: bool = True, pretrained: bool = False
-                   ) -> TimmWrapperForImageClassification:
+def build_resnet18(
+    info: DatasetInfo, label_names: list[str], cifar_stem: bool = True, pretrained: bool = False
+) -> TimmWrapperForImageClassification:
     """ResNet-18 from timm as a transformers model, randomly initialised or from ImageNet weights.
 
     Args:
@@ -155,8 +169,16 @@ def build_resnet18(info: DatasetInfo, label_names: list[str], cifar_stem: bool =
         raise _unreachable(PRETRAINED_RESNET18, error) from None
 
 
-def build_model(name: str, info: DatasetInfo, label_names: list[str], *, vit_size: str = "tiny",
-                patch_size: int | None = None, cifar_stem: bool = True, pretrained: bool = False) -> PreTrainedModel:
+def build_model(
+    name: str,
+    info: DatasetInfo,
+    label_names: list[str],
+    *,
+    vit_size: str = "tiny",
+    patch_size: int | None = None,
+    cifar_stem: bool = True,
+    pretrained: bool = False,
+) -> PreTrainedModel:
     """`build_vit` (`build_pretrained_vit` with `pretrained`) or `build_resnet18` by name ("vit" or "resnet18")."""
     if name == "vit":
         if not pretrained:
@@ -173,6 +195,11 @@ def build_image_processor(info: DatasetInfo) -> ViTImageProcessor:
     """The image processor that turns raw images into the model's inputs exactly as the training data was prepared:
     resize to the dataset's side, rescale, normalise with the dataset's mean and std."""
     return ViTImageProcessor(
-        do_resize=True, size={"height": info.image_size, "width": info.image_size}, do_rescale=True,
-        rescale_factor=info.rescale_factor, do_normalize=True, image_mean=list(info.mean), image_std=list(info.std),
+        do_resize=True,
+        size={"height": info.image_size, "width": info.image_size},
+        do_rescale=True,
+        rescale_factor=info.rescale_factor,
+        do_normalize=True,
+        image_mean=list(info.mean),
+        image_std=list(info.std),
     )

@@ -95,8 +95,9 @@ class RecipeArguments:
             raise OscqValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
 
 
-def parse_arguments(argv: list[str] | None = None, model: str | None = None
-                    ) -> tuple[RecipeArguments, OscillationConfig]:
+def parse_arguments(
+    argv: list[str] | None = None, model: str | None = None
+) -> tuple[RecipeArguments, OscillationConfig]:
     """Parses `--config file.yaml` (defaults) then the command line (overrides) into the two dataclasses."""
     parser = HfArgumentParser((RecipeArguments, OscillationConfig))
     parser.add_argument("--config", default=None, help="YAML file of arguments; the command line overrides it.")
@@ -134,20 +135,30 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
     args = _run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_model(
-        recipe.model, data.info, data.label_names, vit_size=recipe.vit_size, patch_size=recipe.patch_size,
-        cifar_stem=recipe.cifar_stem, pretrained=recipe.pretrained,
+        recipe.model,
+        data.info,
+        data.label_names,
+        vit_size=recipe.vit_size,
+        patch_size=recipe.patch_size,
+        cifar_stem=recipe.cifar_stem,
+        pretrained=recipe.pretrained,
     )
     callbacks = []
     if recipe.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
     trainer = OscillationTrainer(
-        model=model, args=args, train_dataset=data.train,
+        model=model,
+        args=args,
+        train_dataset=data.train,
         eval_dataset=data.validation if data.validation is not None else data.eval,
-        compute_metrics=compute_accuracy, callbacks=callbacks, processing_class=build_image_processor(data.info),
+        compute_metrics=compute_accuracy,
+        callbacks=callbacks,
+        processing_class=build_image_processor(data.info),
     )
     if recipe.track_oscillations:
-        add_oscillation_tracker(trainer, OscillationTracker(every_n_steps=recipe.track_every_n_steps,
-                                                            spec=args.quant_spec))
+        add_oscillation_tracker(
+            trainer, OscillationTracker(every_n_steps=recipe.track_every_n_steps, spec=args.quant_spec)
+        )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()  # the final (or, with load_best_model_at_end, the best) weights, in the run's folder
     trainer.save_state()
@@ -168,23 +179,35 @@ def _describe_model(recipe: RecipeArguments) -> str:
 def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Path):
     export_dir = output_dir / "export"
     args = trainer.args
-    comparisons = {comparison_key(method): table for method, table in tables.items()
-                   if method != args.osc_method} or None
+    comparisons = {
+        comparison_key(method): table for method, table in tables.items() if method != args.osc_method
+    } or None
     model = trainer.model
     if trainer.is_fsdp_enabled:  # FSDP2 shards the weights: export the whole model that save_model gathered
         model = auto_class_for(args.output_dir).from_pretrained(args.output_dir).to(args.device)
     export_quantized(
-        model, export_dir, bits=tuple(recipe.export_bits), spec=args.quant_spec,
-        image_processor=build_image_processor(data.info), metrics=tables[args.osc_method],
+        model,
+        export_dir,
+        bits=tuple(recipe.export_bits),
+        spec=args.quant_spec,
+        image_processor=build_image_processor(data.info),
+        metrics=tables[args.osc_method],
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
         calibration_batches=trainer.calibration_batches,
         training={
-            "osc_method": args.osc_method, "osc_bits": args.osc_bits, "osc_lambda": args.osc_lambda,
-            "dataset": recipe.dataset, "model": _describe_model(recipe),
+            "osc_method": args.osc_method,
+            "osc_bits": args.osc_bits,
+            "osc_lambda": args.osc_lambda,
+            "dataset": recipe.dataset,
+            "model": _describe_model(recipe),
             "hyperparameters": {
-                "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs,
-                "max_steps": args.max_steps, "train_batch_size": args.per_device_train_batch_size * args.world_size,
-                "optimizer": str(args.optim), "weight_decay": args.weight_decay, "seed": args.seed,
+                "learning_rate": args.learning_rate,
+                "num_train_epochs": args.num_train_epochs,
+                "max_steps": args.max_steps,
+                "train_batch_size": args.per_device_train_batch_size * args.world_size,
+                "optimizer": str(args.optim),
+                "weight_decay": args.weight_decay,
+                "seed": args.seed,
                 "pretrained": recipe.pretrained,
             },
         },
@@ -201,8 +224,12 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
     output_dir = Path(training.output_dir)
     data = load_image_dataset(
-        recipe.dataset, recipe.data_dir, seed=training.seed, max_train_samples=recipe.max_train_samples,
-        max_eval_samples=recipe.max_eval_samples, validation_fraction=recipe.validation_fraction,
+        recipe.dataset,
+        recipe.data_dir,
+        seed=training.seed,
+        max_train_samples=recipe.max_train_samples,
+        max_eval_samples=recipe.max_eval_samples,
+        validation_fraction=recipe.validation_fraction,
     )
     tables, trainer = {}, None
     for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
@@ -210,8 +237,11 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
     summary = {
-        "dataset": recipe.dataset, "model": recipe.model, "world_size": trainer.args.world_size,
-        "tables": tables, "export_dir": None,
+        "dataset": recipe.dataset,
+        "model": recipe.model,
+        "world_size": trainer.args.world_size,
+        "tables": tables,
+        "export_dir": None,
     }
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)

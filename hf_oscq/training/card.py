@@ -11,14 +11,21 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..paper import CITATION
 from ..quantization.ptq import format_cross_bit_table
 from ..versions import library_versions
-from .metrics import cross_bit_table
 from .methods import OSCILLATION, method_sentence
+from .metrics import cross_bit_table
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "trainer_card.md"
 TAGS = ["hf_oscq", "oscq", "quantization"]
 _HYPERPARAMETERS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "optim", "weight_decay", "lr_scheduler_type", "seed",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "optim",
+    "weight_decay",
+    "lr_scheduler_type",
+    "seed",
 )
 
 
@@ -59,8 +66,12 @@ def render_trainer_card(
     has_accuracy = any("accuracy" in row for row in table.values())
     versions = library_versions()
     data = ModelCardData(
-        library_name="transformers", model_name=model_name, base_model=base_model, license=license,
-        language=_listed(language), datasets=_listed(datasets),
+        library_name="transformers",
+        model_name=model_name,
+        base_model=base_model,
+        license=license,
+        language=_listed(language),
+        datasets=_listed(datasets),
         tags=TAGS + [tag for tag in _listed(tags) or [] if tag not in TAGS],
     )
     hyperparameters = [f"| {key} | `{getattr(args, key)}` |" for key in _HYPERPARAMETERS if hasattr(args, key)]
@@ -76,9 +87,11 @@ def render_trainer_card(
         granularity="one scale per output channel" if spec.per_channel else "one scale per tensor",
         targets=", ".join(f"`{t}`" for t in spec.target_modules) if spec.target_modules else "Linear, Conv, Embedding",
         excludes=", ".join(f"`{t}`" for t in spec.exclude_modules or ()),
-        bn_samples=f"{args.osc_bn_recalibration_samples} training images" if args.osc_bn_recalibration_samples
+        bn_samples=f"{args.osc_bn_recalibration_samples} training images"
+        if args.osc_bn_recalibration_samples
         else "none (plain rounding, as in the paper)",
-        cross_bit_table=format_cross_bit_table({model_name: table}) if has_accuracy
+        cross_bit_table=format_cross_bit_table({model_name: table})
+        if has_accuracy
         else "No evaluation with an accuracy metric was logged: pass compute_metrics and evaluate.",
         eval_bits=" ".join(map(str, args.osc_eval_bits)),
         hyperparameters="\n".join(["| hyperparameter | value |", "|---|---|", *hyperparameters]),

@@ -50,8 +50,9 @@ def plot_toy_two_weights(trajectories: dict[str, np.ndarray], path: str | Path, 
     axes = figure.subplots()
     for index, (method, weights) in enumerate(trajectories.items()):
         weights = np.asarray(weights)
-        axes.plot(weights[:, 0], weights[:, 1], color=f"C{index}", marker=".", markersize=2, linewidth=0.6,
-                  label=method)
+        axes.plot(
+            weights[:, 0], weights[:, 1], color=f"C{index}", marker=".", markersize=2, linewidth=0.6, label=method
+        )
     for threshold in (-0.5, 0.5, 1.5):
         axes.axvline(threshold, color="0.6", linestyle=":")
         axes.axhline(threshold, color="0.6", linestyle=":")

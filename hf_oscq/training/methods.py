@@ -39,8 +39,8 @@ def method_sentence(method: str | None, bits: int | None = None, osc_lambda: flo
     from ..paper import PAPER
 
     return {
-        OSCILLATION: f"Trained with the oscillation regularizer of {PAPER} at {bits} bits (`osc_lambda = {osc_lambda}`), "
-        "full-precision forward pass, then rounded after training.",
+        OSCILLATION: f"Trained with the oscillation regularizer of {PAPER} at {bits} bits "
+        f"(`osc_lambda = {osc_lambda}`), full-precision forward pass, then rounded after training.",
         QAT: f"Trained with quantization-aware training at {bits} bits (baseline of {PAPER}).",
         NONE: "Trained in full precision without any quantization term (the FP + PTQ baseline).",
     }.get(method or OSCILLATION, f"Trained with osc_method={method!r}.")

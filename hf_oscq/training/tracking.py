@@ -85,14 +85,20 @@ class OscillationCounter:
 
     def save(self, folder: str | Path, state_file: str = STATE_FILE, meta_file: str = STATE_META) -> None:
         """Writes the state as safetensors (tensors) and JSON (settings), no pickle."""
-        tensors = {f"{name}::{key}": value.contiguous().cpu() for name, entry in self.state.items()
-                   for key, value in entry.items()}
+        tensors = {
+            f"{name}::{key}": value.contiguous().cpu()
+            for name, entry in self.state.items()
+            for key, value in entry.items()
+        }
         save_file(tensors, str(Path(folder) / state_file))
         meta = {"momentum": self.momentum, "updates": self.updates, "weights": list(self.state)}
         (Path(folder) / meta_file).write_text(json.dumps(meta, indent=2))
 
     def load(
-        self, folder: str | Path, device: torch.device | None = None, state_file: str = STATE_FILE,
+        self,
+        folder: str | Path,
+        device: torch.device | None = None,
+        state_file: str = STATE_FILE,
         meta_file: str = STATE_META,
     ) -> None:
         """Restores a state written by `save`."""
@@ -219,9 +225,9 @@ class OscillationTracker(TrainerCallback):
         weights = self._weights()
         layer = self.histogram_layer or next(iter(weights))
         histogram_weight = gather(local_shard(weights[layer]).local.detach(), weights[layer])
-        counts = torch.cat([
-            gather(self.counter.state[name]["counts"], weight).flatten().cpu() for name, weight in weights.items()
-        ])
+        counts = torch.cat(
+            [gather(self.counter.state[name]["counts"], weight).flatten().cpu() for name, weight in weights.items()]
+        )
         summary = {**self._summary(), "updates": self.counter.updates, "histogram_layer": layer}
         if not state.is_world_process_zero:
             return
@@ -229,7 +235,9 @@ class OscillationTracker(TrainerCallback):
         output.mkdir(parents=True, exist_ok=True)
         bits = self.spec.bits
         plot_weight_histogram(
-            histogram_weight, path=output / "weight_histogram.png", spec=self.spec,
+            histogram_weight,
+            path=output / "weight_histogram.png",
+            spec=self.spec,
             title=f"{layer}: weights and {bits}-bit thresholds",
         )
         plot_oscillation_counts(counts.numpy(), output / "oscillation_counts.png", bits)

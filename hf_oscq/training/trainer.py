@@ -167,7 +167,9 @@ class OscillationTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         spec = self.args.quant_spec
         for bits in self.args.osc_eval_bits:
-            with quantized_weights(self.model, calibration_batches=self.calibration_batches(), spec=spec.with_bits(bits)):
+            with quantized_weights(
+                self.model, calibration_batches=self.calibration_batches(), spec=spec.with_bits(bits)
+            ):
                 quantized = super().evaluation_loop(
                     dataloader,
                     f"{description} at {bits} bits",

@@ -27,7 +27,9 @@ from hf_oscq.export.folder import MANIFEST_NAME as EXPORT_FILE
 from hf_oscq.export.folder import ExportFolderError, auto_class_for, export_spec, read_manifest, weights_size
 from hf_oscq.quantization.variants import (
     FULL_PRECISION,
-    sort_variants, variant_bits, variant_name,
+    sort_variants,
+    variant_bits,
+    variant_name,
     variant_names,
     variant_repo_id,
 )

@@ -104,6 +104,11 @@ def write_weight_plot(weight: torch.Tensor, spec: QuantSpec, layer: str, path: P
     With per-channel scales the weights are drawn in units of their channel's scale, so one grid fits all.
     """
     plot_weight_histogram(
-        weight, path=path, spec=spec, show_levels=True, bins=min(200, max(30, weight.numel() // 20)), dpi=100,
+        weight,
+        path=path,
+        spec=spec,
+        show_levels=True,
+        bins=min(200, max(30, weight.numel() // 20)),
+        dpi=100,
         title=f"{layer.removesuffix('.weight')}: {spec.bits}-bit grid, {2 * spec.max_code + 1} levels",
     )

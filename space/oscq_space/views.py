@@ -64,8 +64,15 @@ def classify_view(
         logger.exception("Classification failed")
         return _warning(f"Classification failed ({type(error).__name__}: {error})."), "", []
     rows = [
-        [p.variant, p.bits, p.size_bytes, round(p.latency_ms, 3), p.top[0][0], round(p.top[0][1], 4),
-         ", ".join(f"{label} ({probability:.3f})" for label, probability in p.top)]
+        [
+            p.variant,
+            p.bits,
+            p.size_bytes,
+            round(p.latency_ms, 3),
+            p.top[0][0],
+            round(p.top[0][1], 4),
+            ", ".join(f"{label} ({probability:.3f})" for label, probability in p.top),
+        ]
         for p in predictions
     ]
     message = f"{family.name}: {len(predictions)} checkpoints on a {image.size[0]} x {image.size[1]} image"
@@ -130,4 +137,3 @@ def weights_view(
     rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
     unit = "in per-channel scale units" if per_channel else f"scale {scale:.4g}"
     return str(path), rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."
-

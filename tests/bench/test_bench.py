@@ -46,15 +46,19 @@ def test_grid_priority_and_names():
     variants = [cell for cell in cells if cell.variant]
     assert len(names) == len(set(names)) == 2 * 2 * 7 + 2 * len(quality.SWEEP_LAMBDAS) + len(variants)
     assert names[:6] == [
-        "resnet18_fp_s0", "resnet18_osc3_lam10_s0", "resnet18_qat3_s0",
-        "vit_fp_s0", "vit_osc3_lam10_s0", "vit_qat3_s0",
+        "resnet18_fp_s0",
+        "resnet18_osc3_lam10_s0",
+        "resnet18_qat3_s0",
+        "vit_fp_s0",
+        "vit_osc3_lam10_s0",
+        "vit_qat3_s0",
     ]
     first_seed_one = names.index("resnet18_fp_s1")
     assert all(cell.seed == 0 for cell in cells[:first_seed_one])
     assert {cell.bits for cell in cells[:first_seed_one] if cell.bits} == {2, 3, 4}
-    sweep = cells[-len(variants) - 2 * len(quality.SWEEP_LAMBDAS):-len(variants)]
+    sweep = cells[-len(variants) - 2 * len(quality.SWEEP_LAMBDAS) : -len(variants)]
     assert all(cell.bits == 3 and cell.osc_lambda != quality.MAIN_LAMBDA for cell in sweep)
-    assert cells[-len(variants):] == variants  # investigations last
+    assert cells[-len(variants) :] == variants  # investigations last
     assert quality.Cell("vit", "qat", 3, None, 0, "e6").name == "vit_qat3_s0_e6"
 
 
@@ -68,7 +72,7 @@ def test_summarize_mean_spread_and_no_batchnorm_model():
     fp = groups[("resnet18", "none", None, None)]
     assert fp["seeds"] == [0, 1]
     assert aggregate.mean(fp["plain"]["w3"]) == pytest.approx(45.0)
-    assert aggregate.spread(fp["plain"]["w3"]) == pytest.approx(50 ** 0.5)  # sample std of 40 and 50
+    assert aggregate.spread(fp["plain"]["w3"]) == pytest.approx(50**0.5)  # sample std of 40 and 50
     assert aggregate.format_cell(fp["bn"]["w3"]) == "82.0 ± 2.8"
     vit = groups[("vit", "qat", 3, None)]
     assert vit["bn"]["w3"] == vit["plain"]["w3"] == [75.0]
@@ -110,13 +114,32 @@ def test_render_writes_tables_and_plot(tmp_path):
         _record("resnet18", "none", None, None, 0, _table(0.90, {3: 0.40}), bn=_table(0.90, {3: 0.80})),
         _record("resnet18", "qat", 3, None, 0, _table(0.88, {3: 0.87}), bn=_table(0.88, {3: 0.88})),
     ]
-    (tmp_path / "overhead.json").write_text(json.dumps({
-        "workload": "w", "device": "cpu", "torch_threads": 2,
-        "results": [{"batch_size": 32, "median_step_seconds": {"fp": 0.1, "qat": 0.15},
-                     "ratio_to_fp": {"fp": 1.0, "qat": 1.5}}],
-    }))
-    (tmp_path / "export_size.json").write_text(json.dumps({"bits": [2, 8], "models": {"net": {
-        "fp32_bytes": 4e6, "variants": {"w2": {"vs_fp32": 0.0625}, "w8": {"vs_fp32": 0.25}}}}}))
+    (tmp_path / "overhead.json").write_text(
+        json.dumps(
+            {
+                "workload": "w",
+                "device": "cpu",
+                "torch_threads": 2,
+                "results": [
+                    {
+                        "batch_size": 32,
+                        "median_step_seconds": {"fp": 0.1, "qat": 0.15},
+                        "ratio_to_fp": {"fp": 1.0, "qat": 1.5},
+                    }
+                ],
+            }
+        )
+    )
+    (tmp_path / "export_size.json").write_text(
+        json.dumps(
+            {
+                "bits": [2, 8],
+                "models": {
+                    "net": {"fp32_bytes": 4e6, "variants": {"w2": {"vs_fp32": 0.0625}, "w8": {"vs_fp32": 0.25}}}
+                },
+            }
+        )
+    )
     text = aggregate.render(records, 10.0, tmp_path, tmp_path / "figures", tmp_path)
     assert (tmp_path / "figures" / "quality_resnet18.png").stat().st_size > 0
     assert "(figures/quality_resnet18.png)" in text
@@ -128,14 +151,24 @@ def test_render_writes_tables_and_plot(tmp_path):
 
 def test_diagnostics_weights_by_layer_size():
     def layer(numel, factor, near, ratio, zero):
-        return {"numel": numel, "penalty_gradient_factor": factor, "near_threshold": near, "max_over_std": ratio,
-                "zero_code_fraction": zero}
+        return {
+            "numel": numel,
+            "penalty_gradient_factor": factor,
+            "near_threshold": near,
+            "max_over_std": ratio,
+            "zero_code_fraction": zero,
+        }
 
-    stats = {"bits": 3, "cells": {"m_osc3": {
-        "conv1.weight": layer(1000, 0.02, 0.5, 3.0, 0.2),
-        "fc.weight": layer(3000, 0.002, 0.3, 5.0, 0.6),
-        "big.weight": layer(400_000, 5e-5, 0.2, 4.0, 0.5),
-    }}}
+    stats = {
+        "bits": 3,
+        "cells": {
+            "m_osc3": {
+                "conv1.weight": layer(1000, 0.02, 0.5, 3.0, 0.2),
+                "fc.weight": layer(3000, 0.002, 0.3, 5.0, 0.6),
+                "big.weight": layer(400_000, 5e-5, 0.2, 4.0, 0.5),
+            }
+        },
+    }
     row = aggregate.diagnostics_markdown(stats).splitlines()[-1]
     # < 10k: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; none of 10k-200k; >= 200k: 0.2. Median of 3, 5, 4 = 4.
     # Rounded to 0: (0.2 * 1000 + 0.6 * 3000 + 0.5 * 400000) / 404000 = 0.50.

@@ -4,9 +4,7 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
-import torch
 from _export_fixture import BITS, TRAINING, build_export, tiny_model
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -14,7 +12,6 @@ import hf_oscq
 from hf_oscq.export.folder import ExportFolderError, read_export_manifest
 from hf_oscq.hub import ACCURACY_PLOT, HISTOGRAM_PLOT
 from hf_oscq.hub.model_card import render_card_files, write_model_cards
-from hf_oscq.plots import plot_accuracy_vs_bits, plot_weight_histogram, quantization_thresholds
 
 REPO = "acme/tiny-vit"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -93,7 +90,7 @@ def test_card_tables_carry_the_measured_accuracies(cards, manifest, export_dir):
 
 def test_card_body_has_recipe_loading_snippet_and_citation(cards):
     body = cards["w3"]["README.md"].decode()
-    assert 'import hf_oscq' in body
+    assert "import hf_oscq" in body
     assert 'AutoModelForImageClassification.from_pretrained("acme/tiny-vit-w3")' in body
     for key, value in TRAINING["hyperparameters"].items():
         assert f"| {key} | `{value}` |" in body
@@ -166,8 +163,10 @@ def test_unknown_variant_is_rejected(export_dir):
         (lambda d: shutil.rmtree(d / "w3"), r"the folder w3/ is missing"),
         (lambda d: (d / "fp" / "model.safetensors").unlink(), r"fp/ has no complete model\.safetensors"),
         (lambda d: (d / "w2" / "pytorch_model.bin").write_bytes(b"x"), r"pickle files \['pytorch_model\.bin'\]"),
-        (lambda d: _edit_json(d / "w4" / "config.json", quantization_config={"quant_method": "oscq", "bits": 8}),
-         r"w4/config\.json says bits=8, expected 4"),
+        (
+            lambda d: _edit_json(d / "w4" / "config.json", quantization_config={"quant_method": "oscq", "bits": 8}),
+            r"w4/config\.json says bits=8, expected 4",
+        ),
         (lambda d: _edit_json(d / "oscq_export.json", format_version=2), r"format_version 2; this hf_oscq reads"),
         (lambda d: _edit_json(d / "oscq_export.json", bits=[1, 3]), r"invalid bit-widths"),
     ],
@@ -183,44 +182,6 @@ def _edit_json(path, **changes):
     content = json.loads(path.read_text())
     content.update(changes)
     path.write_text(json.dumps(content))
-
-
-def test_quantization_thresholds_are_half_integers():
-    np.testing.assert_array_equal(quantization_thresholds(2), [-0.5, 0.5])
-    np.testing.assert_array_equal(quantization_thresholds(3), [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
-    assert len(quantization_thresholds(8)) == 254
-
-
-def _threshold_positions(figure) -> list[float]:
-    (collection,) = figure.axes[0].collections
-    return sorted(float(segment[0][0]) for segment in collection.get_segments())
-
-
-def test_weight_histogram_draws_thresholds_at_the_quantizer_bins(tmp_path):
-    weight = torch.tensor([[0.3, -0.9], [0.1, 0.6]])
-    figure = plot_weight_histogram(weight, 3, tmp_path / "hist.png")
-    step = 0.9 / 3  # max|W| / (2**(3-1) - 1)
-    assert _threshold_positions(figure) == pytest.approx([k * step for k in (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)])
-    assert (tmp_path / "hist.png").read_bytes().startswith(PNG_MAGIC)
-    # per channel: weights divided by their row's scale, thresholds shared at +-0.5 and +-1.5 ... in those units
-    figure = plot_weight_histogram(weight, 2, tmp_path / "hist_pc.png", per_channel=True)
-    assert _threshold_positions(figure) == [-0.5, 0.5]
-    # w / s per row: [0.3, -0.9] / 0.9 and [0.1, 0.6] / 0.6, so the histogram spans exactly [-1, 1]
-    (histogram,) = figure.axes[0].patches
-    xs = histogram.get_path().vertices[:, 0]
-    assert (xs.min(), xs.max()) == pytest.approx((-1.0, 1.0))
-
-
-def test_accuracy_plot_draws_each_run(tmp_path):
-    tables = {"osc": {"fp": {"accuracy": 0.9}, "w2": {"accuracy": 0.5}, "w4": {"accuracy": 0.85}}, "qat": {}}
-    figure = plot_accuracy_vs_bits(tables, tmp_path / "acc.png", highlight_bits=4)
-    lines = figure.axes[0].get_lines()
-    curve = next(line for line in lines if line.get_label() == "osc")
-    assert list(curve.get_xdata()) == [2, 4] and list(curve.get_ydata()) == pytest.approx([50.0, 85.0])
-    full = next(line for line in lines if line.get_label() == "osc, full precision")
-    assert list(full.get_ydata()) == pytest.approx([90.0, 90.0])
-    with pytest.raises(ValueError, match="has a 'accuracy' value"):
-        plot_accuracy_vs_bits({"qat": {}}, tmp_path / "none.png")
 
 
 def test_card_readme_has_no_unrendered_template_syntax(cards):

@@ -12,8 +12,8 @@ from huggingface_hub.errors import Response
 from huggingface_hub.utils import hf_raise_for_status
 
 from hf_oscq import cli
-from hf_oscq.hub.push import NO_TOKEN_MESSAGE, HubPushError, push_to_hub
 from hf_oscq.hub import ACCURACY_PLOT, HISTOGRAM_PLOT
+from hf_oscq.hub.push import NO_TOKEN_MESSAGE, HubPushError, push_to_hub
 
 REPO = "acme/tiny-resnet"
 REPOS = [REPO] + [f"{REPO}-w{b}" for b in BITS]
@@ -59,8 +59,11 @@ class FakeHub:
             repo["commits"] += 1
 
     def create_collection(self, title, *, namespace=None, description=None, private=False, exists_ok=False):
-        self._record("create_collection", f"{namespace}/{title}", {"description": description, "private": private,
-                                                                    "exists_ok": exists_ok})
+        self._record(
+            "create_collection",
+            f"{namespace}/{title}",
+            {"description": description, "private": private, "exists_ok": exists_ok},
+        )
         key = (namespace, title)
         if key in self.collections and not exists_ok:
             raise AssertionError("409: collection exists")
@@ -68,8 +71,11 @@ class FakeHub:
         return SimpleNamespace(slug=self.collections[key]["slug"])
 
     def add_collection_item(self, collection_slug, item_id, item_type, *, note=None, exists_ok=False):
-        self._record("add_collection_item", item_id, {"slug": collection_slug, "type": item_type, "note": note,
-                                                       "exists_ok": exists_ok})
+        self._record(
+            "add_collection_item",
+            item_id,
+            {"slug": collection_slug, "type": item_type, "note": note, "exists_ok": exists_ok},
+        )
         items = next(c["items"] for c in self.collections.values() if c["slug"] == collection_slug)
         if item_id in items and not exists_ok:
             raise AssertionError("409: item exists")
@@ -98,8 +104,11 @@ def token_env(monkeypatch, tmp_path):
 
 
 def _snapshot(folder):
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _local_files(folder):
@@ -148,8 +157,11 @@ def test_push_sends_the_exact_sequence_of_repos_files_and_metadata(export_dir, t
                 assert (card.data.base_model, card.data.to_dict()["base_model_relation"]) == (REPO, "quantized")
                 assert json.loads(sent["config.json"])["quantization_config"]["bits"] == int(variant[1:])
     collection = [c for c in hub.calls if c[0] == "create_collection"][0][2]
-    assert collection == {"description": "tiny-resnet in full precision and at 2, 3, 4 bits, made with hf_oscq.",
-                          "private": False, "exists_ok": True}
+    assert collection == {
+        "description": "tiny-resnet in full precision and at 2, 3, 4 bits, made with hf_oscq.",
+        "private": False,
+        "exists_ok": True,
+    }
     items = [c[2] for c in hub.calls if c[0] == "add_collection_item"]
     assert all(item["type"] == "model" and item["exists_ok"] and item["slug"] == "acme/slug-0" for item in items)
     assert items[2]["note"].startswith("3-bit weights (PTQ), test accuracy")
@@ -231,14 +243,22 @@ def test_dry_run_sends_nothing_and_lists_repos_files_and_sizes(export_dir, token
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (lambda: _http_error(403, 'You don\'t have the rights to create a model under the namespace "acme"'),
-         "Pushing acme/tiny-resnet failed: permission denied (403): your token cannot write to 'acme'"),
-        (lambda: _http_error(401, "Invalid credentials in Authorization header"),
-         "Pushing acme/tiny-resnet failed: the Hub rejected your token (401)"),
-        (lambda: _http_error(404, "Repository not found", "RepoNotFound"),
-         "Pushing acme/tiny-resnet failed: not found (404): check that the user or organization 'acme' exists"),
-        (lambda: _http_error(500, "Internal error\nwith two lines"),
-         "Pushing acme/tiny-resnet failed: the Hub refused the request (HTTP 500)"),
+        (
+            lambda: _http_error(403, 'You don\'t have the rights to create a model under the namespace "acme"'),
+            "Pushing acme/tiny-resnet failed: permission denied (403): your token cannot write to 'acme'",
+        ),
+        (
+            lambda: _http_error(401, "Invalid credentials in Authorization header"),
+            "Pushing acme/tiny-resnet failed: the Hub rejected your token (401)",
+        ),
+        (
+            lambda: _http_error(404, "Repository not found", "RepoNotFound"),
+            "Pushing acme/tiny-resnet failed: not found (404): check that the user or organization 'acme' exists",
+        ),
+        (
+            lambda: _http_error(500, "Internal error\nwith two lines"),
+            "Pushing acme/tiny-resnet failed: the Hub refused the request (HTTP 500)",
+        ),
         (lambda: HTTP.ConnectTimeout("timed out"), "Cannot reach the Hugging Face Hub while pushing acme/tiny-resnet"),
     ],
 )

@@ -53,3 +53,18 @@ def test_empty_selection_is_a_clear_error():
         select_weights(Net(), ["does_not_exist"])
     with pytest.raises(ValueError, match="No weights selected"):
         select_weights(nn.Sequential(nn.ReLU()))
+
+
+def test_patterns_matching_no_module_warn():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="exclude_modules pattern 'head' matches no module with a weight") as caught:
+        selected = select_weights(model, exclude_modules=["2", "head"])
+    assert list(selected) == ["0.weight"] and len(caught) == 1
+    with pytest.warns(UserWarning, match="target_modules pattern 'fc' matches no module with a weight, so it selects"):
+        select_weights(model, target_modules=["0", "fc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every pattern matches: no warning
+        select_weights(model, target_modules=["0", r"\d"], exclude_modules="2")
+        select_weights(model, target_modules=ALL_WEIGHTS)

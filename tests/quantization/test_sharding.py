@@ -17,8 +17,8 @@ from transformers import AutoModelForImageClassification
 
 import hf_oscq  # noqa: F401  (loads the exported checkpoints)
 from hf_oscq import fake_quantize, oscillation_penalty, quantize_model, select_weights
-from hf_oscq.scripts.data import load_image_dataset
 from hf_oscq.quantization.sharding import all_reduce, gather, is_sharded, local_shard
+from hf_oscq.scripts.data import load_image_dataset
 
 WORKER = Path(__file__).resolve().parents[1] / "_fsdp_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

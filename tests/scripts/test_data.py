@@ -85,8 +85,10 @@ def test_cifar10_schema_from_save_to_disk(tmp_path):
     data = load_image_dataset("cifar10", data_dir=tmp_path / "cifar")
     assert data.label_names == ["airplane", "automobile", "bird"]
     info = DATASETS["cifar10"]
-    expected = (torch.tensor(np.asarray(images[2]), dtype=torch.float32).permute(2, 0, 1) / 255
-                - torch.tensor(info.mean)[:, None, None]) / torch.tensor(info.std)[:, None, None]
+    expected = (
+        torch.tensor(np.asarray(images[2]), dtype=torch.float32).permute(2, 0, 1) / 255
+        - torch.tensor(info.mean)[:, None, None]
+    ) / torch.tensor(info.std)[:, None, None]
     torch.testing.assert_close(data.eval[2]["pixel_values"], expected, rtol=1e-5, atol=1e-5)
     assert data.eval[2]["labels"] == 2 and data.train[0]["pixel_values"].shape == (3, 32, 32)
 

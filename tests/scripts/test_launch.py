@@ -8,23 +8,61 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--dataset", "digits", "--vit_size", "micro", "--max_steps", "4", "--export", "false",
-          "--track_oscillations", "false", "--report_to", "none", "--logging_steps", "1", "--eval_strategy", "no",
-          "--save_strategy", "no", "--osc_eval_bits", "3", "--export_bits", "3", "--max_eval_samples", "64",
-          "--learning_rate", "0.003", "--seed", "0", "--disable_tqdm", "true"]
+COMMON = [
+    "--dataset",
+    "digits",
+    "--vit_size",
+    "micro",
+    "--max_steps",
+    "4",
+    "--export",
+    "false",
+    "--track_oscillations",
+    "false",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+    "--osc_eval_bits",
+    "3",
+    "--export_bits",
+    "3",
+    "--max_eval_samples",
+    "64",
+    "--learning_rate",
+    "0.003",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _run(launcher, output, batch):
-    command = [*launcher, str(ROOT / "recipes" / "train_vit.py"), *COMMON, "--output_dir", str(output),
-               "--per_device_train_batch_size", str(batch)]
+    command = [
+        *launcher,
+        str(ROOT / "recipes" / "train_vit.py"),
+        *COMMON,
+        "--output_dir",
+        str(output),
+        "--per_device_train_batch_size",
+        str(batch),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=output.parent)
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    two = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
-               tmp_path / "two", 16)
+    two = _run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+        tmp_path / "two",
+        16,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = _run([sys.executable], tmp_path / "one", 32)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -32,16 +70,24 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert json.loads((tmp_path / "one" / "run_info.json").read_text())["world_size"] == 1
     weights = [load_file(str(tmp_path / run / "training/oscillation/model.safetensors")) for run in ("one", "two")]
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4  # float32, 4 Adam steps
-    losses = [[entry["loss"] for entry in json.loads(
-        (tmp_path / run / "training/oscillation/trainer_state.json").read_text())["log_history"] if "loss" in entry]
-        for run in ("one", "two")]
+    losses = [
+        [
+            entry["loss"]
+            for entry in json.loads((tmp_path / run / "training/oscillation/trainer_state.json").read_text())[
+                "log_history"
+            ]
+            if "loss" in entry
+        ]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 @pytest.mark.slow
 def test_accelerate_cpu_flag_trap_is_a_clear_error(tmp_path):
-    trapped = _run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"],
-                   tmp_path / "trap", 16)
+    trapped = _run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"], tmp_path / "trap", 16
+    )
     assert trapped.returncode != 0
     assert "asked for 2 process(es), but this run has 1" in trapped.stderr
     assert not (tmp_path / "trap" / "run_info.json").exists()

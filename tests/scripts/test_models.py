@@ -76,13 +76,19 @@ def test_pretrained_vit_takes_the_imagenet_weights_and_adapts_the_patch_grid(tmp
         torch.testing.assert_close(loaded(pixels).logits, model.eval()(pixels).logits)
 
 
-@pytest.mark.parametrize(("dataset", "patch", "tokens"), [("cifar10", 4, 64), ("fashion_mnist", 4, 49),
-                                                          ("digits", 2, 16), ("tiny-imagenet", 8, 64)])
+@pytest.mark.parametrize(
+    ("dataset", "patch", "tokens"),
+    [("cifar10", 4, 64), ("fashion_mnist", 4, 49), ("digits", 2, 16), ("tiny-imagenet", 8, 64)],
+)
 def test_tiny_vit_config(dataset, patch, tokens):
     info = DATASETS[dataset]
     config = tiny_vit_config(info, LABELS)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (
-        192, 6, 3, 768)
+        192,
+        6,
+        3,
+        768,
+    )
     assert (config.patch_size, config.num_channels, config.image_size) == (patch, info.num_channels, info.image_size)
     model = build_model("vit", info, LABELS, vit_size="micro")
     pixels = torch.randn(2, info.num_channels, info.image_size, info.image_size)
@@ -101,8 +107,10 @@ def test_image_processor_reproduces_the_evaluation_transform(tmp_path):
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     info = DATASETS["cifar10"]
-    expected = (torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
-                - torch.tensor(info.mean)[:, None, None]) / torch.tensor(info.std)[:, None, None]
+    expected = (
+        torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
+        - torch.tensor(info.mean)[:, None, None]
+    ) / torch.tensor(info.std)[:, None, None]
     got = processor(image, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     digits = load_image_dataset("digits")

@@ -19,8 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_yaml_config_with_command_line_overrides(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"dataset": "digits", "osc_bits": 2, "learning_rate": 0.01, "baselines": ["qat"],
-                                      "output_dir": str(tmp_path / "o"), "use_cpu": True}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "digits",
+                "osc_bits": 2,
+                "learning_rate": 0.01,
+                "baselines": ["qat"],
+                "output_dir": str(tmp_path / "o"),
+                "use_cpu": True,
+            }
+        )
+    )
     recipe, training = parse_arguments(["--config", str(config), "--osc_bits", "4"], model="vit")
     assert (recipe.dataset, recipe.baselines, recipe.model) == ("digits", ["qat"], "vit")
     assert (training.osc_bits, training.learning_rate) == (4, 0.01)
@@ -37,20 +47,43 @@ def test_every_shipped_config_parses():
 
 
 def test_cross_bit_table_from_metrics():
-    metrics = {"test_accuracy": 0.9, "test_loss": 0.3, "test_w3_accuracy": 0.8, "test_w10_accuracy": 0.1,
-               "test_runtime": 1.0, "test_w2_accuracy": 0.5}
-    assert cross_bit_table(metrics) == {"fp": {"accuracy": 0.9, "loss": 0.3}, "w2": {"accuracy": 0.5},
-                                        "w3": {"accuracy": 0.8}, "w10": {"accuracy": 0.1}}
+    metrics = {
+        "test_accuracy": 0.9,
+        "test_loss": 0.3,
+        "test_w3_accuracy": 0.8,
+        "test_w10_accuracy": 0.1,
+        "test_runtime": 1.0,
+        "test_w2_accuracy": 0.5,
+    }
+    assert cross_bit_table(metrics) == {
+        "fp": {"accuracy": 0.9, "loss": 0.3},
+        "w2": {"accuracy": 0.5},
+        "w3": {"accuracy": 0.8},
+        "w10": {"accuracy": 0.1},
+    }
 
 
 @pytest.mark.slow
 def test_digits_recipe_end_to_end(tmp_path):
     output = tmp_path / "run"
     command = [
-        sys.executable, str(ROOT / "recipes" / "train_vit.py"),
-        "--config", str(ROOT / "recipes/configs/digits_demo.yaml"),
-        "--max_steps", "6", "--logging_steps", "2", "--baselines", "qat", "none", "--output_dir", str(output),
-        "--report_to", "tensorboard", "--osc_eval_bits", "3",
+        sys.executable,
+        str(ROOT / "recipes" / "train_vit.py"),
+        "--config",
+        str(ROOT / "recipes/configs/digits_demo.yaml"),
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "2",
+        "--baselines",
+        "qat",
+        "none",
+        "--output_dir",
+        str(output),
+        "--report_to",
+        "tensorboard",
+        "--osc_eval_bits",
+        "3",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

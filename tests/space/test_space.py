@@ -53,8 +53,16 @@ def _contract_export(model, out: Path, processor, record: dict) -> None:
         child.save_pretrained(out / name)
         processor.save_pretrained(out / name)
     sizes = {name: (out / name / "model.safetensors").stat().st_size for name in ["fp"] + [f"w{b}" for b in BITS]}
-    record = {"format_version": 1, "bits": list(BITS), "per_channel": False, "target_modules": None,
-              "exclude_modules": None, "bn_recalibrated": False, "sizes_bytes": sizes, **record}
+    record = {
+        "format_version": 1,
+        "bits": list(BITS),
+        "per_channel": False,
+        "target_modules": None,
+        "exclude_modules": None,
+        "bn_recalibrated": False,
+        "sizes_bytes": sizes,
+        **record,
+    }
     (out / EXPORT_FILE).write_text(json.dumps(record))
 
 
@@ -138,6 +146,7 @@ def test_missing_checkpoint_and_bad_entries_are_reported(export_dir, tmp_path, m
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims `width x height` (no pixel data): enough to test the size check cheaply."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -309,12 +318,16 @@ def test_views_reject_bad_choices(families):
     by_name = {family.name: family for family in families}
     name, layer = families[0].name, "vit.layers.0.attention.q_proj.weight"
     assert weights_view(by_name, name, layer, 1) == (
-        None, [], "**⚠️ Pick one of the exported bit-widths [8, 7, 6, 5, 4, 3, 2] (got 1).**"
+        None,
+        [],
+        "**⚠️ Pick one of the exported bit-widths [8, 7, 6, 5, 4, 3, 2] (got 1).**",
     )
     message = weights_view(by_name, name, "no.such.weight", 3)[2]
     assert message == f"**⚠️ Pick a layer of {name} (got 'no.such.weight').**"
     assert classify_view(by_name, "nope", str(DIGIT_EXAMPLE)) == (
-        "**⚠️ No model family named 'nope' is loaded; pick one from the list.**", "", []
+        "**⚠️ No model family named 'nope' is loaded; pick one from the list.**",
+        "",
+        [],
     )
 
 
@@ -377,9 +390,18 @@ def test_browser_classifies_an_example(served, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -420,13 +442,24 @@ def test_deploy_uploads_app_package_and_models(monkeypatch):
     monkeypatch.setattr(deploy.HfApi, "create_commit", lambda self, *a, **k: calls.append(("create_commit", a, k)))
     url = deploy.deploy("org/oscq-space", ["org/vit-digits", "org/vit-digits-qat"])
     assert url == "https://huggingface.co/spaces/org/oscq-space"
-    assert calls[0] == ("create_repo", ("org/oscq-space",), {"repo_type": "space", "space_sdk": "gradio",
-                                                            "private": False, "exist_ok": True})
+    assert calls[0] == (
+        "create_repo",
+        ("org/oscq-space",),
+        {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True},
+    )
     operations = calls[1][1][1]
     paths = {operation.path_in_repo for operation in operations}
-    expected = {"README.md", "app.py", "requirements.txt", "oscq_space/families.py", "examples/digit_3.png",
-                "hf_oscq/__init__.py", "hf_oscq/export/writer.py", "hf_oscq/quantization/spec.py",
-                "hf_oscq/templates/model_card.md"}
+    expected = {
+        "README.md",
+        "app.py",
+        "requirements.txt",
+        "oscq_space/families.py",
+        "examples/digit_3.png",
+        "hf_oscq/__init__.py",
+        "hf_oscq/export/writer.py",
+        "hf_oscq/quantization/spec.py",
+        "hf_oscq/templates/model_card.md",
+    }
     assert expected <= paths and not any("__pycache__" in path or path.endswith(".pyc") for path in paths)
     assert "deploy.py" not in paths and "examples/make_examples.py" not in paths
     readme = next(op for op in operations if op.path_in_repo == "README.md").path_or_fileobj
@@ -441,8 +474,13 @@ def test_python_space_app_py_serves_the_page(export_dir, tmp_path):
     import httpx
 
     port = _free_port()
-    environment = {**os.environ, "OSCQ_MODELS": str(export_dir), "GRADIO_SERVER_PORT": str(port),
-                   "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    environment = {
+        **os.environ,
+        "OSCQ_MODELS": str(export_dir),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": "1",
+    }
     log = (tmp_path / "app.log").open("w")
     process = subprocess.Popen([sys.executable, str(SPACE_DIR / "app.py")], env=environment, stdout=log, stderr=log)
     try:
@@ -484,7 +522,9 @@ def test_several_families_and_per_channel_grid(export_dir, families, tmp_path):
     assert curves == ["Oscillation · digits-oscillation", "QAT (Oscillation · digits-oscillation)", "QAT · digits-qat"]
     assert message.startswith("3 accuracy curves")
 
-    per_channel = replace(families[0], record={**families[0].record, "per_channel": True, "granularity": "per_channel"})
+    per_channel = replace(
+        families[0], record={**families[0].record, "per_channel": True, "granularity": "per_channel"}
+    )
     layer = "vit.layers.0.mlp.fc1.weight"
     weight = dict(families[0].variants["fp"].model.named_parameters())[layer].detach().double().numpy()
     scales = np.abs(weight).max(axis=1, keepdims=True) / 3

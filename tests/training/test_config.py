@@ -82,9 +82,53 @@ def test_fsdp2_is_accepted_and_other_weight_sharding_refused(monkeypatch):
 def test_qat_refuses_fsdp_activation_checkpointing():
     with pytest.raises(ValueError, match="activation \(gradient\) checkpointing"):
         OscillationConfig(
-            output_dir="out", report_to="none", osc_method="qat", fsdp=True, use_cpu=True,
+            output_dir="out",
+            report_to="none",
+            osc_method="qat",
+            fsdp=True,
+            use_cpu=True,
             fsdp_config={"activation_checkpointing": True},
         )
     OscillationConfig(  # the penalty is computed outside the forward pass: recomputation does not affect it
         output_dir="out", report_to="none", fsdp=True, use_cpu=True, fsdp_config={"activation_checkpointing": True}
     )
+
+
+def test_every_osc_field_is_documented_under_parameters():
+    import dataclasses
+    import re
+
+    fields = [field.name for field in dataclasses.fields(OscillationConfig) if field.name.startswith("osc_")]
+    assert len(fields) == 8
+    parameters = OscillationConfig.__doc__.split("Parameters:")[1]
+    documented = re.findall(r"^ {8}(osc_\w+) \(`[^`]+`", parameters, flags=re.MULTILINE)
+    assert sorted(documented) == sorted(fields)
+
+
+def test_quant_spec_is_built_from_the_osc_fields():
+    from hf_oscq import QuantSpec
+
+    config = OscillationConfig(
+        output_dir="out",
+        report_to="none",
+        osc_bits=2,
+        osc_per_channel=True,
+        osc_target_modules=["fc"],
+        osc_exclude_modules=["head"],
+    )
+    assert config.quant_spec == QuantSpec(2, "per_channel", ("fc",), ("head",))
+    assert OscillationConfig(output_dir="out", report_to="none").quant_spec == QuantSpec(3)
+    with pytest.raises(ValueError, match="exclude_modules must be a module name"):
+        OscillationConfig(output_dir="out", report_to="none", osc_exclude_modules=[""])
+
+
+def test_ignored_osc_lambda_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match="osc_lambda=10.0 is ignored with osc_method='qat'"):
+        OscillationConfig(output_dir="out", report_to="none", osc_method="qat", osc_lambda=10.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="osc_lambda")  # default, zero, or the method using it: no warning
+        OscillationConfig(output_dir="out", report_to="none", osc_method="qat")
+        OscillationConfig(output_dir="out", report_to="none", osc_method="none", osc_lambda=0.0)
+        OscillationConfig(output_dir="out", report_to="none", osc_lambda=10.0)

@@ -54,13 +54,26 @@ def _trainer(output_dir, max_steps, save_steps):
     digits = load_image_dataset("digits", max_train_samples=256, max_eval_samples=32)
     torch.manual_seed(0)
     args = OscillationConfig(
-        output_dir=str(output_dir), osc_bits=3, osc_lambda=1.0, osc_eval_bits=[3], max_steps=max_steps,
-        per_device_train_batch_size=32, learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1,
+        output_dir=str(output_dir),
+        osc_bits=3,
+        osc_lambda=1.0,
+        osc_eval_bits=[3],
+        max_steps=max_steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
         save_steps=save_steps,
-        save_strategy="steps", eval_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        save_strategy="steps",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
-    trainer = OscillationTrainer(model=build_vit(digits.info, digits.label_names, size="micro"), args=args,
-                                 train_dataset=digits.train)
+    trainer = OscillationTrainer(
+        model=build_vit(digits.info, digits.label_names, size="micro"), args=args, train_dataset=digits.train
+    )
     tracker = add_oscillation_tracker(trainer, OscillationTracker(bits=3))
     return trainer, tracker
 

@@ -243,3 +243,39 @@ def test_batchnorm_recalibration_in_cross_bit_evaluation(tmp_path):
             logits = quantized(pixel_values=dataset.x).logits
         expected = float((logits.argmax(-1) == dataset.y).float().mean())
         assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
+
+
+def test_batchnorm_samples_for_a_model_without_batchnorm_warn(tmp_path):
+    with pytest.warns(UserWarning, match="osc_bn_recalibration_samples=16 is ignored: the model has no BatchNorm"):
+        make_trainer(tiny_vit(), tmp_path, osc_bn_recalibration_samples=16)
+
+
+def test_push_to_hub_writes_a_card_with_method_citation_and_cross_bit_table(tmp_path, monkeypatch):
+    """`trainer.push_to_hub()` up to the network: only the Hub calls themselves are stubbed."""
+    from huggingface_hub import HfApi, ModelCard
+
+    from hf_oscq.paper import CITATION
+
+    calls = []
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, **k: calls.append(("create_repo", repo_id)) or type("Url", (), {"repo_id": repo_id})(),
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: calls.append(("upload_folder", k["folder_path"])))
+    trainer = make_trainer(tiny_vit(), tmp_path, osc_lambda=2.5, hub_model_id="acme/tiny-vit-osc", hub_token="x")
+    metrics = trainer.evaluate()
+    trainer.push_to_hub()
+    assert calls == [("create_repo", "acme/tiny-vit-osc"), ("upload_folder", trainer.args.output_dir)]
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"hf_oscq", "quantization"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert "oscillation regularizer" in card.text and "at 3 bits (`osc_lambda = 2.5`)" in card.text
+    assert CITATION in card.text
+    row = next(line for line in card.text.splitlines() if line.startswith("| tiny-vit-osc |"))
+    expected = [metrics["eval_accuracy"], metrics["eval_w2_accuracy"], metrics["eval_w3_accuracy"]]
+    assert row == "| tiny-vit-osc | " + " | ".join(f"{100 * value:.1f}" for value in expected) + " |"
+    assert "| fp | w2 | w3 |" in card.text
+    import torch as torch_module
+    import transformers
+
+    assert f"torch {torch_module.__version__}, transformers {transformers.__version__}" in card.text

@@ -1,0 +1,94 @@
+import json
+
+import torch
+from _export_models import tiny_vit
+from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+import hf_oscq
+from hf_oscq.cli import main as cli_main
+
+
+def test_cli_export_and_eval_digits(tmp_path, capsys):
+    from hf_oscq.scripts.data import load_image_dataset
+    from hf_oscq.training.metrics import evaluate_accuracy
+
+    model = tiny_vit(num_channels=1, num_labels=10)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "2", "4", "--output", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "out"), "--dataset", "digits", "--max_eval_samples", "64"]) == 0
+    table_line = capsys.readouterr().out.strip().splitlines()[-1]
+    dataset = load_image_dataset("digits", max_eval_samples=64).eval
+    expected = [evaluate_accuracy(model, dataset)["accuracy"]]
+    expected += [evaluate_accuracy(hf_oscq.quantize_model(model, b), dataset)["accuracy"] for b in (2, 4)]
+    assert table_line == "| out | " + " | ".join(f"{100 * a:.1f}" for a in expected) + " |"
+
+
+def test_cli_export_refuses_a_quantized_checkpoint(tmp_path, capsys):
+    export = hf_oscq.export_quantized(tiny_vit(), tmp_path / "export", bits=(3,))
+    capsys.readouterr()
+    assert cli_main(["export", str(export / "w3"), "--output", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-oscq export: error: ") and "already a quantized export" in err and err.count("\n") == 1
+    assert not (tmp_path / "again").exists()
+
+
+def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):
+    from argparse import Namespace
+
+    from hf_oscq.cli.export import export_calibration_batches
+
+    torch.manual_seed(0)
+    narrow = {"channels": (8, 16, 32, 64), "stem_width": 8, "in_chans": 1}
+    config = TimmWrapperConfig(architecture="resnet18", num_labels=10, model_args=narrow)
+    model = TimmWrapperForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()
+    assert (
+        cli_main(
+            [
+                "export",
+                str(tmp_path / "ckpt"),
+                "--bits",
+                "3",
+                "--output",
+                str(tmp_path / "x"),
+                "--bn_recalibration_samples",
+                "32",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("hf-oscq export: error: --bn_recalibration_samples needs --dataset") and err.count("\n") == 1
+    arguments = ["--bn_recalibration_samples", "40", "--dataset", "digits", "--batch_size", "16"]
+    output = ["--bits", "3", "--output", str(tmp_path / "out")]
+    assert cli_main(["export", str(tmp_path / "ckpt"), *output, *arguments]) == 0
+    written = json.loads((tmp_path / "out" / "w3" / "config.json").read_text())
+    assert written["quantization_config"]["bn_recalibrated"] is True
+    settings = Namespace(bn_recalibration_samples=40, dataset="digits", data_dir=None, batch_size=16, seed=42)
+    batches = export_calibration_batches(settings)
+    assert [len(batch["pixel_values"]) for batch in batches] == [16, 16, 16]
+    images = torch.randn(4, 1, 8, 8)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
+    recalibrated = hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()
+    with torch.no_grad():
+        logits = loaded(pixel_values=images).logits
+        torch.testing.assert_close(logits, recalibrated(pixel_values=images).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(logits, hf_oscq.quantize_model(model, 3)(pixel_values=images).logits, atol=1e-3)
+
+
+def test_cli_turns_package_errors_into_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert cli_main(["eval", str(missing), "--dataset", "digits"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"hf-oscq eval: error: {missing} does not exist: pass an export folder or a checkpoint folder.\n"
+    export = hf_oscq.export_quantized(tiny_vit(num_channels=1, num_labels=10), tmp_path / "export", bits=(3,))
+    weights = export / "w3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    capsys.readouterr()
+    assert cli_main(["eval", str(export / "w3"), "--dataset", "digits", "--max_eval_samples", "8"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("hf-oscq eval: error: ") and "truncated or corrupted" in err
+    assert cli_main(["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"hf-oscq export: error: {tmp_path / 'nothing'} has no config.json")

@@ -1,0 +1,150 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from transformers import AutoModelForImageClassification
+
+from hf_oscq.export.checkpoint import CheckpointFormatError, serialize_checkpoint
+
+_NO_IMPORT_SCRIPT = r"""
+import json, sys
+results = {}
+def attempt(name, load):
+    try:
+        load()
+        results[name] = "LOADED"
+    except Exception as error:
+        results[name] = f"{type(error).__name__}: {error}"
+vit, resnet = sys.argv[1], sys.argv[2]
+from transformers import AutoModelForImageClassification, ViTForImageClassification, pipeline
+import timm
+attempt("auto_vit", lambda: AutoModelForImageClassification.from_pretrained(vit))
+attempt("auto_resnet", lambda: AutoModelForImageClassification.from_pretrained(resnet))
+attempt("vit_class_new_head", lambda: ViTForImageClassification.from_pretrained(
+    vit, num_labels=7, ignore_mismatched_sizes=True))
+attempt("pipeline", lambda: pipeline("image-classification", model=vit))
+attempt("timm_local_dir", lambda: timm.create_model("local-dir:" + resnet, pretrained=True))
+attempt("timm_local_dir_config_only", lambda: timm.create_model("local-dir:" + resnet))
+attempt("timm_file_overlay", lambda: timm.create_model(
+    "resnet18", pretrained=True, pretrained_cfg_overlay={"file": resnet + "/model.safetensors"},
+    channels=(8, 16, 32, 64), stem_width=8, num_classes=5))
+results["hf_oscq_imported"] = "hf_oscq" in sys.modules
+print(json.dumps(results))
+"""
+
+
+def test_loading_without_import_fails_loudly_naming_hf_oscq(vit_export, resnet_export):
+    vit_folder, resnet_folder = vit_export[1] / "w3", resnet_export[1] / "w3"
+    completed = subprocess.run(
+        [sys.executable, "-c", _NO_IMPORT_SCRIPT, str(vit_folder), str(resnet_folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert results.pop("hf_oscq_imported") is False
+    overlay = results.pop("timm_file_overlay")
+    assert overlay.startswith("RuntimeError: Error(s) in loading state_dict"), overlay  # timm's strict load
+    for case, outcome in results.items():
+        assert outcome != "LOADED", case
+        assert "import hf_oscq" in outcome, (case, outcome)
+
+
+def _copy_variant(out: Path, tmp_path: Path, bits: int = 3) -> Path:
+    folder = tmp_path / f"w{bits}"
+    shutil.copytree(out / f"w{bits}", folder)
+    return folder
+
+
+def _rewrite_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_truncated_and_corrupted_files_are_rejected(vit_export, tmp_path):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) - 100])
+    with pytest.raises(CheckpointFormatError, match="truncated or corrupted"):
+        AutoModelForImageClassification.from_pretrained(folder)
+    flipped = bytearray(original)
+    flipped[-50] ^= 0xFF  # one byte of tensor data
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointFormatError, match="does not match its checksum"):
+        AutoModelForImageClassification.from_pretrained(folder)
+    weights.write_bytes(original[:5])
+    with pytest.raises(CheckpointFormatError, match="not a readable safetensors file"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_codes_shape_not_matching_config_is_rejected(vit_export, tmp_path):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    key = "vit.encoder.layer.0.intermediate.dense.weight"
+    tensors[key] = tensors[key][:-1]  # consistent file (valid checksum), wrong number of codes
+    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3))
+    with pytest.raises(CheckpointFormatError, match=r"vit.layers.0.mlp.fc1.weight.*shape \[443\].*\[444\]"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_unknown_format_version_and_bit_width_mismatch_are_rejected(vit_export, tmp_path):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    _rewrite_config(folder, format_version=2)
+    with pytest.raises(ValueError, match="format version 2.*reads version 1"):
+        AutoModelForImageClassification.from_pretrained(folder)
+    _rewrite_config(folder, format_version=1, bits=4)
+    with pytest.raises(CheckpointFormatError, match="Bit-width mismatch: config.json says bits=4.*packed at '3'"):
+        AutoModelForImageClassification.from_pretrained(folder)
+    _rewrite_config(folder, bits=3, modules=["vit.layers.0.mlp.fc1"])  # scales on disk for unlisted modules
+    with pytest.raises(CheckpointFormatError, match="does not list"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+FORMAT1_EXPORT = Path(__file__).resolve().parent / "data" / "format1_vit"
+
+
+def test_an_export_written_before_quant_spec_still_loads_and_renders(tmp_path):
+    import torch
+
+    import hf_oscq
+    from hf_oscq.hub.model_card import render_card_files
+
+    manifest = hf_oscq.read_export_manifest(FORMAT1_EXPORT)
+    assert manifest["versions"] is None and "granularity" not in manifest
+    assert "granularity" not in json.loads((FORMAT1_EXPORT / "w3" / "config.json").read_text())["quantization_config"]
+    parent = AutoModelForImageClassification.from_pretrained(FORMAT1_EXPORT / "fp").eval()
+    loaded = AutoModelForImageClassification.from_pretrained(FORMAT1_EXPORT / "w3").eval()
+    pixel_values = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(parent, 3)(pixel_values=pixel_values).logits
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, expected, rtol=0, atol=1e-6)
+    shutil.copytree(FORMAT1_EXPORT, tmp_path / "export")
+    readme = render_card_files(tmp_path / "export", "w3")["README.md"].decode()
+    assert "Test accuracy at 3 bits | 25.0 %" in readme and "Framework versions" not in readme
+
+
+def test_versions_are_recorded_in_manifest_metadata_config_and_cards(vit_export):
+    import torch
+    import transformers
+
+    import hf_oscq
+    from hf_oscq.hub.model_card import render_card_files
+
+    _, out = vit_export
+    versions = {"hf_oscq": hf_oscq.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    assert json.loads((out / "oscq_export.json").read_text())["versions"] == versions
+    with safe_open(str(out / "w3" / "model.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert {key: metadata[f"{key}_version"] for key in versions} == versions
+    assert json.loads((out / "w3" / "config.json").read_text())["quantization_config"]["versions"] == versions
+    readme = render_card_files(out, "w3")["README.md"].decode()
+    assert f"Exported with hf_oscq {versions['hf_oscq']}, torch {versions['torch']}, transformers " in readme

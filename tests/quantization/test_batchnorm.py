@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from hf_oscq.quantization.batchnorm import calibration_batches, has_batchnorm
+
+
+class Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        return {"pixel_values": torch.tensor([float(i)]), "labels": torch.tensor(i)}
+
+
+def test_calibration_batches_are_a_seeded_permutation_independent_of_the_batch_size():
+    first = torch.cat([batch["labels"] for batch in calibration_batches(Indices(), 12, 12, seed=7)]).tolist()
+    assert len(set(first)) == 12 and set(first) <= set(range(50)) and first != list(range(12))  # shuffled, no repeat
+    permutation = first
+    for batch_size in (4, 6, 12):
+        batches = list(calibration_batches(Indices(), 12, batch_size, seed=7))
+        assert [len(batch["labels"]) for batch in batches] == [batch_size] * (12 // batch_size)
+        assert torch.cat([batch["labels"] for batch in batches]).tolist() == permutation[:12]
+    rounded_up = list(calibration_batches(Indices(), 10, 4, seed=7))  # whole batches: 12 images
+    assert torch.cat([batch["labels"] for batch in rounded_up]).tolist() == permutation[:12]
+    other = torch.cat([batch["labels"] for batch in calibration_batches(Indices(), 12, 4, seed=8)]).tolist()
+    assert other != permutation[:12]
+    with pytest.raises(ValueError, match="samples > 0"):
+        calibration_batches(Indices(), 0, 4, seed=0)
+
+
+def test_has_batchnorm():
+    assert has_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)))
+    assert not has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
