@@ -22,7 +22,7 @@ def build_config(output_dir, method: str, per_device_batch: int = GLOBAL_BATCH, 
         output_dir=str(output_dir),
         osc_method=method,
         osc_bits=3,
-        osc_lambda=5.0,
+        osc_lambda=5.0 if method == "oscillation" else 0.0,  # only the regularizer uses it
         osc_eval_bits=[3],
         max_steps=STEPS,
         per_device_train_batch_size=per_device_batch,

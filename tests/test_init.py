@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from _export_models import tiny_vit
 
 import hf_oscq
 
@@ -53,18 +53,7 @@ def test_import_is_light_and_registers_when_transformers_and_timm_come_later():
 
 def test_registration_after_transformers_and_timm_and_loading_adds_no_heavy_module(tmp_path):
     """Loading a w{b} checkpoint imports nothing beyond what transformers loading its fp/ parent imports."""
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=37,
-        num_labels=3,
-    )
-    model = ViTForImageClassification(config).eval()
+    model = tiny_vit()
     export = hf_oscq.export_quantized(model, tmp_path / "export", bits=(3,))
     inputs = "torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))"  # the same in both processes
     pixel_values = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))

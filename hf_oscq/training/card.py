@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..paper import CITATION
 from ..quantization.ptq import format_cross_bit_table
+from ..quantization.variants import FULL_PRECISION
 from ..versions import library_versions
 from .methods import OSCILLATION, method_sentence
 from .metrics import cross_bit_table
@@ -33,7 +34,7 @@ def last_cross_bit_table(log_history: Sequence[dict]) -> dict[str, dict[str, flo
     """The cross-bit table of the last evaluation in a Trainer's `log_history` (empty when there was none)."""
     for entry in reversed(log_history):
         table = cross_bit_table(entry, prefix="eval")
-        if any(name != "fp" for name in table):
+        if any(name != FULL_PRECISION for name in table):
             return table
     return {}
 
@@ -74,7 +75,8 @@ def render_trainer_card(
         datasets=_listed(datasets),
         tags=TAGS + [tag for tag in _listed(tags) or [] if tag not in TAGS],
     )
-    hyperparameters = [f"| {key} | `{getattr(args, key)}` |" for key in _HYPERPARAMETERS if hasattr(args, key)]
+    values = {key: getattr(args, key) for key in _HYPERPARAMETERS if hasattr(args, key)}
+    hyperparameters = [f"| {key} | `{getattr(value, 'value', value)}` |" for key, value in values.items()]  # enums
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE_PATH),
