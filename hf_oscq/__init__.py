@@ -1,6 +1,6 @@
 """hf_oscq: oscillation-regularized training for robust low-bit post-training quantization, on Hugging Face.
 
-`import hf_oscq` is light: it imports no library at all. It registers the "oscq" quantization method with
+`import hf_oscq` is light: it imports no third-party library. It registers the "oscq" quantization method with
 transformers as soon as transformers' quantizer registry is imported, and hf_oscq's timm architectures as soon as
 timm is (`_import_hooks.py`), so bit-packed checkpoints load with `from_pretrained` afterwards. Every public name
 below is imported on first use, with the modules it needs.

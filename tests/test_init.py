@@ -87,3 +87,15 @@ def test_public_names_resolve_and_are_listed():
     assert hf_oscq.quantize_model.__module__ == "hf_oscq.quantization.ptq"
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         hf_oscq.not_a_name  # noqa: B018
+
+
+def test_every_source_folder_is_a_package_the_build_finds():
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(hf_oscq.__file__).resolve().parent
+    folders = {p.parent for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    expected = sorted(".".join(("hf_oscq", *folder.relative_to(root).parts)) for folder in folders)
+    assert sorted(find_packages(root.parent, include=["hf_oscq*"])) == expected
+    assert (root / "templates" / "model_card.md").is_file() and (root / "templates" / "trainer_card.md").is_file()
