@@ -44,7 +44,8 @@ MODES = ("fp", "oscillation", "qat", "reference")
 
 WORKLOADS = {
     "resnet18": "timm resnet18, 32x32 inputs, 10 classes",
-    "vit": "tiny ViT of hf_oscq.models (hidden 192, 6 layers, 3 heads, 4-pixel patches), 32x32 inputs, 10 classes",
+    "vit": "tiny ViT of hf_oscq.scripts.models (hidden 192, 6 layers, 3 heads, 4-pixel patches), 32x32 inputs, "
+    "10 classes",
 }
 
 

@@ -171,7 +171,7 @@ def _describe_model(recipe: RecipeArguments) -> str:
     if recipe.model == "vit":
         if recipe.pretrained:
             return "tiny ViT (timm ViT-Ti/16, ImageNet-pretrained, patch embedding resampled)"
-        return f"tiny ViT ({recipe.vit_size!r} size of hf_oscq.models)"
+        return f"tiny ViT ({recipe.vit_size!r} size of hf_oscq.scripts.models)"
     details = ["timm", "CIFAR stem" if recipe.cifar_stem else "ImageNet stem"]
     return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
 
