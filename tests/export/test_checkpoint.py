@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
+import hf_oscq
 from hf_oscq.export.checkpoint import CheckpointFormatError, serialize_checkpoint
 
 _NO_IMPORT_SCRIPT = r"""
@@ -33,11 +35,25 @@ attempt("timm_file_overlay", lambda: timm.create_model(
     "resnet18", pretrained=True, pretrained_cfg_overlay={"file": resnet + "/model.safetensors"},
     channels=(8, 16, 32, 64), stem_width=8, num_classes=5))
 results["hf_oscq_imported"] = "hf_oscq" in sys.modules
+# The same process, now importing hf_oscq after transformers' quantizer registry and timm: both register at once.
+import torch
+heavy = ("datasets", "torchvision", "matplotlib", "pandas", "gradio", "sklearn", "tensorboard")
+before = {m for m in heavy if m in sys.modules}
+import hf_oscq
+inputs = {"vit": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+          "resnet": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))}
+after = {"timm_model": timm.is_model("resnet18_cifar")}
+for name, folder in (("vit", vit), ("resnet", resnet)):
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        after[name] = model(pixel_values=inputs[name]).logits.tolist()
+after["added_heavy_modules"] = sorted({m for m in heavy if m in sys.modules} - before)
+results["after_import"] = after
 print(json.dumps(results))
 """
 
 
-def test_loading_without_import_fails_loudly_naming_hf_oscq(vit_export, resnet_export):
+def test_loading_without_import_fails_loudly_naming_hf_oscq_and_works_after_it(vit_export, resnet_export):
     vit_folder, resnet_folder = vit_export[1] / "w3", resnet_export[1] / "w3"
     completed = subprocess.run(
         [sys.executable, "-c", _NO_IMPORT_SCRIPT, str(vit_folder), str(resnet_folder)],
@@ -48,6 +64,16 @@ def test_loading_without_import_fails_loudly_naming_hf_oscq(vit_export, resnet_e
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = json.loads(completed.stdout.strip().splitlines()[-1])
+    after = results.pop("after_import")
+    assert after.pop("timm_model") is True and after.pop("added_heavy_modules") == []
+    for name, (model, _), generator_seed, shape in (
+        ("vit", vit_export, 1, (2, 1, 8, 8)),
+        ("resnet", resnet_export, 2, (2, 3, 32, 32)),
+    ):
+        pixel_values = torch.randn(*shape, generator=torch.Generator().manual_seed(generator_seed))
+        with torch.no_grad():
+            expected = hf_oscq.quantize_model(model, 3)(pixel_values=pixel_values).logits
+        torch.testing.assert_close(torch.tensor(after[name]), expected, rtol=0, atol=1e-5)
     assert results.pop("hf_oscq_imported") is False
     overlay = results.pop("timm_file_overlay")
     assert overlay.startswith("RuntimeError: Error(s) in loading state_dict"), overlay  # timm's strict load
