@@ -25,6 +25,8 @@ lint: install
 	ruff format --check hf_oscq tests bench recipes space
 
 bench: install
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/export_size.py
 	$(PYTHON) bench/import_cost.py
+	$(PYTHON) bench/runtime_memory.py

@@ -24,7 +24,17 @@ HF_QUANTIZER_HOOKS = (
     "_process_model_before_weight_loading",
     "_process_model_after_weight_loading",
     "get_load_operations",
+    "get_quantize_ops",
+    "param_needs_quantization",
+    "get_state_dict_and_metadata",
+    "_dequantize",
 )
+# Private transformers names the packed-weight loader and the export use (export/hf_quantizer.py, export/writer.py):
+# the config types whose loading attributes `from_pretrained` merges, and the removal of tied weights before saving.
+LOADING_APIS = {
+    "transformers.quantizers.auto": ("LOADING_ATTRIBUTES_CONFIG_TYPES",),
+    "transformers.modeling_utils": ("remove_tied_weights_from_state_dict",),
+}
 # transformers.core_model_loading / conversion_mapping: the renaming of legacy checkpoint names (ViT's
 # `vit.encoder.layer.0...` on disk, `vit.layers.0...` in the model) that export and loading must apply too.
 CONVERSION_APIS = {
@@ -49,7 +59,7 @@ def check_private_apis() -> list[str]:
 
     missing = [f"Trainer.{name}" for name in TRAINER_OVERRIDES + TRAINER_MEMBERS if not hasattr(Trainer, name)]
     missing += [f"HfQuantizer.{name}" for name in HF_QUANTIZER_HOOKS if not hasattr(HfQuantizer, name)]
-    for module_name, names in {**CONVERSION_APIS, **ACCELERATE_APIS}.items():
+    for module_name, names in {**CONVERSION_APIS, **LOADING_APIS, **ACCELERATE_APIS}.items():
         module = importlib.import_module(module_name)
         missing += [f"{module_name}.{name}" for name in names if not hasattr(module, name)]
     return missing
@@ -88,6 +98,26 @@ def conversion_ops_class() -> type:
     from transformers.core_model_loading import ConversionOps
 
     return ConversionOps
+
+
+def allow_loading_attributes(config_class: type) -> None:
+    """Lets `from_pretrained(..., quantization_config=config_class(...))` set the loading attributes
+    (`get_loading_attributes`) on a checkpoint's own config, as transformers does for its listed config types
+    (`merge_quantization_configs`, transformers 5.24)."""
+    from transformers.quantizers import auto
+
+    if config_class not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, config_class)
+
+
+def remove_tied_weights(model, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` without the tied copies `save_pretrained` leaves out (transformers'
+    `remove_tied_weights_from_state_dict`); a model without a transformers config keeps every entry."""
+    if not hasattr(model, "config"):
+        return dict(state_dict)
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(dict(state_dict), model)
 
 
 def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -1,32 +1,46 @@
-"""Loading bit-packed hf_oscq checkpoints with `from_pretrained`: the quantization config and `HfQuantizer`.
+"""Loading, quantizing on load and saving bit-packed hf_oscq checkpoints with transformers: the quantization config
+and the `HfQuantizer`.
 
 This module registers `quant_method="oscq"` with transformers. `import hf_oscq` arranges for it to be imported as
 soon as transformers' quantizer registry is (see `hf_oscq/_import_hooks.py`), so the registration is in place before
 any `from_pretrained` without `import hf_oscq` costing transformers' quantizer imports. A checkpoint is validated as a
-whole before any weight is read (format version, bit-width, tensor names, shapes, checksum); then every packed weight
-is unpacked and dequantized while it loads, so the model transformers returns is a plain float model holding exactly
-the PTQ'd weights. The on-disk format is documented in docs/EXPORT.md.
+whole before any weight is read (format version, bit-width, tensor names, shapes, checksum). Each packed weight then
+loads as a `PackedWeight` (quantization/packed_tensor.py): the model keeps its modules and parameter names, holds the
+b-bit codes and scales in memory, and dequantizes on the fly in the forward pass. `OscqQuantizationConfig(
+dequantize=True)` loads plain float weights instead, and `model.dequantize()` turns a packed model into one.
+`save_pretrained` / `push_to_hub` of a packed model write the same checkpoint format again. The on-disk format and
+the runtime are documented in docs/EXPORT.md.
 """
 
 from __future__ import annotations
 
 import logging
+import types
+from pathlib import Path
 from typing import Any
+
+import torch
 
 # Submodules, not `transformers.quantizers`: this module may be imported while that package is still initializing.
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._compat import conversion_ops_class
-from ..quantization.packing import unpack_codes
-from ..quantization.primitives import dequantize
+from .._compat import allow_loading_attributes, conversion_ops_class
+from ..errors import OscqValueError
+from ..quantization.packed_tensor import PackedWeight
+from ..quantization.packing import pack_codes
+from ..quantization.primitives import check_finite, quantize_codes
+from ..quantization.selection import select_weights
 from ..quantization.spec import PER_CHANNEL, PER_TENSOR, QuantSpec
 from .checkpoint import (
     FORMAT_VERSION,
     QUANT_METHOD,
     SCALE_SUFFIX,
     CheckpointFormatError,
+    check_packed_tensors,
+    checkpoint_state_dict,
+    finish_saved_folder,
     validate_checkpoint_files,
 )
 
@@ -34,22 +48,30 @@ logger = logging.getLogger(__name__)
 
 
 class OscqQuantizationConfig(QuantizationConfigMixin):
-    """The `quantization_config` of a checkpoint written by `hf_oscq.export_quantized`: the checkpoint's
-    `QuantSpec` (`spec`), the modules stored packed, and how the export was made.
+    """The `quantization_config` of an hf_oscq checkpoint (the checkpoint's `QuantSpec`, the modules stored packed,
+    how the export was made), and the options for loading or quantizing one.
+
+    Loading a `w{b}` folder reads this config from its config.json. Passed to `from_pretrained`, it sets how a packed
+    checkpoint loads (`dequantize`), or quantizes a float checkpoint while it loads (`bits` and the other spec
+    fields): `from_pretrained(fp_dir, quantization_config=OscqQuantizationConfig(bits=3))` gives the model that
+    exporting `fp_dir` at 3 bits and loading `w3` gives.
 
     Args:
-        bits: bit-width of the packed codes, in [2, 8].
-        modules: names of the modules whose `.weight` is stored packed (the `select_weights` result).
+        bits: bit-width of the packed codes, in [2, 8]; needed to quantize on load.
+        modules: names of the modules whose `.weight` is stored packed (the `select_weights` result); `None` when
+            quantizing on load (filled in as the model loads).
         per_channel: one scale per output channel instead of one per tensor.
         format_version: version of the on-disk format; this hf_oscq reads version 1.
         bn_recalibrated: whether BatchNorm statistics were re-estimated with the quantized weights.
-        target_modules: the `target_modules` the modules were selected with (informational).
-        exclude_modules: the `exclude_modules` the modules were selected with (informational).
+        target_modules: the `target_modules` the modules were (or are to be) selected with.
+        exclude_modules: the `exclude_modules` the modules were (or are to be) selected with.
         guarded_fields: the real values of the top-level config fields that the export overwrote so that loaders
             without hf_oscq fail (see docs/EXPORT.md); restored before the model is built.
         granularity: `"per_tensor"` or `"per_channel"`; written since `QuantSpec`, read together with
             `per_channel` (which older checkpoints carry alone).
         versions: the hf_oscq, torch and transformers versions that wrote the checkpoint (informational).
+        dequantize: load plain float weights (`codes * scale`) instead of packed ones: float forward speed,
+            fp32-sized memory, no quantization_config left on the model. A loading option, never saved.
 
     Raises:
         CheckpointFormatError: for another format version or invalid fields.
@@ -57,8 +79,8 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int,
-        modules: list[str],
+        bits: int | None = None,
+        modules: list[str] | None = None,
         per_channel: bool = False,
         format_version: int = FORMAT_VERSION,
         bn_recalibrated: bool = False,
@@ -67,11 +89,12 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         guarded_fields: dict[str, Any] | None = None,
         granularity: str | None = None,
         versions: dict[str, str] | None = None,
+        dequantize: bool = False,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.bits = bits
-        self.modules = list(modules)
+        self.modules = list(modules) if modules is not None else None
         self.granularity = granularity or (PER_CHANNEL if per_channel else PER_TENSOR)
         self.per_channel = per_channel
         self.format_version = format_version
@@ -80,14 +103,14 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         self.exclude_modules = exclude_modules
         self.guarded_fields = dict(guarded_fields or {})
         self.versions = dict(versions or {})
-        # The weights are always dequantized at load: the returned model is a plain float model.
-        self.dequantize = True
+        self.dequantize = bool(dequantize)
         self.post_init()
 
     @classmethod
-    def from_spec(cls, spec: QuantSpec, modules: list[str], **fields) -> OscqQuantizationConfig:
+    def from_spec(cls, spec: QuantSpec, modules: list[str] | None = None, **fields) -> OscqQuantizationConfig:
         """The config of a checkpoint quantized with `spec`, storing `modules` packed; `fields` are the other
-        arguments (`bn_recalibrated`, `guarded_fields`, `versions`)."""
+        arguments (`bn_recalibrated`, `guarded_fields`, `versions`, `dequantize`). Without `modules`: the config that
+        quantizes a float checkpoint with `spec` while it loads."""
         return cls(modules=modules, **spec.to_dict(), **fields)
 
     @property
@@ -111,14 +134,19 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
                 f"{FORMAT_VERSION}. Install the hf_oscq version that wrote it{f' ({writer})' if writer else ''} (or a "
                 "newer one), or export it again."
             )
-        try:
-            self.per_channel = self.spec.per_channel
-        except ValueError as error:
-            raise CheckpointFormatError(f"Invalid quantization_config in config.json: {error}") from None
-        if not self.modules or not all(isinstance(name, str) for name in self.modules):
+        if self.bits is not None:  # a config passed only for its loading options has no spec
+            try:
+                self.per_channel = self.spec.per_channel
+            except ValueError as error:
+                raise CheckpointFormatError(f"Invalid quantization_config in config.json: {error}") from None
+        if self.modules is not None and (not self.modules or not all(isinstance(m, str) for m in self.modules)):
             raise CheckpointFormatError(
                 "Invalid quantization_config in config.json: `modules` must be a non-empty list of names."
             )
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """The options a config passed to `from_pretrained` sets on a checkpoint's own config."""
+        return {"dequantize": self.dequantize}
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -126,48 +154,103 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         return output
 
 
-class OscqDequantize(conversion_ops_class()):
-    """Turns the serialized tensors of one module (`weight` codes + `weight_scale`) into its float weight."""
+allow_loading_attributes(OscqQuantizationConfig)
+
+
+def _single(value: Any) -> Any:
+    return value[0] if isinstance(value, list) else value
+
+
+class OscqDeserialize(conversion_ops_class()):
+    """Turns the serialized tensors of one weight (`weight` codes + `weight_scale`) into a `PackedWeight` parameter,
+    or into its float values with `dequantize=True`. Weights stored in float pass through in the model's dtype."""
 
     def __init__(self, hf_quantizer: OscqHfQuantizer):
         self.hf_quantizer = hf_quantizer
 
-    def __deepcopy__(self, memo: dict) -> OscqDequantize:
+    def __deepcopy__(self, memo: dict) -> OscqDeserialize:
         # transformers copies the converter for every layer; all copies report to the same quantizer
         return self
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs):
-        tensors = {name: value[0] if isinstance(value, list) else value for name, value in input_dict.items()}
-        weight = tensors["weight"]
-        quantized = full_layer_name.removesuffix(".weight") in self.hf_quantizer.modules
-        if not quantized and "weight" + SCALE_SUFFIX not in tensors and weight.is_floating_point():
-            return {full_layer_name: weight}  # a float weight that was not quantized (norms, ...)
-        if not quantized or "weight" + SCALE_SUFFIX not in tensors:
-            raise CheckpointFormatError(
-                f"{full_layer_name!r} is stored {'packed' if quantized else 'as ' + str(weight.dtype)} but "
-                f"quantization_config {'lists' if quantized else 'does not list'} it"
-                f"{' and its scale is missing' if quantized else ''}: export the model again."
-            )
+        weight, scale = _single(input_dict["weight"]), _single(input_dict.get("weight" + SCALE_SUFFIX))
         target = model.get_parameter(full_layer_name)
-        codes = unpack_codes(weight.reshape(-1), self.hf_quantizer.quantization_config.bits, target.shape)
-        self.hf_quantizer.loaded.add(full_layer_name.removesuffix(".weight"))
-        return {full_layer_name: dequantize(codes, tensors["weight" + SCALE_SUFFIX]).to(target.dtype)}
+        stored_shape = self.hf_quantizer.packed.get(full_layer_name)
+        if stored_shape is None:
+            if scale is not None or not weight.is_floating_point():
+                raise CheckpointFormatError(
+                    f"{full_layer_name!r} is stored packed but quantization_config does not list it: export the "
+                    "model again."
+                )
+            return {full_layer_name: weight.to(target.dtype)}  # norms, biases of Conv1D... in the requested dtype
+        self.hf_quantizer.loaded.add(full_layer_name)
+        if tuple(stored_shape) != tuple(target.shape):  # a new head: transformers reports it as a size mismatch
+            return {full_layer_name: torch.empty(stored_shape, device="meta")}
+        bits = self.hf_quantizer.quantization_config.bits
+        check_packed_tensors(full_layer_name, weight, scale, bits, target.numel())
+        packed = PackedWeight(weight.reshape(-1), scale, bits, target.shape, target.dtype)
+        if self.hf_quantizer.quantization_config.dequantize:
+            return {full_layer_name: packed.dequantize()}
+        return {full_layer_name: torch.nn.Parameter(packed, requires_grad=False)}
+
+
+class OscqQuantize(conversion_ops_class()):
+    """Quantizes one float weight of a checkpoint while it loads (`from_pretrained(..., quantization_config=...)`)."""
+
+    def __init__(self, hf_quantizer: OscqHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs):
+        config = self.hf_quantizer.quantization_config
+        converted = {}
+        for name, value in input_dict.items():
+            weight = _single(value)
+            check_finite(weight, name)
+            codes, scale = quantize_codes(weight, spec=self.hf_quantizer.spec)
+            packed = PackedWeight(pack_codes(codes, config.bits), scale, config.bits, weight.shape, weight.dtype)
+            converted[name] = packed.dequantize() if config.dequantize else torch.nn.Parameter(packed, False)
+        return converted
+
+
+def _save_packed_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    """`save_pretrained` of a model holding packed weights: transformers writes the folder (config, tensors under
+    their checkpoint names, tied weights once), then the weights files get the format metadata and checksum and
+    config.json the guarded fields, exactly as `export_quantized` writes them. With `push_to_hub`, the finished folder
+    is what `push_to_hub` uploads."""
+    hub_options = {
+        key: kwargs.pop(key)
+        for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
+        if key in kwargs
+    }
+    type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    finish_saved_folder(save_directory, self.config.quantization_config)
+    if push_to_hub:
+        repo_id = hub_options.pop("repo_id", Path(save_directory).name)
+        return self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_options)
+    return None
 
 
 class OscqHfQuantizer(HfQuantizer):
-    """Loads hf_oscq bit-packed checkpoints; the weights are unpacked and dequantized while they load."""
+    """Loads hf_oscq bit-packed checkpoints as packed weights (or float with `dequantize=True`), quantizes float
+    checkpoints on load, saves packed models in the same format and dequantizes them (`model.dequantize()`)."""
 
-    requires_calibration = True  # only pre-quantized checkpoints: quantizing on the fly is `quantize_model`'s job
+    requires_calibration = False
     serialized_names = {"weight": ["weight", "weight" + SCALE_SUFFIX]}
 
     def __init__(self, quantization_config: OscqQuantizationConfig, **kwargs):
-        if not kwargs.get("pre_quantized", True):
-            raise CheckpointFormatError(
-                "OscqQuantizationConfig loads checkpoints written by hf_oscq.export_quantized; it cannot quantize a "
-                "float model while loading. Use hf_oscq.quantize_model(model, bits) for that."
-            )
         super().__init__(quantization_config, **kwargs)
-        self.modules = set(quantization_config.modules)
+        if self.pre_quantized and (quantization_config.bits is None or quantization_config.modules is None):
+            raise CheckpointFormatError(
+                "Invalid quantization_config in config.json: it needs `bits` and `modules`. Export the model again."
+            )
+        if not self.pre_quantized and quantization_config.bits is None:
+            raise OscqValueError(
+                "Quantizing while loading needs a bit-width: from_pretrained(..., quantization_config="
+                "OscqQuantizationConfig(bits=3))."
+            )
+        self.spec = quantization_config.spec if quantization_config.bits is not None else None
+        self.packed: dict[str, tuple[int, ...]] = {}  # parameter name -> shape of the stored weight
+        self.to_quantize: set[str] = set()
         self.loaded: set[str] = set()
 
     def update_attn_implementation(self, config):
@@ -182,30 +265,74 @@ class OscqHfQuantizer(HfQuantizer):
         return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        if not self.pre_quantized:
+            weights = select_weights(model, spec=self.spec)
+            self.to_quantize = set(weights)
+            config.modules = [name.removesuffix(".weight") for name in weights]
+            return model
         if not checkpoint_files:
             raise CheckpointFormatError("hf_oscq checkpoints load from their model.safetensors file; none was found.")
-        validate_checkpoint_files(checkpoint_files, self.quantization_config, model)
+        self.packed = validate_checkpoint_files(checkpoint_files, config, model)
         return model
 
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return param_name in self.to_quantize
+
+    def get_quantize_ops(self) -> OscqQuantize:
+        return OscqQuantize(self)
+
+    def get_load_operations(self) -> dict:
+        # One op for both modes: it reads `quantization_config.dequantize` itself. Listed as "dequantize" too, so that
+        # model-specific converters (fused or renamed weights) receive float weights.
+        return {"deserialize": OscqDeserialize, "dequantize": OscqDeserialize}
+
     def _process_model_after_weight_loading(self, model, **kwargs):
-        missing = sorted(self.modules - self.loaded)
+        missing = sorted(set(self.packed) - self.loaded)
         if missing:
             raise CheckpointFormatError(
                 f"The checkpoint holds no packed weights for {missing[:5]} although quantization_config lists them: "
                 "the file is incomplete. Export the model again."
             )
+        # The loading ops are not renamings to revert when saving: the saved names are the model's own.
+        model._weight_conversions = [
+            conversion
+            for conversion in getattr(model, "_weight_conversions", None) or []
+            if not any(isinstance(op, OscqDeserialize | OscqQuantize) for op in getattr(conversion, "operations", ()))
+        ]
+        if self.quantization_config.dequantize:
+            if not self.pre_quantized:  # the rounded float model: nothing left to save in the packed format
+                self.remove_quantization_config(model)
+            return model
+        # transformers has no hook after it writes a folder; the packed format also needs the checksum and the
+        # guarded config.json fields there, so the model's own save_pretrained finishes the folder it wrote.
+        model.save_pretrained = types.MethodType(_save_packed_pretrained, model)
         return model
 
-    def get_load_operations(self) -> dict:
-        return {"dequantize": OscqDequantize}
+    def get_state_dict_and_metadata(self, model):
+        return checkpoint_state_dict(model.state_dict()), {}
+
+    def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        replaced: dict[int, torch.nn.Parameter] = {}
+        for module in model.modules():
+            for attribute, parameter in module._parameters.items():
+                if isinstance(parameter, PackedWeight):
+                    if id(parameter) not in replaced:  # tied weights stay one parameter
+                        values = parameter.dequantize(dtype if dtype is not None else parameter.dtype)
+                        replaced[id(parameter)] = torch.nn.Parameter(values, requires_grad=True)
+                    module._parameters[attribute] = replaced[id(parameter)]
+        model.__dict__.pop("save_pretrained", None)
+        return model
 
     def is_serializable(self) -> bool:
-        # After loading, the model is a plain float model; saving it writes float weights.
         return True
 
     @property
     def is_trainable(self) -> bool:
-        return True
+        # Packed codes are read-only; model.dequantize() gives trainable float weights.
+        return False
 
 
 register_quantization_config(QUANT_METHOD)(OscqQuantizationConfig)

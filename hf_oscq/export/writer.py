@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import revert_checkpoint_names
+from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
 from ..quantization.batchnorm import has_batchnorm
 from ..quantization.packing import pack_codes
@@ -83,6 +83,10 @@ def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], pack
     return renamed
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+
+
 def _write_variant(
     model: nn.Module,
     fp_dir: Path,
@@ -97,18 +101,28 @@ def _write_variant(
     from .hf_quantizer import OscqQuantizationConfig
 
     folder.mkdir()
-    packed = {name: quantize_codes(weight, spec=spec) for name, weight in weights.items()}
     if bn_recalibrated:
         with quantized_weights(model, calibration_batches=_calibration(calibration_batches), spec=spec):
             # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
             state = {
-                key: value if key in packed else value.detach().cpu().clone()
+                key: value if key in weights else value.detach().cpu().clone()
                 for key, value in model.state_dict().items()
             }
     else:
         state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    # Tied weights (GPT-2's lm_head and input embedding) are saved once, under the name transformers keeps (as
+    # save_pretrained does); the loader ties them again, so a packed weight is never stored a second time in float.
+    live = model.state_dict()
+    kept = set(remove_tied_weights(model, live))
+    packed = {}
+    for name, weight in weights.items():
+        if name not in kept:
+            name = next(key for key in kept if _same_storage(live[key], live[name]))
+        packed[name] = quantize_codes(weight, spec=spec)
     tensors, packed_names = {}, set()
     for key, value in state.items():
+        if key not in kept:
+            continue
         if key in packed:
             codes, scale = packed[key]
             tensors[key] = pack_codes(codes, spec.bits).reshape(packed_shape(codes.shape, spec.bits))
@@ -122,7 +136,7 @@ def _write_variant(
     config = read_config(fp_dir)
     quantization = OscqQuantizationConfig.from_spec(
         spec,
-        [name.removesuffix(".weight") for name in weights],
+        [name.removesuffix(".weight") for name in packed],
         bn_recalibrated=bn_recalibrated,
         guarded_fields=guard_config(config),
         versions=versions,

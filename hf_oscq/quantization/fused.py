@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..errors import OscqValueError
-from .primitives import check_finite
+from .primitives import check_finite, scale_dtype
 from .scale_groups import ScaleGroups, by_row, local_groups, peak_positions, scale_groups, with_peaks
 from .sharding import LocalShard, all_reduce, local_shard, scale_process_groups
 from .spec import QuantSpec, resolve_spec
@@ -21,25 +21,25 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        w = weight.detach()
+        w = weight.detach().to(scale_dtype(weight.dtype))  # a copy for half-precision weights only
         groups = scale_groups(w, spec)
         quantized = torch.div(w, groups.divisor).round_().mul_(groups.divisor)
         ctx.save_for_backward(w, quantized)
         ctx.top, ctx.groups, ctx.peaks = spec.max_code, groups, peak_positions(w, groups)
-        return quantized
+        return quantized.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         w, quantized = ctx.saved_tensors
         groups, (index, group, ties) = ctx.groups, ctx.peaks
         # dq/ds = round(w/s) - w/s = (q - w) / s, so dL/ds = sum(g q - g w) / s per group; ds/dw = sign(w) / top.
-        g = grad_output.reshape(groups.rows, -1)
+        g = grad_output.to(w.dtype).reshape(groups.rows, -1)
         dl_ds = (
             torch.einsum("ij,ij->i", g, quantized.reshape(groups.rows, -1))
             - torch.einsum("ij,ij->i", g, w.reshape(groups.rows, -1))
         ) / groups.scale
         grad = grad_output.clone(memory_format=torch.contiguous_format)
-        scatter = torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties.clamp_min(1)))[group].to(grad.dtype)
+        scatter = (torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties.clamp_min(1)))[group]).to(grad.dtype)
         grad.reshape(-1).index_add_(0, index, scatter)
         return grad, None
 
@@ -127,7 +127,8 @@ class _FusedPenalty(torch.autograd.Function):
         *weights: torch.Tensor,
     ):
         top = spec.max_code
-        local = [weight.detach() for weight in weights]
+        # Half-precision weights are quantized in float32 (`scale_dtype`), as everywhere else in hf_oscq.
+        local = [weight.detach().to(scale_dtype(weight.dtype)) for weight in weights]
         spanning = [scale_process_groups(shard, spec) for shard in shards]
         groups = [local_groups(w, spec) for w in local]
         peaks = all_reduce([group.peak for group in groups], spanning, "max")
@@ -153,6 +154,7 @@ class _FusedPenalty(torch.autograd.Function):
             ctx.terms.append((diff, index, -scale_grad, shard.numel))
         workspace.generation += 1
         ctx.workspace, ctx.generation = workspace, workspace.generation
+        ctx.dtypes = [weight.dtype for weight in weights]
         dtype = torch.promote_types(torch.float32, weights[0].dtype)
         return torch.stack([value.to(dtype) for value in values]).sum()
 
@@ -164,9 +166,9 @@ class _FusedPenalty(torch.autograd.Function):
                 "one was backpropagated; use one workspace per pending penalty."
             )
         grads = []
-        for negative_diff, idx, negative_scale_grad, numel in ctx.terms:
+        for (negative_diff, idx, negative_scale_grad, numel), dtype in zip(ctx.terms, ctx.dtypes):
             negative_diff.reshape(-1).index_add_(0, idx, negative_scale_grad)
-            grads.append(negative_diff.mul_(grad_output * (-2.0 / numel)))
+            grads.append(negative_diff.mul_(grad_output * (-2.0 / numel)).to(dtype))
         del ctx.terms
         return (None, None, None, None, *grads)
 

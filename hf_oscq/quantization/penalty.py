@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import check_finite, fake_quantize
+from .primitives import check_finite, fake_quantize, scale_dtype
 from .selection import select_weights
 from .spec import Patterns, QuantSpec, resolve_spec
 
@@ -43,5 +43,6 @@ def oscillation_penalty(
     terms = []
     for name, weight in select_weights(model, spec=spec).items():
         check_finite(weight, name)
+        weight = weight.to(scale_dtype(weight.dtype))  # half precision: the penalty of the float32 quantization
         terms.append((fake_quantize(weight, spec=spec).square() - weight.square()).mean())
     return torch.stack(terms).sum()

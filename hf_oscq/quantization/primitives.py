@@ -14,10 +14,22 @@ from .sharding import LocalShard, all_reduce, local_shard, scale_process_groups
 from .spec import QuantSpec, resolve_spec
 
 
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales, codes and quantized values are computed in: float32, or float64 for float64 weights.
+
+    float16 and bfloat16 weights convert to float32 exactly, so a half-precision model gets exactly the codes and
+    scales of the same weights in float32. Computing in half precision instead would round `W / s` before rounding
+    to the nearest code, and a float16 scale below the smallest normal float16 would lose precision.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def compute_scale(
     weight: torch.Tensor, bits: int | None = None, per_channel: bool | None = None, *, spec: QuantSpec | None = None
 ) -> torch.Tensor:
     """Scale `s = max|W| / (2**(bits-1) - 1)`, differentiable through the max like the reference code.
+
+    Computed and returned in `scale_dtype(weight.dtype)` (float32 for float32, float16 and bfloat16 weights).
 
     Args:
         weight: the tensor to quantize.
@@ -34,16 +46,17 @@ def compute_scale(
         magnitude = weight.abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else weight.abs()
     else:
         magnitude = weight.abs().amax()
-    return magnitude / spec.max_code
+    return magnitude.to(scale_dtype(weight.dtype)) / spec.max_code
 
 
 def nonzero_scale(scale: torch.Tensor) -> torch.Tensor:
-    """`scale` with zeros replaced by the smallest normal float, to divide by.
+    """`scale` with zeros replaced by 1, to divide by.
 
-    An all-zero tensor has scale 0; dividing by the smallest normal float keeps its codes at 0 (no NaN), and clamp
-    passes no gradient there, exactly as the unclamped formula would if it were defined.
+    An all-zero tensor has scale 0: dividing by 1 keeps its codes at 0 (no NaN), and masked_fill passes no gradient
+    there, exactly as the undefined formula would. Every other scale, however small, is divided by as it is, so the
+    codes are always those of the scale that is stored and multiplied back.
     """
-    return scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    return scale.masked_fill(scale == 0, 1.0)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -65,7 +78,7 @@ def fake_quantize(
 
     The scale is not detached, so the largest-magnitude element also receives gradient through `s`
     (as in the paper's reference code). The forward value equals `dequantize(*quantize_codes(weight, bits))`
-    bit for bit.
+    bit for bit, cast to `weight.dtype` (the arithmetic runs in `scale_dtype(weight.dtype)`).
 
     Args:
         weight: the full-precision tensor.
@@ -78,7 +91,7 @@ def fake_quantize(
     """
     spec = resolve_spec("fake_quantize", spec, bits, per_channel)
     scale = nonzero_scale(compute_scale(weight, spec=spec))
-    return _RoundSTE.apply(weight / scale) * scale
+    return (_RoundSTE.apply(weight.to(scale.dtype) / scale) * scale).to(weight.dtype)
 
 
 def quantize_codes(
@@ -95,7 +108,7 @@ def quantize_codes(
     spec = resolve_spec("quantize_codes", spec, bits, per_channel)
     with torch.no_grad():
         scale = compute_scale(weight, spec=spec)
-        codes = torch.round(weight / nonzero_scale(scale)).to(torch.int8)
+        codes = torch.round(weight.to(scale.dtype) / nonzero_scale(scale)).to(torch.int8)
     return codes, scale
 
 
@@ -109,12 +122,12 @@ def sharded_codes(weights: list[torch.Tensor], spec: QuantSpec) -> list[tuple[Lo
     with torch.no_grad():
         # The largest of the shards' scales is the whole tensor's: rounding a quotient is monotonic.
         scales = [
-            compute_scale(local, spec=spec) if local.numel() else local.new_zeros(())
+            compute_scale(local, spec=spec) if local.numel() else local.new_zeros((), dtype=scale_dtype(local.dtype))
             for local in (shard.local.detach() for shard in shards)
         ]
         scales = all_reduce(scales, [scale_process_groups(shard, spec) for shard in shards], "max")
         return [
-            (shard, torch.round(shard.local.detach() / nonzero_scale(scale)).to(torch.int8), scale)
+            (shard, torch.round(shard.local.detach().to(scale.dtype) / nonzero_scale(scale)).to(torch.int8), scale)
             for shard, scale in zip(shards, scales)
         ]
 

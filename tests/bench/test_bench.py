@@ -173,3 +173,20 @@ def test_diagnostics_weights_by_layer_size():
     # < 10k: (0.5 * 1000 + 0.3 * 3000) / 4000 = 0.35; none of 10k-200k; >= 200k: 0.2. Median of 3, 5, 4 = 4.
     # Rounded to 0: (0.2 * 1000 + 0.6 * 3000 + 0.5 * 400000) / 404000 = 0.50.
     assert row == "| m_osc3 | 0.35 | - | 0.20 | 4.00 | 0.500 | 5e-05..2e-02 |"
+
+
+def test_runtime_memory_counts_packed_weights_by_what_they_hold():
+    import torch
+
+    from hf_oscq import pack_codes, quantize_codes
+    from hf_oscq.quantization.packed_tensor import PackedWeight
+
+    runtime_memory = _load("runtime_memory")
+    model = torch.nn.Sequential(torch.nn.Linear(40, 10), torch.nn.Linear(10, 3))
+    codes, scale = quantize_codes(model[0].weight, 3)
+    packed = PackedWeight(pack_codes(codes, 3), scale, 3, (10, 40), torch.float32)
+    model[0].weight = torch.nn.Parameter(packed, requires_grad=False)
+    counted = runtime_memory.weight_bytes(model, {"0.weight"})
+    assert counted["quantized"] == 150 + 4  # ceil(400 * 3 / 8) code bytes and one float32 scale
+    assert counted["quantized_vs_fp32"] == 154 / 1600
+    assert counted["total"] == 154 + 4 * (10 + 30 + 3)  # plus the float biases and second weight

@@ -1,10 +1,26 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from _export_models import logits_of, tiny_resnet18, tiny_vit
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import EntryNotFoundError
+from safetensors import safe_open
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTModel,
+)
 
+import hf_oscq
 from hf_oscq import OscqQuantizationConfig, QuantSpec
-from hf_oscq.export.checkpoint import CheckpointFormatError
+from hf_oscq.export.checkpoint import SCALE_SUFFIX, CheckpointFormatError, serialize_checkpoint
+from hf_oscq.quantization.packed_tensor import PackedWeight
 
 FORMAT1_CONFIG = Path(__file__).resolve().parent / "data" / "format1_vit" / "w3" / "config.json"
 
@@ -37,3 +53,245 @@ def test_config_of_the_first_format_reads_as_a_spec():
 def test_invalid_configs_are_refused(fields, message):
     with pytest.raises(CheckpointFormatError, match=message):
         OscqQuantizationConfig(**{"bits": 3, "modules": ["fc"], **fields})
+
+
+# Loading exported folders through transformers: packed weights in memory, round trips, quantizing on load,
+# dtypes, tied weights, backbone and new-head loads, `dequantize`, `pipeline`.
+
+PIXELS = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def gpt2_export(tmp_path_factory):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tie_word_embeddings
+    return model, hf_oscq.export_quantized(model, tmp_path_factory.mktemp("gpt2") / "export", bits=(3,))
+
+
+def _file_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def _packed_parameters(model) -> dict[str, PackedWeight]:
+    return {name: p for name, p in model.named_parameters() if isinstance(p, PackedWeight)}
+
+
+def _assert_same_tensors(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key].dtype == second[key].dtype and first[key].shape == second[key].shape, key
+        as_bytes = [t.contiguous().reshape(-1).view(torch.uint8) for t in (first[key], second[key])]
+        assert torch.equal(*as_bytes), key
+
+
+def test_loaded_weights_stay_packed_and_take_b_over_32_of_fp32(vit_export):
+    model, out = vit_export
+    selected = hf_oscq.select_weights(model)
+    for bits in (2, 3, 4, 8):
+        loaded = AutoModelForImageClassification.from_pretrained(out / f"w{bits}")
+        packed = _packed_parameters(loaded)
+        assert loaded.is_quantized and len(packed) == len(selected)
+        for name, weight in packed.items():
+            assert weight.shape == selected[name].shape and weight.dtype == torch.float32 and weight.bits == bits
+        # memory held: ceil(n * b / 8) code bytes plus one float32 scale per tensor, nothing else
+        expected = sum(math.ceil(w.numel() * bits / 8) + 4 for w in selected.values())
+        assert sum(weight.storage_bytes for weight in packed.values()) == expected
+        fp32 = sum(4 * w.numel() for w in selected.values())
+        assert expected <= fp32 * bits / 32 * 1.03
+        torch.testing.assert_close(
+            logits_of(loaded, PIXELS), logits_of(hf_oscq.quantize_model(model, bits), PIXELS), rtol=0, atol=0
+        )
+
+
+def test_save_pretrained_writes_the_same_tensors_and_config(vit_export, tmp_path):
+    model, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w3")
+    loaded.save_pretrained(tmp_path / "saved")
+    exported, exported_metadata = _file_tensors(out / "w3" / "model.safetensors")
+    saved, saved_metadata = _file_tensors(tmp_path / "saved" / "model.safetensors")
+    _assert_same_tensors(saved, exported)
+    assert saved_metadata == exported_metadata  # format version, bit-width, checksum of the same tensor data
+    assert json.loads((tmp_path / "saved/config.json").read_text()) == json.loads((out / "w3/config.json").read_text())
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    assert len(_packed_parameters(reloaded)) == len(_packed_parameters(loaded))
+    torch.testing.assert_close(logits_of(reloaded, PIXELS), logits_of(loaded, PIXELS), rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_the_packed_format(vit_export, monkeypatch):
+    _, out = vit_export
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):  # the network call: keep what would be sent
+        for operation in operations:
+            uploaded[operation.path_in_repo] = Path(operation.path_or_fileobj).read_bytes()
+
+    def load_card(*args, **kwargs):
+        raise EntryNotFoundError("new repository")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", load_card)
+    AutoModelForImageClassification.from_pretrained(out / "w3").push_to_hub("org/vit-w3")
+    assert json.loads(uploaded["config.json"]) == json.loads((out / "w3/config.json").read_text())
+    header = int.from_bytes(uploaded["model.safetensors"][:8], "little")
+    exported = (out / "w3/model.safetensors").read_bytes()
+    assert uploaded["model.safetensors"][8 + header :] == exported[8 + int.from_bytes(exported[:8], "little") :]
+
+
+def test_quantize_on_load_equals_export_then_load(vit_export, tmp_path):
+    model, out = vit_export
+    config = OscqQuantizationConfig(bits=3)
+    quantized = AutoModelForImageClassification.from_pretrained(out / "fp", quantization_config=config)
+    assert len(_packed_parameters(quantized)) == len(hf_oscq.select_weights(model))
+    exported = AutoModelForImageClassification.from_pretrained(out / "w3")
+    torch.testing.assert_close(logits_of(quantized, PIXELS), logits_of(exported, PIXELS), rtol=0, atol=0)
+    quantized.save_pretrained(tmp_path / "saved")
+    _assert_same_tensors(_file_tensors(tmp_path / "saved/model.safetensors")[0],
+                         _file_tensors(out / "w3/model.safetensors")[0])  # fmt: skip
+    with pytest.raises(ValueError, match="needs a bit-width"):
+        AutoModelForImageClassification.from_pretrained(out / "fp", quantization_config=OscqQuantizationConfig())
+
+
+def test_dequantize_gives_the_plain_float_model(vit_export, tmp_path):
+    model, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w3")
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    dequantized = loaded.dequantize()
+    assert not _packed_parameters(dequantized) and not hasattr(dequantized.config, "quantization_config")
+    # independent of the runtime: the reference unpacking of the file's codes times the stored scale
+    codes = hf_oscq.unpack_codes(tensors["vit.encoder.layer.0.intermediate.dense.weight"], 3, (37, 32))
+    scale = tensors["vit.encoder.layer.0.intermediate.dense.weight" + SCALE_SUFFIX]
+    weight = dequantized.get_parameter("vit.layers.0.mlp.fc1.weight")
+    assert type(weight) is torch.nn.Parameter and torch.equal(weight.detach(), codes.float() * scale)
+    direct = AutoModelForImageClassification.from_pretrained(
+        out / "w3", quantization_config=OscqQuantizationConfig(dequantize=True)
+    )
+    assert not _packed_parameters(direct) and not getattr(direct, "is_quantized", False)
+    for name, parameter in direct.named_parameters():
+        assert torch.equal(parameter, dequantized.get_parameter(name)), name
+    torch.testing.assert_close(
+        logits_of(dequantized, PIXELS), logits_of(hf_oscq.quantize_model(model, 3), PIXELS), rtol=0, atol=0
+    )
+    dequantized.save_pretrained(tmp_path / "float")  # an ordinary float checkpoint now
+    assert "quantization_config" not in json.loads((tmp_path / "float/config.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_floating_parameter_loads_in_the_requested_dtype(vit_export, dtype):
+    _, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w3", dtype=dtype)
+    assert {p.dtype for p in loaded.parameters() if p.is_floating_point()} == {dtype}
+    assert {b.dtype for b in loaded.buffers() if b.is_floating_point()} <= {dtype}
+    logits = logits_of(loaded, PIXELS.to(dtype))
+    assert logits.dtype == dtype and bool(torch.isfinite(logits).all())
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    codes = hf_oscq.unpack_codes(tensors["vit.encoder.layer.0.intermediate.dense.weight"], 3, (37, 32))
+    scale = tensors["vit.encoder.layer.0.intermediate.dense.weight" + SCALE_SUFFIX]
+    weight = loaded.get_parameter("vit.layers.0.mlp.fc1.weight")
+    assert torch.equal(weight.dequantize(), (codes.float() * scale).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_export_loads_as_quantize_model(dtype, tmp_path):
+    model = tiny_vit().to(dtype)
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(8,), per_channel=True)
+    tensors, _ = _file_tensors(out / "w8" / "model.safetensors")
+    assert {t.dtype for k, t in tensors.items() if k.endswith(SCALE_SUFFIX)} == {torch.float32}
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w8", dtype=dtype)
+    expected = hf_oscq.quantize_model(model, 8, per_channel=True)
+    for name, weight in _packed_parameters(loaded).items():
+        assert torch.equal(weight.dequantize(), expected.get_parameter(name)), name
+    pixels = PIXELS.to(dtype)
+    torch.testing.assert_close(logits_of(loaded, pixels), logits_of(expected, pixels), rtol=0, atol=0)
+
+
+def test_old_float16_scales_below_the_smallest_normal_are_refused(vit_export, tmp_path):
+    _, out = vit_export
+    folder = tmp_path / "w3"
+    folder.mkdir()
+    for path in (out / "w3").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    key = "vit.encoder.layer.0.intermediate.dense.weight" + SCALE_SUFFIX
+    tensors[key] = torch.tensor(1e-6, dtype=torch.float16)  # what earlier exports stored for tiny float16 weights
+    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3))
+    with pytest.raises(CheckpointFormatError, match="below 6.1e-05"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
+    model, out = gpt2_export
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    assert not any(key.startswith("lm_head") for key in tensors)  # no float32 copy of the tied head
+    assert tensors["transformer.wte.weight"].dtype == torch.uint8
+    loaded = AutoModelForCausalLM.from_pretrained(out / "w3")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert isinstance(loaded.lm_head.weight, PackedWeight)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+    expected = hf_oscq.quantize_model(model, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        generated = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated, expected.generate(ids[:1], max_new_tokens=4, do_sample=False))
+    loaded.save_pretrained(tmp_path / "saved")
+    _assert_same_tensors(_file_tensors(tmp_path / "saved/model.safetensors")[0], tensors)
+    on_load = AutoModelForCausalLM.from_pretrained(out / "fp", quantization_config=OscqQuantizationConfig(bits=3))
+    assert on_load.lm_head.weight is on_load.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+
+
+def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
+    model, out = vit_export
+    expected = hf_oscq.quantize_model(model, 3)
+    backbone = AutoModel.from_pretrained(out / "w3")
+    assert isinstance(backbone, ViTModel)
+    assert isinstance(backbone.get_parameter("layers.0.mlp.fc1.weight"), PackedWeight)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone(pixel_values=PIXELS).last_hidden_state,
+            expected.vit(pixel_values=PIXELS).last_hidden_state,
+            rtol=0,
+            atol=0,
+        )
+    new_head = AutoModelForImageClassification.from_pretrained(out / "w3", num_labels=5, ignore_mismatched_sizes=True)
+    assert type(new_head.classifier.weight) is torch.nn.Parameter and new_head.classifier.weight.shape == (5, 32)
+    assert isinstance(new_head.get_parameter("vit.layers.0.mlp.fc1.weight"), PackedWeight)
+    assert logits_of(new_head, PIXELS).shape == (3, 5)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForImageClassification.from_pretrained(out / "w3", num_labels=5)
+
+
+def test_timm_backbone_loads(tmp_path):
+    model = tiny_resnet18()
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(3,))
+    backbone = AutoModel.from_pretrained(out / "w3")
+    packed = _packed_parameters(backbone)
+    assert "timm_model.conv1.weight" in packed and "timm_model.fc.weight" not in packed
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = backbone(pixel_values=pixels).pooler_output
+        expected = hf_oscq.quantize_model(model, 3).timm_model.forward_head(
+            hf_oscq.quantize_model(model, 3).timm_model.forward_features(pixels), pre_logits=True
+        )
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+def test_pipeline_runs_on_a_packed_model(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor, pipeline
+
+    model = tiny_vit(num_channels=3)
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(3,), image_processor=processor)
+    image = Image.fromarray((torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
+    packed = pipeline("image-classification", model=str(out / "w3"))
+    assert isinstance(packed.model.get_parameter("vit.layers.0.mlp.fc1.weight"), PackedWeight)
+    expected = pipeline("image-classification", model=hf_oscq.quantize_model(model, 3), image_processor=processor)
+    assert packed(image) == expected(image)

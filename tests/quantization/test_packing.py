@@ -59,3 +59,87 @@ def test_unpack_rejects_wrong_size_dtype_and_corrupted_bits():
     padded[-1] |= 0b10000000  # a padding bit after the 15 code bits
     with pytest.raises(ValueError, match="Padding bits"):
         unpack_codes(padded, 3, (5,))
+
+
+# Vectorized readers (what forward passes of packed weights run), checked against the reference unpack_codes.
+from hf_oscq.quantization.packing import (  # noqa: E402
+    dequantize_packed,
+    dequantize_packed_rows,
+    invalid_packed_codes,
+    unpack_unsigned,
+)
+
+
+def _random_codes(bits: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    top = 2 ** (bits - 1) - 1
+    return torch.randint(-top, top + 1, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 15, 16, 1001])
+def test_unpack_unsigned_equals_reference(bits, numel):
+    codes = _random_codes(bits, (numel,), bits * 7 + numel)
+    packed = pack_codes(codes, bits)
+    unsigned = unpack_unsigned(packed, bits, numel)
+    assert unsigned.dtype == torch.int64
+    assert torch.equal(unsigned - (2 ** (bits - 1) - 1), unpack_codes(packed, bits, (numel,)).long())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_packed_is_codes_times_scale(bits, dtype):
+    shape = (6, 5, 3)
+    codes = _random_codes(bits, shape, bits)
+    packed = pack_codes(codes, bits)
+    generator = torch.Generator().manual_seed(bits)
+    scales = {
+        "tensor": torch.tensor(0.0123),
+        "channel": torch.rand(6, 1, 1, generator=generator) + 0.01,
+        "group": torch.rand(6, 5, generator=generator) + 0.01,  # one scale per 3 consecutive codes
+    }
+    for scale in scales.values():
+        block = codes.numel() // scale.numel()
+        expected = (codes.double().reshape(-1, block) * scale.double().reshape(-1, 1)).float().to(dtype)
+        values = dequantize_packed(packed, bits, scale, shape, dtype)
+        assert values.dtype == dtype and values.shape == shape
+        assert torch.equal(values, expected.reshape(shape))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_dequantize_packed_rows_equals_full_rows(bits):
+    shape = (11, 7)  # 7 codes per row: rows start mid-byte
+    codes = _random_codes(bits, shape, 3)
+    packed = pack_codes(codes, bits)
+    rows = torch.tensor([[0, 10, 3], [3, 5, 10]])
+    for scale in (torch.tensor(0.5), torch.rand(11, 1) + 0.1):
+        full = dequantize_packed(packed, bits, scale, shape, torch.float32)
+        assert torch.equal(dequantize_packed_rows(packed, bits, scale, shape, torch.float32, rows), full[rows])
+
+
+def test_invalid_packed_codes_names_the_problem():
+    packed = pack_codes(torch.tensor([1, -1, 0, 2, -2]), 3)
+    assert invalid_packed_codes(packed, 3, 5) is None
+    assert "uint8 bytes" in invalid_packed_codes(packed[:1], 3, 5)
+    assert "no 3-bit code produces" in invalid_packed_codes(torch.tensor([0b00000111], dtype=torch.uint8), 3, 2)
+    padded = packed.clone()
+    padded[-1] |= 0b10000000
+    assert "padding" in invalid_packed_codes(padded, 3, 5)
+    long_stream = pack_codes(_random_codes(3, (1000,), 0), 3)
+    assert invalid_packed_codes(long_stream, 3, 1000, chunk=64) is None  # chunked reads agree with one read
+    long_stream[-2] = 0xFF
+    assert "no 3-bit code produces" in invalid_packed_codes(long_stream, 3, 1000, chunk=64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_packed_in_steps_equals_one_step(bits, monkeypatch):
+    import hf_oscq.quantization.packing as module
+
+    shape = (37, 29)  # 1073 codes: several steps of 64, and a partial last byte or group
+    codes = _random_codes(bits, shape, 11)
+    packed = pack_codes(codes, bits)
+    for scale in (torch.tensor(0.25), torch.rand(37, 1) + 0.1):
+        whole = dequantize_packed(packed, bits, scale, shape, torch.float32)
+        monkeypatch.setattr(module, "_STEP", 64)
+        assert torch.equal(dequantize_packed(packed, bits, scale, shape, torch.float32), whole)
+        assert torch.equal(whole, (codes.float() * scale).reshape(shape))
+        monkeypatch.undo()

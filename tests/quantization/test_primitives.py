@@ -88,3 +88,93 @@ def test_non_finite_weight_error_names_parameter():
     with pytest.raises(ValueError, match="'encoder.fc.weight' contains NaN or Inf"):
         check_finite(torch.tensor([1.0, float("nan")]), "encoder.fc.weight")
     check_finite(torch.tensor([1.0, -2.0]), "ok")
+
+
+# Every dtype: the codes and scales of float16 / bfloat16 weights are those of the same weights in float32, and the
+# scale used to round is the scale stored and multiplied back (quantize_codes, sharded_codes, fused fake-quantize,
+# fused penalty).
+from hf_oscq import (  # noqa: E402
+    QuantSpec,  # noqa: E402
+    fused_fake_quantize,
+    fused_oscillation_penalty,
+    oscillation_penalty,
+)
+from hf_oscq.quantization.primitives import sharded_codes  # noqa: E402
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _half_weight(dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 40, generator=generator) * 0.05
+    weight[2] *= 0.02  # a channel with max |w| around 1e-3
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_half_precision_codes_and_scales_equal_the_float32_path(dtype, per_channel, bits):
+    weight = _half_weight(dtype)
+    codes, scale = quantize_codes(weight, bits, per_channel)
+    codes32, scale32 = quantize_codes(weight.float(), bits, per_channel)
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale32) and torch.equal(codes, codes32)
+    ((_, sharded, sharded_scale),) = sharded_codes(
+        [weight], QuantSpec(bits, "per_channel" if per_channel else "per_tensor")
+    )
+    assert torch.equal(sharded, codes32) and torch.equal(sharded_scale, scale32)
+    # independent formula, in float64: s = max|w| / top, |codes * s - w| <= s / 2
+    w64 = weight.double()
+    top = 2 ** (bits - 1) - 1
+    peak = w64.abs().amax(dim=1, keepdim=True) if per_channel else w64.abs().amax()
+    torch.testing.assert_close(scale.double(), peak / top, rtol=2**-23, atol=0)
+    error = (codes.double() * scale.double() - w64).abs()
+    assert bool((error <= scale.double() / 2 * (1 + 2**-20)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF_DTYPES])
+def test_dequantized_error_is_at_most_half_a_scale_in_every_dtype(dtype):
+    for bits in range(2, 9):
+        weight = _half_weight(dtype)
+        codes, scale = quantize_codes(weight, bits, per_channel=True)
+        error = (dequantize(codes, scale).double() - weight.double()).abs()
+        assert bool((error <= scale.double() / 2 * (1 + 2**-20)).all()), bits
+
+
+def test_float16_small_channel_at_eight_bits_keeps_its_scale():
+    # max |w| = 1e-3 at 8 bits: s = 1e-3 / 127 ~ 7.9e-6 is below the smallest normal float16 (6.1e-5); the codes
+    # must be computed with that scale, not a clamped one (which shrank the weights 8x).
+    weight = torch.tensor([[1e-3, -4e-4, 2.6e-4, 0.0], [0.5, -0.3, 0.1, 0.0]], dtype=torch.float16)
+    codes, scale = quantize_codes(weight, 8, per_channel=True)
+    w64 = weight.double()
+    expected_codes = torch.round(w64 / (w64.abs().amax(dim=1, keepdim=True) / 127))
+    assert torch.equal(codes.double(), expected_codes) and codes[0, 0] == 127
+    values = dequantize(codes, scale)
+    assert bool(((values.double() - w64).abs() <= scale.double() / 2 * (1 + 2**-20)).all())
+    restored = values.to(torch.float16)
+    assert restored[0, 0] == weight[0, 0]  # the channel's largest weight comes back, not 8x smaller
+    quantized = fake_quantize(weight, 8, per_channel=True)
+    assert quantized.dtype == torch.float16 and torch.equal(quantized, restored)
+    assert torch.equal(fused_fake_quantize(weight, 8, per_channel=True), restored)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_paths_in_half_precision_equal_the_float32_quantization(dtype, per_channel):
+    weight = _half_weight(dtype).requires_grad_(True)
+    codes, scale = quantize_codes(weight, 3, per_channel)
+    expected = dequantize(codes, scale).to(dtype)
+    assert torch.equal(fake_quantize(weight, 3, per_channel), expected)
+    fused = fused_fake_quantize(weight, 3, per_channel)
+    assert fused.dtype == dtype and torch.equal(fused, expected)
+    fused.sum().backward()
+    assert weight.grad.dtype == dtype
+    weight.grad = None
+    model = torch.nn.Linear(40, 6, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    reference = oscillation_penalty(model, 3, per_channel=per_channel)
+    value = fused_oscillation_penalty({"weight": model.weight}, 3, per_channel)
+    torch.testing.assert_close(value, reference.float(), rtol=1e-6, atol=1e-9)
+    value.backward()
+    assert model.weight.grad.dtype == dtype
