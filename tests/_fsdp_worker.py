@@ -59,13 +59,14 @@ def functional(out: Path) -> None:
     net = shard(build_net())
     inputs, targets = batches()
     results = {}
-    for per_channel in (False, True):
-        penalty = fused_oscillation_penalty(select_weights(net), BITS, per_channel)
-        penalty.backward()
-        values = [torch.zeros(1) for _ in range(dist.get_world_size())]
-        dist.all_gather(values, penalty.detach().reshape(1))
-        results[f"penalty_values/{per_channel}"] = torch.cat(values)
-        results.update(gradients(net, f"penalty_grad/{per_channel}"))
+    for normalization, tag in (("layer_mean", ""), ("global_mean", "_global_mean")):
+        for per_channel in (False, True):
+            penalty = fused_oscillation_penalty(select_weights(net), BITS, per_channel, normalization=normalization)
+            penalty.backward()
+            values = [torch.zeros(1) for _ in range(dist.get_world_size())]
+            dist.all_gather(values, penalty.detach().reshape(1))
+            results[f"penalty_values{tag}/{per_channel}"] = torch.cat(values)
+            results.update(gradients(net, f"penalty_grad{tag}/{per_channel}"))
 
     # A training step: the rows' penalty gradient plus the task gradient FSDP2 averages over the processes.
     penalty = fused_oscillation_penalty(select_weights(net), BITS)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..errors import OscqValueError
+from .penalty import DEFAULT_PENALTY_NORMALIZATION, penalty_divisors, validate_normalization
 from .primitives import check_finite, scale_dtype
 from .scale_groups import ScaleGroups, by_row, local_groups, peak_positions, scale_groups, with_peaks
 from .sharding import LocalShard, all_reduce, local_shard, scale_process_groups
@@ -84,10 +85,11 @@ class PenaltyWorkspace:
 def _penalty_terms(w: torch.Tensor, groups: ScaleGroups, numel: int, buffers: tuple[torch.Tensor, ...]):
     """One weight's local penalty sums and `w - q(w)` (in a workspace buffer).
 
-    With `d = q(w) - w`: `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`; `dP/dw = 2/N d` (straight-through); and through the
-    scale, `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, reaching the largest-magnitude element(s) of
-    each scale group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The buffer holds `-d` (one pass
-    fewer); the backward pass applies the factor `-2/N` together with the upstream gradient.
+    With `d = q(w) - w` and `N` the divisor (`numel`: the layer's size, or all selected weights' for "global_mean"):
+    `sum(q^2 - w^2) = 2 sum(w d) + sum(d^2)`; `dP/dw = 2/N d` (straight-through); and through the scale,
+    `dP/ds = 2/N sum(q d) / s = 2/N (sum(w d) + sum(d^2)) / s`, reaching the largest-magnitude element(s) of each scale
+    group as `sign(w) / top` (split evenly among ties, like `torch.amax`). The buffer holds `-d` (one pass fewer); the
+    backward pass applies the factor `-2/N` together with the upstream gradient.
 
     Returns:
         `(value, scale_sums, negative_diff)`: this part's share of the penalty, `sum(w d) + sum(d^2)` per group, and
@@ -121,6 +123,7 @@ class _FusedPenalty(torch.autograd.Function):
     def forward(
         ctx,
         spec: QuantSpec,
+        normalization: str,
         workspace: PenaltyWorkspace,
         keys: list[int],
         shards: list[LocalShard],
@@ -133,10 +136,12 @@ class _FusedPenalty(torch.autograd.Function):
         groups = [local_groups(w, spec) for w in local]
         peaks = all_reduce([group.peak for group in groups], spanning, "max")
         groups = [with_peaks(group, peak, top) for group, peak in zip(groups, peaks)]
+        # shard.numel is the whole tensor's size on every process, so the divisors are the whole model's too.
+        divisors = penalty_divisors([shard.numel for shard in shards], normalization)
         values, sums, diffs, positions = [], [], [], []
-        for w, key, group, shard in zip(local, keys, groups, shards):
+        for w, key, group, divisor in zip(local, keys, groups, divisors):
             buffers = workspace.buffers(w, key)
-            value, scale_sums, diff = _penalty_terms(w, group, shard.numel, buffers)
+            value, scale_sums, diff = _penalty_terms(w, group, divisor, buffers)
             values.append(value)
             sums.append(scale_sums)
             diffs.append(diff)
@@ -145,13 +150,13 @@ class _FusedPenalty(torch.autograd.Function):
         sums = all_reduce(sums, spanning, "sum")
         ties = all_reduce([position[2] for position in positions], spanning, "sum")
         ctx.terms = []
-        for w, group, shard, diff, scale_sums, (index, row, _), count in zip(
-            local, groups, shards, diffs, sums, positions, ties
+        for w, group, divisor, diff, scale_sums, (index, row, _), count in zip(
+            local, groups, divisors, diffs, sums, positions, ties
         ):
             scale_grad = torch.sign(w.reshape(-1)[index]) * (scale_sums / (group.scale * top * count.clamp_min(1)))[
                 row
             ].to(w.dtype)
-            ctx.terms.append((diff, index, -scale_grad, shard.numel))
+            ctx.terms.append((diff, index, -scale_grad, divisor))
         workspace.generation += 1
         ctx.workspace, ctx.generation = workspace, workspace.generation
         ctx.dtypes = [weight.dtype for weight in weights]
@@ -166,11 +171,11 @@ class _FusedPenalty(torch.autograd.Function):
                 "one was backpropagated; use one workspace per pending penalty."
             )
         grads = []
-        for (negative_diff, idx, negative_scale_grad, numel), dtype in zip(ctx.terms, ctx.dtypes):
+        for (negative_diff, idx, negative_scale_grad, divisor), dtype in zip(ctx.terms, ctx.dtypes):
             negative_diff.reshape(-1).index_add_(0, idx, negative_scale_grad)
-            grads.append(negative_diff.mul_(grad_output * (-2.0 / numel)).to(dtype))
+            grads.append(negative_diff.mul_(grad_output * (-2.0 / divisor)).to(dtype))
         del ctx.terms
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def fused_oscillation_penalty(
@@ -180,6 +185,7 @@ def fused_oscillation_penalty(
     workspace: PenaltyWorkspace | None = None,
     *,
     spec: QuantSpec | None = None,
+    normalization: str = DEFAULT_PENALTY_NORMALIZATION,
 ) -> torch.Tensor:
     """Same value and gradients as `oscillation_penalty`, for weights already selected, at training speed.
 
@@ -194,14 +200,19 @@ def fused_oscillation_penalty(
         per_channel: one scale per output channel (shorthand for `spec`).
         workspace: scratch buffers reused across calls (a training loop keeps one); a fresh one by default.
         spec: the `QuantSpec` (its modules are not used: the weights are already selected).
+        normalization: `"layer_mean"` or `"global_mean"`, as in `oscillation_penalty`. With `"global_mean"` the
+            divisor is the size of all `weights` together (whole tensors, also when sharded): pass every selected
+            weight of the model in one call.
 
     Returns:
         A scalar float32 tensor whose backward adds the penalty's gradient to the weights.
 
     Raises:
-        OscqValueError: when no weight is given, or a weight holds NaN or Inf (named when a mapping is given).
+        OscqValueError: when no weight is given, a weight holds NaN or Inf (named when a mapping is given), or the
+            normalization is unknown.
     """
     spec = resolve_spec("fused_oscillation_penalty", spec, bits, per_channel)
+    validate_normalization(normalization)
     named = dict(weights) if isinstance(weights, Mapping) else {str(i): w for i, w in enumerate(weights)}
     if not named:
         raise OscqValueError("fused_oscillation_penalty got no weights: select some with select_weights(model).")
@@ -209,7 +220,7 @@ def fused_oscillation_penalty(
     tensors = [shard.local for shard in shards]
     with torch.autocast(tensors[0].device.type, enabled=False):
         keys = [id(weight) for weight in named.values()]  # FSDP2 hands out a new local view at every step
-        value = _FusedPenalty.apply(spec, workspace or PenaltyWorkspace(), keys, shards, *tensors)
+        value = _FusedPenalty.apply(spec, normalization, workspace or PenaltyWorkspace(), keys, shards, *tensors)
     if not bool(torch.isfinite(value)):
         for name, weight in named.items():
             check_finite(weight, name)

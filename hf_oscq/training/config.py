@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..errors import OscqValueError
+from ..quantization.penalty import DEFAULT_PENALTY_NORMALIZATION, PENALTY_NORMALIZATIONS, validate_normalization
 from ..quantization.spec import DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec, validate_bits
 from .guards import check_sharding
 from .methods import OSC_METHODS, OSCILLATION
@@ -34,6 +35,10 @@ class OscillationConfig(TrainingArguments):
         osc_lambda (`float`, *optional*, defaults to `1.0`):
             Weight of the oscillation penalty, >= 0. Used by `osc_method="oscillation"` only; another value with
             `"qat"` or `"none"` warns that it is ignored.
+        osc_penalty_normalization (`str`, *optional*, defaults to `"layer_mean"`):
+            How the penalty is normalised: `"layer_mean"` (the paper: the sum over layers of each layer's mean of
+            `q^2 - w^2`, so a weight's pull is `2 osc_lambda / N_layer`) or `"global_mean"` (the mean over all
+            selected weights: the same pull `2 osc_lambda / N` in every layer).
 
         > Quantization (`quant_spec`)
 
@@ -73,6 +78,15 @@ class OscillationConfig(TrainingArguments):
     osc_bits: int = field(default=3, metadata={"help": "Target bit-width of the penalty or of QAT, in [2, 8]."})
     osc_lambda: float = field(
         default=DEFAULT_OSC_LAMBDA, metadata={"help": "Weight of the oscillation penalty (osc_method='oscillation')."}
+    )
+    osc_penalty_normalization: str = field(
+        default=DEFAULT_PENALTY_NORMALIZATION,
+        metadata={
+            "help": "How the penalty is normalised: 'layer_mean' (the paper: the sum over layers of each layer's mean "
+            "of q^2 - w^2, a weight's pull 2 osc_lambda / layer size) or 'global_mean' (the mean over all selected "
+            "weights: the same pull 2 osc_lambda / N in every layer).",
+            "choices": list(PENALTY_NORMALIZATIONS),
+        },
     )
     osc_target_modules: list[str] | None = field(
         default=None,
@@ -119,6 +133,10 @@ class OscillationConfig(TrainingArguments):
                 UserWarning,
                 stacklevel=2,
             )
+        try:
+            validate_normalization(self.osc_penalty_normalization)
+        except OscqValueError as error:
+            raise OscqValueError(f"Invalid osc_penalty_normalization: {error}") from None
         if self.osc_bn_recalibration_samples < 0:
             raise OscqValueError("osc_bn_recalibration_samples must be >= 0 (0 disables BatchNorm re-estimation).")
         check_sharding(self)

@@ -86,7 +86,12 @@ class OscillationTrainer(Trainer):
         if args.osc_method == OSCILLATION:
             # Before the forward pass: autograd then runs the penalty's backward last and adds its gradient into the
             # task gradient in place instead of allocating a sum.
-            penalty = fused_oscillation_penalty(self._quantized_weights(), workspace=self._osc_workspace, spec=spec)
+            penalty = fused_oscillation_penalty(
+                self._quantized_weights(),
+                workspace=self._osc_workspace,
+                spec=spec,
+                normalization=args.osc_penalty_normalization,
+            )
         if args.osc_method == QAT:
             with fake_quantized_forward(self.model, self._quantized_weights(), spec=spec):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

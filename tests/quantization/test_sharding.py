@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _fsdp_worker import BITS, STRENGTH, batches, build_net
+from _penalty_reference import reference_numpy
 from _trainer_fixture import STEPS, build_config, build_trainer
 from safetensors.torch import load_file
 from torch import nn
@@ -71,6 +72,19 @@ def test_penalty_of_sharded_weights_equals_the_whole_model_penalty(sharded, per_
     # Each process's rows received the gradient of the whole penalty, including the scale path of a peak tied
     # across the two shards (layer 2) and a process without rows (layer 4).
     _assert_grads(sharded, f"penalty_grad/{per_channel}", _grads(net))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_global_mean_of_sharded_weights_divides_by_the_whole_model_size(sharded, per_channel):
+    weights = select_weights(build_net())
+    value, grads = reference_numpy(
+        [w.detach().double().numpy() for w in weights.values()], BITS, per_channel, "global_mean"
+    )
+    values = sharded[f"penalty_values_global_mean/{per_channel}"]
+    torch.testing.assert_close(values, torch.full((2,), value, dtype=torch.float32), rtol=1e-6, atol=0)
+    expected = {name: torch.from_numpy(grad).float() for name, grad in zip(weights, grads)}
+    _assert_grads(sharded, f"penalty_grad_global_mean/{per_channel}", expected)
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ def test_defaults_and_yaml(tmp_path):
         ("osc_lambda", -1.0, "osc_lambda must be a finite number >= 0"),
         ("osc_lambda", float("nan"), "osc_lambda must be a finite number >= 0"),
         ("osc_bn_recalibration_samples", -5, "osc_bn_recalibration_samples must be >= 0"),
+        ("osc_penalty_normalization", "sum", "Invalid osc_penalty_normalization"),
     ],
 )
 def test_validation(field, value, message):
@@ -99,7 +100,7 @@ def test_every_osc_field_is_documented_under_parameters():
     import re
 
     fields = [field.name for field in dataclasses.fields(OscillationConfig) if field.name.startswith("osc_")]
-    assert len(fields) == 8
+    assert len(fields) == 9
     parameters = OscillationConfig.__doc__.split("Parameters:")[1]
     documented = re.findall(r"^ {8}(osc_\w+) \(`[^`]+`", parameters, flags=re.MULTILINE)
     assert sorted(documented) == sorted(fields)

@@ -105,6 +105,17 @@ def test_logged_penalty_and_loss_follow_the_formula(tmp_path):
     assert log["loss"] == pytest.approx(log["task_loss"] + 4.0 * log["osc_penalty"], rel=1e-5)
 
 
+@pytest.mark.parametrize("normalization", ["layer_mean", "global_mean"])
+def test_logged_penalty_follows_the_chosen_normalization(tmp_path, normalization):
+    model = tiny_vit()
+    expected_penalty = float(oscillation_penalty(model, 3, normalization=normalization).detach())
+    trainer = make_trainer(model, tmp_path, max_steps=1, osc_lambda=4.0, osc_penalty_normalization=normalization)
+    trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert log["osc_penalty"] == pytest.approx(expected_penalty, rel=1e-5)
+    assert log["loss"] == pytest.approx(log["task_loss"] + 4.0 * log["osc_penalty"], rel=1e-5)
+
+
 def test_zero_lambda_equals_plain_training(tmp_path):
     runs = {}
     for method, kwargs in {"none": {}, "oscillation": {"osc_lambda": 0.0}}.items():
