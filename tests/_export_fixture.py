@@ -86,7 +86,10 @@ def build_export(root: Path, with_results: bool = True, bits: tuple[int, ...] = 
         comparisons = {"qat": hf_oscq.cross_bit_evaluate(baseline, evaluate, bits=bits), "fp_ptq": metrics}
     training = TRAINING if with_results else None
     if hasattr(hf_oscq, "export_quantized"):
-        hf_oscq.export_quantized(model, root, bits=bits, metrics=metrics, training=training, comparisons=comparisons)
+        # plain rounding, like the metrics above (the model has BatchNorm)
+        hf_oscq.export_quantized(
+            model, root, bits=bits, metrics=metrics, training=training, comparisons=comparisons, plain_rounding=True
+        )
     else:
         _write_by_contract(model, root, bits, metrics, training, comparisons)
     return root

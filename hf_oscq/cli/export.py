@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OscqValueError
-from ..quantization.spec import DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec
+from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES, DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,13 @@ def run_export(args: argparse.Namespace) -> Path:
     """`hf-oscq export`: the export folder written.
 
     Raises:
-        OscqValueError: for a folder without config.json, an already quantized checkpoint, or BatchNorm
-            re-estimation without `--dataset`.
+        OscqValueError: for a folder without config.json, an already quantized checkpoint, or a BatchNorm model
+            whose re-estimation images are unknown (no `--dataset` and none recorded with the checkpoint).
     """
     from ..export.checkpoint import QUANT_METHOD
+    from ..export.folder import read_training_info
     from ..export.writer import export_quantized
+    from ..quantization.batchnorm import has_batchnorm
 
     checkpoint = Path(args.checkpoint)
     config_path = checkpoint / "config.json"
@@ -61,32 +63,46 @@ def run_export(args: argparse.Namespace) -> Path:
             "full-precision checkpoint instead, e.g. the fp/ folder of the export."
         )
     spec = _spec(args)
-    batches = export_calibration_batches(args)
+    model = _load_model(checkpoint)
+    batches = None
+    if args.bn_recalibration_samples and has_batchnorm(model):
+        batches = export_calibration_batches(args, read_training_info(checkpoint))
     return export_quantized(
-        _load_model(checkpoint),
+        model,
         args.output,
         bits=args.bits,
         spec=spec,
         image_processor=_load_image_processor(checkpoint),
         calibration_batches=batches,
+        plain_rounding=not args.bn_recalibration_samples,
     )
 
 
-def export_calibration_batches(args: argparse.Namespace) -> list[dict] | None:
-    """Training images for BatchNorm re-estimation after rounding (`--bn_recalibration_samples` of `--dataset`,
-    drawn with `--seed`), the same for every bit-width; `None` without re-estimation."""
+def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> list[dict] | None:
+    """Training images for BatchNorm re-estimation after rounding: `--bn_recalibration_samples` images of
+    `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and seed), drawn
+    with `--seed`, the same for every bit-width; `None` without re-estimation.
+
+    Raises:
+        OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset.
+    """
     if not args.bn_recalibration_samples:
         return None
-    if not args.dataset:
+    trained = trained or {}
+    dataset = args.dataset or trained.get("dataset")
+    if not dataset:
         raise OscqValueError(
-            "--bn_recalibration_samples needs --dataset (and --data_dir for a local copy): the training images "
-            "forwarded to re-estimate BatchNorm statistics."
+            f"{args.checkpoint} holds a model with BatchNorm layers, whose statistics rounding invalidates, and no "
+            "record of its training data: pass --dataset NAME (and --data_dir for a local copy) to re-estimate them "
+            "on its training images, or --bn_recalibration_samples 0 for plain rounding (the paper's PTQ)."
         )
     from ..quantization.batchnorm import calibration_batches
     from ..scripts.data import load_image_dataset
 
-    train = load_image_dataset(args.dataset, data_dir=args.data_dir).train
-    batches = calibration_batches(train, args.bn_recalibration_samples, args.batch_size, args.seed)
+    data_dir = args.data_dir if args.dataset else args.data_dir or trained.get("data_dir")
+    seed = args.seed if args.seed is not None else (trained.get("hyperparameters") or {}).get("seed", DEFAULT_SEED)
+    train = load_image_dataset(dataset, data_dir=data_dir).train
+    batches = calibration_batches(train, args.bn_recalibration_samples, args.batch_size, seed)
     return [{"pixel_values": batch["pixel_values"]} for batch in batches]
 
 
@@ -116,17 +132,24 @@ def add_parser(subparsers) -> None:
     export.add_argument(
         "--bn_recalibration_samples",
         type=int,
-        default=0,
-        help="re-estimate BatchNorm statistics after rounding on this many training images of --dataset (0: off)",
+        default=DEFAULT_BN_RECALIBRATION_SAMPLES,
+        help="BatchNorm models: re-estimate the statistics after rounding on this many training images "
+        "(0: plain rounding, the paper's PTQ); models without BatchNorm ignore it",
     )
-    export.add_argument("--dataset", default=None, help="dataset of the BatchNorm re-estimation images")
+    export.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset of the BatchNorm re-estimation images (default: the one recorded with the checkpoint by the "
+        "recipes)",
+    )
     export.add_argument("--data_dir", default=None, help="local copy of that dataset (see hf_oscq.scripts.data)")
     export.add_argument("--batch_size", type=int, default=64)
     export.add_argument(
         "--seed",
         type=int,
-        default=DEFAULT_SEED,
-        help="seed of the re-estimation images (the training run's seed picks the images its evaluation used)",
+        default=None,
+        help="seed of the re-estimation images (default: the training run's recorded seed, else "
+        f"{DEFAULT_SEED}, the Trainer's default: the images its evaluation used)",
     )
     export.set_defaults(func=_export_main)
 

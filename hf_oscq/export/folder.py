@@ -20,6 +20,9 @@ from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, v
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, read_config
 
 MANIFEST_NAME = "oscq_export.json"
+# Written by the recipes next to a trained model: how it was trained, the dataset included, so that
+# `hf-oscq export` can re-estimate BatchNorm statistics on the same training data without being told.
+TRAINING_INFO_NAME = "oscq_training.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Formats that are unpickled on load: never published.
@@ -105,6 +108,22 @@ def _check_variant(export_dir: Path, variant: str, bits: int | None) -> None:
         raise _fail(export_dir, f"{variant}/config.json has no quantization_config with quant_method {QUANT_METHOD!r}")
     if quantization.get("bits") != bits:
         raise _fail(export_dir, f"{variant}/config.json says bits={quantization.get('bits')!r}, expected {bits}")
+
+
+def read_training_info(checkpoint: str | Path) -> dict[str, Any]:
+    """How a full-precision checkpoint was trained, where recorded: its `oscq_training.json`, or for the `fp/` folder
+    of an export, the manifest's `training` record. `{}` when neither exists or parses.
+    """
+    checkpoint = Path(checkpoint)
+    for path, key in ((checkpoint / TRAINING_INFO_NAME, None), (checkpoint.parent / MANIFEST_NAME, "training")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        record = record.get(key) if key else record
+        if isinstance(record, dict):
+            return record
+    return {}
 
 
 def read_manifest(export_dir: str | Path) -> dict[str, Any]:

@@ -173,6 +173,7 @@ def export_quantized(
     exclude_modules: Patterns = None,
     per_channel: bool | None = None,
     calibration_batches: Iterable | Callable[[], Iterable] | None = None,
+    plain_rounding: bool = False,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     training: Mapping[str, Any] | None = None,
     comparisons: Mapping[str, Any] | None = None,
@@ -194,8 +195,11 @@ def export_quantized(
         exclude_modules: modules left in float, see `select_weights` (shorthand for `spec`).
         per_channel: one scale per output channel (shorthand for `spec`).
         calibration_batches: model inputs (a re-iterable such as a list or DataLoader, or a callable returning
-            fresh ones, or `None`) to re-estimate BatchNorm statistics at each bit-width; ignored for models without
-            BatchNorm.
+            fresh ones) to re-estimate BatchNorm statistics at each bit-width, a few hundred training images; needed
+            for a model with BatchNorm (rounding invalidates its statistics) unless `plain_rounding`, ignored for
+            models without BatchNorm.
+        plain_rounding: round a BatchNorm model without re-estimating its statistics (the paper's PTQ); the
+            manifest and the cards say so.
         metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
         training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
         comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
@@ -204,8 +208,9 @@ def export_quantized(
         The export folder.
 
     Raises:
-        OscqValueError: for invalid bit-widths, a non-JSON record, weights holding NaN, sharded weights, or an
-            output folder that is a file or a foreign non-empty folder.
+        OscqValueError: for invalid bit-widths, a non-JSON record, weights holding NaN, sharded weights, an output
+            folder that is a file or a foreign non-empty folder, or a BatchNorm model without calibration batches
+            or `plain_rounding`.
     """
     bit_widths = sorted({validate_bits(b) for b in bits})
     if not bit_widths:
@@ -225,13 +230,23 @@ def export_quantized(
         )
     output = Path(output_dir).resolve()
     _check_output_dir(output)
+    batchnorm = has_batchnorm(model)
+    # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
+    recalibrate = batchnorm and not plain_rounding
+    if recalibrate and _calibration(calibration_batches) is None:
+        raise OscqValueError(
+            f"{type(model).__name__} has BatchNorm layers, whose running statistics rounding invalidates: pass "
+            "calibration_batches=... (a few hundred training inputs; `hf-oscq export --dataset NAME`) to re-estimate "
+            "them at every bit-width, or plain_rounding=True (`hf-oscq export --bn_recalibration_samples 0`) for "
+            "plain rounding, the paper's PTQ. Nothing was written."
+        )
     versions = library_versions()
     manifest = {
         "format_version": FORMAT_VERSION,
         **spec.to_dict(),
         "bits": bit_widths,
-        # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
-        "bn_recalibrated": has_batchnorm(model) and _calibration(calibration_batches) is not None,
+        "has_batchnorm": batchnorm,
+        "bn_recalibrated": recalibrate,
         "sizes_bytes": {},
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),

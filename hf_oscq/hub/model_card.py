@@ -66,7 +66,12 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     skip = set(_RECIPE_KEYS) | {"hyperparameters", "command"}
     rows += [(key, value) for key, value in training.items() if key not in skip]
     table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])
-    intro = method_sentence(training.get("osc_method"), training.get("osc_bits"), training.get("osc_lambda"))
+    intro = method_sentence(
+        training.get("osc_method"),
+        training.get("osc_bits"),
+        training.get("osc_lambda"),
+        training.get("osc_penalty_normalization"),
+    )
     return intro, table, training.get("command")
 
 
@@ -117,6 +122,21 @@ def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str
         size = format_size(variant_size(export_dir, manifest, other))
         lines.append(f"| {name} | {variant_title(other)} | {percent(manifest, other)} | {size} |")
     return "\n".join(lines)
+
+
+def rounding_sentence(manifest: dict) -> str:
+    """How the quantized versions were made from the full-precision weights, BatchNorm included."""
+    if manifest.get("bn_recalibrated"):
+        return (
+            "post-training rounding of the same full-precision weights, then BatchNorm re-estimation on training "
+            "images (the running statistics of the rounded network)"
+        )
+    if manifest.get("has_batchnorm"):
+        return (
+            "plain post-training rounding of the same full-precision weights (the paper's PTQ); the model's "
+            "BatchNorm statistics were not re-estimated after rounding, which costs accuracy at low bit-widths"
+        )
+    return "plain post-training rounding of the same full-precision weights"
 
 
 def _size_text(export_dir: Path, manifest: dict, variant: str) -> str:
@@ -195,7 +215,7 @@ def _render_model_card(
         bits=bits,
         levels=2 * spec.max_code + 1 if quantized else None,
         per_channel=spec.per_channel,
-        bn_recalibrated=bool(manifest.get("bn_recalibrated")),
+        rounding=rounding_sentence(manifest),
         modules=shown or "(none recorded)",
         own_accuracy=percent(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),

@@ -23,6 +23,9 @@ from ..errors import OscqValueError
 MIN_BITS = 2
 MAX_BITS = 8
 DEFAULT_EVAL_BITS = (2, 3, 4, 5, 6, 7, 8)
+# Training images forwarded to re-estimate BatchNorm statistics after rounding, by default (Trainer, recipes, CLI):
+# a few hundred give the statistics of the rounded network (docs/RESULTS.md uses 250 and 500).
+DEFAULT_BN_RECALIBRATION_SAMPLES = 512
 # Preset matching the paper's reference code: every module that owns a `.weight` (norm layers included).
 ALL_WEIGHTS = "all-weights"
 PER_TENSOR = "per_tensor"

@@ -27,7 +27,7 @@ import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser
 
 from ..errors import OscqValueError
-from ..export.folder import auto_class_for
+from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.ptq import format_cross_bit_table
@@ -162,9 +162,37 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()  # the final (or, with load_best_model_at_end, the best) weights, in the run's folder
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        # the local copy of the data too (never in the export, which may be published)
+        record = _training_record(args, recipe) | {"data_dir": recipe.data_dir}
+        (Path(args.output_dir) / TRAINING_INFO_NAME).write_text(json.dumps(record, indent=2) + "\n")
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
     table = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
     return trainer, table
+
+
+def _training_record(args: OscillationConfig, recipe: RecipeArguments) -> dict:
+    """How a run was trained: next to its weights (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the
+    export's manifest."""
+    return {
+        "osc_method": args.osc_method,
+        "osc_bits": args.osc_bits,
+        "osc_lambda": args.osc_lambda,
+        "osc_penalty_normalization": args.osc_penalty_normalization,
+        "osc_bn_recalibration_samples": args.osc_bn_recalibration_samples,
+        "dataset": recipe.dataset,
+        "model": _describe_model(recipe),
+        "hyperparameters": {
+            "learning_rate": args.learning_rate,
+            "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps,
+            "train_batch_size": args.per_device_train_batch_size * args.world_size,
+            "optimizer": str(args.optim),
+            "weight_decay": args.weight_decay,
+            "seed": args.seed,
+            "pretrained": recipe.pretrained,
+        },
+    }
 
 
 def _describe_model(recipe: RecipeArguments) -> str:
@@ -194,23 +222,8 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         metrics=tables[args.osc_method],
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
         calibration_batches=trainer.calibration_batches,
-        training={
-            "osc_method": args.osc_method,
-            "osc_bits": args.osc_bits,
-            "osc_lambda": args.osc_lambda,
-            "dataset": recipe.dataset,
-            "model": _describe_model(recipe),
-            "hyperparameters": {
-                "learning_rate": args.learning_rate,
-                "num_train_epochs": args.num_train_epochs,
-                "max_steps": args.max_steps,
-                "train_batch_size": args.per_device_train_batch_size * args.world_size,
-                "optimizer": str(args.optim),
-                "weight_decay": args.weight_decay,
-                "seed": args.seed,
-                "pretrained": recipe.pretrained,
-            },
-        },
+        plain_rounding=args.osc_bn_recalibration_samples == 0,
+        training=_training_record(args, recipe),
         comparisons=comparisons,
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)

@@ -43,6 +43,14 @@ def _listed(values: str | Sequence[str] | None) -> list[str] | None:
     return [values] if isinstance(values, str) else list(values) if values else None
 
 
+def _batchnorm_text(args, model_has_batchnorm: bool) -> str:
+    if not model_has_batchnorm:
+        return "not needed (no BatchNorm layer)"
+    if args.osc_bn_recalibration_samples:
+        return f"{args.osc_bn_recalibration_samples} training images"
+    return "none (plain rounding, the paper's PTQ)"
+
+
 def render_trainer_card(
     args,
     log_history: Sequence[dict],
@@ -52,6 +60,7 @@ def render_trainer_card(
     tags: str | Sequence[str] | None = None,
     license: str | None = None,
     language: str | Sequence[str] | None = None,
+    model_has_batchnorm: bool = True,
 ) -> ModelCard:
     """The card of a training run. Rendered locally (jinja2 template), no network.
 
@@ -61,6 +70,7 @@ def render_trainer_card(
         model_name: the card's title.
         base_model: the model it was fine-tuned from.
         datasets, tags, license, language: card metadata.
+        model_has_batchnorm: whether the model has BatchNorm layers (which re-estimation after rounding concerns).
     """
     spec = args.quant_spec
     table = last_cross_bit_table(log_history)
@@ -81,7 +91,7 @@ def render_trainer_card(
         data,
         template_path=str(TEMPLATE_PATH),
         title=model_name,
-        method=method_sentence(args.osc_method, spec.bits, args.osc_lambda),
+        method=method_sentence(args.osc_method, spec.bits, args.osc_lambda, args.osc_penalty_normalization),
         osc_method=args.osc_method,
         osc_lambda=args.osc_lambda if args.osc_method == OSCILLATION else None,
         bits=spec.bits,
@@ -89,9 +99,7 @@ def render_trainer_card(
         granularity="one scale per output channel" if spec.per_channel else "one scale per tensor",
         targets=", ".join(f"`{t}`" for t in spec.target_modules) if spec.target_modules else "Linear, Conv, Embedding",
         excludes=", ".join(f"`{t}`" for t in spec.exclude_modules or ()),
-        bn_samples=f"{args.osc_bn_recalibration_samples} training images"
-        if args.osc_bn_recalibration_samples
-        else "none (plain rounding, as in the paper)",
+        bn_samples=_batchnorm_text(args, model_has_batchnorm),
         cross_bit_table=format_cross_bit_table({model_name: table})
         if has_accuracy
         else "No evaluation with an accuracy metric was logged: pass compute_metrics and evaluate.",

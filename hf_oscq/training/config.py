@@ -10,7 +10,14 @@ from transformers import TrainingArguments
 
 from ..errors import OscqValueError
 from ..quantization.penalty import DEFAULT_PENALTY_NORMALIZATION, PENALTY_NORMALIZATIONS, validate_normalization
-from ..quantization.spec import DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec, validate_bits
+from ..quantization.spec import (
+    DEFAULT_BN_RECALIBRATION_SAMPLES,
+    DEFAULT_EVAL_BITS,
+    PER_CHANNEL,
+    PER_TENSOR,
+    QuantSpec,
+    validate_bits,
+)
 from .guards import check_sharding
 from .methods import OSC_METHODS, OSCILLATION
 
@@ -57,10 +64,11 @@ class OscillationConfig(TrainingArguments):
         osc_eval_bits (`list[int]`, *optional*, defaults to `[2, 3, 4, 5, 6, 7, 8]`):
             Bit-widths at which every evaluation also evaluates the PTQ'd model, reported as `eval_w{b}_<metric>`
             (e.g. `metric_for_best_model="eval_w3_accuracy"`).
-        osc_bn_recalibration_samples (`int`, *optional*, defaults to `0`):
+        osc_bn_recalibration_samples (`int`, *optional*, defaults to `512`):
             Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit evaluation
-            (0 = plain rounding, as in the paper). The samples are drawn with the run's `seed`
-            (`quantization.batchnorm.calibration_batches`). A model without BatchNorm warns that it is ignored.
+            and in the recipes' export (0 = plain rounding, the paper's PTQ). Rounding invalidates the running
+            statistics of a BatchNorm model; models without BatchNorm are not affected. The samples are drawn from
+            the Trainer's `train_dataset` with the run's `seed` (`quantization.batchnorm.calibration_batches`).
 
     Raises:
         OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the
@@ -107,10 +115,10 @@ class OscillationConfig(TrainingArguments):
         metadata={"help": "Bit-widths at which every evaluation also evaluates the PTQ'd model (eval_w{b}_*)."},
     )
     osc_bn_recalibration_samples: int = field(
-        default=0,
+        default=DEFAULT_BN_RECALIBRATION_SAMPLES,
         metadata={
             "help": "Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit "
-            "evaluation (0 = plain rounding, as in the paper)."
+            "evaluation and export, for models with BatchNorm (0 = plain rounding, the paper's PTQ)."
         },
     )
 

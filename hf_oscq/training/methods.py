@@ -34,13 +34,16 @@ def run_label(key: str | None, short: bool = False) -> str:
     return key if labels is None else labels[short]
 
 
-def method_sentence(method: str | None, bits: int | None = None, osc_lambda: float | None = None) -> str:
+def method_sentence(
+    method: str | None, bits: int | None = None, osc_lambda: float | None = None, normalization: str | None = None
+) -> str:
     """How a run was trained, as the sentence model cards open their training section with."""
     from ..paper import PAPER
 
+    normalized = f" with the `{normalization}` penalty normalization" if normalization else ""
     return {
         OSCILLATION: f"Trained with the oscillation regularizer of {PAPER} at {bits} bits "
-        f"(`osc_lambda = {osc_lambda}`), full-precision forward pass, then rounded after training.",
+        f"(`osc_lambda = {osc_lambda}`){normalized}, full-precision forward pass, then rounded after training.",
         QAT: f"Trained with quantization-aware training at {bits} bits (baseline of {PAPER}).",
         NONE: "Trained in full precision without any quantization term (the FP + PTQ baseline).",
     }.get(method or OSCILLATION, f"Trained with osc_method={method!r}.")

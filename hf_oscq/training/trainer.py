@@ -14,12 +14,14 @@ from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import _compat
+from ..errors import OscqValueError
 from ..quantization.batchnorm import calibration_batches, has_batchnorm
 from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
 from ..quantization.ptq import quantized_weights
 from ..quantization.qat import fake_quantized_forward
 from ..quantization.selection import weight_owners
 from ..quantization.sharding import current_weights
+from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
 from ..quantization.variants import variant_name
 from .config import OscillationConfig
 from .methods import OSCILLATION, QAT
@@ -62,7 +64,8 @@ class OscillationTrainer(Trainer):
         self._osc_first_step = 0
         if self.model is not None:
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
-            if args.osc_bn_recalibration_samples and not has_batchnorm(self.model):
+            samples = args.osc_bn_recalibration_samples
+            if samples not in (0, DEFAULT_BN_RECALIBRATION_SAMPLES) and not has_batchnorm(self.model):
                 warnings.warn(
                     f"osc_bn_recalibration_samples={args.osc_bn_recalibration_samples} is ignored: the model has no "
                     "BatchNorm layer whose statistics rounding would invalidate.",
@@ -153,10 +156,20 @@ class OscillationTrainer(Trainer):
     def calibration_batches(self) -> Iterator[dict] | None:
         """Training batches for BatchNorm re-estimation after rounding: `osc_bn_recalibration_samples` images drawn
         with the run's `seed` (`quantization.batchnorm.calibration_batches`), the same on every process; `None`
-        for plain rounding."""
+        for plain rounding (0 samples) and for models without BatchNorm.
+
+        Raises:
+            OscqValueError: for a BatchNorm model to re-estimate without a `train_dataset`.
+        """
         samples = self.args.osc_bn_recalibration_samples
-        if samples == 0 or self.train_dataset is None:
+        if samples == 0 or not has_batchnorm(self.model):
             return None
+        if self.train_dataset is None:
+            raise OscqValueError(
+                "The model has BatchNorm layers, whose running statistics rounding invalidates, and the Trainer has "
+                "no train_dataset to re-estimate them from: pass train_dataset=... to OscillationTrainer, or set "
+                "osc_bn_recalibration_samples=0 for plain rounding (the paper's PTQ)."
+            )
         dataset = self.train_dataset
         if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop columns the model does not take
             dataset = _compat.remove_unused_columns(self, dataset, "calibration")
@@ -214,6 +227,7 @@ class OscillationTrainer(Trainer):
             tags=tags,
             license=license,
             language=language,
+            model_has_batchnorm=has_batchnorm(self.model),
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))

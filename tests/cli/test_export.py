@@ -59,8 +59,10 @@ def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):
         )
         == 1
     )
-    err = capsys.readouterr().err
-    assert err.startswith("hf-oscq export: error: --bn_recalibration_samples needs --dataset") and err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading progress bar
+    assert err.startswith(f"hf-oscq export: error: {tmp_path / 'ckpt'} holds a model with BatchNorm layers")
+    assert "--dataset NAME" in err and "--bn_recalibration_samples 0" in err
+    assert not (tmp_path / "x").exists()
     arguments = ["--bn_recalibration_samples", "40", "--dataset", "digits", "--batch_size", "16"]
     output = ["--bits", "3", "--output", str(tmp_path / "out")]
     assert cli_main(["export", str(tmp_path / "ckpt"), *output, *arguments]) == 0
@@ -92,3 +94,60 @@ def test_cli_turns_package_errors_into_one_line(tmp_path, capsys):
     assert err.startswith("hf-oscq eval: error: ") and "truncated or corrupted" in err
     assert cli_main(["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"hf-oscq export: error: {tmp_path / 'nothing'} has no config.json")
+
+
+def _narrow_resnet(tmp_path):
+    torch.manual_seed(0)
+    narrow = {"channels": (8, 16, 32, 64), "stem_width": 8, "in_chans": 1}
+    model = TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="resnet18", num_labels=10, model_args=narrow)
+    ).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    return model
+
+
+def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data(tmp_path, capsys):
+    from hf_oscq.quantization.batchnorm import calibration_batches
+    from hf_oscq.scripts.data import load_image_dataset
+
+    model = _narrow_resnet(tmp_path)
+    # what the recipes write next to a trained model (TRAINING_INFO_NAME)
+    record = {"osc_method": "oscillation", "dataset": "digits", "hyperparameters": {"seed": 5}}
+    (tmp_path / "ckpt" / "oscq_training.json").write_text(json.dumps(record))
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
+    assert manifest["has_batchnorm"] is True and manifest["bn_recalibrated"] is True
+    # The reference: 512 training images (the default), drawn with the recorded seed (the seeded permutation of
+    # tests/quantization/test_batchnorm.py), BatchNorm re-estimated on them after rounding.
+    batches = list(calibration_batches(load_image_dataset("digits").train, 512, 64, seed=5))
+    assert sum(len(batch["pixel_values"]) for batch in batches) == 512
+    reference = hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
+    probe = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        logits = loaded(pixel_values=probe).logits
+        torch.testing.assert_close(logits, reference(pixel_values=probe).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(logits, hf_oscq.quantize_model(model, 3)(pixel_values=probe).logits, atol=1e-3)
+
+
+def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_is_one_flag_away(tmp_path, capsys):
+    model = _narrow_resnet(tmp_path)
+    capsys.readouterr()
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading progress bar
+    assert err == (
+        f"hf-oscq export: error: {tmp_path / 'ckpt'} holds a model with BatchNorm layers, whose statistics rounding "
+        "invalidates, and no record of its training data: pass --dataset NAME (and --data_dir for a local copy) to "
+        "re-estimate them on its training images, or --bn_recalibration_samples 0 for plain rounding (the paper's "
+        "PTQ)."
+    )
+    assert not (tmp_path / "out").exists()
+    plain = ["--bn_recalibration_samples", "0"]
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out"), *plain]) == 0
+    manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
+    assert manifest["has_batchnorm"] is True and manifest["bn_recalibrated"] is False
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
+    probe = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(model, 3)(pixel_values=probe).logits
+        torch.testing.assert_close(loaded(pixel_values=probe).logits, expected, rtol=0, atol=1e-5)

@@ -55,9 +55,25 @@ def test_per_channel_and_batchnorm_recalibration(tmp_path):
     assert not torch.allclose(logits_of(loaded, pixel_values), logits_of(without_recalibration, pixel_values))
 
 
-def test_calibration_callable_returning_none_means_plain_rounding(tmp_path):
-    model = tiny_resnet18()  # has BatchNorm; OscillationTrainer.calibration_batches returns None with 0 samples
-    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(4,), calibration_batches=lambda: None)
+def test_batchnorm_model_without_calibration_data_is_refused_and_nothing_is_written(tmp_path):
+    model = tiny_resnet18()  # has BatchNorm
+    previous = hf_oscq.export_quantized(tiny_vit(), tmp_path / "out", bits=(2,))
+    before = _tree_digest(previous)
+    # OscillationTrainer.calibration_batches returns None with osc_bn_recalibration_samples=0
+    for calibration in (None, lambda: None):
+        with pytest.raises(ValueError, match=r"has BatchNorm layers.*calibration_batches=.*plain_rounding=True"):
+            hf_oscq.export_quantized(model, tmp_path / "out", bits=(4,), calibration_batches=calibration)
+    assert _tree_digest(previous) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_plain_rounding_is_one_flag_away(tmp_path):
+    model = tiny_resnet18()  # has BatchNorm; plain rounding is the paper's PTQ
+    out = hf_oscq.export_quantized(
+        model, tmp_path / "out", bits=(4,), calibration_batches=lambda: None, plain_rounding=True
+    )
+    manifest = json.loads((out / "oscq_export.json").read_text())
+    assert manifest["has_batchnorm"] is True
     assert json.loads((out / "oscq_export.json").read_text())["bn_recalibrated"] is False
     assert json.loads((out / "w4" / "config.json").read_text())["quantization_config"]["bn_recalibrated"] is False
     pixel_values = torch.randn(2, 3, 32, 32)

@@ -46,8 +46,8 @@ def test_global_mean_pulls_every_layer_equally_and_weights_the_layer_means_by_si
     # -0.09/396; the global mean is -0.18/400, the size-weighted average of the two.
     layer_mean = fused_oscillation_penalty([small, large], 2, normalization="layer_mean")
     global_mean = fused_oscillation_penalty([small, large], 2, normalization="global_mean")
-    assert float(layer_mean) == pytest.approx(-0.09 / 4 - 0.09 / 396, rel=1e-6)
-    assert float(global_mean) == pytest.approx(-0.18 / 400, rel=1e-6)
+    assert float(layer_mean.detach()) == pytest.approx(-0.09 / 4 - 0.09 / 396, rel=1e-6)
+    assert float(global_mean.detach()) == pytest.approx(-0.18 / 400, rel=1e-6)
 
 
 def test_unknown_normalization_rejected():

@@ -256,6 +256,46 @@ def test_batchnorm_recalibration_in_cross_bit_evaluation(tmp_path):
         assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
 
 
+def test_batchnorm_models_are_re_estimated_by_default(tmp_path):
+    model = tiny_timm_resnet()
+    trainer = make_trainer(model, tmp_path, per_device_eval_batch_size=8)
+    assert trainer.args.osc_bn_recalibration_samples == 512
+    trainer.train()
+    batches = list(trainer.calibration_batches())
+    # 512 > 48 training images: every image once, in the seeded order
+    assert sorted(torch.cat([batch["labels"] for batch in batches]).tolist()) == sorted(
+        trainer.train_dataset.y.tolist()
+    )
+    metrics = trainer.evaluate()
+    dataset = trainer.eval_dataset
+    for bits in (2, 3):
+        with torch.no_grad():
+            recalibrated = quantize_model(model, bits, calibration_batches=batches).eval()(pixel_values=dataset.x)
+            plain = quantize_model(model, bits).eval()(pixel_values=dataset.x)
+        expected = float((recalibrated.logits.argmax(-1) == dataset.y).float().mean())
+        assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
+        assert not torch.allclose(recalibrated.logits, plain.logits, atol=1e-3)
+
+
+def test_batchnorm_model_without_training_data_names_both_ways_out(tmp_path):
+    trainer = OscillationTrainer(
+        model=tiny_timm_resnet(),
+        args=OscillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, osc_eval_bits=[3]),
+        eval_dataset=RandomImages(8),
+        compute_metrics=accuracy,
+    )
+    with pytest.raises(ValueError, match=r"no train_dataset.*train_dataset=\.\.\..*osc_bn_recalibration_samples=0"):
+        trainer.evaluate()
+    trainer.args.osc_bn_recalibration_samples = 0  # plain rounding, the paper's PTQ
+    assert "eval_w3_accuracy" in trainer.evaluate()
+
+
+def test_default_batchnorm_samples_do_not_warn_for_a_model_without_batchnorm(tmp_path, recwarn):
+    trainer = make_trainer(tiny_vit(), tmp_path)
+    assert trainer.calibration_batches() is None
+    assert not [w for w in recwarn if "osc_bn_recalibration_samples" in str(w.message)]
+
+
 def test_batchnorm_samples_for_a_model_without_batchnorm_warn(tmp_path):
     with pytest.warns(UserWarning, match="osc_bn_recalibration_samples=16 is ignored: the model has no BatchNorm"):
         make_trainer(tiny_vit(), tmp_path, osc_bn_recalibration_samples=16)
