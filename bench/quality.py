@@ -11,6 +11,12 @@ workers may run side by side (each claims a cell with a lock file).
     python bench/quality.py --threads 1                   # run every missing cell (start one or two workers)
     python bench/quality.py --only resnet18_osc3_lam10_s0 # one cell
     python bench/aggregate.py                             # tables and plots into docs/RESULTS.md
+
+Profiles (`--profile`): `cpu` is the 2,000-image grid above; `full` the whole Fashion-MNIST training split (60,000
+images, 3 epochs) and test split (10,000 images) with both penalty normalizations and both ResNet-18 stems
+(`resnet18`: the CIFAR 3x3 stem, `resnet18in`: the ImageNet 7x7 stem with max-pool); `pilot` a tenth of that, scored on
+2,000 images held out of the training split (never the test split), to choose the default lambda; `gpu` and `smoke`
+serve bench/gpu.sh.
 """
 
 from __future__ import annotations
@@ -61,6 +67,29 @@ PROFILES = {
         "dataloader_num_workers": 4,
         "per_model": {},
     },
+    # The whole Fashion-MNIST training and test splits, 3 epochs (docs/RESULTS.md, first table).
+    "full": CPU_SETTINGS
+    | {
+        "max_train_samples": None,
+        "max_eval_samples": None,
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 128,
+        "per_device_eval_batch_size": 500,
+        "bn_recalibration_samples": 500,
+        "per_model": {"vit": {"patch_size": 7}},
+    },
+    # Choosing lambda: 10,000 training images, 3 epochs, scored on 2,000 other training images (validation).
+    "pilot": CPU_SETTINGS
+    | {
+        "max_train_samples": 12000,
+        "validation_samples": 2000,
+        "max_eval_samples": None,
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 128,
+        "per_device_eval_batch_size": 500,
+        "bn_recalibration_samples": 500,
+        "per_model": {"vit": {"patch_size": 7}},
+    },
     # Seconds on a CPU: checks that the whole path runs (bench/gpu.sh --dry-run); its numbers mean nothing.
     "smoke": CPU_SETTINGS
     | {
@@ -77,6 +106,12 @@ VARIANTS = {"e6": {"num_train_epochs": 6}}
 MAIN_LAMBDA = 10.0  # the reference measurement's best ResNet-18 value at 3 bits (issue 7), fixed before this grid
 SWEEP_LAMBDAS = (1.0, 100.0, 1000.0)
 MODELS = ("resnet18", "vit")
+FULL_MODELS = ("vit", "resnet18in", "resnet18")  # cheapest first; resnet18 (CIFAR stem) costs 5x resnet18in per image
+RECIPE_MODEL = {"resnet18in": "resnet18"}  # grid model -> recipe --model; resnet18in differs by its stem only
+# Chosen on the pilot profile (validation split), see docs/RESULTS.md; the sweeps bracket them.
+FULL_LAMBDA = {"layer_mean": 10.0, "global_mean": 100.0}
+FULL_SWEEP = {"layer_mean": (1.0, 10.0, 100.0), "global_mean": (10.0, 100.0, 1000.0)}
+PILOT_SWEEP = {"layer_mean": (1.0, 10.0, 100.0), "global_mean": (10.0, 30.0, 100.0, 300.0, 1000.0)}
 
 
 @dataclass(frozen=True)
@@ -89,6 +124,7 @@ class Cell:
     osc_lambda: float | None
     seed: int
     variant: str = ""  # a key of VARIANTS: settings changed for an investigation, kept out of the main tables
+    normalization: str = "layer_mean"  # osc_penalty_normalization of the regularizer's cells
 
     @property
     def name(self) -> str:
@@ -97,7 +133,8 @@ class Cell:
             return f"{self.model}_fp_s{self.seed}{suffix}"
         if self.method == "qat":
             return f"{self.model}_qat{self.bits}_s{self.seed}{suffix}"
-        return f"{self.model}_osc{self.bits}_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
+        tag = "gm" if self.normalization == "global_mean" else ""
+        return f"{self.model}_osc{self.bits}{tag}_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
 
 
 def grid() -> list[Cell]:
@@ -130,6 +167,45 @@ def grid() -> list[Cell]:
         for method, bits in (("none", None), ("oscillation", 3), ("qat", 3)):
             add(model, method, bits, 0, variant="e6")
     return cells
+
+
+def full_grid(models: tuple[str, ...] = FULL_MODELS) -> list[Cell]:
+    """The `full` profile, most important first: FP, QAT @3 and the regularizer @3 with each normalization at its
+    chosen lambda for seeds 0 and 1 (the ViT and the ImageNet-stem ResNet-18, then the CIFAR-stem one), then the 3-bit
+    lambda sweeps (seed 0, then seed 1)."""
+    cells: list[Cell] = []
+    cheap = [model for model in models if model != "resnet18"]
+    for group in (cheap, [model for model in models if model == "resnet18"]):
+        for seed in (0, 1):
+            for model in group:
+                cells += [Cell(model, "none", None, None, seed), Cell(model, "qat", 3, None, seed)]
+                cells += [
+                    Cell(model, "oscillation", 3, FULL_LAMBDA[norm], seed, normalization=norm)
+                    for norm in ("global_mean", "layer_mean")
+                ]
+    for seed in (0, 1):
+        for model in cheap:
+            for norm, lambdas in FULL_SWEEP.items():
+                cells += [
+                    Cell(model, "oscillation", 3, osc_lambda, seed, normalization=norm)
+                    for osc_lambda in lambdas
+                    if osc_lambda != FULL_LAMBDA[norm]
+                ]
+    return cells
+
+
+def pilot_grid(models: tuple[str, ...] = ("vit", "resnet18in")) -> list[Cell]:
+    """The `pilot` profile: FP, QAT @3 and 3-bit lambda sweeps of both normalizations, seed 0."""
+    cells = []
+    for model in models:
+        cells += [Cell(model, "none", None, None, 0), Cell(model, "qat", 3, None, 0)]
+        for norm, lambdas in PILOT_SWEEP.items():
+            cells += [Cell(model, "oscillation", 3, osc_lambda, 0, normalization=norm) for osc_lambda in lambdas]
+    return cells
+
+
+def profile_grid(profile: str) -> list[Cell]:
+    return {"full": full_grid, "pilot": pilot_grid}.get(profile, grid)()
 
 
 def results_folder(profile: str) -> Path:
@@ -168,7 +244,8 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
     recipe = RecipeArguments(
         dataset=settings["dataset"],
         data_dir=data_dir,
-        model=cell.model,
+        model=RECIPE_MODEL.get(cell.model, cell.model),
+        cifar_stem=cell.model != "resnet18in",
         max_train_samples=settings["max_train_samples"],
         max_eval_samples=settings["max_eval_samples"],
         patch_size=settings.get("patch_size"),
@@ -180,6 +257,7 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
         osc_method=cell.method,
         osc_bits=cell.bits or 3,
         osc_lambda=cell.osc_lambda or 0.0,
+        osc_penalty_normalization=cell.normalization,
         num_train_epochs=settings["num_train_epochs"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
         per_device_eval_batch_size=settings["per_device_eval_batch_size"],
@@ -197,13 +275,17 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
         osc_bn_recalibration_samples=0,
         dataloader_num_workers=settings.get("dataloader_num_workers", 0),
     )
+    held_out = settings.get("validation_samples")
     data = load_image_dataset(
         recipe.dataset,
         recipe.data_dir,
         seed=cell.seed,
         max_train_samples=recipe.max_train_samples,
         max_eval_samples=recipe.max_eval_samples,
+        validation_fraction=held_out / recipe.max_train_samples if held_out else 0.0,
     )
+    if held_out:  # score on images held out of the training split: lambda is chosen on these, never on the test split
+        data.eval = data.validation
     return recipe, training, data
 
 
@@ -289,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=list(MODELS),
-        choices=MODELS,
+        default=None,
+        choices=sorted({*MODELS, *FULL_MODELS}),
         help="Models to run, in this order (a second worker can start with the other model).",
     )
     parser.add_argument("--list", action="store_true", help="Print the grid in priority order and exit.")
@@ -311,13 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
     args = parser.parse_args(argv)
+    args.models = args.models or list(FULL_MODELS if args.profile in ("full", "pilot") else MODELS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    cells = sorted((cell for cell in grid() if cell.model in args.models), key=lambda c: args.models.index(c.model))
+    if args.profile in ("full", "pilot"):
+        cells = [cell for cell in profile_grid(args.profile) if cell.model in args.models]
+    else:
+        cells = sorted(
+            (cell for cell in grid() if cell.model in args.models), key=lambda c: args.models.index(c.model)
+        )
     if args.only:
-        known = {cell.name: cell for cell in grid()}
+        known = {cell.name: cell for cell in profile_grid(args.profile)}
         unknown = sorted(set(args.only) - set(known))
         if unknown:
             raise SystemExit(f"Unknown cells {unknown}; see `python bench/quality.py --list`.")

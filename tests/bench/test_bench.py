@@ -190,3 +190,75 @@ def test_runtime_memory_counts_packed_weights_by_what_they_hold():
     assert counted["quantized"] == 150 + 4  # ceil(400 * 3 / 8) code bytes and one float32 scale
     assert counted["quantized_vs_fp32"] == 154 / 1600
     assert counted["total"] == 154 + 4 * (10 + 30 + 3)  # plus the float biases and second weight
+
+
+aggregate_full = _load("aggregate_full")
+demo = _load("demo")
+
+
+def test_full_grid_priority_names_and_normalizations():
+    cells = quality.full_grid()
+    names = [cell.name for cell in cells]
+    assert len(names) == len(set(names))
+    gm, lm = quality.FULL_LAMBDA["global_mean"], quality.FULL_LAMBDA["layer_mean"]
+    assert names[:4] == ["vit_fp_s0", "vit_qat3_s0", f"vit_osc3gm_lam{gm:g}_s0", f"vit_osc3_lam{lm:g}_s0"]
+    main = [
+        cell
+        for cell in cells
+        if cell.method != "oscillation" or cell.osc_lambda == quality.FULL_LAMBDA[cell.normalization]
+    ]
+    assert len(main) == 3 * 2 * 4  # 3 models, 2 seeds, FP + QAT + both regularizers
+    assert cells[: len(main)] == main  # the main cells first, the CIFAR-stem ResNet-18 last among them
+    assert {cell.model for cell in cells[len(main) - 8 : len(main)]} == {"resnet18"}
+    sweep = cells[len(main) :]
+    assert all(cell.method == "oscillation" and cell.bits == 3 and cell.model != "resnet18" for cell in sweep)
+    assert [cell.seed for cell in sweep] == sorted(cell.seed for cell in sweep)  # seed 0 first
+    assert quality.Cell("vit", "oscillation", 3, 30.0, 1, normalization="global_mean").name == "vit_osc3gm_lam30_s1"
+    assert [cell.name for cell in quality.pilot_grid(("vit",))][:2] == ["vit_fp_s0", "vit_qat3_s0"]
+
+
+def _full_record(model, method, normalization, osc_lambda, seed, table):
+    record = _record(model, method, 3 if method != "none" else None, osc_lambda, seed, table)
+    record["cell"]["normalization"] = normalization
+    return record
+
+
+def test_goal_rows_on_hand_made_means():
+    records = [
+        _full_record("m", "none", "layer_mean", None, 0, _table(0.90, {2: 0.10, 3: 0.88})),
+        _full_record("m", "qat", "layer_mean", None, 0, _table(0.89, {2: 0.20, 3: 0.89})),
+        # within 1 point of QAT at w3 (88.5 vs 89.0); w2 60 >= 10 + 20 and >= 20 + (90 - 20) / 2 = 55
+        _full_record("m", "oscillation", "global_mean", 100.0, 0, _table(0.90, {2: 0.60, 3: 0.885})),
+        # 2 points under QAT at w3; w2 50: 20 points above FP + PTQ exactly, short of halfway (55)
+        _full_record("m", "oscillation", "layer_mean", 10.0, 0, _table(0.90, {2: 0.50, 3: 0.87})),
+    ]
+    groups = aggregate_full.summarize(records)
+    good = aggregate_full.goal_rows(groups, "m", "plain", ("m", "oscillation", 3, 100.0, "global_mean"))
+    assert [(row["values"], row["holds"]) for row in good] == [
+        ("88.5 vs 89.0", True),
+        ("60.0 vs 10.0", True),
+        ("60.0 vs 55.0", True),
+    ]
+    short = aggregate_full.goal_rows(groups, "m", "plain", ("m", "oscillation", 3, 10.0, "layer_mean"))
+    assert [(row["values"], row["holds"]) for row in short] == [
+        ("87.0 vs 89.0", False),
+        ("50.0 vs 10.0", True),
+        ("50.0 vs 55.0", False),
+    ]
+
+
+def test_demo_checks_on_hand_made_tables():
+    def table(fp, **bits):
+        return {"fp": {"accuracy": fp}, **{f"w{b}": {"accuracy": bits.get(f"w{b}", fp)} for b in range(2, 9)}}
+
+    tables = {
+        "oscillation": table(0.80, w2=0.45, w3=0.785, w5=0.795),
+        "qat": table(0.79, w2=0.20, w3=0.80),
+        "none": table(0.80, w2=0.10, w3=0.79),
+    }
+    rows = demo.checks(tables, target=3)
+    assert [row["holds"] for row in rows] == [True, True, True]
+    assert rows[1]["values"] == "45.0 vs 10.0 / 20.0"
+    tables["qat"]["w2"]["accuracy"] = 0.26  # the regularizer is then only 19 points above QAT at 2 bits
+    tables["oscillation"]["w6"]["accuracy"] = 0.788  # 1.2 points under full precision
+    assert [row["holds"] for row in demo.checks(tables, target=3)] == [True, False, False]

@@ -1,0 +1,119 @@
+"""Runs the demo (`recipes/configs/fashion_mnist_demo.yaml`, what `make demo` runs) once per seed and checks what its
+table must show, writing one JSON per seed to `bench/results/demo/`.
+
+    python bench/demo.py --seeds 0 1 2
+
+The checks, on the demo's test images (every number from the run's own `cross_bit.json`):
+(a) the regularizer at its target bit-width is within 2 points of QAT there;
+(b) at the bit-width below the target it beats both FP + PTQ and QAT by at least 20 points;
+(c) at 5-8 bits it stays within 1 point of the FP model's full-precision accuracy (loses at most 1 point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "recipes" / "configs" / "fashion_mnist_demo.yaml"
+RESULTS = Path(__file__).resolve().parent / "results" / "demo"
+NEAR_QAT_POINTS = 2.0
+BELOW_TARGET_POINTS = 20.0
+HIGH_BITS = (5, 6, 7, 8)
+NEAR_FP_POINTS = 1.0
+
+
+def checks(tables: dict, target: int) -> list[dict]:
+    """The demo's three claims on one run's tables (`{"oscillation"|"qat"|"none": {"fp"|"w{b}": {"accuracy"}}}`)."""
+
+    def accuracy(run: str, column: str) -> float:
+        return 100 * tables[run][column]["accuracy"]
+
+    reg, qat, fp = "oscillation", "qat", "none"
+    below = f"w{target - 1}"
+    rows = [
+        {
+            "check": f"(a) w{target}: regularizer within {NEAR_QAT_POINTS:g} points of QAT",
+            "values": f"{accuracy(reg, f'w{target}'):.1f} vs {accuracy(qat, f'w{target}'):.1f}",
+            "holds": accuracy(reg, f"w{target}") >= accuracy(qat, f"w{target}") - NEAR_QAT_POINTS,
+        },
+        {
+            "check": f"(b) {below}: regularizer >= {BELOW_TARGET_POINTS:g} points above FP + PTQ and QAT",
+            "values": f"{accuracy(reg, below):.1f} vs {accuracy(fp, below):.1f} / {accuracy(qat, below):.1f}",
+            "holds": accuracy(reg, below) >= max(accuracy(fp, below), accuracy(qat, below)) + BELOW_TARGET_POINTS,
+        },
+    ]
+    full = accuracy(fp, "fp")
+    high = [accuracy(reg, f"w{b}") for b in HIGH_BITS]
+    rows.append(
+        {
+            "check": f"(c) w5-w8: regularizer at most {NEAR_FP_POINTS:g} point below full precision (FP run)",
+            "values": f"{min(high):.1f}..{max(high):.1f} vs {full:.1f}",
+            "holds": min(high) >= full - NEAR_FP_POINTS,
+        }
+    )
+    return rows
+
+
+def run_seed(seed: int, output_root: Path, python: str) -> dict:
+    output_dir = output_root / f"seed{seed}"
+    command = [
+        python,
+        "recipes/train_resnet18.py",
+        "--config",
+        str(CONFIG.relative_to(ROOT)),
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(output_dir),
+    ]
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    tables = json.loads((output_dir / "cross_bit.json").read_text())
+    config = yaml.safe_load(CONFIG.read_text())
+    return {
+        "seed": seed,
+        "command": shlex.join(command),
+        "config": config,
+        "tables": tables,
+        "checks": checks(tables, config.get("osc_bits", 3)),
+        "seconds": seconds,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output_root", type=Path, default=ROOT / "outputs" / "demo_seeds")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for seed in args.seeds:
+        record = run_seed(seed, args.output_root, args.python)
+        (args.results / f"seed{seed}.json").write_text(json.dumps(record, indent=2) + "\n")
+        sys.stdout.write(f"seed {seed}: {record['seconds']:.0f} s (load {record['load_average_before'][0]:.1f})\n")
+        for row in record["checks"]:
+            sys.stdout.write(f"  {row['check']}: {row['values']} -> {'holds' if row['holds'] else 'FAILS'}\n")
+            failed += not row["holds"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
