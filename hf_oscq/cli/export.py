@@ -107,8 +107,15 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder."""
+    """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder.
+
+    Each checkpoint is evaluated as it was written: the BatchNorm statistics of a quantized checkpoint are the ones its
+    export stored (re-estimated after rounding by default, see `hf-oscq export`), so the table is what a user of the
+    files gets. A quantized BatchNorm checkpoint written with plain rounding is evaluated as such, with a warning.
+    """
+    from ..export.checkpoint import read_config
     from ..export.folder import variant_folders
+    from ..quantization.batchnorm import has_batchnorm
     from ..scripts.data import load_image_dataset
     from ..training.metrics import evaluate_accuracy
 
@@ -116,9 +123,30 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     dataset = load_image_dataset(args.dataset, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples).eval
     table = {}
     for name, path in folders.items():
-        table[name] = evaluate_accuracy(_load_model(path), dataset, args.batch_size)
+        model = _load_model(path)
+        quantization = read_config(path).get("quantization_config") or {}
+        if quantization and not quantization.get("bn_recalibrated") and has_batchnorm(model):
+            logger.warning(
+                "%s: BatchNorm statistics were not re-estimated after rounding (plain rounding, the paper's PTQ), "
+                "which costs accuracy at low bit-widths; `hf-oscq export` without --bn_recalibration_samples 0 "
+                "re-estimates them.",
+                name,
+            )
+        table[name] = evaluate_accuracy(model, dataset, args.batch_size)
         logger.info("%s: %s", name, table[name])
     return table
+
+
+def rounding_note(folder: str | Path) -> str | None:
+    """How the quantized checkpoints of an export folder were made (`rounding_sentence` of its manifest), or `None`
+    for a folder without a readable manifest (a single checkpoint)."""
+    from ..export.folder import ExportFolderError, read_manifest
+    from ..hub.model_card import rounding_sentence
+
+    try:
+        return rounding_sentence(read_manifest(folder))
+    except ExportFolderError:
+        return None
 
 
 def add_parser(subparsers) -> None:
@@ -175,5 +203,8 @@ def _eval_main(args: argparse.Namespace) -> int:
     table = run_eval(args)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(table, indent=2) + "\n")
+    note = rounding_note(args.folder)
+    if note:
+        sys.stdout.write(f"Quantized checkpoints: {note}.\n")
     sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}) + "\n")
     return 0

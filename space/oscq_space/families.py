@@ -25,6 +25,7 @@ from hf_oscq import select_weights
 from hf_oscq.export.checkpoint import FORMAT_VERSION
 from hf_oscq.export.folder import MANIFEST_NAME as EXPORT_FILE
 from hf_oscq.export.folder import ExportFolderError, auto_class_for, export_spec, read_manifest, weights_size
+from hf_oscq.quantization.batchnorm import has_batchnorm
 from hf_oscq.quantization.variants import (
     FULL_PRECISION,
     sort_variants,
@@ -223,6 +224,14 @@ def load_family(entry: str) -> Family:
         )
     if not family.loaded:
         raise FamilyError(f"No checkpoint of {entry!r} could be loaded: " + " ".join(family.problems))
+    # Exports from before `has_batchnorm` was recorded: the loaded model answers.
+    batchnorm = record["has_batchnorm"] if "has_batchnorm" in record else has_batchnorm(family.reference_model)
+    if batchnorm and not record.get("bn_recalibrated"):
+        family.problems.append(
+            f"{family.name}: the quantized checkpoints were rounded without re-estimating the BatchNorm statistics "
+            "(plain rounding, the paper's PTQ), which costs accuracy at low bit-widths; `hf-oscq export` with its "
+            "defaults re-estimates them."
+        )
     return family
 
 

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import torch
 from _export_models import tiny_vit
@@ -109,6 +110,7 @@ def _narrow_resnet(tmp_path):
 def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data(tmp_path, capsys):
     from hf_oscq.quantization.batchnorm import calibration_batches
     from hf_oscq.scripts.data import load_image_dataset
+    from hf_oscq.training.metrics import evaluate_accuracy
 
     model = _narrow_resnet(tmp_path)
     # what the recipes write next to a trained model (TRAINING_INFO_NAME)
@@ -128,9 +130,22 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
         logits = loaded(pixel_values=probe).logits
         torch.testing.assert_close(logits, reference(pixel_values=probe).logits, rtol=0, atol=1e-5)
         assert not torch.allclose(logits, hf_oscq.quantize_model(model, 3)(pixel_values=probe).logits, atol=1e-3)
+    # hf-oscq eval evaluates the files as written (re-estimated) and says how they were made
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "out"), "--dataset", "digits", "--max_eval_samples", "64"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == (
+        "Quantized checkpoints: post-training rounding of the same full-precision weights, then BatchNorm "
+        "re-estimation on training images (the running statistics of the rounded network)."
+    )
+    dataset = load_image_dataset("digits", max_eval_samples=64).eval
+    expected = [evaluate_accuracy(m, dataset)["accuracy"] for m in (model, reference)]
+    assert lines[-1] == "| out | " + " | ".join(f"{100 * a:.1f}" for a in expected) + " |"
 
 
-def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_is_one_flag_away(tmp_path, capsys):
+def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_is_one_flag_away(
+    tmp_path, capsys, caplog
+):
     model = _narrow_resnet(tmp_path)
     capsys.readouterr()
     assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 1
@@ -151,3 +166,14 @@ def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_i
     with torch.no_grad():
         expected = hf_oscq.quantize_model(model, 3)(pixel_values=probe).logits
         torch.testing.assert_close(loaded(pixel_values=probe).logits, expected, rtol=0, atol=1e-5)
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="hf_oscq.cli.export"):
+        assert cli_main(["eval", str(tmp_path / "out"), "--dataset", "digits", "--max_eval_samples", "8"]) == 0
+    warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warned == [
+        "w3: BatchNorm statistics were not re-estimated after rounding (plain rounding, the paper's PTQ), which "
+        "costs accuracy at low bit-widths; `hf-oscq export` without --bn_recalibration_samples 0 re-estimates them."
+    ]
+    assert capsys.readouterr().out.strip().splitlines()[0].startswith(
+        "Quantized checkpoints: plain post-training rounding of the same full-precision weights (the paper's PTQ)"
+    )

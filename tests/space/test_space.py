@@ -141,6 +141,32 @@ def test_missing_checkpoint_and_bad_entries_are_reported(export_dir, tmp_path, m
     assert problems[-1] == "Could not download 'org/missing' from the Hub (ConnectionError: Hub unreachable)."
 
 
+def test_batchnorm_family_rounded_without_re_estimation_is_flagged(tmp_path):
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(0)
+    narrow = {"channels": (8, 16, 32, 64), "stem_width": 8, "in_chans": 1}
+    model = TimmWrapperForImageClassification(
+        TimmWrapperConfig(architecture="resnet18", num_labels=10, model_args=narrow)
+    ).eval()
+    batches = [{"pixel_values": torch.randn(16, 1, 8, 8)}]
+    hf_oscq.export_quantized(model, tmp_path / "plain", bits=(3,), plain_rounding=True)
+    hf_oscq.export_quantized(model, tmp_path / "re-estimated", bits=(3,), calibration_batches=batches)
+    plain, re_estimated = (tmp_path / "plain", tmp_path / "re-estimated")
+    flag = (
+        "the quantized checkpoints were rounded without re-estimating the BatchNorm statistics (plain rounding, the "
+        "paper's PTQ), which costs accuracy at low bit-widths; `hf-oscq export` with its defaults re-estimates them."
+    )
+    loaded, problems = load_families([str(plain), str(re_estimated)])
+    assert [family.name for family in loaded] == ["model · plain", "model · re-estimated"]
+    assert [p for p in problems if "BatchNorm" in p] == [f"model · plain: {flag}"]
+    # an export written before the manifest recorded `has_batchnorm`: the loaded model answers
+    record = json.loads((plain / EXPORT_FILE).read_text())
+    del record["has_batchnorm"]
+    (plain / EXPORT_FILE).write_text(json.dumps(record))
+    assert [p for p in load_families([str(plain)])[1] if "BatchNorm" in p] == [f"model · plain: {flag}"]
+
+
 # ---------------------------------------------------------------------------------------------------- images
 
 
