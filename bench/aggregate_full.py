@@ -125,19 +125,6 @@ def goal_rows(groups: dict, model: str, mode: str, regularizer: tuple, target: i
     return rows
 
 
-def goals_markdown(groups: dict, model: str, lambdas: dict[str, float], modes: tuple[str, ...]) -> str:
-    lines = ["| regularizer | evaluation | goal | measured | holds |", "|---|---|---|---|---|"]
-    for norm, osc_lambda in lambdas.items():
-        key = (model, "oscillation", 3, osc_lambda, norm)
-        if key not in groups:
-            continue
-        for mode in modes:
-            for row in goal_rows(groups, model, mode, key):
-                verdict = "yes" if row["holds"] else "**no**"
-                lines.append(f"| {label_of(key)} | {MODES[mode]} | {row['target']} | {row['values']} | {verdict} |")
-    return "\n".join(lines)
-
-
 def sweep_markdown(groups: dict, model: str, modes: tuple[str, ...], columns=("fp", "w2", "w3", "w4")) -> str:
     """The 3-bit regularizer over lambda, per normalization, with FP and QAT @3 for reference."""
     titles = [
@@ -216,46 +203,80 @@ def _modes(records: list[dict]) -> tuple[str, ...]:
     return ("bn", "plain") if any(record["has_batchnorm"] for record in records) else ("plain",)
 
 
+def goal_table(groups: dict, model: str, regularizers: list[tuple], modes: tuple[str, ...]) -> str:
+    """One row per regularizer run and evaluation: the three parts of the goal, and whether all hold."""
+    lines, header = [], None
+    for key in regularizers:
+        for mode in modes:
+            rows = goal_rows(groups, model, mode, key)
+            if header is None:
+                header = ["regularizer", "evaluation"] + [row["target"].split(" (")[0] for row in rows] + ["all hold"]
+                lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            cells = [f"{row['values']} {'yes' if row['holds'] else '**no**'}" for row in rows]
+            verdict = "**yes**" if rows and all(row["holds"] for row in rows) else "no"
+            lines.append("| " + " | ".join([label_of(key), MODES[mode], *cells, verdict]) + " |")
+    return "\n".join(lines)
+
+
+def regularizer_keys(groups: dict, model: str, target: int = 3) -> list[tuple]:
+    """Every regularizer run of `model` at `target` bits, by normalization (the paper's first), then lambda."""
+    keys = [k for k in groups if k[0] == model and k[1] == "oscillation" and k[2] == target]
+    return sorted(keys, key=lambda k: (k[4] != "layer_mean", k[3]))
+
+
+def model_section(
+    records: list[dict], groups: dict, model: str, keys: list[tuple], plot_keys: list[tuple], figure: Path, doc: Path
+) -> list[str]:
+    """One model's settings, plot, cross-bit tables (re-estimated first, then plain) and goal checks of `keys`."""
+    own = [r for r in records if r["cell"]["model"] == model]
+    modes = _modes(own)
+    out = [f"#### {MODEL_TITLES[model]}", "", f"Settings: `{json.dumps(own[0]['settings'])}`", ""]
+    plot(groups, plot_keys, MODEL_TITLES[model], figure, modes)
+    out.append(f"![{model}: accuracy vs bit-width]({os.path.relpath(figure, doc)})")
+    for mode in modes:
+        out += [f"\n**{MODES[mode]}** (bold: the run's target bit)\n", cross_bit_markdown(groups, keys, mode)]
+    if len(modes) == 1:
+        out.append(f"\n{model} has no BatchNorm: re-estimation changes nothing, the table is both.")
+    regularizers = [key for key in keys if key[1] == "oscillation"]
+    if regularizers:
+        out += [
+            "\n**The goal** (seed means; each cell: the regularizer vs the bar it must reach)\n",
+            goal_table(groups, model, regularizers, modes),
+        ]
+    return out + [""]
+
+
 def render(
     full: list[dict], pilot: list[dict], lambdas: dict[str, float], figures_dir: Path, document_dir: Path
 ) -> str:
-    """The generated block: per model the main table (both evaluations), the goal checks, the lambda sweep; then the
-    pilot that chose lambda, and the run time of every cell."""
+    """The generated block: the pilot (every run at every bit-width, both evaluations, the goal checked for every
+    regularizer run), then the full-data cells measured so far, then the run time of every cell."""
     out = []
-    groups = summarize(full)
-    for model in [m for m in MODEL_TITLES if any(r["cell"]["model"] == m for r in full)]:
-        own = [r for r in full if r["cell"]["model"] == model]
-        modes = _modes(own)
-        keys = main_keys(groups, model, lambdas)
-        out += [f"### {MODEL_TITLES[model]}", "", f"Settings: `{json.dumps(own[0]['settings'])}`", ""]
-        figure = figures_dir / f"quality_full_{model}.png"
-        plot(groups, keys, MODEL_TITLES[model], figure, modes)
-        out.append(f"![{model}: accuracy vs bit-width]({os.path.relpath(figure, document_dir)})")
-        for mode in modes:
-            out += [
-                f"\n**{MODES[mode]}**, test accuracy (bold: the run's target bit)\n",
-                cross_bit_markdown(groups, keys, mode),
-            ]
-        if len(modes) == 1:
-            out.append(f"\n{model} has no BatchNorm: re-estimation changes nothing, the table is both.")
-        out += ["\n**The goal** (seed means)\n", goals_markdown(groups, model, lambdas, modes)]
-        out += ["\n**Lambda sweep at 3 bits**, test accuracy\n", sweep_markdown(groups, model, modes), ""]
     if pilot:
-        pilot_groups = summarize(pilot)
+        groups = summarize(pilot)
         out += [
-            "### Pilot: choosing lambda on held-out training images",
+            "### Pilot: 12,000 training images, 3 epochs, scored on 2,000 held-out training images",
             "",
-            f"Settings: `{json.dumps(pilot[0]['settings'])}`; accuracy on the held-out images, never the test split.",
+            "Accuracy on the held-out images, never the test split.",
             "",
         ]
         for model in [m for m in MODEL_TITLES if any(r["cell"]["model"] == m for r in pilot)]:
-            own = [r for r in pilot if r["cell"]["model"] == model]
-            out += [f"**{model}**\n", sweep_markdown(pilot_groups, model, _modes(own)), ""]
-    out += [
-        "### Run time per cell (2-core machine shared with other jobs)",
-        "",
-        runtime_markdown(summarize(full + pilot)),
-    ]
+            keys = main_keys(groups, model, {}) + regularizer_keys(groups, model)
+            figure = figures_dir / f"quality_pilot_{model}.png"
+            out += model_section(pilot, groups, model, keys, main_keys(groups, model, lambdas), figure, document_dir)
+    if full:
+        groups = summarize(full)
+        out += ["### Full data: 60,000 training images, 3 epochs, the 10,000 test images (cells measured so far)", ""]
+        for model in [m for m in MODEL_TITLES if any(r["cell"]["model"] == m for r in full)]:
+            keys = main_keys(groups, model, {}) + regularizer_keys(groups, model)
+            figure = figures_dir / f"quality_full_{model}.png"
+            out += model_section(full, groups, model, keys, main_keys(groups, model, lambdas), figure, document_dir)
+            if len(regularizer_keys(groups, model)) > 1:
+                out += ["**Lambda sweep at 3 bits**, test accuracy\n", sweep_markdown(groups, model, _modes(full)), ""]
+    out += ["### Run time per cell (2-core machine shared with other jobs, one torch thread per cell)", ""]
+    for title, records in (("Pilot", pilot), ("Full data", full)):
+        if records:
+            out += [f"**{title}**\n", runtime_markdown(summarize(records)), ""]
     return "\n".join(out)
 
 
