@@ -21,7 +21,7 @@ demo: install
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || true; fi
 	@if [ -d /usr/share/datasets/fashion-mnist ] || \
 	  $(PYTHON) -c "from hf_oscq.scripts.data import load_image_dataset; load_image_dataset('fashion_mnist')" 2>/dev/null; then \
-	  $(PYTHON) recipes/train_resnet18.py --config recipes/configs/fashion_mnist_demo.yaml; \
+	  $(PYTHON) recipes/train_resnet18.py --config recipes/configs/resnet18_fashion_mnist_demo.yaml; \
 	else \
 	  echo "demo: Fashion-MNIST is not available (no dataset-fashion-mnist package, no Hub access): running the digits demo instead, where FP + PTQ is already lossless at 3 bits and every model fails at 2."; \
 	  $(PYTHON) recipes/train_vit.py --config recipes/configs/digits_demo.yaml; \

@@ -1,5 +1,5 @@
-"""Runs the demo (`recipes/configs/fashion_mnist_demo.yaml`, what `make demo` runs) once per seed and checks what its
-table must show, writing one JSON per seed to `bench/results/demo/`.
+"""Runs the demo (`recipes/configs/resnet18_fashion_mnist_demo.yaml`, what `make demo` runs) once per seed and checks
+what its table must show, writing one JSON per seed to `bench/results/demo/`.
 
     python bench/demo.py --seeds 0 1 2
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "recipes" / "configs" / "fashion_mnist_demo.yaml"
+CONFIG = ROOT / "recipes" / "configs" / "resnet18_fashion_mnist_demo.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "demo"
 NEAR_QAT_POINTS = 2.0
 BELOW_TARGET_POINTS = 20.0

@@ -174,6 +174,11 @@ def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_i
         "w3: BatchNorm statistics were not re-estimated after rounding (plain rounding, the paper's PTQ), which "
         "costs accuracy at low bit-widths; `hf-oscq export` without --bn_recalibration_samples 0 re-estimates them."
     ]
-    assert capsys.readouterr().out.strip().splitlines()[0].startswith(
-        "Quantized checkpoints: plain post-training rounding of the same full-precision weights (the paper's PTQ)"
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .splitlines()[0]
+        .startswith(
+            "Quantized checkpoints: plain post-training rounding of the same full-precision weights (the paper's PTQ)"
+        )
     )
