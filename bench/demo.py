@@ -1,5 +1,5 @@
-"""Runs the demo (`recipes/configs/resnet18_fashion_mnist_demo.yaml`, what `make demo` runs) once per seed and checks
-what its table must show, writing one JSON per seed to `bench/results/demo/`.
+"""Runs the Fashion-MNIST demo (`recipes/configs/resnet18_fashion_mnist_demo.yaml`, what `make demo-fashion` runs) once
+per seed and checks what its table must show, writing one JSON per seed to `bench/results/demo/`.
 
     python bench/demo.py --seeds 0 1 2
 
