@@ -47,6 +47,10 @@ _PUBLIC = {
     "OscillationCounter": ".training.tracking",
     "OscillationTracker": ".training.tracking",
     "add_oscillation_tracker": ".training.tracking",
+    "ACCURACY_METRIC": ".training.metrics",
+    "classification_metrics": ".training.metrics",
+    "compute_accuracy": ".training.metrics",
+    "load_metric": ".training.metrics",
     # export and loading
     "export_quantized": ".export.writer",
     "CheckpointFormatError": ".export.checkpoint",
@@ -141,5 +145,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .scripts.toy import toy_trajectory
     from .training.config import OscillationConfig
     from .training.methods import OSC_METHODS
+    from .training.metrics import ACCURACY_METRIC, classification_metrics, compute_accuracy, load_metric
     from .training.tracking import OscillationCounter, OscillationTracker, add_oscillation_tracker
     from .training.trainer import OscillationTrainer

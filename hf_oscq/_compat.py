@@ -14,7 +14,8 @@ WRITTEN_FOR = {"transformers": "5.24", "accelerate": "1.15", "torch": "2.14"}
 
 # Private Trainer methods OscillationTrainer overrides (training/trainer.py): it reloads checkpoints through
 # from_pretrained, which applies transformers' legacy key renaming, where the Trainer would load the raw file.
-TRAINER_OVERRIDES = ("_load_from_checkpoint", "_load_best_model")
+# It also wraps `_remove_unused_columns` to explain a dataset transform that reads a removed column.
+TRAINER_OVERRIDES = ("_load_from_checkpoint", "_load_best_model", "_remove_unused_columns")
 # Private Trainer members called or read.
 TRAINER_MEMBERS = ("_remove_unused_columns", "_prepare_inputs")
 # HfQuantizer hooks OscqHfQuantizer implements (export/hf_quantizer.py). `update_attn_implementation` is the only one
@@ -83,6 +84,34 @@ def loss_is_scaled_for_gradient_accumulation(trainer, num_items_in_batch) -> boo
 def remove_unused_columns(trainer, dataset, description: str):
     """A `datasets.Dataset` without the columns the model's forward does not take, as the Trainer's loaders do."""
     return trainer._remove_unused_columns(dataset, description=description)
+
+
+def start_prediction_progress(trainer, dataloader, passes: int) -> None:
+    """Opens the evaluation progress bar of the Trainer's `ProgressCallback` for `passes` loops over `dataloader`.
+
+    `ProgressCallback.on_prediction_step` opens a bar of `len(dataloader)` steps at the first step and closes it in
+    `on_evaluate` (transformers 5.24); the cross-bit evaluation runs the loop once per bit-width in between, so the
+    bar is opened here with the total of all of them, and the callback then only advances it.
+    """
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_utils import has_length
+
+    if not trainer.state.is_world_process_zero or not has_length(dataloader):
+        return
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.prediction_bar is None:
+            from tqdm.auto import tqdm
+
+            total = passes * len(dataloader)
+            callback.prediction_bar = tqdm(total=total, leave=callback.training_bar is None, dynamic_ncols=True)
+
+
+def tensorboard_writer(callback, args):
+    """The `SummaryWriter` of transformers' `TensorBoardCallback`, created as its `on_train_begin` would when an
+    evaluation comes before training (`_init_summary_writer`, transformers 5.24); `None` without tensorboard."""
+    if callback.tb_writer is None:
+        callback._init_summary_writer(args)
+    return callback.tb_writer
 
 
 def prepare_inputs(trainer, batch: dict) -> dict:

@@ -26,8 +26,20 @@ from .quantization.variants import FULL_PRECISION, is_variant, variant_bits, var
 _PNG_METADATA = {"Software": None}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def _bit_columns(table: Mapping[str, Mapping[str, float]]) -> list[int]:
     return sorted(variant_bits(key) for key in table if key != FULL_PRECISION and is_variant(key))
+
+
+def accuracy_limits(values: list[float], margin: float = 0.08, min_span: float = 2.0) -> tuple[float, float]:
+    """y-axis limits (in %) zoomed to the plotted values: their range plus `margin` of it on each side, at least
+    `min_span` points wide, clipped to [0, 100]. A 0-100 % axis flattens the curves near the top into one line."""
+    low, high = min(values), max(values)
+    pad = max((high - low) * margin, (min_span - (high - low)) / 2, 0.25)
+    low, high = max(0.0, low - pad), min(100.0, high + pad)
+    return low, high
 
 
 def save_png(figure: Figure, path: str | Path | BinaryIO, dpi: int = 110) -> None:
@@ -60,22 +72,27 @@ def plot_accuracy_vs_bits(
     """
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
-    plotted = False
+    shown: list[float] = []
     all_bits: set[int] = set()
     for index, (run, table) in enumerate(tables.items()):
-        color = f"C{index}"
+        color, marker = f"C{index}", _MARKERS[index % len(_MARKERS)]
         bits = [b for b in _bit_columns(table) if metric in table[variant_name(b)]]
         if bits:
             values = [100 * table[variant_name(b)][metric] for b in bits]
-            axes.plot(bits, values, marker="o", color=color, label=run)
+            # Distinct markers and a slight width difference keep a curve visible where another runs over it.
+            width = max(2.2 - 0.4 * index, 1.0)
+            axes.plot(
+                bits, values, marker=marker, markersize=max(7 - index, 4), linewidth=width, color=color, label=run
+            )
             all_bits.update(bits)
-            plotted = True
+            shown += values
         if metric in table.get(FULL_PRECISION, {}):
             full = 100 * table[FULL_PRECISION][metric]
             axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
-            plotted = True
-    if not plotted:
+            shown.append(full)
+    if not shown:
         raise OscqValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
+    axes.set_ylim(*accuracy_limits(shown))
     if highlight_bits is not None:
         axes.axvline(highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)")
     axes.set_xlabel("weight bit-width (post-training quantization)")

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# hf_oscq is not on the Python package index yet: pip installs it from its git repository, or from a clone of it.
+INSTALL_COMMAND = 'pip install "hf_oscq @ git+<URL of the hf_oscq repository>"'
+INSTALL_FROM_CLONE = "pip install -e ."
+INSTALL_HINT = f"{INSTALL_COMMAND} (or {INSTALL_FROM_CLONE} in a clone of it)"
+
 
 def library_versions() -> dict[str, str]:
     """`{"hf_oscq": ..., "torch": ..., "transformers": ...}`: the versions running now."""

@@ -55,3 +55,23 @@ def test_weight_histogram_can_draw_the_levels(tmp_path):
     assert sorted(float(s[0][0]) for s in thresholds.get_segments()) == pytest.approx([-step / 2, step / 2])
     with pytest.raises(TypeError, match="needs path="):
         plot_weight_histogram(weight, 3)
+
+
+def test_accuracy_plot_zooms_to_the_data_and_tells_runs_apart(tmp_path):
+    tables = {
+        "osc": {"fp": {"accuracy": 0.95}, "w3": {"accuracy": 0.93}, "w4": {"accuracy": 0.945}},
+        "qat": {"fp": {"accuracy": 0.94}, "w3": {"accuracy": 0.935}, "w4": {"accuracy": 0.94}},
+    }
+    figure = plot_accuracy_vs_bits(tables, tmp_path / "acc.png")
+    low, high = figure.axes[0].get_ylim()
+    # data from 93.0 to 95.0 %: 2 points, padded by max(8 % of the span, (2 - span) / 2, 0.25) = 0.25 each side
+    assert (low, high) == pytest.approx((92.75, 95.25))
+    curves = [line for line in figure.axes[0].get_lines() if line.get_label() in ("osc", "qat")]
+    assert len({line.get_marker() for line in curves}) == 2
+    # a 2-bit collapse stays in view; the axis never leaves [0, 100]
+    tables["osc"]["w2"] = {"accuracy": 0.10}
+    low, high = plot_accuracy_vs_bits(tables, tmp_path / "acc2.png").axes[0].get_ylim()
+    span = 95.0 - 10.0
+    assert (low, high) == pytest.approx((10.0 - 0.08 * span, min(100.0, 95.0 + 0.08 * span)))
+    low, high = plot_accuracy_vs_bits({"r": {"w2": {"accuracy": 1.0}}}, tmp_path / "acc3.png").axes[0].get_ylim()
+    assert (low, high) == pytest.approx((99.0, 100.0))

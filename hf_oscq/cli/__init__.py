@@ -1,8 +1,10 @@
 """The `hf-oscq` command line: one subcommand module each, with an `add_parser(subparsers)` function.
 
-Every error hf_oscq raises on purpose (`OscqError`: bad arguments, incomplete export folders, corrupted checkpoints,
-failed pushes) is printed as one line on stderr, `hf-oscq <command>: error: <message>`, with exit code 1. Building the
-parser imports no heavy library, so `hf-oscq --help` answers at once.
+Flags follow transformers' `HfArgumentParser`: words joined by underscores (`--repo_id`, `--max_eval_samples`), the
+dashed spelling accepted as an alias (`--repo-id`); every flag has a help text. Every error hf_oscq raises on purpose
+(`OscqError`: bad arguments, incomplete export folders, corrupted checkpoints, failed pushes) is printed as one line on
+stderr, `hf-oscq <command>: error: <message>`, with exit code 1. Building the parser imports no heavy library, so
+`hf-oscq --help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,13 +15,27 @@ import logging
 import sys
 
 from ..errors import OscqError
+from ..versions import __version__
 
 # Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
-COMMAND_MODULES = ("hf_oscq.cli.export", "hf_oscq.cli.push")
+COMMAND_MODULES = ("hf_oscq.cli.export", "hf_oscq.cli.eval", "hf_oscq.cli.push")
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> argparse.Action:
+    """Adds `--name` (words joined by underscores) and, as HfArgumentParser does, its dashed alias `--na-me`.
+
+    Raises:
+        ValueError: for a flag without a help text or a name spelled with dashes.
+    """
+    if "-" in name or not kwargs.get("help"):
+        raise ValueError(f"--{name}: flags are spelled with underscores and carry a help text.")
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    return parser.add_argument(*names, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-oscq", description="Oscillation-regularized training and low-bit PTQ.")
+    parser.add_argument("--version", action="version", version=f"hf-oscq {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)

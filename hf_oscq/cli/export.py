@@ -1,4 +1,4 @@
-"""`hf-oscq export` (bit-packed checkpoints of a trained model) and `hf-oscq eval` (cross-bit table of an export)."""
+"""`hf-oscq export`: bit-packed checkpoints of a trained model, one folder per bit-width."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import OscqValueError
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES, DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec
+from . import add_flag
 
 logger = logging.getLogger(__name__)
 
@@ -106,74 +107,48 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
     return [{"pixel_values": batch["pixel_values"]} for batch in batches]
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder.
-
-    Each checkpoint is evaluated as it was written: the BatchNorm statistics of a quantized checkpoint are the ones its
-    export stored (re-estimated after rounding by default, see `hf-oscq export`), so the table is what a user of the
-    files gets. A quantized BatchNorm checkpoint written with plain rounding is evaluated as such, with a warning.
-    """
-    from ..export.checkpoint import read_config
-    from ..export.folder import variant_folders
-    from ..quantization.batchnorm import has_batchnorm
-    from ..scripts.data import load_image_dataset
-    from ..training.metrics import evaluate_accuracy
-
-    folders = variant_folders(Path(args.folder))
-    dataset = load_image_dataset(args.dataset, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples).eval
-    table = {}
-    for name, path in folders.items():
-        model = _load_model(path)
-        quantization = read_config(path).get("quantization_config") or {}
-        if quantization and not quantization.get("bn_recalibrated") and has_batchnorm(model):
-            logger.warning(
-                "%s: BatchNorm statistics were not re-estimated after rounding (plain rounding, the paper's PTQ), "
-                "which costs accuracy at low bit-widths; `hf-oscq export` without --bn_recalibration_samples 0 "
-                "re-estimates them.",
-                name,
-            )
-        table[name] = evaluate_accuracy(model, dataset, args.batch_size)
-        logger.info("%s: %s", name, table[name])
-    return table
-
-
-def rounding_note(folder: str | Path) -> str | None:
-    """How the quantized checkpoints of an export folder were made (`rounding_sentence` of its manifest), or `None`
-    for a folder without a readable manifest (a single checkpoint)."""
-    from ..export.folder import ExportFolderError, read_manifest
-    from ..hub.model_card import rounding_sentence
-
-    try:
-        return rounding_sentence(read_manifest(folder))
-    except ExportFolderError:
-        return None
-
-
 def add_parser(subparsers) -> None:
     export = subparsers.add_parser("export", help="Write bit-packed PTQ checkpoints (one folder per bit-width).")
-    export.add_argument("checkpoint", help="full-precision save_pretrained folder")
-    export.add_argument("--output", required=True, help="export folder (fp/, w2/ ... w8/, oscq_export.json)")
-    export.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_EVAL_BITS))
-    export.add_argument("--target_modules", nargs="+", default=None)
-    export.add_argument("--exclude_modules", nargs="+", default=None)
-    export.add_argument("--per_channel", action="store_true")
-    export.add_argument(
-        "--bn_recalibration_samples",
+    export.add_argument("checkpoint", help="full-precision save_pretrained folder (a Trainer's output_dir)")
+    add_flag(export, "output", required=True, help="export folder to write: fp/, w2/ ... w8/, oscq_export.json")
+    add_flag(
+        export,
+        "bits",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_EVAL_BITS),
+        help=f"bit-widths to export, each in [2, 8] (default: {' '.join(map(str, DEFAULT_EVAL_BITS))})",
+    )
+    add_flag(
+        export,
+        "target_modules",
+        nargs="+",
+        default=None,
+        help="modules whose weights are quantized: names, dotted suffixes or regexes; 'all-weights' for every module "
+        "with a weight (default: Linear, Conv and Embedding layers)",
+    )
+    add_flag(export, "exclude_modules", nargs="+", default=None, help="modules kept in float (same pattern syntax)")
+    add_flag(export, "per_channel", action="store_true", help="one scale per output channel instead of per tensor")
+    add_flag(
+        export,
+        "bn_recalibration_samples",
         type=int,
         default=DEFAULT_BN_RECALIBRATION_SAMPLES,
         help="BatchNorm models: re-estimate the statistics after rounding on this many training images "
         "(0: plain rounding, the paper's PTQ); models without BatchNorm ignore it",
     )
-    export.add_argument(
-        "--dataset",
+    add_flag(
+        export,
+        "dataset",
         default=None,
         help="dataset of the BatchNorm re-estimation images (default: the one recorded with the checkpoint by the "
         "recipes)",
     )
-    export.add_argument("--data_dir", default=None, help="local copy of that dataset (see hf_oscq.scripts.data)")
-    export.add_argument("--batch_size", type=int, default=64)
-    export.add_argument(
-        "--seed",
+    add_flag(export, "data_dir", default=None, help="local copy of that dataset (see hf_oscq.scripts.data)")
+    add_flag(export, "batch_size", type=int, default=64, help="batch size of the BatchNorm re-estimation")
+    add_flag(
+        export,
+        "seed",
         type=int,
         default=None,
         help="seed of the re-estimation images (default: the training run's recorded seed, else "
@@ -181,30 +156,8 @@ def add_parser(subparsers) -> None:
     )
     export.set_defaults(func=_export_main)
 
-    evaluate = subparsers.add_parser("eval", help="Evaluate an export folder (or one checkpoint) at every bit-width.")
-    evaluate.add_argument("folder", help="an export folder (with fp/ and w{b}/) or one checkpoint folder")
-    evaluate.add_argument("--dataset", required=True, help="digits, fashion_mnist, cifar10 or tiny-imagenet")
-    evaluate.add_argument("--data_dir", default=None, help="local copy of the dataset (see hf_oscq.scripts.data)")
-    evaluate.add_argument("--max_eval_samples", type=int, default=None)
-    evaluate.add_argument("--batch_size", type=int, default=256)
-    evaluate.add_argument("--output_json", default=None, help="also write the table here")
-    evaluate.set_defaults(func=_eval_main)
-
 
 def _export_main(args: argparse.Namespace) -> int:
     output = run_export(args)
     sys.stdout.write(f"{output}\n")
-    return 0
-
-
-def _eval_main(args: argparse.Namespace) -> int:
-    from ..quantization.ptq import format_cross_bit_table
-
-    table = run_eval(args)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(table, indent=2) + "\n")
-    note = rounding_note(args.folder)
-    if note:
-        sys.stdout.write(f"Quantized checkpoints: {note}.\n")
-    sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}) + "\n")
     return 0

@@ -1,4 +1,4 @@
-"""`hf-oscq push EXPORT_DIR --repo-id ORG/NAME`: publish an export folder on the Hugging Face Hub."""
+"""`hf-oscq push EXPORT_DIR --repo_id ORG/NAME`: publish an export folder on the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..hub import DEFAULT_LICENSE
+from . import add_flag
 
 
 def add_parser(subparsers) -> None:
@@ -16,11 +17,11 @@ def add_parser(subparsers) -> None:
         "`hf auth login` or HF_TOKEN. Running the same command again after a failure resumes the push.",
     )
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by export_quantized")
-    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="Hub id of the full-precision parent")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
-    parser.add_argument("--private", action="store_true", help="create the repositories and collection as private")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help="license id in the model cards")
-    parser.add_argument("--collection-title", default=None, help="collection title (default: 'NAME (hf_oscq)')")
+    add_flag(parser, "repo_id", required=True, metavar="ORG/NAME", help="Hub id of the full-precision parent")
+    add_flag(parser, "dry_run", action="store_true", help="print what would be sent; send nothing")
+    add_flag(parser, "private", action="store_true", help="create the repositories and collection as private")
+    add_flag(parser, "license", default=DEFAULT_LICENSE, help="license id in the model cards")
+    add_flag(parser, "collection_title", default=None, help="collection title (default: 'NAME (hf_oscq)')")
     parser.set_defaults(func=_main)
 
 

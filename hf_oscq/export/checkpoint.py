@@ -23,7 +23,7 @@ from ..errors import OscqValueError
 from ..quantization.packed_tensor import PackedWeight
 from ..quantization.packing import invalid_packed_codes, packed_size
 from ..quantization.spec import QuantSpec
-from ..versions import library_versions
+from ..versions import INSTALL_HINT, library_versions
 
 QUANT_METHOD = "oscq"
 FORMAT_VERSION = 1
@@ -34,8 +34,8 @@ VERSION_KEY = "{library}_version"  # safetensors metadata: "hf_oscq_version", "t
 # it: transformers reads `transformers_weights` as the weights file name and rejects one that does not end in
 # .safetensors, quoting it; timm's `local-dir:` loader rejects an unknown `architecture`, quoting it.
 TRANSFORMERS_GUARD = (
-    "model.safetensors holds bit-packed hf_oscq weights: run `import hf_oscq` (pip install hf_oscq) before "
-    "from_pretrained"
+    "model.safetensors holds bit-packed hf_oscq weights: run `import hf_oscq` before from_pretrained (to install "
+    f"hf_oscq: {INSTALL_HINT})"
 )
 TIMM_GUARD = (
     "{architecture} with bit-packed hf_oscq weights: run `import hf_oscq` and load the folder with transformers' "

@@ -88,11 +88,19 @@ class ExportFacts(NamedTuple):
     auto_class: str
     modules: list[str]
     histogram: tuple[str, Any]  # (parameter name, full-precision weight), see `histogram_layer`
+    image_mode: str = "RGB"  # the PIL mode of the model's input images: "L" for one channel
+
+
+def image_mode(config: dict) -> str:
+    """`"L"` for a model taking one-channel images (`num_channels`, or timm's `in_chans`), else `"RGB"`."""
+    channels = config.get("num_channels") or (config.get("model_args") or {}).get("in_chans") or 3
+    return "L" if channels == 1 else "RGB"
 
 
 def export_facts(export_dir: Path, manifest: dict | None = None) -> ExportFacts:
     """The facts of an export folder (its manifest is read and checked when not given)."""
     manifest = manifest or read_export_manifest(export_dir)
     modules = quantized_modules(export_dir, manifest)
-    task, auto_class = task_for(read_config(export_dir / FULL_PRECISION))
-    return ExportFacts(manifest, task, auto_class, modules, _histogram_layer(export_dir, modules))
+    config = read_config(export_dir / FULL_PRECISION)
+    task, auto_class = task_for(config)
+    return ExportFacts(manifest, task, auto_class, modules, _histogram_layer(export_dir, modules), image_mode(config))

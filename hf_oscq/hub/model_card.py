@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..paper import CITATION, PAPER
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
 from ..training.methods import NONE, OSCILLATION, QAT, method_sentence
+from ..versions import INSTALL_COMMAND, INSTALL_FROM_CLONE
 from . import ACCURACY_PLOT, DEFAULT_LICENSE, HISTOGRAM_PLOT
 from .card_facts import (
     ExportFacts,
@@ -38,10 +40,18 @@ TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "model_ca
 _RECIPE_KEYS = {
     "osc_method": "method",
     "osc_bits": "target bit-width",
-    "osc_lambda": "osc_lambda",
+    "osc_lambda": "osc_lambda (penalty weight)",
     "dataset": "dataset",
     "model": "model",
 }
+_SETTING_LABELS = {
+    "num_train_epochs": "epochs",
+    "train_batch_size": "batch size (all processes)",
+    "per_device_train_batch_size": "batch size per device",
+    "pretrained": "started from ImageNet weights",
+}
+# A Hub dataset id: ORG/NAME.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def _versions(manifest: dict) -> str | None:
@@ -54,7 +64,20 @@ def _link(repo_id: str | None, label: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    return f"`{value}`".replace("|", "\\|")
+    return str(value).replace("|", "\\|")
+
+
+def readable_setting(value: Any) -> str:
+    """A recorded setting as a person reads it: enums by their value (`OptimizerNames.ADAMW_TORCH`, as older
+    exports stored it, -> `adamw_torch`), yes / no, numbers without float noise."""
+    value = getattr(value, "value", value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and (enum := re.fullmatch(r"[A-Z]\w*Names?\.(\w+)", value)):
+        return enum.group(1).lower()
+    return str(value)
 
 
 def _recipe(manifest: dict) -> tuple[str, str, str | None]:
@@ -62,9 +85,12 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     if not training:
         return "No training record was stored with this export.", "", None
     rows = [(label, training[key]) for key, label in _RECIPE_KEYS.items() if key in training]
-    rows += [(key, value) for key, value in (training.get("hyperparameters") or {}).items()]
-    skip = set(_RECIPE_KEYS) | {"hyperparameters", "command"}
+    settings = training.get("hyperparameters") or {}
+    rows += [(_SETTING_LABELS.get(key, key.replace("_", " ")), value) for key, value in settings.items()]
+    rows = [(label, value) for label, value in rows if not (label == "max steps" and value in (-1, None))]
+    skip = set(_RECIPE_KEYS) | {"hyperparameters", "command", "dataset_id"}
     rows += [(key, value) for key, value in training.items() if key not in skip]
+    rows = [(label, readable_setting(value)) for label, value in rows]
     table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])
     intro = method_sentence(
         training.get("osc_method"),
@@ -75,9 +101,38 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     return intro, table, training.get("command")
 
 
+def hub_dataset_id(manifest: dict) -> str | None:
+    """The Hub id (`ORG/NAME`) of the training dataset, or `None` when it has none (scikit-learn's digits, a local
+    copy): only Hub ids go into the card's `datasets:` metadata, which the Hub links."""
+    training = manifest["training"] or {}
+    for candidate in (training.get("dataset_id"), training.get("dataset")):
+        if isinstance(candidate, str) and _HUB_ID.fullmatch(candidate):
+            return candidate
+    return None
+
+
+def _dataset_text(manifest: dict) -> str | None:
+    name, hub_id = (manifest["training"] or {}).get("dataset"), hub_dataset_id(manifest)
+    if hub_id:
+        return f"[{name if name and name != hub_id else hub_id}](https://huggingface.co/datasets/{hub_id})"
+    return name
+
+
+def _evaluated_on(manifest: dict) -> str:
+    evaluation = manifest.get("evaluation")
+    if isinstance(evaluation, dict) and evaluation.get("dataset"):
+        split = f"the {evaluation['split']!r} split" if evaluation.get("split") else "the default split"
+        return (
+            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({evaluation.get('samples')} "
+            "images), each checkpoint preparing the images with its own saved image processor."
+        )
+    dataset = _dataset_text(manifest)
+    return f"Measured on the test split of {dataset}." if dataset else "Measured on a held-out test set."
+
+
 def _summary(manifest: dict, variant: str, parent: str) -> str:
     training = manifest["training"] or {}
-    dataset = f" on {training['dataset']}" if training.get("dataset") else ""
+    dataset = f" on {_dataset_text(manifest)}" if training.get("dataset") else ""
     how = {
         OSCILLATION: f"with the oscillation regularizer of {PAPER}",
         QAT: f"with quantization-aware training (the baseline of {PAPER})",
@@ -100,14 +155,21 @@ def _eval_results(manifest: dict, variant: str, task: str | None, model_name: st
     accuracy = variant_accuracy(manifest, variant)
     if accuracy is None:
         return []
-    dataset = (manifest["training"] or {}).get("dataset") or "held-out test set"
+    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
+    if evaluation.get("dataset"):
+        source = str(evaluation["dataset"])
+        dataset = source if _HUB_ID.fullmatch(source) else Path(source).name or source
+        split = evaluation.get("split") or "test"
+    else:
+        dataset = hub_dataset_id(manifest) or (manifest["training"] or {}).get("dataset") or "held-out test set"
+        split = "test"
     name = "full precision" if variant == FULL_PRECISION else f"{variant_bits(variant)}-bit PTQ"
     return [
         EvalResult(
             task_type=task or "other",
             dataset_type=dataset,
             dataset_name=dataset,
-            dataset_split="test",
+            dataset_split=split,
             metric_type="accuracy",
             metric_value=float(accuracy),
             metric_name=f"Test accuracy ({name})",
@@ -187,14 +249,14 @@ def _render_model_card(
     own_id = repo_id and variant_repo_id(repo_id, variant)
     model_name = own_id.split("/")[-1] if own_id else f"{export_dir.name}-{variant}" if quantized else export_dir.name
     tags = ["hf_oscq", "oscq", "quantization", f"{bits}-bit" if quantized else "full-precision"]
-    dataset = training.get("dataset")
+    hub_id = hub_dataset_id(manifest)
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=task,
         license=license,
         model_name=model_name,
         tags=tags,
-        datasets=[dataset] if dataset else None,
+        datasets=[hub_id] if hub_id else None,
         eval_results=_eval_results(manifest, variant, task, model_name) or None,
     )
     if quantized and repo_id:
@@ -230,11 +292,16 @@ def _render_model_card(
         histogram_layer=facts.histogram[0],
         histogram_bits=spec.bits,
         auto_class=facts.auto_class,
+        task=task,
         load_id=own_id or f"path/to/{export_dir.name}/{variant}",
         recipe_intro=intro,
         recipe_table=recipe_table,
         command=command,
         versions=_versions(manifest),
+        install=INSTALL_COMMAND,
+        evaluated_on=_evaluated_on(manifest),
+        image_mode=facts.image_mode,
+        install_from_clone=INSTALL_FROM_CLONE,
         citation=CITATION,
     )
 

@@ -91,7 +91,7 @@ class PushPlan:
     private: bool
 
     def describe(self) -> str:
-        """A plain-text listing of the repositories, files (with sizes) and collection, as `--dry-run` prints it."""
+        """A plain-text listing of the repositories, files (with sizes) and collection, as `--dry_run` prints it."""
         visibility = "private" if self.private else "public"
         lines = []
         for repo in self.repos:

@@ -147,17 +147,8 @@ def load_image_dataset(
         OscqValueError: for an unknown name or a local copy without the expected columns or splits.
         HubUnreachableError: when the dataset has to come from the Hub and the Hub cannot be reached.
     """
-    if name not in DATASETS:
-        raise OscqValueError(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)}.")
+    train, test, label_names = raw_splits(name, data_dir, seed)
     info = DATASETS[name]
-    if name == "digits":
-        train, test = digits_splits(seed)
-        label_names = [str(i) for i in range(10)]
-    elif name == "fashion_mnist" and (idx_dir := _idx_dir(data_dir)) is not None:
-        train, test = _fashion_mnist_idx(idx_dir)
-        label_names = list(FASHION_MNIST_LABELS)
-    else:
-        train, test, label_names = _load_hub_schema(info, data_dir)
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
@@ -170,6 +161,25 @@ def load_image_dataset(
     train.set_transform(_transform(info, train=True))
     test.set_transform(_transform(info, train=False))
     return ImageDataset(train, test, label_names, info, validation)
+
+
+def raw_splits(
+    name: str, data_dir: str | Path | None = None, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """`(train, evaluation split, label names)` of a dataset of `DATASETS`, with columns `pixel_values` (images as
+    stored: arrays or PIL images) and `labels`, without any transform. Arguments as in `load_image_dataset`.
+
+    Raises:
+        OscqValueError: for an unknown name or a local copy without the expected columns or splits.
+        HubUnreachableError: when the dataset has to come from the Hub and the Hub cannot be reached.
+    """
+    if name not in DATASETS:
+        raise OscqValueError(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)}.")
+    if name == "digits":
+        return *digits_splits(seed), [str(i) for i in range(10)]
+    if name == "fashion_mnist" and (idx_dir := _idx_dir(data_dir)) is not None:
+        return *_fashion_mnist_idx(idx_dir), list(FASHION_MNIST_LABELS)
+    return _load_hub_schema(DATASETS[name], data_dir)
 
 
 def digits_splits(seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:

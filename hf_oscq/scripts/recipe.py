@@ -181,13 +181,14 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments) -> dict:
         "osc_penalty_normalization": args.osc_penalty_normalization,
         "osc_bn_recalibration_samples": args.osc_bn_recalibration_samples,
         "dataset": recipe.dataset,
+        "dataset_id": DATASETS[recipe.dataset].hub_id,  # the Hub id of the dataset, None for scikit-learn's digits
         "model": _describe_model(recipe),
         "hyperparameters": {
             "learning_rate": args.learning_rate,
             "num_train_epochs": args.num_train_epochs,
             "max_steps": args.max_steps,
             "train_batch_size": args.per_device_train_batch_size * args.world_size,
-            "optimizer": str(args.optim),
+            "optimizer": getattr(args.optim, "value", args.optim),
             "weight_decay": args.weight_decay,
             "seed": args.seed,
             "pretrained": recipe.pretrained,

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..paper import CITATION
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION
-from ..versions import library_versions
+from ..versions import INSTALL_COMMAND, library_versions
 from .methods import OSCILLATION, method_sentence
 from .metrics import cross_bit_table
 
@@ -106,5 +106,6 @@ def render_trainer_card(
         eval_bits=" ".join(map(str, args.osc_eval_bits)),
         hyperparameters="\n".join(["| hyperparameter | value |", "|---|---|", *hyperparameters]),
         versions=", ".join(f"{name} {version}" for name, version in versions.items()),
+        install=INSTALL_COMMAND,
         citation=CITATION,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -74,6 +75,11 @@ class OscillationConfig(TrainingArguments):
         osc_eval_bits (`list[int]`, *optional*, defaults to `[2, 3, 4, 5, 6, 7, 8]`):
             Bit-widths at which every evaluation also evaluates the PTQ'd model, reported as `eval_w{b}_<metric>`
             (e.g. `metric_for_best_model="eval_w3_accuracy"`).
+        osc_intermediate_eval_bits (`list[int]`, *optional*):
+            Bit-widths evaluated at the evaluations during training, before its last step (a subset of
+            `osc_eval_bits`, e.g. `[3]` for the target bit only; `[]` for full precision only). The evaluation at the
+            last step and every `trainer.evaluate()` call outside training cover all of `osc_eval_bits`. Default: all
+            of `osc_eval_bits` at every evaluation.
         osc_bn_recalibration_samples (`int`, *optional*, defaults to `512`):
             Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit evaluation
             and in the recipes' export (0 = plain rounding, the paper's PTQ). Rounding invalidates the running
@@ -124,6 +130,13 @@ class OscillationConfig(TrainingArguments):
         default_factory=lambda: list(DEFAULT_EVAL_BITS),
         metadata={"help": "Bit-widths at which every evaluation also evaluates the PTQ'd model (eval_w{b}_*)."},
     )
+    osc_intermediate_eval_bits: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Bit-widths evaluated at the evaluations during training before its last step (a subset of "
+            "osc_eval_bits); the last evaluation covers all of osc_eval_bits. Default: all at every evaluation."
+        },
+    )
     osc_bn_recalibration_samples: int = field(
         default=DEFAULT_BN_RECALIBRATION_SAMPLES,
         metadata={
@@ -141,6 +154,21 @@ class OscillationConfig(TrainingArguments):
             self.osc_eval_bits = sorted({validate_bits(b) for b in self.osc_eval_bits})
         except ValueError as error:
             raise OscqValueError(f"Invalid osc_bits / osc_eval_bits: {error}") from None
+        if self.osc_intermediate_eval_bits is not None:
+            extra = sorted(set(self.osc_intermediate_eval_bits) - set(self.osc_eval_bits))
+            if extra:
+                raise OscqValueError(
+                    f"osc_intermediate_eval_bits {extra} are not in osc_eval_bits {self.osc_eval_bits}: list a subset "
+                    "of the bit-widths evaluated at the end."
+                )
+            self.osc_intermediate_eval_bits = sorted(set(self.osc_intermediate_eval_bits))
+            selected = re.fullmatch(r"(?:eval_)?w(\d+)_\w+", self.metric_for_best_model or "")
+            if selected and int(selected.group(1)) not in self.osc_intermediate_eval_bits:
+                raise OscqValueError(
+                    f"metric_for_best_model={self.metric_for_best_model!r} needs {selected.group(1)}-bit evaluation "
+                    f"at every evaluation: add {selected.group(1)} to osc_intermediate_eval_bits "
+                    f"{self.osc_intermediate_eval_bits}."
+                )
         self.quant_spec  # noqa: B018 - validates the patterns
         if not (isinstance(self.osc_lambda, (int, float)) and math.isfinite(self.osc_lambda) and self.osc_lambda >= 0):
             raise OscqValueError(f"osc_lambda must be a finite number >= 0, got {self.osc_lambda!r}.")

@@ -1,41 +1,165 @@
-"""Accuracy, in one place: the Trainer's `compute_metrics`, a model evaluated on a dataset (the CLI), and cross-bit
-tables read back from Trainer metrics (`eval_w3_accuracy` -> `{"w3": {"accuracy": ...}}`)."""
+"""Metrics, in one place, through Hugging Face `evaluate`: the Trainer's `compute_metrics`, a model evaluated on a
+dataset (the CLI), and cross-bit tables read back from Trainer metrics (`eval_w3_accuracy` ->
+`{"w3": {"accuracy": ...}}`).
+
+Accuracy is the `evaluate` module shipped in `hf_oscq/evaluate_modules/accuracy/`, loaded by path, so it works
+offline; any other `evaluate` module (`evaluate.load("f1")`, `evaluate.combine([...])`) plugs into
+`classification_metrics` the same way.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..errors import OscqError, OscqValueError
 from ..quantization.variants import FULL_PRECISION, sort_variants
+
+if TYPE_CHECKING:
+    import evaluate
+
+# The accuracy module's folder: `evaluate.load(ACCURACY_METRIC)` reads it without any network access.
+ACCURACY_METRIC = str(Path(__file__).resolve().parent.parent / "evaluate_modules" / "accuracy")
+
+
+def load_metric(path: str = ACCURACY_METRIC) -> evaluate.EvaluationModule:
+    """`evaluate.load(path, keep_in_memory=True)`, once per path.
+
+    Args:
+        path: a metric folder or script, or a Hub metric name such as `"f1"` (that needs the network the first
+            time, then `evaluate`'s cache). `"accuracy"` and the default are hf_oscq's accuracy module (offline).
+
+    Returns:
+        The `evaluate.EvaluationModule`.
+    """
+    return _load_metric(ACCURACY_METRIC if path == "accuracy" else path)
+
+
+@functools.cache
+def _load_metric(path: str) -> evaluate.EvaluationModule:
+    try:
+        import evaluate
+    except ImportError:
+        raise OscqError(
+            "hf_oscq computes its metrics with Hugging Face evaluate, which is not installed: pip install evaluate."
+        ) from None
+    return evaluate.load(path, keep_in_memory=True)
+
+
+def _module(metric: str | evaluate.EvaluationModule) -> evaluate.EvaluationModule:
+    return load_metric(metric) if isinstance(metric, str) else metric
+
+
+def _logits(predictions: Any) -> np.ndarray | torch.Tensor:
+    """The logits of a model output or of the Trainer's predictions (a tuple holds the logits first)."""
+    if isinstance(predictions, tuple | list):
+        predictions = predictions[0]
+    return getattr(predictions, "logits", predictions)
+
+
+def predicted_labels(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Top-1 class of each row of `logits` `(n, classes)`, as an int64 array `(n,)`."""
+    if torch.is_tensor(logits):
+        return logits.detach().argmax(-1).cpu().numpy().astype(np.int64)
+    return np.asarray(logits).argmax(axis=-1).astype(np.int64)
+
+
+def _as_array(values: np.ndarray | torch.Tensor | Iterable[int]) -> np.ndarray:
+    return values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+
+
+def classification_metrics(
+    *metrics: str | evaluate.EvaluationModule | tuple[str | evaluate.EvaluationModule, dict[str, Any]],
+) -> Callable[[Any], dict[str, float]]:
+    """A Trainer `compute_metrics` from `evaluate` modules: top-1 predictions of the logits, then every module's
+    `compute(predictions=..., references=...)`, merged into one dict.
+
+    Args:
+        *metrics: `evaluate` modules (`evaluate.load("f1")`, an `evaluate.combine([...])`) or their paths / names,
+            each optionally paired with its `compute` keyword arguments: `(evaluate.load("f1"), {"average":
+            "macro"})`. None means accuracy (hf_oscq's offline module).
+
+    Returns:
+        A function of an `EvalPrediction` returning `{"accuracy": ..., ...}`; the Trainer prefixes the keys
+        (`eval_accuracy`, and `eval_w3_accuracy` in cross-bit evaluation).
+
+    Example:
+        ```python
+        import evaluate
+        from hf_oscq import OscillationTrainer, classification_metrics
+
+        f1 = (evaluate.load("f1"), {"average": "macro"})
+        trainer = OscillationTrainer(..., compute_metrics=classification_metrics("accuracy", f1))
+        ```
+    """
+    modules = [metric if isinstance(metric, tuple) else (metric, {}) for metric in metrics or (ACCURACY_METRIC,)]
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        if eval_prediction.label_ids is None:
+            raise OscqValueError(
+                "No labels reached compute_metrics: name the evaluation dataset's label column `labels` (or "
+                "`label`), or set label_names=[...]; a column the model's forward does not take is removed by the "
+                "Trainer unless remove_unused_columns=False."
+            )
+        predictions = predicted_labels(_logits(eval_prediction.predictions))
+        references = _as_array(eval_prediction.label_ids)
+        results: dict[str, float] = {}
+        for metric, options in modules:
+            results.update(_module(metric).compute(predictions=predictions, references=references, **options))
+        return results
+
+    return compute_metrics
+
+
+def compute_accuracy(eval_prediction) -> dict[str, float]:
+    """`compute_metrics` for the Trainer: `{"accuracy": top-1 accuracy}` of an `EvalPrediction` (the default of
+    `OscillationTrainer` for classifiers)."""
+    return classification_metrics()(eval_prediction)
 
 
 def top1_accuracy(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> tuple[int, int]:
     """`(correct, total)`: how many argmax predictions of `logits` `(n, classes)` equal `labels` `(n,)`."""
-    predicted = np.asarray(logits).argmax(axis=-1) if not torch.is_tensor(logits) else logits.argmax(-1).cpu().numpy()
-    labels = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    return int((predicted == labels).sum()), int(labels.size)
+    labels = _as_array(labels)
+    result = load_metric().compute(predictions=predicted_labels(logits), references=labels, normalize=False)
+    return int(result["accuracy"]), int(labels.size)
 
 
-def compute_accuracy(eval_prediction) -> dict[str, float]:
-    """`compute_metrics` for the Trainer: `{"accuracy": top-1 accuracy}` of an `EvalPrediction`."""
-    predictions = eval_prediction.predictions
-    logits = predictions[0] if isinstance(predictions, tuple) else predictions
-    correct, total = top1_accuracy(logits, eval_prediction.label_ids)
-    return {"accuracy": correct / total}
+def evaluate_model(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    metric: str | evaluate.EvaluationModule = ACCURACY_METRIC,
+    input_names: tuple[str, ...] = ("pixel_values",),
+) -> dict[str, float]:
+    """Runs `model` on every batch and computes an `evaluate` metric of its top-1 predictions.
 
+    Args:
+        model: a classifier returning logits (an output with `.logits`, a tuple or a tensor), `(batch, classes)`.
+        batches: mappings holding the model inputs `input_names` and `labels`.
+        metric: an `evaluate` module or its path / name (default: accuracy).
+        input_names: the keys of each batch passed to the model as keyword arguments.
 
-def evaluate_accuracy(model, dataset, batch_size: int = 256) -> dict[str, float]:
-    """`{"accuracy": top-1 accuracy}` of an image classifier on a dataset yielding `pixel_values` and `labels`."""
-    correct = total = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    Returns:
+        The metric's result, e.g. `{"accuracy": 0.93}`.
+    """
+    module = _module(metric)
+    device = next(model.parameters(), torch.empty(0)).device
     with torch.no_grad():
-        for batch in loader:
-            right, count = top1_accuracy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
-            correct, total = correct + right, total + count
-    return {"accuracy": correct / total}
+        for batch in batches:
+            inputs = {name: torch.as_tensor(batch[name]).to(device) for name in input_names}
+            predictions = predicted_labels(_logits(model(**inputs)))
+            module.add_batch(predictions=predictions, references=_as_array(batch["labels"]))
+    return module.compute()
+
+
+def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256) -> dict[str, float]:
+    """`{"accuracy": top-1 accuracy}` of an image classifier on a dataset yielding `pixel_values` and `labels`."""
+    return evaluate_model(model, torch.utils.data.DataLoader(dataset, batch_size=batch_size))
 
 
 def cross_bit_table(metrics: Mapping[str, float], prefix: str = "test") -> dict[str, dict[str, float]]:

@@ -24,9 +24,19 @@ from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
 from ..quantization.variants import variant_name
 from .config import OscillationConfig
+from .input_hints import guard_transform, missing_labels_hint
 from .methods import OSCILLATION, QAT
+from .metrics import compute_accuracy
 
 logger = logging.getLogger(__name__)
+
+
+# Architectures whose logits are one score per class: accuracy is their default metric.
+_CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForSequenceClassification")
+
+
+def _is_classifier(model: nn.Module | None) -> bool:
+    return model is not None and type(model).__name__.endswith(_CLASSIFIER_SUFFIXES)
 
 
 class OscillationTrainer(Trainer):
@@ -41,6 +51,10 @@ class OscillationTrainer(Trainer):
     Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
     so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. Training
     logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over each logging interval.
+
+    Metrics: `compute_metrics` defaults to top-1 accuracy (`compute_accuracy`, an `evaluate` module shipped with
+    hf_oscq) for image and sequence classifiers; pass `classification_metrics(...)` of any `evaluate` modules, or
+    any function of an `EvalPrediction`, to report others.
 
     Args:
         model: any model whose forward returns a loss (transformers models, `TimmWrapperForImageClassification`, or
@@ -58,10 +72,13 @@ class OscillationTrainer(Trainer):
                 "takes every TrainingArguments field plus the osc_* settings."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.compute_metrics is None and _is_classifier(self.model):
+            self.compute_metrics = compute_accuracy
         self._osc_selected: tuple[nn.Module, dict[str, nn.Module]] | None = None
         self._osc_workspace = PenaltyWorkspace()
         self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._osc_first_step = 0
+        self._osc_removed_columns: set[str] = set()
         if self.model is not None:
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
             samples = args.osc_bn_recalibration_samples
@@ -84,7 +101,7 @@ class OscillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         if not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         penalty, spec = None, args.quant_spec
         if args.osc_method == OSCILLATION:
             # Before the forward pass: autograd then runs the penalty's backward last and adds its gradient into the
@@ -97,9 +114,9 @@ class OscillationTrainer(Trainer):
             )
         if args.osc_method == QAT:
             with fake_quantized_forward(self.model, self._quantized_weights(), spec=spec):
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
         accumulation = self.current_gradient_accumulation_steps
@@ -113,6 +130,22 @@ class OscillationTrainer(Trainer):
             weight = args.osc_lambda if trainer_divides else args.osc_lambda / accumulation
             loss = loss + weight * penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """`Trainer.compute_loss`; a failure for want of labels says how to name them."""
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        except (ValueError, TypeError, KeyError) as error:
+            hint = missing_labels_hint(inputs, self.label_names, self._osc_removed_columns)
+            if hint is None:
+                raise
+            raise OscqValueError(f"{type(error).__name__}: {error} {hint}") from error
+
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        pruned = super()._remove_unused_columns(dataset, description)
+        removed = set(getattr(dataset, "column_names", None) or []) - set(getattr(pruned, "column_names", None) or [])
+        self._osc_removed_columns |= removed
+        return guard_transform(pruned, removed, description) if pruned is not dataset else pruned
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (they carry "loss") are emitted on every process at once, so the reduction is safe here.
@@ -178,13 +211,25 @@ class OscillationTrainer(Trainer):
         )
         return (_compat.prepare_inputs(self, batch) for batch in batches)
 
+    def cross_bit_widths(self) -> list[int]:
+        """The bit-widths an evaluation starting now covers: `osc_intermediate_eval_bits` during training before its
+        last step (when set), else all of `osc_eval_bits`."""
+        args = self.args
+        intermediate = self.is_in_train and self.state.global_step < self.state.max_steps
+        if intermediate and args.osc_intermediate_eval_bits is not None:
+            return list(args.osc_intermediate_eval_bits)
+        return list(args.osc_eval_bits)
+
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        """The usual evaluation, then the same at every bit of `osc_eval_bits` (PTQ'd weights, restored afterwards)."""
+        """The usual evaluation, then the same at every bit of `cross_bit_widths()` (PTQ'd weights, restored
+        afterwards). The progress bar counts the batches of all of these passes."""
+        bit_widths = self.cross_bit_widths()
+        _compat.start_prediction_progress(self, dataloader, passes=1 + len(bit_widths))
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         spec = self.args.quant_spec
-        for bits in self.args.osc_eval_bits:
+        for bits in bit_widths:
             with quantized_weights(
                 self.model, calibration_batches=self.calibration_batches(), spec=spec.with_bits(bits)
             ):
@@ -197,6 +242,16 @@ class OscillationTrainer(Trainer):
                 )
             output.metrics.update(quantized.metrics)
         return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, then the accuracy-vs-bit-width figure of its metrics sent to the `report_to`
+        integrations that take images (TensorBoard, W&B, MLflow) as `{metric_key_prefix}/accuracy_vs_bits`."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.is_world_process_zero():
+            from .report import report_cross_bit_figure
+
+            report_cross_bit_figure(self, metrics, metric_key_prefix)
+        return metrics
 
     def create_model_card(
         self,

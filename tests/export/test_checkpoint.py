@@ -11,6 +11,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_oscq
 from hf_oscq.export.checkpoint import CheckpointFormatError, serialize_checkpoint
+from hf_oscq.versions import INSTALL_HINT
 
 _NO_IMPORT_SCRIPT = r"""
 import json, sys
@@ -80,6 +81,8 @@ def test_loading_without_import_fails_loudly_naming_hf_oscq_and_works_after_it(v
     for case, outcome in results.items():
         assert outcome != "LOADED", case
         assert "import hf_oscq" in outcome, (case, outcome)
+    for case in ("auto_vit", "vit_class_new_head", "pipeline"):  # transformers quotes the guard: how to install
+        assert INSTALL_HINT in results[case], (case, results[case])
 
 
 def _copy_variant(out: Path, tmp_path: Path, bits: int = 3) -> Path:

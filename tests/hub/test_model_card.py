@@ -49,7 +49,8 @@ def test_card_metadata_parses_and_eval_results_round_trip(cards, manifest, varia
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "image-classification"
     assert data.license == "apache-2.0"
-    assert data.datasets == ["digits"]
+    assert data.datasets is None  # scikit-learn's digits have no Hub id; the text names them
+    assert "trained on digits" in card.text
     assert {"hf_oscq", "quantization"} <= set(data.tags)
     expected_name = REPO.split("/")[1] + ("" if variant == "fp" else f"-{variant}")
     assert data.model_name == expected_name
@@ -92,9 +93,22 @@ def test_card_body_has_recipe_loading_snippet_and_citation(cards):
     body = cards["w3"]["README.md"].decode()
     assert "import hf_oscq" in body
     assert 'AutoModelForImageClassification.from_pretrained("acme/tiny-vit-w3")' in body
-    for key, value in TRAINING["hyperparameters"].items():
-        assert f"| {key} | `{value}` |" in body
-    assert f"| osc_lambda | `{TRAINING['osc_lambda']}` |" in body
+    # settings as a person reads them: labels in words, plain values
+    readable = {
+        "learning rate": "0.003",
+        "epochs": "15",
+        "batch size per device": "64",
+        "seed": "0",
+        "osc_lambda (penalty weight)": "1",
+    }
+    assert set(TRAINING["hyperparameters"]) == {
+        "learning_rate",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "seed",
+    }
+    for label, value in readable.items():
+        assert f"| {label} | {value} |" in body
     assert TRAINING["command"] in body
     assert "arxiv.org/abs/2502.00490" in body and "Wensh{\\o}j" in body and "Transactions on Machine Learning" in body
     assert "3 bits: 7 levels" in body
@@ -187,3 +201,55 @@ def _edit_json(path, **changes):
 def test_card_readme_has_no_unrendered_template_syntax(cards):
     for files in cards.values():
         assert not re.search(r"{{|{%|None\b", files["README.md"].decode())
+
+
+def test_card_settings_datasets_install_line_and_evaluation_source(tmp_path):
+    from hf_oscq.versions import INSTALL_COMMAND
+
+    export_dir = build_export(tmp_path / "fashion")
+    manifest_path = export_dir / "oscq_export.json"
+    manifest = json.loads(manifest_path.read_text())
+    # as exports written before readable settings stored them, and with a dataset that has a Hub id
+    manifest["training"]["hyperparameters"].update({"optimizer": "OptimizerNames.ADAMW_TORCH", "max_steps": -1})
+    manifest["training"].update({"dataset": "fashion_mnist", "dataset_id": "zalando-datasets/fashion_mnist"})
+    manifest_path.write_text(json.dumps(manifest))
+    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert "trained on [fashion_mnist](https://huggingface.co/datasets/zalando-datasets/fashion_mnist)" in card.text
+    assert "| optimizer | adamw_torch |" in card.text and "OptimizerNames" not in card.text
+    assert "max steps" not in card.text  # -1: not set
+    assert f"{INSTALL_COMMAND}   # hf_oscq is not on PyPI yet" in card.text
+    assert "Measured on the test split of [fashion_mnist]" in card.text
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
+    manifest["evaluation"] = {"dataset": "org/other-set", "split": "validation", "samples": 50}
+    manifest_path.write_text(json.dumps(manifest))
+    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_split) == ("org/other-set", "validation")
+    assert "Measured with `hf-oscq eval` on the 'validation' split of `org/other-set` (50 images)" in card.text
+
+
+def test_card_loading_example_runs_and_classifies_like_the_model(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    model = tiny_model()
+    processor = ViTImageProcessor(do_resize=True, size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
+    export_dir = hf_oscq.export_quantized(model, tmp_path / "export", bits=(3,), image_processor=processor)
+    body = render_card_files(export_dir, "w3")["README.md"].decode()
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '.convert("L")' in code  # the model takes one-channel images
+    pixels = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    code = code.replace(f"path/to/{export_dir.name}/w3", str(export_dir / "w3"))
+    exec(code, {"print": printed.append})
+    gray = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.float32) / 255
+    inputs = torch.tensor((gray - 0.5) / 0.5).reshape(1, 1, 8, 8)
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(model, 3)(pixel_values=inputs).logits.argmax(-1).item()
+    assert printed == [model.config.id2label[expected]]

@@ -2,9 +2,23 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    ProgressCallback,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
-from hf_oscq import OscillationConfig, OscillationTrainer, oscillation_penalty, quantize_model
+from hf_oscq import (
+    OscillationConfig,
+    OscillationTrainer,
+    OscqValueError,
+    compute_accuracy,
+    oscillation_penalty,
+    quantize_model,
+)
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -169,6 +183,21 @@ def test_evaluation_reports_every_bit_and_restores_weights(tmp_path):
         assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
 
 
+def test_classifiers_default_to_the_evaluate_accuracy_and_other_models_to_none(tmp_path):
+    model = tiny_vit()
+    args = make_trainer(model, tmp_path, osc_eval_bits=[3]).args
+    dataset = RandomImages(24, seed=1)
+    trainer = OscillationTrainer(model=model, args=args, eval_dataset=dataset)
+    assert trainer.compute_metrics is compute_accuracy
+    metrics = trainer.evaluate()
+    for prefix, evaluated in (("eval", model), ("eval_w3", quantize_model(model, 3))):
+        with torch.no_grad():
+            predicted = evaluated.eval()(pixel_values=dataset.x).logits.argmax(-1)
+        hits = sum(int(p == y) for p, y in zip(predicted.tolist(), dataset.y.tolist()))
+        assert metrics[f"{prefix}_accuracy"] == hits / 24
+    assert OscillationTrainer(model=PlainNet(), args=args).compute_metrics is None
+
+
 def test_best_model_selected_on_quantized_accuracy(tmp_path):
     model = tiny_vit()
     trainer = make_trainer(
@@ -330,3 +359,96 @@ def test_push_to_hub_writes_a_card_with_method_citation_and_cross_bit_table(tmp_
     import transformers
 
     assert f"torch {torch_module.__version__}, transformers {transformers.__version__}" in card.text
+
+
+class _ProgressSpy(TrainerCallback):
+    """Reads the ProgressCallback's evaluation bar after each prediction step (callbacks run in order, so after it)."""
+
+    def __init__(self, callbacks):
+        self.progress = next(c for c in callbacks if isinstance(c, ProgressCallback))
+        self.evaluations, self.current = [], []
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        bar = self.progress.prediction_bar
+        self.current.append((bar.n, bar.total))
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluations.append(self.current)
+        self.current = []
+
+
+def test_evaluation_progress_subset_of_bits_during_training_and_figures_in_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = make_trainer(
+        tiny_vit(),
+        tmp_path,
+        osc_eval_bits=[2, 3],
+        osc_intermediate_eval_bits=[3],
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=8,
+        disable_tqdm=False,
+        report_to=["tensorboard"],
+    )
+    spy = _ProgressSpy(trainer.callback_handler.callbacks)
+    trainer.callback_handler.callbacks.append(spy)
+    trainer.train()
+    trainer.evaluate()
+    batches = -(-24 // 8)  # eval set of 24 images, batches of 8
+    during, at_end = batches * 2, batches * 3  # fp + w3 during training; fp + w2 + w3 at the last step and after
+    expected = [[(n, total) for n in range(1, total + 1)] for total in (during, during, at_end, at_end)]
+    assert spy.evaluations == expected
+    evaluations = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert [(e["step"], "eval_w2_accuracy" in e, "eval_w3_accuracy" in e) for e in evaluations] == [
+        (1, False, True),
+        (2, False, True),
+        (3, True, True),
+        (3, True, True),
+    ]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("eval/accuracy_vs_bits")
+    assert [image.step for image in images] == [1, 2, 3, 3]
+    # plot_accuracy_vs_bits' 6.4 x 4.4 inches, which add_figure renders at matplotlib's default 100 dpi
+    assert (images[0].width, images[0].height) == (640, 440)
+
+
+def test_intermediate_bits_are_validated(tmp_path):
+    with pytest.raises(OscqValueError, match=r"osc_intermediate_eval_bits \[4\] are not in osc_eval_bits \[2, 3\]"):
+        OscillationConfig(output_dir=str(tmp_path), osc_eval_bits=[2, 3], osc_intermediate_eval_bits=[3, 4])
+    with pytest.raises(OscqValueError, match="add 2 to osc_intermediate_eval_bits"):
+        OscillationConfig(
+            output_dir=str(tmp_path),
+            osc_eval_bits=[2, 3],
+            osc_intermediate_eval_bits=[3],
+            metric_for_best_model="eval_w2_accuracy",
+        )
+
+
+def _columns_dataset(image_column: str, label_column: str):
+    import datasets
+
+    images = RandomImages(16)
+    return datasets.Dataset.from_dict({image_column: images.x.numpy(), label_column: images.y.numpy()})
+
+
+def test_missing_model_columns_get_a_hint(tmp_path):
+    # A transform reading a column that the Trainer removes (remove_unused_columns=True, the default).
+    transformed = _columns_dataset("image", "labels")
+    transformed.set_transform(
+        lambda batch: {"pixel_values": torch.tensor(np.array(batch["image"])), "labels": batch["labels"]}
+    )
+    trainer = make_trainer(PlainNet(), tmp_path)
+    trainer.train_dataset = transformed
+    with pytest.raises(OscqValueError, match=r"reads the column 'image'.*pass remove_unused_columns=False"):
+        trainer.train()
+    # Labels under a name the Trainer does not pass on.
+    renamed = _columns_dataset("pixel_values", "target").with_format("torch")
+    trainer = make_trainer(tiny_vit(), tmp_path)
+    trainer.train_dataset = renamed
+    with pytest.raises(
+        OscqValueError, match=r"no \['labels'\]: name the dataset's label column `labels`.*\['target'\]"
+    ):
+        trainer.train()

@@ -1,0 +1,1 @@
+"""The accuracy metric module (`accuracy.py`), loaded by `evaluate.load` from this folder."""

@@ -1,0 +1,139 @@
+"""`hf-oscq eval` on local datasets (imagefolder, save_to_disk, parquet) and Hub ids, each checkpoint with its own
+saved image processor; the table lands in the manifest and the cards. Expected accuracies are computed here from the
+image files with numpy (rescale, normalise) and the models, not through the image processor or `evaluate`."""
+
+import json
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+import hf_oscq
+from hf_oscq.cli import main as cli_main
+
+CLASSES = ("dog", "bird", "cat")  # the model's label order; an imagefolder numbers them cat, bird, dog... sorted
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def _model() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        id2label=dict(enumerate(CLASSES)),
+        label2id={name: i for i, name in enumerate(CLASSES)},
+    )
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    processor = ViTImageProcessor(
+        do_resize=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=MEAN, image_std=STD
+    )
+    model = _model()
+    hf_oscq.export_quantized(model, root / "export", bits=(2, 3), image_processor=processor)
+    generator = np.random.default_rng(0)
+    images = []
+    for index in range(24):
+        pixels = generator.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        images.append((pixels, CLASSES[index % 3]))
+        folder = root / "images" / "test" / CLASSES[index % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return model, root, images
+
+
+def _expected(model, images) -> dict[str, float]:
+    """Accuracy of the model at full precision and 2 and 3 bits, by hand from the pixels."""
+    pixels = np.stack([p for p, _ in images]).astype(np.float64) / 255
+    inputs = torch.tensor(((pixels - MEAN) / STD).transpose(0, 3, 1, 2), dtype=torch.float32)
+    labels = [CLASSES.index(name) for _, name in images]
+    table = {}
+    for name, variant in (
+        ("fp", model),
+        ("w2", hf_oscq.quantize_model(model, 2)),
+        ("w3", hf_oscq.quantize_model(model, 3)),
+    ):
+        with torch.no_grad():
+            predicted = variant(pixel_values=inputs).logits.argmax(-1).tolist()
+        table[name] = sum(int(p == y) for p, y in zip(predicted, labels)) / len(labels)
+    return table
+
+
+def _accuracies(path) -> dict[str, float]:
+    return {name: row["accuracy"] for name, row in json.loads(path.read_text()).items()}
+
+
+def test_eval_on_an_imagefolder_equals_the_accuracy_by_hand_and_reaches_manifest_and_cards(export, tmp_path, capsys):
+    model, root, images = export
+    folder = tmp_path / "export"
+    shutil.copytree(root / "export", folder)
+    result = tmp_path / "table.json"
+    args = ["eval", str(folder), "--dataset", str(root / "images"), "--split", "test", "--output_json", str(result)]
+    assert cli_main(args) == 0
+    expected = _expected(model, images)
+    assert _accuracies(result) == expected
+    assert len(set(expected.values())) > 1 or expected["fp"] not in (0.0, 1.0)  # a table that can tell errors apart
+    manifest = json.loads((folder / "oscq_export.json").read_text())
+    assert {name: row["accuracy"] for name, row in manifest["metrics"].items()} == expected
+    assert manifest["evaluation"] == {"dataset": str(root / "images"), "split": "test", "samples": 24}
+    card = (folder / "w3" / "README.md").read_text()
+    assert f"| {100 * expected['w3']:.1f} %" in card
+    assert (folder / "w3" / "oscq_accuracy_vs_bits.png").is_file()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == "| export | " + " | ".join(f"{100 * expected[v]:.1f}" for v in ("fp", "w2", "w3")) + " |"
+
+
+def test_eval_on_save_to_disk_and_parquet_with_named_columns(export, tmp_path):
+    model, root, images = export
+    picture = [Image.fromarray(p) for p, _ in images]
+    # Labels stored as the model's ids, in a column named "target"; the images in "picture".
+    rows = datasets.Dataset.from_dict(
+        {"picture": picture, "target": [CLASSES.index(name) for _, name in images]},
+        features=datasets.Features({"picture": datasets.Image(), "target": datasets.Value("int64")}),
+    )
+    datasets.DatasetDict({"train": rows.select(range(3)), "validation": rows}).save_to_disk(tmp_path / "disk")
+    rows.to_parquet(str(tmp_path / "rows.parquet"))
+    expected = _expected(model, images)
+    for source in (tmp_path / "disk", tmp_path / "rows.parquet"):
+        result = tmp_path / f"{source.name}.json"
+        args = ["eval", str(root / "export"), "--dataset", str(source), "--image-column", "picture"]
+        args += ["--label_column", "target", "--output_json", str(result), "--no_record"]
+        assert cli_main(args) == 0, source
+        assert _accuracies(result) == expected, source
+    assert json.loads((root / "export" / "oscq_export.json").read_text())["metrics"] is None  # --no_record
+
+
+def test_eval_errors_are_one_line_and_say_what_to_pass(export, tmp_path, capsys):
+    _, root, _ = export
+    cases = [
+        (["--dataset", str(root / "images"), "--split", "dev"], "has no split 'dev'; its splits are ['test']"),
+        (["--dataset", str(root / "images"), "--label_column", "target"], "has no column 'target'"),
+        (["--dataset", "no-such-org/no-such-dataset"], "Could not load the dataset 'no-such-org/no-such-dataset'"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert cli_main(["eval", str(root / "export"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hf-oscq eval: error: ") and message in err and err.count("\n") == 1, err
+    assert "pass a local copy" in err  # the offline Hub id names the local alternatives
+
+
+def test_eval_needs_a_saved_image_processor_for_other_datasets(tmp_path, capsys):
+    hf_oscq.export_quantized(_model(), tmp_path / "bare", bits=(3,))
+    for name in ("dog", "cat"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / name / "0.png")
+    assert cli_main(["eval", str(tmp_path / "bare"), "--dataset", str(tmp_path / "images")]) == 1
+    assert "has no preprocessor_config.json" in capsys.readouterr().err
