@@ -14,6 +14,8 @@ from .metrics import cross_bit_table
 logger = logging.getLogger(__name__)
 
 FIGURE_TAG = "{prefix}/accuracy_vs_bits"
+# The report_to callbacks of transformers that take images, by class name (their modules import the services).
+IMAGE_INTEGRATIONS = ("TensorBoardCallback", "WandbCallback", "MLflowCallback")
 
 
 def cross_bit_figure(metrics: Mapping[str, float], prefix: str = "eval", title: str | None = None):
@@ -34,13 +36,16 @@ def report_cross_bit_figure(trainer, metrics: Mapping[str, float], prefix: str =
     Returns:
         The names of the integrations it was sent to.
     """
+    callbacks = [c for c in trainer.callback_handler.callbacks if type(c).__name__ in IMAGE_INTEGRATIONS]
+    if not callbacks:  # nothing to draw for: no figure, no matplotlib import
+        return []
     step = trainer.state.global_step
     figure = cross_bit_figure(metrics, prefix, title=f"{prefix}, step {step}")
     if figure is None:
         return []
     tag = FIGURE_TAG.format(prefix=prefix)
     sent = []
-    for callback in trainer.callback_handler.callbacks:
+    for callback in callbacks:
         name = type(callback).__name__
         try:
             if name == "TensorBoardCallback":
