@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import OscqValueError
+from .quantization.layout import expand_scale
 from .quantization.primitives import compute_scale, nonzero_scale
 from .quantization.spec import QuantSpec, max_code, resolve_spec
 from .quantization.variants import FULL_PRECISION, is_variant, variant_bits, variant_name
@@ -128,6 +129,7 @@ def plot_weight_histogram(
     spec: QuantSpec | None = None,
     show_levels: bool = False,
     dpi: int = 110,
+    out_dim: int = 0,
 ) -> Figure:
     """Histogram of one layer's full-precision weights with the `bits`-bit rounding thresholds drawn on it.
 
@@ -139,12 +141,14 @@ def plot_weight_histogram(
         bits: bit-width of the quantizer whose thresholds are drawn (shorthand for `spec`).
         path: where to write the PNG (a path or a binary file object).
         per_channel: one scale per output channel (shorthand for `spec`): the weights are then drawn divided by their
-            channel's scale, so that every channel shares the thresholds at +-0.5, +-1.5, ...
+            channel's scale, so that every channel shares the thresholds at +-0.5, +-1.5, ... (group-wise scales
+            likewise, each weight divided by its group's scale).
         title: figure title.
         bins: number of histogram bins.
         spec: the `QuantSpec` whose grid is drawn.
         show_levels: also draw the quantization levels (the values the weights are rounded to).
         dpi: resolution of the PNG.
+        out_dim: the weight's output-channel dimension (1 for GPT-2's `Conv1D`), as in `compute_scale`.
 
     Returns:
         The matplotlib `Figure` (already saved).
@@ -153,10 +157,10 @@ def plot_weight_histogram(
     if path is None:
         raise TypeError("plot_weight_histogram needs path=... (a file path or a binary file object).")
     weight = torch.as_tensor(weight).detach().float().cpu()
-    scale = compute_scale(weight, spec=spec)
-    if spec.per_channel:
-        values, unit = (weight / nonzero_scale(scale)).flatten().numpy(), 1.0
-        xlabel = "weight / per-channel scale"
+    scale = compute_scale(weight, spec=spec, out_dim=out_dim)
+    if not spec.per_tensor:
+        values, unit = (weight / nonzero_scale(expand_scale(scale, weight.shape, out_dim))).flatten().numpy(), 1.0
+        xlabel = "weight / per-channel scale" if spec.per_channel else "weight / group scale"
     else:
         values, unit = weight.flatten().numpy(), float(scale)
         xlabel = f"weight (scale s = {unit:.3g})"

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from ..errors import OscqValueError
-from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES, DEFAULT_EVAL_BITS, PER_CHANNEL, PER_TENSOR, QuantSpec
+from ..quantization.spec import (
+    DEFAULT_BN_RECALIBRATION_SAMPLES,
+    DEFAULT_EVAL_BITS,
+    GROUP,
+    PER_CHANNEL,
+    PER_TENSOR,
+    QuantSpec,
+)
 from . import add_flag
 
 logger = logging.getLogger(__name__)
@@ -35,8 +42,10 @@ def _load_image_processor(folder: Path):
 
 def _spec(args: argparse.Namespace) -> QuantSpec:
     """The spec of the export (each bit-width of `--bits` replaces its `bits`)."""
-    granularity = PER_CHANNEL if args.per_channel else PER_TENSOR
-    return QuantSpec(min(args.bits), granularity, args.target_modules, args.exclude_modules)
+    if args.per_channel and args.group_size:
+        raise OscqValueError("Pass --per_channel or --group_size, not both: group-wise scales are per channel too.")
+    granularity = GROUP if args.group_size else PER_CHANNEL if args.per_channel else PER_TENSOR
+    return QuantSpec(min(args.bits), granularity, args.target_modules, args.exclude_modules, args.group_size)
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -129,6 +138,13 @@ def add_parser(subparsers) -> None:
     )
     add_flag(export, "exclude_modules", nargs="+", default=None, help="modules kept in float (same pattern syntax)")
     add_flag(export, "per_channel", action="store_true", help="one scale per output channel instead of per tensor")
+    add_flag(
+        export,
+        "group_size",
+        type=int,
+        default=None,
+        help="group-wise scales: one scale per this many input features of each output channel",
+    )
     add_flag(
         export,
         "bn_recalibration_samples",

@@ -20,8 +20,10 @@ from safetensors.torch import save as serialize
 
 from .._compat import checkpoint_to_model_names
 from ..errors import OscqValueError
+from ..quantization.layout import scale_shape as layout_scale_shape
 from ..quantization.packed_tensor import PackedWeight
 from ..quantization.packing import invalid_packed_codes, packed_size
+from ..quantization.selection import output_dim
 from ..quantization.spec import QuantSpec
 from ..versions import INSTALL_HINT, library_versions
 
@@ -58,12 +60,10 @@ def packed_shape(weight_shape: Iterable[int], bits: int) -> tuple[int, ...]:
     return (1, size) if len(shape) == 1 else (size,)
 
 
-def scale_shape(weight_shape: Iterable[int], spec: QuantSpec) -> tuple[int, ...]:
-    """Shape of the stored scale: `()` per tensor, `(out, 1, ..., 1)` per channel (as `compute_scale` returns)."""
-    shape = tuple(weight_shape)
-    if spec.per_channel and len(shape) > 0:
-        return (shape[0],) + (1,) * (len(shape) - 1)
-    return ()
+def scale_shape(weight_shape: Iterable[int], spec: QuantSpec, out_dim: int = 0) -> tuple[int, ...]:
+    """Shape of the stored scale: `()` per tensor, `(out, 1, ..., 1)` per channel, `(out, groups)` group-wise (as
+    `compute_scale` returns; output channel first whatever `out_dim`)."""
+    return layout_scale_shape(tuple(weight_shape), spec, out_dim)
 
 
 def guard_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -131,11 +131,11 @@ def _parameter_name(module_weight: str, params: Mapping[str, Any], prefix: str) 
 
 
 def _stored_shape(
-    codes: tuple[int, ...], scale: tuple[int, ...], shape: tuple[int, ...], spec: QuantSpec
+    codes: tuple[int, ...], scale: tuple[int, ...], shape: tuple[int, ...], spec: QuantSpec, out_dim: int
 ) -> tuple[int, ...] | None:
     """The shape of the weight the codes hold when only dim 0 differs from `shape` (a head with another number of
     labels); `None` when no such shape, or more than one, fits the stored tensors."""
-    if len(shape) < 2:
+    if len(shape) < 2 or out_dim != 0:
         return None
     rest = math.prod(shape[1:])
     if scale:  # one scale row per output channel
@@ -148,7 +148,8 @@ def _stored_shape(
     fits = [
         (rows, *shape[1:])
         for rows in candidates
-        if packed_shape((rows, *shape[1:]), spec.bits) == codes and scale_shape((rows, *shape[1:]), spec) == scale
+        if packed_shape((rows, *shape[1:]), spec.bits) == codes
+        and scale_shape((rows, *shape[1:]), spec, out_dim) == scale
     ]
     return fits[0] if len(fits) == 1 else None
 
@@ -222,9 +223,16 @@ def validate_checkpoint_files(
                 f"{name!r}: config.json and the weights come from different models. Export the model again."
             )
         weight_shape = params[name]
+        out_dim = output_dim(model.get_submodule(name.rpartition(".")[0]))
+        if out_dim and not spec.per_tensor and getattr(quantization_config, "scale_axis", None) != "output":
+            raise CheckpointFormatError(
+                f"{name!r} is a layer whose output channels are dim {out_dim} (GPT-2's Conv1D), and this checkpoint "
+                f"was exported by an hf_oscq whose {spec.granularity} scales ran along its input features instead: "
+                "export the model again with this version."
+            )
         expected = {
             name: ("U8", packed_shape(weight_shape, bits)),
-            name + SCALE_SUFFIX: (None, scale_shape(weight_shape, spec)),
+            name + SCALE_SUFFIX: (None, scale_shape(weight_shape, spec, out_dim)),
         }
         for key in expected:
             if key not in entries:
@@ -240,7 +248,7 @@ def validate_checkpoint_files(
         if mismatched:
             stored = None
             if entries[name][0] == "U8":
-                stored = _stored_shape(entries[name][1], entries[name + SCALE_SUFFIX][1], weight_shape, spec)
+                stored = _stored_shape(entries[name][1], entries[name + SCALE_SUFFIX][1], weight_shape, spec, out_dim)
             if stored is None:
                 key, (dtype, shape) = mismatched[0]
                 found_dtype, found_shape = entries[key]

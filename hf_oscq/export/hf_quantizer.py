@@ -31,7 +31,7 @@ from ..errors import OscqValueError
 from ..quantization.packed_tensor import PackedWeight
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
-from ..quantization.selection import select_weights
+from ..quantization.selection import output_dim, select_weights
 from ..quantization.spec import PER_CHANNEL, PER_TENSOR, QuantSpec
 from .checkpoint import (
     FORMAT_VERSION,
@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 
 logger = logging.getLogger(__name__)
+OUTPUT_SCALE_AXIS = "output"
 
 
 class OscqQuantizationConfig(QuantizationConfigMixin):
@@ -67,8 +68,12 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         exclude_modules: the `exclude_modules` the modules were (or are to be) selected with.
         guarded_fields: the real values of the top-level config fields that the export overwrote so that loaders
             without hf_oscq fail (see docs/EXPORT.md); restored before the model is built.
-        granularity: `"per_tensor"` or `"per_channel"`; written since `QuantSpec`, read together with
+        granularity: `"per_tensor"`, `"per_channel"` or `"group"`; written since `QuantSpec`, read together with
             `per_channel` (which older checkpoints carry alone).
+        group_size: input features per scale with `granularity="group"`.
+        scale_axis: `"output"` in checkpoints whose per-channel and group-wise scales follow each layer's output
+            dimension (GPT-2's `Conv1D` included); older checkpoints lack it, and their `Conv1D` scales ran along
+            the input features, so such weights are refused on load.
         versions: the hf_oscq, torch and transformers versions that wrote the checkpoint (informational).
         dequantize: load plain float weights (`codes * scale`) instead of packed ones: float forward speed,
             fp32-sized memory, no quantization_config left on the model. A loading option, never saved.
@@ -90,6 +95,8 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         granularity: str | None = None,
         versions: dict[str, str] | None = None,
         dequantize: bool = False,
+        group_size: int | None = None,
+        scale_axis: str | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -97,6 +104,8 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         self.modules = list(modules) if modules is not None else None
         self.granularity = granularity or (PER_CHANNEL if per_channel else PER_TENSOR)
         self.per_channel = per_channel
+        self.group_size = group_size
+        self.scale_axis = scale_axis
         self.format_version = format_version
         self.bn_recalibrated = bn_recalibrated
         self.target_modules = target_modules
@@ -111,7 +120,7 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         """The config of a checkpoint quantized with `spec`, storing `modules` packed; `fields` are the other
         arguments (`bn_recalibrated`, `guarded_fields`, `versions`, `dequantize`). Without `modules`: the config that
         quantizes a float checkpoint with `spec` while it loads."""
-        return cls(modules=modules, **spec.to_dict(), **fields)
+        return cls(modules=modules, **spec.to_dict(), scale_axis=OUTPUT_SCALE_AXIS, **fields)
 
     @property
     def spec(self) -> QuantSpec:
@@ -123,6 +132,7 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
                 "per_channel": self.per_channel,
                 "target_modules": self.target_modules,
                 "exclude_modules": self.exclude_modules,
+                "group_size": self.group_size,
             }
         )
 
@@ -188,7 +198,8 @@ class OscqDeserialize(conversion_ops_class()):
             return {full_layer_name: torch.empty(stored_shape, device="meta")}
         bits = self.hf_quantizer.quantization_config.bits
         check_packed_tensors(full_layer_name, weight, scale, bits, target.numel())
-        packed = PackedWeight(weight.reshape(-1), scale, bits, target.shape, target.dtype)
+        module = model.get_submodule(full_layer_name.rpartition(".")[0])
+        packed = PackedWeight(weight.reshape(-1), scale, bits, target.shape, target.dtype, output_dim(module))
         if self.hf_quantizer.quantization_config.dequantize:
             return {full_layer_name: packed.dequantize()}
         return {full_layer_name: torch.nn.Parameter(packed, requires_grad=False)}
@@ -206,8 +217,11 @@ class OscqQuantize(conversion_ops_class()):
         for name, value in input_dict.items():
             weight = _single(value)
             check_finite(weight, name)
-            codes, scale = quantize_codes(weight, spec=self.hf_quantizer.spec)
-            packed = PackedWeight(pack_codes(codes, config.bits), scale, config.bits, weight.shape, weight.dtype)
+            out_dim = output_dim(model.get_submodule(name.rpartition(".")[0]))
+            codes, scale = quantize_codes(weight, spec=self.hf_quantizer.spec, out_dim=out_dim)
+            packed = PackedWeight(
+                pack_codes(codes, config.bits), scale, config.bits, weight.shape, weight.dtype, out_dim
+            )
             converted[name] = packed.dequantize() if config.dequantize else torch.nn.Parameter(packed, False)
         return converted
 
@@ -270,6 +284,7 @@ class OscqHfQuantizer(HfQuantizer):
             weights = select_weights(model, spec=self.spec)
             self.to_quantize = set(weights)
             config.modules = [name.removesuffix(".weight") for name in weights]
+            config.scale_axis = OUTPUT_SCALE_AXIS
             return model
         if not checkpoint_files:
             raise CheckpointFormatError("hf_oscq checkpoints load from their model.safetensors file; none was found.")

@@ -29,7 +29,7 @@ from ..quantization.batchnorm import has_batchnorm
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
 from ..quantization.ptq import quantized_weights
-from ..quantization.selection import select_weights
+from ..quantization.selection import output_dims, select_weights
 from ..quantization.sharding import is_sharded
 from ..quantization.spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
 from ..quantization.variants import FULL_PRECISION, variant_name, variant_names
@@ -115,10 +115,10 @@ def _write_variant(
     live = model.state_dict()
     kept = set(remove_tied_weights(model, live))
     packed = {}
-    for name, weight in weights.items():
+    for (name, weight), out_dim in zip(weights.items(), output_dims(model, weights)):
         if name not in kept:
             name = next(key for key in kept if _same_storage(live[key], live[name]))
-        packed[name] = quantize_codes(weight, spec=spec)
+        packed[name] = quantize_codes(weight, spec=spec, out_dim=out_dim)
     tensors, packed_names = {}, set()
     for key, value in state.items():
         if key not in kept:

@@ -276,7 +276,7 @@ def _render_model_card(
         parent=_link(repo_id, FULL_PRECISION),
         bits=bits,
         levels=2 * spec.max_code + 1 if quantized else None,
-        per_channel=spec.per_channel,
+        granularity=spec.describe_granularity,
         rounding=rounding_sentence(manifest),
         modules=shown or "(none recorded)",
         own_accuracy=percent(manifest, variant),

@@ -5,15 +5,24 @@ passes per weight instead of through an autograd graph. Training uses these; `pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from ..errors import OscqValueError
 from .penalty import DEFAULT_PENALTY_NORMALIZATION, penalty_divisors, validate_normalization
 from .primitives import check_finite, scale_dtype
-from .scale_groups import ScaleGroups, by_row, local_groups, peak_positions, scale_groups, with_peaks
-from .sharding import LocalShard, all_reduce, local_shard, scale_process_groups
+from .scale_groups import (
+    ScaleGroups,
+    as_group_rows,
+    by_row,
+    from_group_rows,
+    local_groups,
+    peak_positions,
+    scale_groups,
+    with_peaks,
+)
+from .sharding import LocalShard, all_reduce, check_shard_layout, local_shard, scale_process_groups
 from .spec import QuantSpec, resolve_spec
 
 
@@ -21,40 +30,48 @@ class _FusedFakeQuantize(torch.autograd.Function):
     """`fake_quantize` in a few passes, with the same value and gradient (STE plus the scale path)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        w = weight.detach().to(scale_dtype(weight.dtype))  # a copy for half-precision weights only
+    def forward(ctx, weight: torch.Tensor, spec: QuantSpec, out_dim: int) -> torch.Tensor:
+        # A copy for half-precision weights, or output channels not in dim 0, only.
+        w = as_group_rows(weight.detach().to(scale_dtype(weight.dtype)), spec, out_dim)
         groups = scale_groups(w, spec)
         quantized = torch.div(w, groups.divisor).round_().mul_(groups.divisor)
         ctx.save_for_backward(w, quantized)
         ctx.top, ctx.groups, ctx.peaks = spec.max_code, groups, peak_positions(w, groups)
-        return quantized.to(weight.dtype)
+        ctx.spec, ctx.out_dim, ctx.shape = spec, out_dim, weight.shape
+        return from_group_rows(quantized, weight.shape, spec, out_dim).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         w, quantized = ctx.saved_tensors
         groups, (index, group, ties) = ctx.groups, ctx.peaks
         # dq/ds = round(w/s) - w/s = (q - w) / s, so dL/ds = sum(g q - g w) / s per group; ds/dw = sign(w) / top.
-        g = grad_output.to(w.dtype).reshape(groups.rows, -1)
+        grad = as_group_rows(grad_output, ctx.spec, ctx.out_dim).clone(memory_format=torch.contiguous_format)
+        g = grad.to(w.dtype).reshape(groups.rows, -1)
         dl_ds = (
             torch.einsum("ij,ij->i", g, quantized.reshape(groups.rows, -1))
             - torch.einsum("ij,ij->i", g, w.reshape(groups.rows, -1))
         ) / groups.scale
-        grad = grad_output.clone(memory_format=torch.contiguous_format)
         scatter = (torch.sign(w.reshape(-1)[index]) * (dl_ds / (ctx.top * ties.clamp_min(1)))[group]).to(grad.dtype)
         grad.reshape(-1).index_add_(0, index, scatter)
-        return grad, None
+        return from_group_rows(grad, ctx.shape, ctx.spec, ctx.out_dim), None, None
 
 
 def fused_fake_quantize(
-    weight: torch.Tensor, bits: int | None = None, per_channel: bool | None = None, *, spec: QuantSpec | None = None
+    weight: torch.Tensor,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    *,
+    spec: QuantSpec | None = None,
+    out_dim: int = 0,
 ) -> torch.Tensor:
     """Same value and gradient as `fake_quantize`, computed without an autograd graph through the quantizer.
 
     QAT uses it in every forward pass; `fake_quantize` stays the plain autograd formulation it is checked against.
 
-    Args: as `fake_quantize` (`bits` / `per_channel` are shorthand for `spec`).
+    Args: as `fake_quantize` (`bits` / `per_channel` are shorthand for `spec`; `out_dim` is the output-channel
+    dimension).
     """
-    return _FusedFakeQuantize.apply(weight, resolve_spec("fused_fake_quantize", spec, bits, per_channel))
+    return _FusedFakeQuantize.apply(weight, resolve_spec("fused_fake_quantize", spec, bits, per_channel), out_dim)
 
 
 class PenaltyWorkspace:
@@ -127,11 +144,16 @@ class _FusedPenalty(torch.autograd.Function):
         workspace: PenaltyWorkspace,
         keys: list[int],
         shards: list[LocalShard],
+        out_dims: list[int],
         *weights: torch.Tensor,
     ):
         top = spec.max_code
-        # Half-precision weights are quantized in float32 (`scale_dtype`), as everywhere else in hf_oscq.
-        local = [weight.detach().to(scale_dtype(weight.dtype)) for weight in weights]
+        # Half-precision weights are quantized in float32 (`scale_dtype`), as everywhere else in hf_oscq; per channel
+        # and group-wise, each weight is seen as the matrix of its scale groups (`as_group_rows`).
+        local = [
+            as_group_rows(weight.detach().to(scale_dtype(weight.dtype)), spec, out_dim)
+            for weight, out_dim in zip(weights, out_dims)
+        ]
         spanning = [scale_process_groups(shard, spec) for shard in shards]
         groups = [local_groups(w, spec) for w in local]
         peaks = all_reduce([group.peak for group in groups], spanning, "max")
@@ -160,6 +182,8 @@ class _FusedPenalty(torch.autograd.Function):
         workspace.generation += 1
         ctx.workspace, ctx.generation = workspace, workspace.generation
         ctx.dtypes = [weight.dtype for weight in weights]
+        ctx.layouts = [(weight.shape, out_dim) for weight, out_dim in zip(weights, out_dims)]
+        ctx.spec = spec
         dtype = torch.promote_types(torch.float32, weights[0].dtype)
         return torch.stack([value.to(dtype) for value in values]).sum()
 
@@ -171,11 +195,14 @@ class _FusedPenalty(torch.autograd.Function):
                 "one was backpropagated; use one workspace per pending penalty."
             )
         grads = []
-        for (negative_diff, idx, negative_scale_grad, divisor), dtype in zip(ctx.terms, ctx.dtypes):
+        for (negative_diff, idx, negative_scale_grad, divisor), dtype, (shape, out_dim) in zip(
+            ctx.terms, ctx.dtypes, ctx.layouts
+        ):
             negative_diff.reshape(-1).index_add_(0, idx, negative_scale_grad)
-            grads.append(negative_diff.mul_(grad_output * (-2.0 / divisor)).to(dtype))
+            grad = negative_diff.mul_(grad_output * (-2.0 / divisor)).to(dtype)
+            grads.append(from_group_rows(grad, shape, ctx.spec, out_dim))
         del ctx.terms
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def fused_oscillation_penalty(
@@ -186,6 +213,7 @@ def fused_oscillation_penalty(
     *,
     spec: QuantSpec | None = None,
     normalization: str = DEFAULT_PENALTY_NORMALIZATION,
+    out_dims: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Same value and gradients as `oscillation_penalty`, for weights already selected, at training speed.
 
@@ -203,24 +231,33 @@ def fused_oscillation_penalty(
         normalization: `"layer_mean"` or `"global_mean"`, as in `oscillation_penalty`. With `"global_mean"` the
             divisor is the size of all `weights` together (whole tensors, also when sharded): pass every selected
             weight of the model in one call.
+        out_dims: each weight's output-channel dimension, in order (`selection.output_dims(model, weights)`: 1 for
+            GPT-2's `Conv1D`); all 0 by default. Per-channel and group-wise scales follow it.
 
     Returns:
         A scalar float32 tensor whose backward adds the penalty's gradient to the weights.
 
     Raises:
-        OscqValueError: when no weight is given, a weight holds NaN or Inf (named when a mapping is given), or the
-            normalization is unknown.
+        OscqValueError: when no weight is given, a weight holds NaN or Inf (named when a mapping is given), the
+            normalization is unknown, or `group_size` does not divide a weight's input features.
     """
     spec = resolve_spec("fused_oscillation_penalty", spec, bits, per_channel)
     validate_normalization(normalization)
     named = dict(weights) if isinstance(weights, Mapping) else {str(i): w for i, w in enumerate(weights)}
     if not named:
         raise OscqValueError("fused_oscillation_penalty got no weights: select some with select_weights(model).")
+    out_dims = list(out_dims) if out_dims is not None else [0] * len(named)
+    if len(out_dims) != len(named):
+        raise OscqValueError(f"fused_oscillation_penalty got {len(named)} weights but {len(out_dims)} out_dims.")
     shards = [local_shard(weight) for weight in named.values()]
+    for name, shard, out_dim in zip(named, shards, out_dims):
+        check_shard_layout(shard, spec, out_dim, name)
     tensors = [shard.local for shard in shards]
     with torch.autocast(tensors[0].device.type, enabled=False):
         keys = [id(weight) for weight in named.values()]  # FSDP2 hands out a new local view at every step
-        value = _FusedPenalty.apply(spec, normalization, workspace or PenaltyWorkspace(), keys, shards, *tensors)
+        value = _FusedPenalty.apply(
+            spec, normalization, workspace or PenaltyWorkspace(), keys, shards, out_dims, *tensors
+        )
     if not bool(torch.isfinite(value)):
         for name, weight in named.items():
             check_finite(weight, name)

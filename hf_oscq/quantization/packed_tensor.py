@@ -6,10 +6,10 @@ checkpoint (quantization/packing.py) plus the float32 scales. `F.linear`, `F.con
 `Conv1D`) and `torch.matmul` dequantize the whole weight into a temporary; `F.embedding` dequantizes only the rows it
 looks up. Any other operation sees the dequantized values; operations that would write into the weight are refused.
 
-Scales cover equal consecutive blocks of the row-major codes: one block per tensor (`scale.numel() == 1`), per
-output channel (`(out, 1, ...)`), or per group of input features, so a new scale granularity is a change of the
-scale tensor's shape only. Dequantization multiplies in float32, then casts to the logical dtype, which gives
-exactly `quantize_model`'s weights in every dtype.
+Scales cover equal consecutive blocks of the output-channel-first codes (quantization/layout.py): one block per
+tensor (`scale.numel() == 1`), per output channel (`(out, 1, ...)`), or per group of input features (`(out, groups)`);
+for GPT-2's `Conv1D` (`out_dim=1`) the output channels are the weight's columns. Dequantization multiplies in
+float32, then casts to the logical dtype, which gives exactly `quantize_model`'s weights in every dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class PackedWeight(torch.Tensor):
         bits: bit-width in [2, 8].
         shape: the logical weight shape.
         dtype: the logical float dtype (what forward passes compute in).
+        out_dim: the output-channel dimension of the weight (1 for GPT-2's `Conv1D`), which per-channel and group-wise
+            scales follow.
 
     Example:
         ```python
@@ -49,15 +51,19 @@ class PackedWeight(torch.Tensor):
     packed: torch.Tensor
     scale: torch.Tensor
     bits: int
+    out_dim: int
 
     @staticmethod
-    def __new__(cls, packed, scale, bits, shape, dtype):
+    def __new__(cls, packed, scale, bits, shape, dtype, out_dim=0):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device, requires_grad=False)
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bits: int, shape, dtype: torch.dtype):
+    def __init__(
+        self, packed: torch.Tensor, scale: torch.Tensor, bits: int, shape, dtype: torch.dtype, out_dim: int = 0
+    ):
         self.packed = packed
         self.scale = scale
         self.bits = bits
+        self.out_dim = out_dim
 
     def __repr__(self) -> str:
         return (
@@ -67,7 +73,7 @@ class PackedWeight(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight `codes * scale`, in `dtype` (default: the logical dtype)."""
-        return dequantize_packed(self.packed, self.bits, self.scale, self.shape, dtype or self.dtype)
+        return dequantize_packed(self.packed, self.bits, self.scale, self.shape, dtype or self.dtype, self.out_dim)
 
     @property
     def storage_bytes(self) -> int:
@@ -76,17 +82,17 @@ class PackedWeight(torch.Tensor):
 
     # Traceable wrapper subclass protocol: `nn.Module.to()` swaps such parameters in place (ties survive).
     def __tensor_flatten__(self):
-        return ["packed", "scale"], (self.bits, tuple(self.shape), self.dtype)
+        return ["packed", "scale"], (self.bits, tuple(self.shape), self.dtype, self.out_dim)
 
     @classmethod
     def __tensor_unflatten__(cls, inner, metadata, outer_size, outer_stride):
-        bits, shape, dtype = metadata
-        return cls(inner["packed"], inner["scale"], bits, shape, dtype)
+        bits, shape, dtype, out_dim = metadata
+        return cls(inner["packed"], inner["scale"], bits, shape, dtype, out_dim)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.embedding and isinstance(args[1], PackedWeight):
+        if func is F.embedding and isinstance(args[1], PackedWeight) and args[1].out_dim == 0:
             indices, weight = args[0], args[1]
             if kwargs.get("max_norm") is not None:
                 raise NotImplementedError(
@@ -109,14 +115,18 @@ class PackedWeight(torch.Tensor):
         kwargs = kwargs or {}
         weight = args[0]
         if func in _ALIASING and isinstance(weight, PackedWeight):
-            result = PackedWeight(func(weight.packed), func(weight.scale), weight.bits, weight.shape, weight.dtype)
+            result = PackedWeight(
+                func(weight.packed), func(weight.scale), weight.bits, weight.shape, weight.dtype, weight.out_dim
+            )
             return return_and_correct_aliasing(func, args, kwargs, result)
         if func is _aten._to_copy.default and isinstance(weight, PackedWeight):
             device = kwargs.get("device") or weight.device
             dtype = kwargs.get("dtype") or weight.dtype
             if not dtype.is_floating_point:
                 raise TypeError(f"A packed weight holds float values; it cannot be cast to {dtype}.")
-            moved = PackedWeight(weight.packed.to(device), weight.scale.to(device), weight.bits, weight.shape, dtype)
+            moved = PackedWeight(
+                weight.packed.to(device), weight.scale.to(device), weight.bits, weight.shape, dtype, weight.out_dim
+            )
             return return_and_correct_aliasing(func, args, kwargs, moved)
         if func._schema.is_mutable:
             raise RuntimeError(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import OscqValueError
+from .layout import expand_scale
 from .spec import max_code, validate_bits
 
 
@@ -141,7 +142,12 @@ def _code_values(bits: int, scale: torch.Tensor | None, dtype: torch.dtype, devi
 
 
 def dequantize_packed(
-    packed: torch.Tensor, bits: int, scale: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
+    packed: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+    out_dim: int = 0,
 ) -> torch.Tensor:
     """`codes * scale` of a packed weight: bit for bit `dequantize(unpack_codes(packed, bits, shape), scale)` rounded
     to `dtype`.
@@ -149,9 +155,11 @@ def dequantize_packed(
     Args:
         packed: 1-D uint8 stream of `prod(shape)` codes.
         bits: bit-width in [2, 8].
-        scale: float scales; `scale.numel()` equal blocks of the row-major codes share one each.
+        scale: float scales; `scale.numel()` equal blocks of the row-major codes share one each when `out_dim` is 0,
+            else blocks of the output-channel-first codes (`layout.expand_scale`).
         shape: the weight's shape.
         dtype: the returned dtype.
+        out_dim: the weight's output-channel dimension (1 for GPT-2's `Conv1D`).
 
     Returns:
         A contiguous tensor of `shape` and `dtype`.
@@ -177,6 +185,8 @@ def dequantize_packed(
             count = min(_STEP, numel - start)
             unsigned = unpack_unsigned(packed[start * bits // 8 :], bits, count)
             torch.index_select(values, 0, unsigned, out=flat[start : start + count])
+    if not per_tensor and out_dim:
+        return (flat.view(tuple(shape)) * expand_scale(scale.float(), tuple(shape), out_dim)).to(dtype)
     if not per_tensor:
         flat = flat.view(scale.numel(), -1).mul_(scale.reshape(-1, 1).float()).to(dtype)
     return flat.view(tuple(shape))

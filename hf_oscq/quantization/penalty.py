@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import OscqValueError
 from .primitives import check_finite, fake_quantize, scale_dtype
-from .selection import select_weights
+from .selection import output_dims, select_weights
 from .spec import Patterns, QuantSpec, resolve_spec
 
 LAYER_MEAN = "layer_mean"
@@ -69,7 +69,8 @@ def oscillation_penalty(
         target_modules: which modules, see `select_weights` (shorthand for `spec`).
         exclude_modules: modules left out, see `select_weights` (shorthand for `spec`).
         per_channel: one scale per output channel (shorthand for `spec`).
-        spec: the `QuantSpec`: how and which weights.
+        spec: the `QuantSpec`: how and which weights. Per-channel and group-wise scales follow each layer's output
+            dimension (`selection.output_dim`).
         normalization: `"layer_mean"` (the paper: the sum over layers of each layer's mean) or `"global_mean"` (the
             sum over all selected weights divided by their number).
 
@@ -84,8 +85,8 @@ def oscillation_penalty(
     weights = select_weights(model, spec=spec)
     divisors = penalty_divisors([weight.numel() for weight in weights.values()], normalization)
     terms = []
-    for (name, weight), divisor in zip(weights.items(), divisors):
+    for (name, weight), divisor, out_dim in zip(weights.items(), divisors, output_dims(model, weights)):
         check_finite(weight, name)
         weight = weight.to(scale_dtype(weight.dtype))  # half precision: the penalty of the float32 quantization
-        terms.append((fake_quantize(weight, spec=spec).square() - weight.square()).sum() / divisor)
+        terms.append((fake_quantize(weight, spec=spec, out_dim=out_dim).square() - weight.square()).sum() / divisor)
     return torch.stack(terms).sum()

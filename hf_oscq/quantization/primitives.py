@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import OscqValueError
-from .sharding import LocalShard, all_reduce, local_shard, scale_process_groups
+from .layout import expand_scale, group_layout, grouped, scale_shape, ungrouped
+from .sharding import LocalShard, all_reduce, check_shard_layout, local_shard, scale_process_groups
 from .spec import QuantSpec, resolve_spec
 
 
@@ -25,27 +26,34 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def compute_scale(
-    weight: torch.Tensor, bits: int | None = None, per_channel: bool | None = None, *, spec: QuantSpec | None = None
+    weight: torch.Tensor,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    *,
+    spec: QuantSpec | None = None,
+    out_dim: int = 0,
 ) -> torch.Tensor:
-    """Scale `s = max|W| / (2**(bits-1) - 1)`, differentiable through the max like the reference code.
+    """Scale `s = max|W| / (2**(bits-1) - 1)` of each scale group, differentiable through the max like the reference
+    code.
 
     Computed and returned in `scale_dtype(weight.dtype)` (float32 for float32, float16 and bfloat16 weights).
 
     Args:
         weight: the tensor to quantize.
         bits: bit-width in [2, 8] (shorthand for `spec`).
-        per_channel: one scale per output channel (dim 0) instead of one per tensor (shorthand for `spec`).
-        spec: the `QuantSpec` (its modules are not used here).
+        per_channel: one scale per output channel instead of one per tensor (shorthand for `spec`).
+        spec: the `QuantSpec` (its modules are not used here); `granularity="group"` gives one scale per
+            `group_size` input features of each output channel.
+        out_dim: the dimension of `weight` that indexes output channels: 0 for Linear, Conv and Embedding weights,
+            1 for GPT-2's `Conv1D` (`selection.output_dim(module)` says which).
 
     Returns:
-        A 0-d tensor, or per channel a tensor of shape `(out, 1, ..., 1)` that broadcasts against `weight`.
+        A 0-d tensor per tensor; per channel `(out, 1, ..., 1)`; group-wise `(out, groups)` (output channel first
+        whatever `out_dim`, see `layout.py`; `layout.expand_scale` broadcasts it against `weight`).
     """
     spec = resolve_spec("compute_scale", spec, bits, per_channel)
-    if spec.per_channel and weight.dim() > 0:
-        reduce_dims = tuple(range(1, weight.dim()))
-        magnitude = weight.abs().amax(dim=reduce_dims, keepdim=True) if reduce_dims else weight.abs()
-    else:
-        magnitude = weight.abs().amax()
+    magnitude = grouped(weight, spec, out_dim).abs().amax(dim=2)
+    magnitude = magnitude.reshape(scale_shape(weight.shape, spec, out_dim))
     return magnitude.to(scale_dtype(weight.dtype)) / spec.max_code
 
 
@@ -72,30 +80,44 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def fake_quantize(
-    weight: torch.Tensor, bits: int | None = None, per_channel: bool | None = None, *, spec: QuantSpec | None = None
+    weight: torch.Tensor,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    *,
+    spec: QuantSpec | None = None,
+    out_dim: int = 0,
 ) -> torch.Tensor:
     """Quantizes and dequantizes `weight`: `q_b(W) = s * round(W / s)`, with the straight-through estimator.
 
-    The scale is not detached, so the largest-magnitude element also receives gradient through `s`
-    (as in the paper's reference code). The forward value equals `dequantize(*quantize_codes(weight, bits))`
+    The scale is not detached, so the largest-magnitude element of each scale group also receives gradient through
+    its `s` (as in the paper's reference code). The forward value equals `dequantize(*quantize_codes(weight, bits))`
     bit for bit, cast to `weight.dtype` (the arithmetic runs in `scale_dtype(weight.dtype)`).
 
     Args:
         weight: the full-precision tensor.
         bits: bit-width in [2, 8]; codes lie in [-(2**(bits-1) - 1), 2**(bits-1) - 1] (shorthand for `spec`).
-        per_channel: one scale per output channel (dim 0) (shorthand for `spec`).
+        per_channel: one scale per output channel (shorthand for `spec`).
         spec: the `QuantSpec`.
+        out_dim: the output-channel dimension of `weight`, as in `compute_scale`.
 
     Returns:
         A tensor of the same shape and dtype holding values on the quantization grid.
     """
     spec = resolve_spec("fake_quantize", spec, bits, per_channel)
-    scale = nonzero_scale(compute_scale(weight, spec=spec))
-    return (_RoundSTE.apply(weight.to(scale.dtype) / scale) * scale).to(weight.dtype)
+    scale = nonzero_scale(compute_scale(weight, spec=spec, out_dim=out_dim))
+    out, groups, _ = group_layout(weight.shape, spec, out_dim)
+    scale = scale.reshape(out, groups, 1)
+    values = _RoundSTE.apply(grouped(weight.to(scale.dtype), spec, out_dim) / scale) * scale
+    return ungrouped(values, weight.shape, out_dim).to(weight.dtype)
 
 
 def quantize_codes(
-    weight: torch.Tensor, bits: int | None = None, per_channel: bool | None = None, *, spec: QuantSpec | None = None
+    weight: torch.Tensor,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    *,
+    spec: QuantSpec | None = None,
+    out_dim: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes and scale(s) of `weight` (no gradient).
 
@@ -103,38 +125,63 @@ def quantize_codes(
 
     Returns:
         `(codes, scale)`: `codes` is an int8 tensor shaped like `weight` with values in
-        [-(2**(bits-1) - 1), 2**(bits-1) - 1]; `scale` is as in `compute_scale` (0 for an all-zero tensor).
+        [-(2**(bits-1) - 1), 2**(bits-1) - 1]; `scale` is as in `compute_scale` (0 for an all-zero group).
+        `dequantize(codes, scale, out_dim=out_dim)` gives the quantized weight.
     """
     spec = resolve_spec("quantize_codes", spec, bits, per_channel)
     with torch.no_grad():
-        scale = compute_scale(weight, spec=spec)
-        codes = torch.round(weight.to(scale.dtype) / nonzero_scale(scale)).to(torch.int8)
+        scale = compute_scale(weight, spec=spec, out_dim=out_dim)
+        divisor = nonzero_scale(expand_scale(scale, weight.shape, out_dim))
+        codes = torch.round(weight.to(scale.dtype) / divisor).to(torch.int8)
     return codes, scale
 
 
-def sharded_codes(weights: list[torch.Tensor], spec: QuantSpec) -> list[tuple[LocalShard, torch.Tensor, torch.Tensor]]:
+def sharded_codes(
+    weights: list[torch.Tensor], spec: QuantSpec, out_dims: list[int] | None = None
+) -> list[tuple[LocalShard, torch.Tensor, torch.Tensor]]:
     """`quantize_codes` of each weight's local rows, with the scale of the whole tensor (FSDP2-sharded or not).
 
+    Args:
+        weights: the weights (whole tensors or FSDP2 `DTensor`s).
+        spec: the `QuantSpec`.
+        out_dims: each weight's output-channel dimension (`selection.output_dims`); all 0 by default.
+
     Returns:
-        One `(shard, codes, scale)` per weight: `codes` covers `shard.local`; `scale` broadcasts against it.
+        One `(shard, codes, scale)` per weight: `codes` covers `shard.local`; `scale` as in `compute_scale`.
     """
+    out_dims = out_dims or [0] * len(weights)
     shards = [local_shard(weight) for weight in weights]
+    for shard, out_dim in zip(shards, out_dims):
+        check_shard_layout(shard, spec, out_dim)
     with torch.no_grad():
         # The largest of the shards' scales is the whole tensor's: rounding a quotient is monotonic.
         scales = [
-            compute_scale(local, spec=spec) if local.numel() else local.new_zeros((), dtype=scale_dtype(local.dtype))
-            for local in (shard.local.detach() for shard in shards)
+            compute_scale(shard.local.detach(), spec=spec, out_dim=out_dim)
+            if shard.local.numel()
+            else shard.local.new_zeros(scale_shape(shard.local.shape, spec), dtype=scale_dtype(shard.local.dtype))
+            for shard, out_dim in zip(shards, out_dims)
         ]
         scales = all_reduce(scales, [scale_process_groups(shard, spec) for shard in shards], "max")
         return [
-            (shard, torch.round(shard.local.detach().to(scale.dtype) / nonzero_scale(scale)).to(torch.int8), scale)
-            for shard, scale in zip(shards, scales)
+            (shard, _codes(shard.local.detach(), scale, out_dim), scale)
+            for shard, scale, out_dim in zip(shards, scales, out_dims)
         ]
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Float weights from integer codes: `codes * scale`, in the dtype of `scale`."""
-    return codes.to(scale.dtype) * scale
+def _codes(weight: torch.Tensor, scale: torch.Tensor, out_dim: int) -> torch.Tensor:
+    divisor = nonzero_scale(expand_scale(scale, weight.shape, out_dim))
+    return torch.round(weight.to(scale.dtype) / divisor).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, *, out_dim: int = 0) -> torch.Tensor:
+    """Float weights from integer codes: `codes * scale`, in the dtype of `scale`.
+
+    Args:
+        codes: integer codes shaped like the weight.
+        scale: the scale(s) as `compute_scale` / `quantize_codes` return them.
+        out_dim: the output-channel dimension of the weight, as in `compute_scale`.
+    """
+    return codes.to(scale.dtype) * expand_scale(scale, codes.shape, out_dim)
 
 
 def check_finite(weight: torch.Tensor, name: str) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .batchnorm import recalibrate_batchnorm
 from .primitives import check_finite, dequantize, sharded_codes
-from .selection import select_weights
+from .selection import output_dims, select_weights
 from .sharding import reshard
 from .spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
 from .variants import FULL_PRECISION, sort_variants, variant_name
@@ -22,12 +22,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_EVAL_BITS", "cross_bit_evaluate", "format_cross_bit_table", "quantize_model", "quantized_weights"]
 
 
-def _round_in_place(weights: Mapping[str, torch.Tensor], spec: QuantSpec) -> None:
+def _round_in_place(model: nn.Module, weights: Mapping[str, torch.Tensor], spec: QuantSpec) -> None:
     """Rounds the weights in place; FSDP2-sharded weights row shard by row shard, with the whole tensor's scale."""
     for name, weight in weights.items():
         check_finite(weight, name)
-    for shard, codes, scale in sharded_codes(list(weights.values()), spec):
-        shard.local.detach().copy_(dequantize(codes, scale))
+    out_dims = output_dims(model, weights)
+    for (shard, codes, scale), out_dim in zip(sharded_codes(list(weights.values()), spec, out_dims), out_dims):
+        shard.local.detach().copy_(dequantize(codes, scale, out_dim=out_dim))
 
 
 @contextlib.contextmanager
@@ -65,7 +66,7 @@ def quantized_weights(
     with torch.no_grad():
         try:
             saved = {name: weight.detach().clone() for name, weight in weights.items()}
-            _round_in_place(weights, spec)
+            _round_in_place(model, weights, spec)
             if calibration_batches is not None:
                 buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
                 recalibrate_batchnorm(model, calibration_batches)
@@ -109,7 +110,7 @@ def quantize_model(
     target = model if inplace else copy.deepcopy(model)
     reshard(target)
     with torch.no_grad():
-        _round_in_place(select_weights(target, spec=spec), spec)
+        _round_in_place(target, select_weights(target, spec=spec), spec)
     if calibration_batches is not None:
         recalibrate_batchnorm(target, calibration_batches)
     return target

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .fused import fused_fake_quantize
+from .selection import output_dim
 from .spec import QuantSpec, resolve_spec
 
 
@@ -57,7 +58,7 @@ def fake_quantized_forward(
         for attribute in owners[module]:
             parameter = module._parameters[attribute]  # under FSDP2: the gathered parameter of this forward pass
             latent[module, attribute] = parameter
-            module._parameters[attribute] = fused_fake_quantize(parameter, spec=spec)
+            module._parameters[attribute] = fused_fake_quantize(parameter, spec=spec, out_dim=output_dim(module))
 
     def restore(module: nn.Module, args=None, output=None) -> None:
         for attribute in owners[module]:

@@ -1,8 +1,9 @@
-"""The scale groups of a weight (one per tensor, or one per output channel) in the form the fused kernels want:
-largest magnitude per group, the scale as the fastest elementwise operand, and where the peaks are.
+"""The scale groups of a weight (one per tensor, per output channel or per group of input features) in the form the
+fused kernels want: largest magnitude per group, the scale as the fastest elementwise operand, and where the peaks are.
 
-`fused.py` builds on these; the reference quantizer (`primitives.py`) does not need them. A new granularity changes
-how groups are formed here.
+Per channel and group-wise, the kernels work on the weight as the contiguous `(rows, group_len)` matrix of its scale
+groups (`as_group_rows`; see `layout.py`), a view unless the output channels are not dim 0. `fused.py` builds on
+these; the reference quantizer (`primitives.py`) does not need them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from .layout import group_layout, ungrouped
 from .primitives import nonzero_scale
 from .spec import QuantSpec
 
@@ -40,11 +42,26 @@ def by_row(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows, t.numel() // rows if rows else 0)
 
 
+def as_group_rows(w: torch.Tensor, spec: QuantSpec, out_dim: int = 0) -> torch.Tensor:
+    """`w` as the contiguous `(rows, group_len)` matrix of its scale groups (one row per output channel and group),
+    or `w` itself per tensor. A view for `out_dim=0` and a contiguous `w`, a copy otherwise."""
+    if spec.per_tensor or w.dim() == 0:
+        return w
+    out, groups, length = group_layout(w.shape, spec, out_dim)
+    moved = w.movedim(out_dim, 0).contiguous() if out_dim else w
+    return moved.reshape(out * groups, length)
+
+
+def from_group_rows(values: torch.Tensor, shape: torch.Size, spec: QuantSpec, out_dim: int = 0) -> torch.Tensor:
+    """Inverse of `as_group_rows`: `values` in the weight's `shape`."""
+    return values if spec.per_tensor or not shape else ungrouped(values, shape, out_dim)
+
+
 def local_groups(w: torch.Tensor, spec: QuantSpec) -> ScaleGroups:
-    """The groups of `w` with the peaks of these elements only; `with_peaks` completes them once peaks are final
-    (reduced across shards)."""
-    if spec.per_channel and w.dim() > 0:
-        rows, shape = w.shape[0], (w.shape[0],) + (1,) * (w.dim() - 1)
+    """The groups of `w` (per channel and group-wise: the `as_group_rows` matrix) with the peaks of these elements
+    only; `with_peaks` completes them once peaks are final (reduced across shards)."""
+    if not spec.per_tensor and w.dim() > 0:
+        rows, shape = w.shape[0], (w.shape[0], 1)
         flat = by_row(w, rows)
         peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)) if flat.shape[1] else flat.new_zeros(rows)
         return ScaleGroups(rows, shape, peak, peak, peak, None)

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from ..errors import OscqValueError
 from .spec import ALL_WEIGHTS, Patterns, QuantSpec
 
-__all__ = ["ALL_WEIGHTS", "select_weights", "weight_owners"]
+__all__ = ["ALL_WEIGHTS", "output_dim", "output_dims", "select_weights", "weight_owners"]
 
 _DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-try:  # GPT-2 style language models use a transposed Linear
+# Layers whose weight stores the output channels in dim 1: GPT-2's transposed Linear, `(in, out)`.
+_TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = ()
+try:
     from transformers.pytorch_utils import Conv1D
 
     _DEFAULT_TYPES += (Conv1D,)
+    _TRANSPOSED_TYPES += (Conv1D,)
 except ImportError:  # pragma: no cover - transformers is a dependency
     pass
 
@@ -119,3 +124,16 @@ def weight_owners(
     """
     selected = select_weights(model, target_modules, exclude_modules, spec=spec)
     return {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dimension of `module.weight` that indexes output channels: 1 for GPT-2's `Conv1D` (weight `(in, out)`)
+    and transposed convolutions (weight `(in, out, ...)`), 0 for every other layer (Linear, Conv, Embedding: each
+    row is an output channel or an embedding vector). Per-channel and group-wise scales follow it."""
+    transposed = isinstance(module, _TRANSPOSED_TYPES) or isinstance(module, nn.modules.conv._ConvTransposeNd)
+    return 1 if transposed else 0
+
+
+def output_dims(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> list[int]:
+    """`output_dim` of the module owning each of `weights` (named as `select_weights` names them), in order."""
+    return [output_dim(model.get_submodule(name.rpartition(".")[0])) for name in weights]

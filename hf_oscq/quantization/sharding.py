@@ -90,8 +90,24 @@ def reshard(model: nn.Module) -> None:
 
 def scale_process_groups(shard: LocalShard, spec: QuantSpec) -> ProcessGroups:
     """The process groups one scale group of `shard`'s weight spans: all of the shard's for one scale per tensor,
-    none per channel (FSDP2 splits by rows, so every output channel lies on one process)."""
-    return () if spec.per_channel else shard.groups
+    none per channel or group (FSDP2 splits by rows, so every output channel of a weight whose output dim is 0 lies
+    on one process; `check_shard_layout` refuses the others)."""
+    return shard.groups if spec.per_tensor else ()
+
+
+def check_shard_layout(shard: LocalShard, spec: QuantSpec, out_dim: int, name: str = "") -> None:
+    """Refuses per-channel or group-wise scales on a row-sharded weight whose output channels are its columns
+    (GPT-2's `Conv1D`): each of its scale groups would span every process.
+
+    Raises:
+        OscqValueError: naming the weight and the fixes.
+    """
+    if shard.groups and not spec.per_tensor and out_dim != 0:
+        raise OscqValueError(
+            f"Weight {name or '(unnamed)'} stores its output channels in dim {out_dim} (GPT-2's Conv1D), and FSDP2 "
+            f"shards it by rows, so its {spec.granularity} scales would span every process. Use DDP (accelerate "
+            "launch --multi_gpu) or granularity='per_tensor' for this model, or exclude the layer."
+        )
 
 
 def current_weights(model: nn.Module, owners: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

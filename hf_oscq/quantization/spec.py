@@ -4,8 +4,8 @@ Every function that quantizes (quantizer, penalty, QAT, PTQ, export, tracking, t
 `QuantSpec` as `spec=`; `OscillationConfig.quant_spec` builds it from the `osc_*` settings, and export manifests and
 `quantization_config` serialize it (`to_dict` / `from_dict`). Where users call by hand, `bits=` and the loose keywords
 (`per_channel`, `target_modules`, `exclude_modules`) remain a shorthand for it: `quantize_model(model, 3)` is
-`quantize_model(model, spec=QuantSpec(bits=3))`. A new way to quantize (group-wise scales, asymmetric grids) is a new
-field or granularity here, validated in `__post_init__`.
+`quantize_model(model, spec=QuantSpec(bits=3))`. A new way to quantize (asymmetric grids, say) is a new field or
+granularity here, validated in `__post_init__`.
 
 Pure Python: importing this module imports nothing heavy.
 """
@@ -30,7 +30,8 @@ DEFAULT_BN_RECALIBRATION_SAMPLES = 512
 ALL_WEIGHTS = "all-weights"
 PER_TENSOR = "per_tensor"
 PER_CHANNEL = "per_channel"
-GRANULARITIES = (PER_TENSOR, PER_CHANNEL)
+GROUP = "group"
+GRANULARITIES = (PER_TENSOR, PER_CHANNEL, GROUP)
 
 Patterns = str | Sequence[str] | None
 
@@ -75,13 +76,19 @@ class QuantSpec:
             Bit-width in [2, 8]: integer codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1], i.e. `2**bits - 1` levels.
         granularity (`str`, defaults to `"per_tensor"`):
             `"per_tensor"`: one scale per weight tensor (the paper's); `"per_channel"`: one scale per output
-            channel (dim 0).
+            channel; `"group"`: one scale per `group_size` consecutive input features of each output channel (the
+            group-wise scales of LLM quantizers). The output channel is dim 0 of Linear, Conv and Embedding weights
+            and dim 1 of GPT-2's `Conv1D` (stored `(in, out)`); input features are the other dimensions, flattened
+            (for a Conv, `in * kernel` per output channel).
         target_modules (`str` or `list[str]`, *optional*):
             Modules whose weights are quantized: module names, dotted suffixes or regexes matching whole module
             names; `"all-weights"` for every module with a `.weight` (the paper's reference code). `None`: the
             weights of Linear, Conv1d/2d/3d, Embedding (and GPT-2's Conv1D) layers. Stored as a tuple.
         exclude_modules (`str` or `list[str]`, *optional*):
             Modules left in float, same syntax. Stored as a tuple.
+        group_size (`int`, *optional*):
+            Input features per scale with `granularity="group"` (32-128 is usual for language models); must divide
+            the input features of every selected weight. Only with `"group"`.
 
     Raises:
         OscqValueError: for a bit-width outside [2, 8], an unknown granularity or patterns that are not strings.
@@ -91,11 +98,25 @@ class QuantSpec:
     granularity: str = PER_TENSOR
     target_modules: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "bits", validate_bits(self.bits))
         if self.granularity not in GRANULARITIES:
             raise OscqValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}.")
+        if self.granularity == GROUP:
+            size = self.group_size
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise OscqValueError(
+                    f"granularity='group' needs group_size, a positive integer number of input features per scale "
+                    f"(e.g. 32, 64 or 128), got {size!r}."
+                )
+            object.__setattr__(self, "group_size", int(size))
+        elif self.group_size is not None:
+            raise OscqValueError(
+                f"group_size={self.group_size!r} is only used with granularity='group', not {self.granularity!r}: "
+                "pass granularity='group' or drop group_size."
+            )
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
         object.__setattr__(self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules))
 
@@ -103,6 +124,18 @@ class QuantSpec:
     def per_channel(self) -> bool:
         """Whether each output channel has its own scale."""
         return self.granularity == PER_CHANNEL
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether the whole tensor shares one scale."""
+        return self.granularity == PER_TENSOR
+
+    @property
+    def describe_granularity(self) -> str:
+        """The scale granularity in words, for cards and logs."""
+        if self.granularity == GROUP:
+            return f"one scale per group of {self.group_size} input features of each output channel"
+        return "one scale per output channel" if self.per_channel else "one scale per tensor"
 
     @property
     def max_code(self) -> int:
@@ -114,14 +147,18 @@ class QuantSpec:
         return self if bits == self.bits else dataclasses.replace(self, bits=bits)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields. `per_channel` repeats the granularity for readers of the first format version."""
-        return {
+        """JSON-ready fields. `per_channel` repeats the granularity for readers of the first format version;
+        `group_size` is written for group-wise specs only."""
+        fields = {
             "bits": self.bits,
             "granularity": self.granularity,
             "per_channel": self.per_channel,
             "target_modules": list(self.target_modules) if self.target_modules is not None else None,
             "exclude_modules": list(self.exclude_modules) if self.exclude_modules is not None else None,
         }
+        if self.group_size is not None:
+            fields["group_size"] = self.group_size
+        return fields
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
@@ -139,7 +176,9 @@ class QuantSpec:
             granularity = PER_CHANNEL if per_channel else PER_TENSOR
         elif per_channel is not None and bool(per_channel) != (granularity == PER_CHANNEL):
             raise OscqValueError(f"granularity {granularity!r} contradicts per_channel={per_channel!r}.")
-        return cls(data["bits"], granularity, data.get("target_modules"), data.get("exclude_modules"))
+        return cls(
+            data["bits"], granularity, data.get("target_modules"), data.get("exclude_modules"), data.get("group_size")
+        )
 
 
 def resolve_spec(

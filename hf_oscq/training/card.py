@@ -96,7 +96,7 @@ def render_trainer_card(
         osc_lambda=args.osc_lambda if args.osc_method == OSCILLATION else None,
         bits=spec.bits,
         levels=2 * spec.max_code + 1,
-        granularity="one scale per output channel" if spec.per_channel else "one scale per tensor",
+        granularity=spec.describe_granularity,
         targets=", ".join(f"`{t}`" for t in spec.target_modules) if spec.target_modules else "Linear, Conv, Embedding",
         excludes=", ".join(f"`{t}`" for t in spec.exclude_modules or ()),
         bn_samples=_batchnorm_text(args, model_has_batchnorm),

@@ -14,6 +14,7 @@ from ..quantization.penalty import DEFAULT_PENALTY_NORMALIZATION, PENALTY_NORMAL
 from ..quantization.spec import (
     DEFAULT_BN_RECALIBRATION_SAMPLES,
     DEFAULT_EVAL_BITS,
+    GROUP,
     PER_CHANNEL,
     PER_TENSOR,
     QuantSpec,
@@ -69,6 +70,9 @@ class OscillationConfig(TrainingArguments):
             Modules kept in float (same pattern syntax). A pattern that matches no module warns.
         osc_per_channel (`bool`, *optional*, defaults to `False`):
             One scale per output channel instead of one per tensor.
+        osc_group_size (`int`, *optional*):
+            Group-wise scales: one scale per this many input features of each output channel (the output channel is
+            dim 1 of GPT-2's `Conv1D`, dim 0 of other layers). Must divide every selected layer's input features.
 
         > Cross-bit evaluation
 
@@ -125,6 +129,13 @@ class OscillationConfig(TrainingArguments):
     )
     osc_per_channel: bool = field(
         default=False, metadata={"help": "One scale per output channel instead of one per tensor."}
+    )
+    osc_group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Group-wise scales: one scale per this many input features of each output channel (32-128 for "
+            "language models). Must divide every selected layer's input features."
+        },
     )
     osc_eval_bits: list[int] = field(
         default_factory=lambda: list(DEFAULT_EVAL_BITS),
@@ -189,10 +200,17 @@ class OscillationConfig(TrainingArguments):
 
     @property
     def quant_spec(self) -> QuantSpec:
-        """The `QuantSpec` of `osc_bits`, `osc_per_channel`, `osc_target_modules` and `osc_exclude_modules`."""
+        """The `QuantSpec` of `osc_bits`, `osc_per_channel` / `osc_group_size`, `osc_target_modules` and
+        `osc_exclude_modules`."""
+        if self.osc_per_channel and self.osc_group_size is not None:
+            raise OscqValueError(
+                "Set osc_per_channel or osc_group_size, not both: group-wise scales are per output channel too."
+            )
+        granularity = GROUP if self.osc_group_size is not None else PER_CHANNEL if self.osc_per_channel else PER_TENSOR
         return QuantSpec(
             bits=self.osc_bits,
-            granularity=PER_CHANNEL if self.osc_per_channel else PER_TENSOR,
+            granularity=granularity,
             target_modules=self.osc_target_modules,
             exclude_modules=self.osc_exclude_modules,
+            group_size=self.osc_group_size,
         )

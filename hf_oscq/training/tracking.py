@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..errors import OscqValueError
 from ..quantization.primitives import sharded_codes
-from ..quantization.selection import weight_owners
+from ..quantization.selection import output_dim, weight_owners
 from ..quantization.sharding import all_reduce, current_weights, gather, local_shard
 from ..quantization.spec import Patterns, QuantSpec, resolve_spec
 
@@ -156,7 +156,8 @@ class OscillationTracker(TrainerCallback):
 
     def _codes(self) -> dict[str, torch.Tensor]:
         weights = self._weights()
-        coded = sharded_codes(list(weights.values()), self.spec)
+        out_dims = [output_dim(module) for module in self._owners.values()]
+        coded = sharded_codes(list(weights.values()), self.spec, out_dims)
         return {name: codes for name, (_, codes, _) in zip(weights, coded)}
 
     def _state_name(self, args) -> tuple[str, str]:
@@ -238,6 +239,7 @@ class OscillationTracker(TrainerCallback):
             histogram_weight,
             path=output / "weight_histogram.png",
             spec=self.spec,
+            out_dim=output_dim(self._owners[layer]),
             title=f"{layer}: weights and {bits}-bit thresholds",
         )
         plot_oscillation_counts(counts.numpy(), output / "oscillation_counts.png", bits)

@@ -9,6 +9,7 @@ import torch
 from hf_oscq import QuantSpec, max_code, quantize_codes
 from hf_oscq.export.folder import export_spec
 from hf_oscq.plots import plot_weight_histogram
+from hf_oscq.quantization.selection import output_dim
 from hf_oscq.quantization.variants import sort_variants, variant_bits
 from hf_oscq.training.methods import run_label
 
@@ -78,6 +79,11 @@ def layer_weight(family: Family, layer: str) -> torch.Tensor:
     return parameters[layer].detach().float()
 
 
+def layer_output_dim(family: Family, layer: str) -> int:
+    """The output-channel dimension of the weight `layer` (1 for GPT-2's `Conv1D`), which its scales follow."""
+    return output_dim(family.reference_model.get_submodule(layer.rpartition(".")[0]))
+
+
 def code_counts(codes: torch.Tensor, bits: int) -> dict[int, int]:
     """How many of `codes` fall on each integer code of the `bits`-bit grid; codes nothing falls on count 0."""
     values, counts = torch.unique(codes.to(torch.int64), return_counts=True)
@@ -93,20 +99,23 @@ def family_spec(family: Family, bits: int) -> QuantSpec:
 
 def level_counts(family: Family, layer: str, bits: int) -> dict[int, int]:
     """How many weights of `layer` fall on each integer code when rounded at `bits` bits (the export's quantizer)."""
-    codes, _ = quantize_codes(layer_weight(family, layer), spec=family_spec(family, bits))
+    out_dim = layer_output_dim(family, layer)
+    codes, _ = quantize_codes(layer_weight(family, layer), spec=family_spec(family, bits), out_dim=out_dim)
     return code_counts(codes, bits)
 
 
-def write_weight_plot(weight: torch.Tensor, spec: QuantSpec, layer: str, path: Path) -> None:
+def write_weight_plot(weight: torch.Tensor, spec: QuantSpec, layer: str, path: Path, out_dim: int = 0) -> None:
     """Histogram of the full-precision `weight` (named `layer`) with the grid of `spec` (levels and rounding
     thresholds), written as a PNG to `path`: `hf_oscq.plots`' weight histogram, as on the model cards.
 
-    With per-channel scales the weights are drawn in units of their channel's scale, so one grid fits all.
+    With per-channel (group-wise) scales the weights are drawn in units of their channel's (group's) scale, so one
+    grid fits all; `out_dim` is the weight's output-channel dimension.
     """
     plot_weight_histogram(
         weight,
         path=path,
         spec=spec,
+        out_dim=out_dim,
         show_levels=True,
         bins=min(200, max(30, weight.numel() // 20)),
         dpi=100,

@@ -11,7 +11,15 @@ from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
 from .classify import InputError, Prediction, classify, load_image
 from .families import Family
-from .figures import accuracy_rows, code_counts, family_spec, family_tables, layer_weight, write_weight_plot
+from .figures import (
+    accuracy_rows,
+    code_counts,
+    family_spec,
+    family_tables,
+    layer_output_dim,
+    layer_weight,
+    write_weight_plot,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +136,12 @@ def weights_view(
         return None, [], _warning(f"Pick one of the exported bit-widths {widths} (got {bits!r}).")
     weight = layer_weight(family, layer)
     spec = family_spec(family, bits)
-    per_channel = spec.per_channel
-    codes, scales = quantize_codes(weight, spec=spec)
+    out_dim = layer_output_dim(family, layer)
+    codes, scales = quantize_codes(weight, spec=spec, out_dim=out_dim)
     counts = code_counts(codes, bits)
     path = _temporary_png()
-    write_weight_plot(weight, spec, layer, path)
-    scale = 1.0 if per_channel else float(scales)
+    write_weight_plot(weight, spec, layer, path, out_dim)
+    scale = float(scales) if spec.per_tensor else 1.0
     rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
-    unit = "in per-channel scale units" if per_channel else f"scale {scale:.4g}"
+    unit = f"scale {scale:.4g}" if spec.per_tensor else f"in {spec.granularity.replace('_', '-')} scale units"
     return str(path), rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."

@@ -295,3 +295,39 @@ def test_pipeline_runs_on_a_packed_model(tmp_path):
     assert isinstance(packed.model.get_parameter("vit.layers.0.mlp.fc1.weight"), PackedWeight)
     expected = pipeline("image-classification", model=hf_oscq.quantize_model(model, 3), image_processor=processor)
     assert packed(image) == expected(image)
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(3, "group", group_size=8), QuantSpec(4, "per_channel")], ids=["group8", "per_channel"]
+)
+def test_gpt2_group_and_channel_scales_follow_conv1d_columns_through_export_and_load(gpt2_export, tmp_path, spec):
+    model, _ = gpt2_export
+    out = hf_oscq.export_quantized(model, tmp_path / "export", spec=spec)
+    variant = out / f"w{spec.bits}"
+    tensors, _ = _file_tensors(variant / "model.safetensors")
+    c_attn = model.transformer.h[0].attn.c_attn.weight  # Conv1D: (in=32, out=96)
+    groups = 32 // spec.group_size if spec.group_size else 1
+    assert tensors["transformer.h.0.attn.c_attn.weight" + SCALE_SUFFIX].reshape(96, -1).shape == (96, groups)
+    # the stored scale of output column c, group j is max |W[j*g:(j+1)*g, c]| / top
+    top = 2 ** (spec.bits - 1) - 1
+    want = c_attn.detach().T.reshape(96, groups, -1).abs().amax(dim=2) / top
+    stored = tensors["transformer.h.0.attn.c_attn.weight" + SCALE_SUFFIX].reshape(96, groups)
+    torch.testing.assert_close(stored, want, rtol=0, atol=0)
+    assert json.loads((variant / "config.json").read_text())["quantization_config"]["scale_axis"] == "output"
+    loaded = AutoModelForCausalLM.from_pretrained(variant)
+    assert loaded.transformer.h[0].attn.c_attn.weight.out_dim == 1
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected = hf_oscq.quantize_model(model, spec=spec)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    on_load = AutoModelForCausalLM.from_pretrained(
+        out / "fp", quantization_config=OscqQuantizationConfig.from_spec(spec)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    # a checkpoint written before scales followed Conv1D's output columns is refused, not misread
+    config = json.loads((variant / "config.json").read_text())
+    del config["quantization_config"]["scale_axis"]
+    (variant / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match="ran along its input features"):
+        AutoModelForCausalLM.from_pretrained(variant)
