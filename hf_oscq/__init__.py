@@ -17,6 +17,7 @@ from .versions import __version__
 # Public name -> the module defining it (relative to this package).
 _PUBLIC = {
     # quantization: the numeric core
+    "ALL_LAYERS": ".quantization.spec",
     "ALL_WEIGHTS": ".quantization.spec",
     "DEFAULT_EVAL_BITS": ".quantization.spec",
     "QuantSpec": ".quantization.spec",
@@ -132,7 +133,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .quantization.ptq import cross_bit_evaluate, format_cross_bit_table, quantize_model, quantized_weights
     from .quantization.qat import fake_quantized_forward
     from .quantization.selection import select_weights
-    from .quantization.spec import ALL_WEIGHTS, DEFAULT_EVAL_BITS, QuantSpec, max_code, validate_bits
+    from .quantization.spec import ALL_LAYERS, ALL_WEIGHTS, DEFAULT_EVAL_BITS, QuantSpec, max_code, validate_bits
     from .scripts.data import DATASETS, HubUnreachableError, ImageDataset, load_image_dataset
     from .scripts.models import (
         build_image_processor,

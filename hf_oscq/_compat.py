@@ -81,6 +81,17 @@ def loss_is_scaled_for_gradient_accumulation(trainer, num_items_in_batch) -> boo
     ) or trainer.compute_loss_func is not None
 
 
+def count_shifted_labels(trainer) -> None:
+    """Makes the Trainer count a causal language model's loss tokens as its loss does, `labels[..., 1:]`.
+
+    transformers 5.24 decides that from `model.loss_type`, which is `None` for causal LMs whose class name does not
+    end in "ForCausalLM" (`GPT2LMHeadModel`); the loss, a sum divided by the Trainer's token count, then comes out
+    `(length - 1) / length` too small in training and evaluation, and so does every perplexity.
+    """
+    if getattr(trainer, "_loss_shifts_labels", True) is False:
+        trainer._loss_shifts_labels = True
+
+
 def remove_unused_columns(trainer, dataset, description: str):
     """A `datasets.Dataset` without the columns the model's forward does not take, as the Trainer's loaders do."""
     return trainer._remove_unused_columns(dataset, description=description)

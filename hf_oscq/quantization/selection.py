@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..errors import OscqValueError
-from .spec import ALL_WEIGHTS, Patterns, QuantSpec
+from .spec import ALL_LAYERS, ALL_WEIGHTS, Patterns, QuantSpec
 
-__all__ = ["ALL_WEIGHTS", "output_dim", "output_dims", "select_weights", "weight_owners"]
+__all__ = ["ALL_LAYERS", "ALL_WEIGHTS", "output_dim", "output_dims", "select_weights", "weight_owners"]
 
 _DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 # Layers whose weight stores the output channels in dim 1: GPT-2's transposed Linear, `(in, out)`.
@@ -36,6 +36,18 @@ def _matches(name: str, pattern: str) -> bool:
         return False
 
 
+def _language_model_head(model: nn.Module) -> nn.Module | None:
+    """The output embedding (`lm_head`) of a language model, `None` for other models."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if get_output_embeddings is None:
+        return None
+    try:
+        head = get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
 
@@ -51,9 +63,13 @@ def select_weights(
 
     Args:
         model: any `nn.Module`.
-        target_modules: `None` for the default (weights of Linear, Conv1d/2d/3d and Embedding layers; biases and
-            norm layers stay float), `"all-weights"` for every module with a `.weight` (the paper's reference
-            code), or module names / dotted suffixes / regular expressions matching whole module names.
+        target_modules: `None` for the default: the weights of Linear, Conv1d/2d/3d and Embedding layers (biases and
+            norm layers stay float), except in a language model (a model with output embeddings, `lm_head`), where
+            the default is its Linear / Conv layers without the output embeddings: the decoder blocks' projections,
+            with token / position embeddings and `lm_head` in float. `"all-layers"` selects every Linear / Conv /
+            Embedding layer, those of a language model included (tied embeddings once); `"all-weights"` every
+            module with a `.weight` (the paper's reference code); or module names / dotted suffixes / regular
+            expressions matching whole module names.
         exclude_modules: patterns of the same kind; matching modules are left in float.
         spec: a `QuantSpec` whose `target_modules` / `exclude_modules` are used instead.
 
@@ -73,7 +89,13 @@ def select_weights(
         target_modules, exclude_modules = spec.target_modules, spec.exclude_modules
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
     excludes = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
-    preset = not targets or targets == [ALL_WEIGHTS]
+    preset = not targets or targets in ([ALL_WEIGHTS], [ALL_LAYERS])
+    default_types, skipped = _DEFAULT_TYPES, None
+    if targets == [ALL_LAYERS]:
+        targets = []
+    elif not targets and (head := _language_model_head(model)) is not None:
+        default_types = tuple(kind for kind in _DEFAULT_TYPES if kind is not nn.Embedding)
+        skipped = head
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     owners: list[str] = []
@@ -83,7 +105,7 @@ def select_weights(
             continue
         owners.append(module_name)
         if not targets:
-            wanted = isinstance(module, _DEFAULT_TYPES)
+            wanted = isinstance(module, default_types) and module is not skipped
         elif preset:
             wanted = True
         else:

@@ -28,6 +28,8 @@ DEFAULT_EVAL_BITS = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_BN_RECALIBRATION_SAMPLES = 512
 # Preset matching the paper's reference code: every module that owns a `.weight` (norm layers included).
 ALL_WEIGHTS = "all-weights"
+# Every Linear / Conv / Embedding layer, the token embeddings and LM head of a language model included.
+ALL_LAYERS = "all-layers"
 PER_TENSOR = "per_tensor"
 PER_CHANNEL = "per_channel"
 GROUP = "group"
@@ -83,7 +85,9 @@ class QuantSpec:
         target_modules (`str` or `list[str]`, *optional*):
             Modules whose weights are quantized: module names, dotted suffixes or regexes matching whole module
             names; `"all-weights"` for every module with a `.weight` (the paper's reference code). `None`: the
-            weights of Linear, Conv1d/2d/3d, Embedding (and GPT-2's Conv1D) layers. Stored as a tuple.
+            weights of Linear, Conv1d/2d/3d, Embedding (and GPT-2's Conv1D) layers, in a language model only its
+            Linear / Conv1D layers without `lm_head` (`"all-layers"` adds the embeddings and `lm_head`). Stored as
+            a tuple.
         exclude_modules (`str` or `list[str]`, *optional*):
             Modules left in float, same syntax. Stored as a tuple.
         group_size (`int`, *optional*):

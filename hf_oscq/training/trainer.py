@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from ..quantization.batchnorm import calibration_batches, has_batchnorm
 from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
 from ..quantization.ptq import quantized_weights
 from ..quantization.qat import fake_quantized_forward
-from ..quantization.selection import weight_owners
+from ..quantization.selection import output_dim, weight_owners
 from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
 from ..quantization.variants import variant_name
@@ -49,8 +50,15 @@ class OscillationTrainer(Trainer):
     * `osc_method="none"`: plain training.
 
     Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
-    so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. Training
-    logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over each logging interval.
+    so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. For a
+    causal language model every loss also comes as a perplexity, `exp(loss)` (`eval_perplexity`,
+    `eval_w{b}_perplexity`). Training logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over
+    each logging interval.
+
+    Under DDP, the penalty is linked into the wrapped model's output loss (with weight 0: values and gradients are
+    unchanged), so that DDP's search for parameters the forward pass did not use (`ddp_find_unused_parameters`, on
+    for transformers models) sees every selected weight used: a selected weight that the forward pass skips still
+    gets exactly its penalty gradient instead of DDP stopping with "Expected to mark a variable ready only once".
 
     Metrics: `compute_metrics` defaults to top-1 accuracy (`compute_accuracy`, an `evaluate` module shipped with
     hf_oscq) for image and sequence classifiers; pass `classification_metrics(...)` of any `evaluate` modules, or
@@ -79,7 +87,11 @@ class OscillationTrainer(Trainer):
         self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._osc_first_step = 0
         self._osc_removed_columns: set[str] = set()
+        self._osc_pending_penalty: torch.Tensor | None = None
+        self._osc_hooked: nn.Module | None = None
         if self.model is not None:
+            if is_causal_lm(self.model):
+                _compat.count_shifted_labels(self)
             self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
             samples = args.osc_bn_recalibration_samples
             if samples not in (0, DEFAULT_BN_RECALIBRATION_SAMPLES) and not has_batchnorm(self.model):
@@ -98,6 +110,29 @@ class OscillationTrainer(Trainer):
             self._osc_selected = (model, owners)
         return current_weights(model, self._osc_selected[1])
 
+    def _output_dims(self) -> list[int]:
+        """The output-channel dimension of each selected weight, in `_quantized_weights` order."""
+        return [output_dim(module) for module in self._osc_selected[1].values()]
+
+    def _hand_penalty_to_output(self, module: nn.Module, args, output):
+        """Forward hook on the model DDP wraps: links the pending penalty into the output's loss (`loss + 0 *
+        penalty`, the same value and gradients), so that DDP's search for used parameters, which starts from the
+        output, finds every selected weight. Outputs without a `loss` entry are left alone."""
+        penalty, self._osc_pending_penalty = self._osc_pending_penalty, None
+        if penalty is not None and isinstance(output, MutableMapping) and output.get("loss") is not None:
+            output["loss"] = output["loss"] + 0.0 * penalty.to(output["loss"].dtype)
+        return output
+
+    def _through_ddp(self, model: nn.Module) -> bool:
+        """Whether `model` is a DDP wrapping (whose unused-parameter search must see the penalty), hooking the model
+        it wraps once."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return False
+        if self._osc_hooked is not model.module:
+            model.module.register_forward_hook(self._hand_penalty_to_output)
+            self._osc_hooked = model.module
+        return True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         if not model.training:
@@ -111,7 +146,10 @@ class OscillationTrainer(Trainer):
                 workspace=self._osc_workspace,
                 spec=spec,
                 normalization=args.osc_penalty_normalization,
+                out_dims=self._output_dims(),
             )
+            if self._through_ddp(model):
+                self._osc_pending_penalty = penalty
         if args.osc_method == QAT:
             with fake_quantized_forward(self.model, self._quantized_weights(), spec=spec):
                 result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -228,6 +266,7 @@ class OscillationTrainer(Trainer):
         bit_widths = self.cross_bit_widths()
         _compat.start_prediction_progress(self, dataloader, passes=1 + len(bit_widths))
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
         spec = self.args.quant_spec
         for bits in bit_widths:
             with quantized_weights(
@@ -241,6 +280,12 @@ class OscillationTrainer(Trainer):
                     f"{metric_key_prefix}_{variant_name(bits)}",
                 )
             output.metrics.update(quantized.metrics)
+        if is_causal_lm(self.model):
+            for prefix in [metric_key_prefix, *bit_prefixes]:
+                loss = output.metrics.get(f"{prefix}_loss")
+                if loss is not None:
+                    # exp overflows float64 past ~709: a diverged model reports an infinite perplexity
+                    output.metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -286,3 +331,12 @@ class OscillationTrainer(Trainer):
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a transformers causal language model (what `AutoModelForCausalLM` builds)."""
+    if not isinstance(model, PreTrainedModel):
+        return False
+    from ..export.folder import task_for
+
+    return task_for({"architectures": [type(model).__name__]})[1] == "AutoModelForCausalLM"

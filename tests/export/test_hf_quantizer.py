@@ -67,7 +67,9 @@ def gpt2_export(tmp_path_factory):
     config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight  # tie_word_embeddings
-    return model, hf_oscq.export_quantized(model, tmp_path_factory.mktemp("gpt2") / "export", bits=(3,))
+    # "all-layers": the token embedding (tied to lm_head) quantized too, which a language model's default leaves out
+    folder = tmp_path_factory.mktemp("gpt2") / "export"
+    return model, hf_oscq.export_quantized(model, folder, bits=(3,), target_modules="all-layers")
 
 
 def _file_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -234,14 +236,16 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert isinstance(loaded.lm_head.weight, PackedWeight)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
-    expected = hf_oscq.quantize_model(model, 3)
+    expected = hf_oscq.quantize_model(model, 3, target_modules="all-layers")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
         generated = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, expected.generate(ids[:1], max_new_tokens=4, do_sample=False))
     loaded.save_pretrained(tmp_path / "saved")
     _assert_same_tensors(_file_tensors(tmp_path / "saved/model.safetensors")[0], tensors)
-    on_load = AutoModelForCausalLM.from_pretrained(out / "fp", quantization_config=OscqQuantizationConfig(bits=3))
+    on_load = AutoModelForCausalLM.from_pretrained(
+        out / "fp", quantization_config=OscqQuantizationConfig(bits=3, target_modules="all-layers")
+    )
     assert on_load.lm_head.weight is on_load.transformer.wte.weight
     with torch.no_grad():
         torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)

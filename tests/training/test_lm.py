@@ -1,0 +1,151 @@
+"""Causal language models in OscillationTrainer: default selection, cross-bit loss and perplexity, DDP with a
+selected weight the forward pass never uses."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    Qwen2Config,
+)
+
+from hf_oscq import OscillationConfig, OscillationTrainer, QuantSpec, quantize_model, select_weights
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB, LENGTH = 24, 12
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    if family == "gpt2":
+        return GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32, **common)
+    small = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return (LlamaConfig if family == "llama" else Qwen2Config)(**small, **common)
+
+
+def tiny_lm(family: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family))
+
+
+LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+LLAMA_BLOCK += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+GPT2_BLOCK = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+@pytest.mark.parametrize(
+    ("family", "prefix", "block"),
+    [
+        ("llama", "model.layers", LLAMA_BLOCK),
+        ("qwen2", "model.layers", LLAMA_BLOCK),
+        ("gpt2", "transformer.h", GPT2_BLOCK),
+    ],
+)
+def test_default_selection_is_the_decoder_blocks_projections(family, prefix, block):
+    model = tiny_lm(family)
+    expected = [f"{prefix}.{layer}.{name}.weight" for layer in range(2) for name in block]
+    assert list(select_weights(model)) == expected
+    everything = select_weights(model, "all-layers")
+    embedding = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+    assert embedding in everything and set(expected) <= set(everything)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    assert ("lm_head.weight" in everything) != tied  # a tied head is its embedding, selected once
+    if family == "gpt2":
+        assert "transformer.wpe.weight" in everything
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        self.ids = torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _mean_loss(model, dataset: TokenWindows, batch: int) -> float:
+    """Independent evaluation: the mean over batches of each batch's mean next-token cross-entropy."""
+    losses = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch):
+            ids = dataset.ids[start : start + batch]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_trainer_reports_loss_and_perplexity_at_every_bit_width(family, tmp_path):
+    model = tiny_lm(family)
+    args = OscillationConfig(
+        output_dir=str(tmp_path),
+        osc_method="oscillation",
+        osc_bits=4,
+        osc_lambda=5.0,
+        osc_group_size=8,
+        osc_eval_bits=[2, 4],
+        max_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    evaluation = TokenWindows(8, seed=1)
+    trainer = OscillationTrainer(
+        model=model, args=args, train_dataset=TokenWindows(16, seed=0), eval_dataset=evaluation
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert _mean_loss(model, evaluation, 4) == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    for bits in (2, 4):
+        rounded = quantize_model(model, spec=QuantSpec(bits, "group", group_size=8))
+        assert _mean_loss(rounded, evaluation, 4) == pytest.approx(metrics[f"eval_w{bits}_loss"], rel=1e-5)
+    for prefix in ("eval", "eval_w2", "eval_w4"):
+        assert metrics[f"{prefix}_perplexity"] == pytest.approx(math.exp(metrics[f"{prefix}_loss"]), rel=1e-12)
+    assert metrics["eval_w2_loss"] != metrics["eval_w4_loss"]
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_selected_weight_the_forward_pass_never_uses(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = str(ROOT / "tests" / "_ddp_lm_worker.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    two = subprocess.run(
+        [*launch, worker, str(tmp_path / "two"), "4"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "one"), "8"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _ddp_lm_worker import build_model
+
+    initial = build_model().state_dict()
+    weights = [load_file(str(tmp_path / run / "weights.safetensors")) for run in ("one", "two")]
+    unused = "model.unused_projection.weight"
+    assert not torch.equal(weights[1][unused], initial[unused])  # moved by the penalty gradient alone
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-5, msg=name)
