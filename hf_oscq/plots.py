@@ -56,12 +56,14 @@ def plot_accuracy_vs_bits(
     highlight_bits: int | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Plots `metric` (in %) against the bit-width, one line per run; the full-precision value as a dashed line.
+    """Plots `metric` against the bit-width, one line per run; the full-precision value as a dashed line. Accuracy
+    is drawn in %, perplexity on a log scale (lower is better; it grows by orders of magnitude at 2 bits).
 
     Args:
         tables: `{run_name: {"fp": {"accuracy": 0.97}, "w2": {...}, ...}}`, as returned by `cross_bit_evaluate`.
         path: where to write the PNG (a path or a binary file object).
-        metric: the metric key to plot; values are fractions and are drawn as percentages.
+        metric: the metric key to plot: `"accuracy"` (fractions, drawn as percentages), `"perplexity"`, or another
+            value drawn as it is.
         highlight_bits: a bit-width to mark with a vertical line (the model the figure belongs to).
         title: figure title.
 
@@ -73,13 +75,14 @@ def plot_accuracy_vs_bits(
     """
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
+    factor = 100 if metric == "accuracy" else 1
     shown: list[float] = []
     all_bits: set[int] = set()
     for index, (run, table) in enumerate(tables.items()):
         color, marker = f"C{index}", _MARKERS[index % len(_MARKERS)]
         bits = [b for b in _bit_columns(table) if metric in table[variant_name(b)]]
         if bits:
-            values = [100 * table[variant_name(b)][metric] for b in bits]
+            values = [factor * table[variant_name(b)][metric] for b in bits]
             # Distinct markers and a slight width difference keep a curve visible where another runs over it.
             width = max(2.2 - 0.4 * index, 1.0)
             axes.plot(
@@ -88,16 +91,21 @@ def plot_accuracy_vs_bits(
             all_bits.update(bits)
             shown += values
         if metric in table.get(FULL_PRECISION, {}):
-            full = 100 * table[FULL_PRECISION][metric]
+            full = factor * table[FULL_PRECISION][metric]
             axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
             shown.append(full)
     if not shown:
         raise OscqValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
-    axes.set_ylim(*accuracy_limits(shown))
+    if metric != "perplexity":  # a perplexity axis is logarithmic and scales itself
+        axes.set_ylim(*accuracy_limits(shown))
     if highlight_bits is not None:
         axes.axvline(highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)")
     axes.set_xlabel("weight bit-width (post-training quantization)")
-    axes.set_ylabel(f"test {metric} (%)")
+    if metric == "perplexity":
+        axes.set_yscale("log")
+        axes.set_ylabel("test perplexity (log scale, lower is better)")
+    else:
+        axes.set_ylabel(f"test {metric} (%)" if factor == 100 else f"test {metric}")
     axes.set_xticks(sorted(all_bits))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)

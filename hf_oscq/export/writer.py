@@ -169,6 +169,7 @@ def export_quantized(
     *,
     spec: QuantSpec | None = None,
     image_processor: Any = None,
+    tokenizer: Any = None,
     target_modules: Patterns = None,
     exclude_modules: Patterns = None,
     per_channel: bool | None = None,
@@ -191,6 +192,7 @@ def export_quantized(
         bits: bit-widths in [2, 8].
         spec: how and which weights are quantized; each bit-width `b` uses `spec.with_bits(b)`.
         image_processor: saved into every folder so each one works on its own.
+        tokenizer: a language model's tokenizer, saved into every folder likewise.
         target_modules: which modules to quantize, see `select_weights` (shorthand for `spec`).
         exclude_modules: modules left in float, see `select_weights` (shorthand for `spec`).
         per_channel: one scale per output channel (shorthand for `spec`).
@@ -264,8 +266,9 @@ def export_quantized(
     try:
         fp_dir = staging / FULL_PRECISION
         model.save_pretrained(fp_dir)
-        if image_processor is not None:
-            image_processor.save_pretrained(fp_dir)
+        for processor in (image_processor, tokenizer):
+            if processor is not None:
+                processor.save_pretrained(fp_dir)
         manifest["sizes_bytes"][FULL_PRECISION] = weights_size(fp_dir)
         for b in bit_widths:
             start, name = time.perf_counter(), variant_name(b)

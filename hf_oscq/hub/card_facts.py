@@ -35,6 +35,20 @@ def percent(manifest: dict, variant: str) -> str:
     return "not measured" if value is None else f"{100 * value:.1f} %"
 
 
+def headline_metric(manifest: dict) -> str:
+    """The metric the cards report: `"perplexity"` for a language model's export, else `"accuracy"`."""
+    rows = (manifest["metrics"] or {}).values()
+    return "perplexity" if any("perplexity" in row for row in rows) else "accuracy"
+
+
+def metric_text(manifest: dict, variant: str) -> str:
+    """The headline metric of `variant` as shown on the cards: `"91.2 %"` accuracy or `"12.34"` perplexity."""
+    if headline_metric(manifest) == "accuracy":
+        return percent(manifest, variant)
+    value = ((manifest["metrics"] or {}).get(variant) or {}).get("perplexity")
+    return "not measured" if value is None else f"{value:.2f}"
+
+
 def variant_size(export_dir: Path, manifest: dict, variant: str) -> int:
     return int((manifest.get("sizes_bytes") or {}).get(variant) or folder_size(export_dir / variant))
 
@@ -88,6 +102,7 @@ class ExportFacts(NamedTuple):
     auto_class: str
     modules: list[str]
     histogram: tuple[str, Any]  # (parameter name, full-precision weight), see `histogram_layer`
+    histogram_out_dim: int  # that weight's output-channel dimension (1 for GPT-2's Conv1D)
     image_mode: str = "RGB"  # the PIL mode of the model's input images: "L" for one channel
 
 
@@ -103,4 +118,25 @@ def export_facts(export_dir: Path, manifest: dict | None = None) -> ExportFacts:
     modules = quantized_modules(export_dir, manifest)
     config = read_config(export_dir / FULL_PRECISION)
     task, auto_class = task_for(config)
-    return ExportFacts(manifest, task, auto_class, modules, _histogram_layer(export_dir, modules), image_mode(config))
+    histogram = _histogram_layer(export_dir, modules)
+    return ExportFacts(
+        manifest, task, auto_class, modules, histogram, _output_dim(export_dir, histogram[0]), image_mode(config)
+    )
+
+
+def _output_dim(export_dir: Path, parameter: str) -> int:
+    """The output-channel dimension of the full-precision model's `parameter` (`selection.output_dim` of its module),
+    from the model built on the meta device (no weights allocated); 0 when the model cannot be built."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..export.folder import auto_class_for
+    from ..quantization.selection import output_dim
+
+    folder = export_dir / FULL_PRECISION
+    try:
+        with torch.device("meta"):
+            model = auto_class_for(folder).from_config(AutoConfig.from_pretrained(folder))
+        return output_dim(model.get_submodule(parameter.rpartition(".")[0]))
+    except (AttributeError, OSError, ValueError, KeyError):
+        return 0

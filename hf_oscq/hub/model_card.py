@@ -28,9 +28,9 @@ from .card_facts import (
     comparison_tables,
     export_facts,
     format_size,
+    headline_metric,
     histogram_bits,
-    percent,
-    variant_accuracy,
+    metric_text,
     variant_size,
 )
 
@@ -152,8 +152,9 @@ def _summary(manifest: dict, variant: str, parent: str) -> str:
 
 
 def _eval_results(manifest: dict, variant: str, task: str | None, model_name: str) -> list[EvalResult]:
-    accuracy = variant_accuracy(manifest, variant)
-    if accuracy is None:
+    metric = headline_metric(manifest)
+    value = ((manifest["metrics"] or {}).get(variant) or {}).get(metric)
+    if value is None:
         return []
     evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
     if evaluation.get("dataset"):
@@ -170,19 +171,19 @@ def _eval_results(manifest: dict, variant: str, task: str | None, model_name: st
             dataset_type=dataset,
             dataset_name=dataset,
             dataset_split=split,
-            metric_type="accuracy",
-            metric_value=float(accuracy),
-            metric_name=f"Test accuracy ({name})",
+            metric_type=metric,
+            metric_value=float(value),
+            metric_name=f"Test {metric} ({name})",
         )
     ]
 
 
 def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str | None) -> str:
-    lines = ["| model | weights | test accuracy | size on disk |", "|---|---|---|---|"]
+    lines = [f"| model | weights | test {headline_metric(manifest)} | size on disk |", "|---|---|---|---|"]
     for other in variants(manifest):
         name = _link(repo_id and variant_repo_id(repo_id, other), other) + (" (this page)" if other == variant else "")
         size = format_size(variant_size(export_dir, manifest, other))
-        lines.append(f"| {name} | {variant_title(other)} | {percent(manifest, other)} | {size} |")
+        lines.append(f"| {name} | {variant_title(other)} | {metric_text(manifest, other)} | {size} |")
     return "\n".join(lines)
 
 
@@ -266,6 +267,7 @@ def _render_model_card(
     modules = facts.modules
     shown = ", ".join(f"`{m}`" for m in modules[:4]) + (f", ... ({len(modules)} layers)" if len(modules) > 4 else "")
     tables = comparison_tables(manifest)
+    metric = headline_metric(manifest)
     intro, recipe_table, command = _recipe(manifest)
     return ModelCard.from_template(
         data,
@@ -279,13 +281,15 @@ def _render_model_card(
         granularity=spec.describe_granularity,
         rounding=rounding_sentence(manifest),
         modules=shown or "(none recorded)",
-        own_accuracy=percent(manifest, variant),
+        metric=metric,
+        own_accuracy=metric_text(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),
         variants_table=_variants_table(export_dir, manifest, variant, repo_id),
-        cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]})
+        cross_bit_table=format_cross_bit_table({"this model": manifest["metrics"]}, metric)
         if manifest["metrics"]
         else "No evaluation was recorded with this export.",
-        comparison_table=format_cross_bit_table(tables) if len(tables) > 1 else None,
+        comparison_table=format_cross_bit_table(tables, metric) if len(tables) > 1 else None,
+        text_generation=task == "text-generation",
         osc_bits=training.get("osc_bits", "the target"),
         accuracy_plot=ACCURACY_PLOT if manifest["metrics"] else None,
         histogram_plot=HISTOGRAM_PLOT,
@@ -346,13 +350,21 @@ def _render_card_files(
         buffer = io.BytesIO()
         highlight = variant_bits(variant)
         plot_accuracy_vs_bits(
-            comparison_tables(manifest), buffer, highlight_bits=highlight, title=card.data.model_name
+            comparison_tables(manifest),
+            buffer,
+            metric=headline_metric(manifest),
+            highlight_bits=highlight,
+            title=card.data.model_name,
         )
         files[ACCURACY_PLOT] = buffer.getvalue()
     buffer = io.BytesIO()
     layer, weight = facts.histogram
     plot_weight_histogram(
-        weight, path=buffer, title=layer, spec=export_spec(manifest, histogram_bits(manifest, variant))
+        weight,
+        path=buffer,
+        title=layer,
+        spec=export_spec(manifest, histogram_bits(manifest, variant)),
+        out_dim=facts.histogram_out_dim,
     )
     files[HISTOGRAM_PLOT] = buffer.getvalue()
     return files

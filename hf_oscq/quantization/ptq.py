@@ -158,7 +158,8 @@ def cross_bit_evaluate(
 
 
 def format_cross_bit_table(tables: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "accuracy") -> str:
-    """Renders `{run_name: cross_bit_evaluate(...)}` as a Markdown table, one row per run, one column per bit."""
+    """Renders `{run_name: cross_bit_evaluate(...)}` as a Markdown table, one row per run, one column per bit:
+    accuracy in %, perplexity (or any other metric) as it is, with two decimals."""
     columns: list[str] = []
     for table in tables.values():
         columns += [key for key in table if key not in columns]
@@ -166,6 +167,10 @@ def format_cross_bit_table(tables: Mapping[str, Mapping[str, Mapping[str, float]
     header = "| run | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for run, table in tables.items():
-        cells = [f"{100 * table[c][metric]:.1f}" if c in table and metric in table[c] else "-" for c in columns]
+        cells = [_cell(table[c][metric], metric) if c in table and metric in table[c] else "-" for c in columns]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float, metric: str) -> str:
+    return f"{100 * value:.1f}" if metric == "accuracy" else f"{value:.2f}"

@@ -164,9 +164,10 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256) ->
 
 def cross_bit_table(metrics: Mapping[str, float], prefix: str = "test") -> dict[str, dict[str, float]]:
     """Trainer metrics -> a cross-bit table: `{"test_accuracy": .9, "test_w3_accuracy": .8, ...}` ->
-    `{"fp": {"accuracy": .9}, "w3": {"accuracy": .8}}` (accuracy and loss), full precision first."""
+    `{"fp": {"accuracy": .9}, "w3": {"accuracy": .8}}` (accuracy, loss and a language model's perplexity), full
+    precision first."""
     table: dict[str, dict[str, float]] = {}
-    pattern = re.compile(rf"{prefix}_(?:(w\d+)_)?(accuracy|loss)")
+    pattern = re.compile(rf"{prefix}_(?:(w\d+)_)?(accuracy|loss|perplexity)")
     for key, value in metrics.items():
         match = pattern.fullmatch(key)
         if match:
