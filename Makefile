@@ -1,14 +1,15 @@
 # Entry points: `make demo` (the main job, bundled digits), `make demo-fashion`, `make test`, `make lint`, `make bench`.
 SHELL := /bin/bash
 PYTHON ?= python3
-SYSTEM_PACKAGES := dataset-fashion-mnist chromium chromium-driver
+SYSTEM_PACKAGES := dataset-fashion-mnist bible-kjv bible-kjv-text chromium chromium-driver
 
 .PHONY: install system-deps demo demo-fashion test lint bench
 
 install:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,space]"
 
-# Real Fashion-MNIST for the data tests and Chromium for the Space's browser test (Debian packages).
+# Real Fashion-MNIST for the data tests, the King James Version (public domain) for the language-model recipe and
+# its tests, and Chromium for the Space's browser test (Debian packages).
 system-deps:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; }; \

@@ -1,6 +1,7 @@
 """`hf-oscq eval`: the cross-bit accuracy table of an export folder (or one checkpoint) on any image classification
-dataset, each checkpoint preparing the images with its own saved image processor. On an export folder the table goes
-into `oscq_export.json` and the model cards are rendered again, so they (and `hf-oscq push`) carry it."""
+dataset, each checkpoint preparing the images with its own saved image processor; for a causal language model, the
+loss and perplexity on held-out text with its saved tokenizer. On an export folder the table goes into
+`oscq_export.json` and the model cards are rendered again, so they (and `hf-oscq push`) carry it."""
 
 from __future__ import annotations
 
@@ -13,28 +14,52 @@ from . import add_flag
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder, recorded in the export's
-    manifest and cards unless `--no_record`."""
+    """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder, or for a causal language
+    model `{variant: {"loss": ..., "perplexity": ...}}` on the held-out text of `--dataset` (`kjv` or a Hub text
+    dataset); recorded in the export's manifest and cards unless `--no_record`."""
     from ..evaluation import evaluate_folder, load_eval_dataset, record_evaluation
-    from ..export.folder import MANIFEST_NAME
+    from ..export.checkpoint import read_config
+    from ..export.folder import MANIFEST_NAME, task_for, variant_folders
 
-    dataset = load_eval_dataset(
-        args.dataset,
-        split=args.split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        data_dir=args.data_dir,
-        max_samples=args.max_eval_samples,
-    )
-    table = evaluate_folder(args.folder, dataset, args.batch_size, _recipe_processor(args.dataset))
+    folders = variant_folders(Path(args.folder))
+    if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
+        table, samples = _eval_language_model(args, folders)
+    else:
+        dataset = load_eval_dataset(
+            args.dataset,
+            split=args.split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            data_dir=args.data_dir,
+            max_samples=args.max_eval_samples,
+        )
+        table = evaluate_folder(args.folder, dataset, args.batch_size, _recipe_processor(args.dataset))
+        samples = len(dataset)
     folder = Path(args.folder)
     if not args.no_record and (folder / MANIFEST_NAME).is_file():
         from ..hub.model_card import write_model_cards
 
-        evaluation = {"dataset": args.dataset, "split": args.split, "samples": len(dataset)}
+        evaluation = {"dataset": args.dataset, "split": args.split, "samples": samples}
         record_evaluation(folder, table, evaluation)
         write_model_cards(folder)
     return table
+
+
+def _eval_language_model(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[dict, int]:
+    """Loss and perplexity of every checkpoint on `--block_size`-token blocks of the held-out text (at most
+    `--max_eval_samples` blocks), each tokenized with the checkpoint's saved tokenizer; and the number of blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..scripts.text import KJV, TokenBlocks, load_hub_text, load_kjv
+    from ..training.metrics import evaluate_perplexity
+
+    corpus = load_kjv() if args.dataset == KJV else load_hub_text(args.dataset, args.dataset_config)
+    table, blocks = {}, 0
+    for name, path in folders.items():
+        text = TokenBlocks(corpus.eval, AutoTokenizer.from_pretrained(path), args.block_size, args.max_eval_samples)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        table[name], blocks = evaluate_perplexity(model, text, args.batch_size), len(text)
+    return table, blocks
 
 
 def _recipe_processor(dataset: str):
@@ -74,13 +99,18 @@ def add_parser(subparsers) -> None:
         "dataset",
         required=True,
         help="a Hub dataset id, a local save_to_disk folder, imagefolder (one subfolder per class) or parquet "
-        "file(s), or a recipe dataset: digits, fashion_mnist, cifar10, tiny-imagenet",
+        "file(s), or a recipe dataset: digits, fashion_mnist, cifar10, tiny-imagenet; for a language model: kjv "
+        "(offline) or a Hub text dataset",
     )
+    add_flag(parser, "dataset_config", default=None, help="language models: configuration of a Hub text dataset")
+    add_flag(parser, "block_size", type=int, default=128, help="language models: tokens per evaluated sequence")
     add_flag(parser, "split", default=None, help="split to evaluate (default: test, else validation, else train)")
     add_flag(parser, "image_column", default=None, help="column of the images (default: the Image-typed column)")
     add_flag(parser, "label_column", default=None, help="column of the labels (default: the ClassLabel column)")
     add_flag(parser, "data_dir", default=None, help="local copy of a recipe dataset (see hf_oscq.scripts.data)")
-    add_flag(parser, "max_eval_samples", type=int, default=None, help="evaluate the first N samples only")
+    add_flag(
+        parser, "max_eval_samples", type=int, default=None, help="evaluate the first N samples (text: blocks) only"
+    )
     add_flag(parser, "batch_size", type=int, default=256, help="images per forward pass")
     add_flag(parser, "output_json", default=None, help="also write the table to this JSON file")
     add_flag(
@@ -101,5 +131,6 @@ def _main(args: argparse.Namespace) -> int:
     note = rounding_note(args.folder)
     if note:
         sys.stdout.write(f"Quantized checkpoints: {note}.\n")
-    sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}) + "\n")
+    metric = "perplexity" if any("perplexity" in row for row in table.values()) else "accuracy"
+    sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}, metric) + "\n")
     return 0

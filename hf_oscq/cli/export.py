@@ -83,9 +83,18 @@ def run_export(args: argparse.Namespace) -> Path:
         bits=args.bits,
         spec=spec,
         image_processor=_load_image_processor(checkpoint),
+        tokenizer=_load_tokenizer(checkpoint),
         calibration_batches=batches,
         plain_rounding=not args.bn_recalibration_samples,
     )
+
+
+def _load_tokenizer(folder: Path):
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> list[dict] | None:

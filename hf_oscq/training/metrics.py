@@ -1,6 +1,6 @@
 """Metrics, in one place, through Hugging Face `evaluate`: the Trainer's `compute_metrics`, a model evaluated on a
-dataset (the CLI), and cross-bit tables read back from Trainer metrics (`eval_w3_accuracy` ->
-`{"w3": {"accuracy": ...}}`).
+dataset (the CLI; a language model's perplexity too), and cross-bit tables read back from Trainer metrics
+(`eval_w3_accuracy` -> `{"w3": {"accuracy": ...}}`).
 
 Accuracy is the `evaluate` module shipped in `hf_oscq/evaluate_modules/accuracy/`, loaded by path, so it works
 offline; any other `evaluate` module (`evaluate.load("f1")`, `evaluate.combine([...])`) plugs into
@@ -10,6 +10,7 @@ offline; any other `evaluate` module (`evaluate.load("f1")`, `evaluate.combine([
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -160,6 +161,23 @@ def evaluate_model(
 def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256) -> dict[str, float]:
     """`{"accuracy": top-1 accuracy}` of an image classifier on a dataset yielding `pixel_values` and `labels`."""
     return evaluate_model(model, torch.utils.data.DataLoader(dataset, batch_size=batch_size))
+
+
+def evaluate_perplexity(model, dataset, batch_size: int = 16) -> dict[str, float]:
+    """`{"loss": ..., "perplexity": exp(loss)}` of a causal language model on a dataset of equal-length `input_ids`
+    blocks: the mean next-token cross-entropy over every predicted token."""
+    total = count = 0.0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    with torch.no_grad():
+        for batch in loader:
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            total += float(
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            )
+            count += ids[:, 1:].numel()
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
 
 def cross_bit_table(metrics: Mapping[str, float], prefix: str = "test") -> dict[str, dict[str, float]]:

@@ -182,3 +182,50 @@ def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_i
             "Quantized checkpoints: plain post-training rounding of the same full-precision weights (the paper's PTQ)"
         )
     )
+
+
+def test_cli_export_eval_and_push_plan_of_a_causal_lm(tmp_path, capsys):
+    import math
+    import shutil
+
+    import pytest
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from hf_oscq import QuantSpec
+    from hf_oscq.hub.push import plan_push
+    from hf_oscq.scripts.text import TokenBlocks, byte_tokenizer, load_kjv
+
+    if shutil.which("bible") is None:
+        pytest.skip("Debian packages bible-kjv, bible-kjv-text")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=257, bos_token_id=256, eos_token_id=256
+    )
+    model = GPT2LMHeadModel(config).eval()
+    tokenizer = byte_tokenizer()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--group_size", "8", "--output", str(out)]) == 0
+    assert (out / "w3" / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out / "w3")
+    expected = hf_oscq.quantize_model(model, spec=QuantSpec(3, "group", group_size=8))
+    ids = torch.tensor([list(b"And God said")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    argv = ["eval", str(out), "--dataset", "kjv", "--block_size", "16", "--max_eval_samples", "4"]
+    assert cli_main([*argv, "--output_json", str(tmp_path / "table.json")]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    blocks = TokenBlocks(load_kjv().eval, tokenizer, 16, 4).blocks
+    for name, reference in (("fp", model), ("w3", expected)):
+        with torch.no_grad():  # mean next-token cross-entropy over the 4 x 15 predicted tokens, by hand
+            logits = reference(input_ids=blocks).logits[:, :-1]
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            loss = -log_probs.gather(-1, blocks[:, 1:, None]).mean().item()
+        assert table[name]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert table[name]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert f"| {table['w3']['perplexity']:.2f} |" in capsys.readouterr().out
+    plan = plan_push(out, "someone/tiny-gpt2")
+    for repo in plan.repos:
+        assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= {f.path_in_repo for f in repo.files}
