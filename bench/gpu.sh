@@ -11,12 +11,20 @@
 # (e.g. `mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/`) and pass
 # --data_dir. Results go to bench/results/ (overhead_cuda.json, overhead_vit_cuda.json, quality_gpu/); when $OUT is
 # set, they are copied there too.
+#
+#   bench/gpu.sh --lm                                 # only the language-model quality run (bench/lm_quality.py)
+#
+# The LM run reads the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
+# `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
+# bench/results/lm_quality_cuda.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 data_dir=/usr/share/datasets/fashion-mnist
 device=cuda
 dry_run=0
+lm=0
+lm_seconds=540
 overhead_seconds=100
 quality_seconds=390
 while [[ $# -gt 0 ]]; do
@@ -24,10 +32,20 @@ while [[ $# -gt 0 ]]; do
     --data_dir) data_dir="$2"; shift 2 ;;
     --device) device="$2"; shift 2 ;;
     --dry-run) dry_run=1; device=cpu; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run)" >&2; exit 2 ;;
+    --lm) lm=1; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm)" >&2; exit 2 ;;
   esac
 done
+if [[ "$lm" == 1 ]]; then
+  corpus=()
+  [[ -f data/kjv.txt ]] && corpus=(--corpus_file data/kjv.txt)
+  timeout "$lm_seconds" python bench/lm_quality.py --device "$device" --lm_size tiny --block_size 256 \
+    --batch_size 64 --max_steps 1500 --learning_rate 0.002 --threads 8 "${corpus[@]}" \
+    --output bench/results/lm_quality_cuda.json || echo "gpu.sh: LM quality run stopped (exit $?)" >&2
+  if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT/results"; cp bench/results/lm_quality_cuda.json "$OUT/results/" || true; fi
+  exit 0
+fi
 for stem in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
   if [[ ! -f "$data_dir/$stem.gz" && ! -f "$data_dir/$stem" ]]; then
     echo "gpu.sh: $data_dir lacks $stem(.gz): pass --data_dir with the Fashion-MNIST IDX files." >&2

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,19 +39,28 @@ class TextCorpus:
     license: str
 
 
-def load_kjv() -> TextCorpus:
+def load_kjv(listing_file: str | Path | None = None) -> TextCorpus:
     """The King James Version from Debian's `bible-kjv-text`, verses one a line; every `EVAL_EVERY_CHAPTERS`-th
     chapter goes to the evaluation text.
+
+    Args:
+        listing_file: what `bible -f Gen1:1-Rev22:21` printed, saved to a file (for machines without the Debian
+            packages); by default the `bible` program is run.
 
     Raises:
         OscqValueError: when the `bible` program (Debian packages bible-kjv, bible-kjv-text) is not installed.
     """
+    if listing_file is not None:
+        return _split_kjv(Path(listing_file).read_text())
     if shutil.which(KJV_COMMAND[0]) is None:
         raise OscqValueError(
             "The offline text corpus needs Debian's King James Version: apt-get install bible-kjv bible-kjv-text "
             "(or `make system-deps`), or train on a Hub text dataset with --dataset_name."
         )
-    listing = subprocess.run(KJV_COMMAND, capture_output=True, text=True, check=True, timeout=120).stdout
+    return _split_kjv(subprocess.run(KJV_COMMAND, capture_output=True, text=True, check=True, timeout=120).stdout)
+
+
+def _split_kjv(listing: str) -> TextCorpus:
     train, held_out, chapters = [], [], {}
     for line in listing.splitlines():
         verse = _VERSE.match(line)

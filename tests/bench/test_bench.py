@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -262,3 +263,32 @@ def test_demo_checks_on_hand_made_tables():
     tables["qat"]["w2"]["accuracy"] = 0.26  # the regularizer is then only 19 points above QAT at 2 bits
     tables["oscillation"]["w6"]["accuracy"] = 0.788  # 1.2 points under full precision
     assert [row["holds"] for row in demo.checks(tables, target=3)] == [True, False, False]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian packages bible-kjv, bible-kjv-text")
+def test_lm_quality_bench_records_every_bit_width_and_its_ratios(tmp_path):
+    import math
+    import subprocess
+
+    output = tmp_path / "lm_quality.json"
+    command = [sys.executable, str(BENCH / "lm_quality.py"), "--block_size", "16", "--batch_size", "4"]
+    command += ["--max_steps", "2", "--seeds", "0", "--max_eval_blocks", "2", "--workdir", str(tmp_path / "work")]
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    variants = ["fp", "w2", "w3", "w4", "w5", "w6", "w7", "w8"]
+    for method in ("none", "qat", "oscillation"):
+        [run] = record["runs"][method]
+        assert list(run["table"]) == variants
+        for row in run["table"].values():
+            assert row["perplexity"] == pytest.approx(math.exp(row["loss"]), rel=1e-9)
+        assert record["mean_perplexity"][method]["w3"] == run["table"]["w3"]["perplexity"]
+    runs = {method: record["runs"][method][0]["table"] for method in record["runs"]}
+    assert record["ratios"]["oscillation_over_qat_w4"] == pytest.approx(
+        runs["oscillation"]["w4"]["perplexity"] / runs["qat"]["w4"]["perplexity"]
+    )
+    assert record["ratios"]["oscillation_over_fp_ptq_w2"] == pytest.approx(
+        runs["oscillation"]["w2"]["perplexity"] / runs["none"]["w2"]["perplexity"]
+    )
+    assert "oscillation_over_qat_w4" in done.stdout
