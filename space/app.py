@@ -16,6 +16,7 @@ import gradio as gr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from oscq_space.families import MODELS_ENV, Family, configured_entries, load_families  # noqa: E402
+from oscq_space.text import TEXT_HEADERS, generate_view, is_language_model  # noqa: E402
 from oscq_space.views import (  # noqa: E402
     ACCURACY_HEADERS,
     CLASSIFY_HEADERS,
@@ -81,7 +82,8 @@ def _intro(families: list[Family], problems: list[str]) -> str:
 
 
 def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
-    """The page: Classify, Accuracy and Weights tabs over the loaded families (each button has an `api_name`)."""
+    """The page: Classify, Accuracy and Weights tabs over the loaded families, and a Text tab for language-model
+    families (each button has an `api_name`)."""
     by_name = {family.name: family for family in families}
     names = list(by_name)
     first = families[0] if families else None
@@ -143,6 +145,24 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
                 [weights_plot, levels_table, weights_message],
                 api_name="weights",
             )
+        text_names = [family.name for family in families if is_language_model(family)]
+        if text_names:
+            with gr.Tab("Text"):
+                with gr.Row():
+                    text_family = gr.Dropdown(text_names, value=text_names[0], label="Language-model family")
+                    new_tokens = gr.Slider(1, 200, value=40, step=1, label="New tokens")
+                prompt_box = gr.Textbox(value="And God said", label="Prompt", lines=2, elem_id="prompt")
+                generate_button = gr.Button(
+                    "Generate at every bit-width", variant="primary", elem_id="generate-button"
+                )
+                text_message = gr.Markdown()
+                text_table = gr.Dataframe(headers=TEXT_HEADERS, label="Continuations", interactive=False, wrap=True)
+                generate_button.click(
+                    functools.partial(generate_view, by_name),
+                    [text_family, prompt_box, new_tokens],
+                    [text_message, text_table],
+                    api_name="generate",
+                )
     return demo
 
 

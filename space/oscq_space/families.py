@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer
 
 # Importing hf_oscq registers the loader for quantized checkpoints with transformers, and timm's resnet18_cifar
 # (the architecture of the CIFAR ResNet-18 exports).
@@ -67,6 +67,7 @@ class Family:
     method: str
     record: dict
     image_processor: object | None = None
+    tokenizer: object | None = None  # language models: the tokenizer exported with them
     variants: dict[str, Variant] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -218,9 +219,13 @@ def load_family(entry: str) -> Family:
         if (variant.path / "preprocessor_config.json").is_file():
             family.image_processor = AutoImageProcessor.from_pretrained(variant.path)
             break
+        if (variant.path / "tokenizer_config.json").is_file():
+            family.tokenizer = AutoTokenizer.from_pretrained(variant.path)
+            break
     else:
         family.problems.append(
-            f"{family.name}: the export has no preprocessor_config.json; re-export it with image_processor=..."
+            f"{family.name}: the export has neither preprocessor_config.json nor a tokenizer; re-export it with "
+            "image_processor=... (image classifiers) or tokenizer=... (language models)"
         )
     if not family.loaded:
         raise FamilyError(f"No checkpoint of {entry!r} could be loaded: " + " ".join(family.problems))

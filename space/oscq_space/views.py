@@ -100,6 +100,8 @@ def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
     tables = {}
     for family in families:
         tables.update(family_tables(family, qualify=len(families) > 1))
+    # language-model families report perplexity (the Text tab), not accuracy
+    tables = {curve: table for curve, table in tables.items() if any("accuracy" in row for row in table.values())}
     if not tables:
         return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
     path = _temporary_png()
