@@ -95,11 +95,22 @@ def main() -> int:
     train = TokenBlocks(corpus.train, tokenizer, args.block_size)
     evaluation = TokenBlocks(corpus.eval, tokenizer, args.block_size, args.max_eval_blocks)
     runs = {method: [] for method in METHODS}
+    setup = {
+        **{k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
+        "corpus": corpus.license,
+        "train_blocks": len(train),
+        "eval_blocks": len(evaluation),
+        "torch": torch.__version__,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in METHODS:
             result = train_and_evaluate(method, seed, args, tokenizer, train, evaluation, Path(args.workdir))
             runs[method].append(result)
             print(f"seed {seed} {method}: {json.dumps(result)}", flush=True)
+            # every finished run is kept, whatever stops the bench later
+            output.write_text(json.dumps({"setup": setup, "complete": False, "runs": runs}, indent=2) + "\n")
     variants = ["fp"] + [f"w{b}" for b in DEFAULT_EVAL_BITS]
     means = {method: {v: mean_perplexity(runs[method], v) for v in variants} for method in METHODS}
     target = f"w{args.bits}"
@@ -115,21 +126,9 @@ def main() -> int:
     print("\n".join(lines))
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
-    record = {
-        "setup": {
-            **{k: v for k, v in vars(args).items() if k not in ("workdir", "output")},
-            "corpus": corpus.license,
-            "train_blocks": len(train),
-            "eval_blocks": len(evaluation),
-            "torch": torch.__version__,
-        },
-        "mean_perplexity": means,
-        "ratios": ratios,
-        "runs": runs,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    record = {"setup": setup, "complete": True, "mean_perplexity": means, "ratios": ratios, "runs": runs}
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output}")
     return 0
 
 
