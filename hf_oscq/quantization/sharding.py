@@ -104,7 +104,7 @@ def check_shard_layout(shard: LocalShard, spec: QuantSpec, out_dim: int, name: s
     """
     if shard.groups and not spec.per_tensor and out_dim != 0:
         raise OscqValueError(
-            f"Weight {name or '(unnamed)'} stores its output channels in dim {out_dim} (GPT-2's Conv1D), and FSDP2 "
+            f"Weight {name or '(unnamed)'!r} stores its output channels in dim {out_dim} (GPT-2's Conv1D), and FSDP2 "
             f"shards it by rows, so its {spec.granularity} scales would span every process. Use DDP (accelerate "
             "launch --multi_gpu) or granularity='per_tensor' for this model, or exclude the layer."
         )

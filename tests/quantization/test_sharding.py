@@ -179,3 +179,17 @@ def test_recipe_with_fsdp2_exports_the_whole_model(tmp_path):
         with torch.no_grad():
             accuracy = float((model(pixel_values=pixels).logits.argmax(-1) == labels).float().mean())
         assert accuracy == pytest.approx(table[variant]["accuracy"], abs=1e-9), variant
+
+
+def test_row_sharded_conv1d_with_channel_or_group_scales_is_refused_naming_the_weight():
+    from hf_oscq import QuantSpec
+    from hf_oscq.errors import OscqValueError
+    from hf_oscq.quantization.sharding import LocalShard, check_shard_layout
+
+    shard = LocalShard(torch.zeros(3, 8), 48, ("a process group",))  # rows split across processes
+    for spec in (QuantSpec(3, "per_channel"), QuantSpec(3, "group", group_size=4)):
+        with pytest.raises(OscqValueError, match="'h.0.attn.c_attn.weight' stores its output channels in dim 1"):
+            check_shard_layout(shard, spec, 1, "h.0.attn.c_attn.weight")
+        check_shard_layout(shard, spec, 0, "fc.weight")  # rows are output channels: every scale on one process
+    check_shard_layout(shard, QuantSpec(3), 1, "c_attn.weight")  # one scale per tensor, reduced across shards
+    check_shard_layout(LocalShard(torch.zeros(6, 8), 48, ()), QuantSpec(3, "per_channel"), 1, "c_attn.weight")
