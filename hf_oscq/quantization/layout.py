@@ -48,11 +48,9 @@ def group_layout(shape: Sequence[int], spec: QuantSpec, out_dim: int = 0) -> tup
 
 def grouped(weight: torch.Tensor, spec: QuantSpec, out_dim: int = 0) -> torch.Tensor:
     """`weight` as `(out, groups, group_len)`: a view for `out_dim=0`, a copy when the output dim comes later."""
-    return (
-        weight.movedim(out_dim, 0).reshape(group_layout(weight.shape, spec, out_dim))
-        if weight.dim()
-        else (weight.reshape(1, 1, 1))
-    )
+    if weight.dim() == 0:
+        return weight.reshape(1, 1, 1)
+    return weight.movedim(out_dim, 0).reshape(group_layout(weight.shape, spec, out_dim))
 
 
 def ungrouped(values: torch.Tensor, shape: Sequence[int], out_dim: int = 0) -> torch.Tensor:
