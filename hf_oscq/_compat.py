@@ -160,6 +160,14 @@ def remove_tied_weights(model, state_dict: dict[str, Any]) -> dict[str, Any]:
     return remove_tied_weights_from_state_dict(dict(state_dict), model)
 
 
+def keys_loading_may_skip(model) -> tuple[set[str], set[str]]:
+    """`(tied weight names, name patterns)` of the state-dict entries `from_pretrained` fills without reading them
+    from the checkpoint: the tied copies (`all_tied_weights_keys`, transformers 5.24) and the model class's
+    `_keys_to_ignore_on_load_missing`."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return tied, set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+
+
 def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
     """Model-side tensor names -> the names `save_pretrained` writes (transformers' reverse weight conversion).
 

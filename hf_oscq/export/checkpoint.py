@@ -6,29 +6,38 @@ in prose. Only safetensors are read or written, never pickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
-from .._compat import checkpoint_to_model_names
+from .._compat import checkpoint_to_model_names, keys_loading_may_skip
 from ..errors import OscqValueError
 from ..quantization.layout import scale_shape as layout_scale_shape
 from ..quantization.packed_tensor import PackedWeight
-from ..quantization.packing import invalid_packed_codes, packed_size
+from ..quantization.packing import invalid_packed_codes, packed_size, unpack_unsigned
 from ..quantization.selection import output_dim
-from ..quantization.spec import QuantSpec
+from ..quantization.spec import QuantSpec, max_code
 from ..versions import INSTALL_HINT, library_versions
+from .digest import CONFIG_KEY, DIGEST_KEY, blob_digest, config_differences, config_record, covered_config, file_digest
+
+logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "oscq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added the header and config.json to the checksum
+READABLE_FORMAT_VERSIONS = (1, 2)
+# Scale dtypes each format version writes: float32 (float64 for float64 weights); version 1 also wrote the weight's
+# float16 / bfloat16.
+SCALE_DTYPES = {1: ("F16", "BF16", "F32", "F64"), 2: ("F32", "F64")}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 SCALE_SUFFIX = "_scale"  # "conv1.weight" holds the packed codes, "conv1.weight_scale" the scale(s)
 VERSION_KEY = "{library}_version"  # safetensors metadata: "hf_oscq_version", "torch_version", "transformers_version"
 
@@ -76,48 +85,87 @@ def guard_config(config: dict[str, Any]) -> dict[str, Any]:
     return guarded
 
 
-def _data_offset(blob: bytes) -> int:
-    return 8 + int.from_bytes(blob[:8], "little")
+def serialize_checkpoint(
+    tensors: Mapping[str, torch.Tensor], bits: int, config: Mapping[str, Any] | None = None
+) -> bytes:
+    """The safetensors bytes of a checkpoint: the tensors, format metadata (format version, bit-width, the hf_oscq,
+    torch and transformers versions that wrote it), the record of `config` (the folder's config.json as written, see
+    `digest.config_record`) and the checksum of header and data (`digest.file_digest`).
 
-
-def serialize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> bytes:
-    """The safetensors bytes of a checkpoint, with format metadata (format version, bit-width, the hf_oscq, torch and
-    transformers versions that wrote it) and a SHA-256 of the tensor data."""
+    A file written without `config` has no config record, and the loader refuses it.
+    """
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     metadata = {"format": "pt", "oscq_format_version": str(FORMAT_VERSION), "oscq_bits": str(bits)}
     metadata |= {VERSION_KEY.format(library=name): version for name, version in library_versions().items()}
-    draft = serialize(tensors, metadata=metadata)
-    metadata["oscq_sha256"] = hashlib.sha256(memoryview(draft)[_data_offset(draft) :]).hexdigest()
+    if config is not None:
+        metadata[CONFIG_KEY] = config_record(config)
+    # The checksum leaves itself out of the header it covers, and adding it moves no data offset.
+    metadata[DIGEST_KEY] = blob_digest(serialize(tensors, metadata=metadata), FORMAT_VERSION)
     return serialize(tensors, metadata=metadata)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(int.from_bytes(handle.read(8), "little"), 1)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_config(folder: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes `folder/config.json` and returns it as read back (the dict the config record is made from)."""
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (Path(folder) / "config.json").write_text(text)
+    return json.loads(text)
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]]:
-    fix = "Export the model again with hf_oscq.export_quantized (or `hf-oscq export`), or download the file again."
+_FIX = "Export the model again with hf_oscq.export_quantized (or `hf-oscq export`), or download the file again."
+
+
+class StoredTensor(NamedTuple):
+    """A tensor as a checkpoint file stores it: safetensors dtype name, shape, file and name in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    key: str
+
+    def read(self) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(self.key)
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, StoredTensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             entries = {}
             for name in handle.keys():
                 tensor_slice = handle.get_slice(name)
-                entries[name] = (tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
+                entries[name] = StoredTensor(tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()), path, name)
     except Exception as error:  # safetensors raises its own error types for every kind of damage
         raise CheckpointFormatError(
-            f"{path} is not a readable safetensors file ({error}): it is truncated or corrupted. {fix}"
+            f"{path} is not a readable safetensors file ({error}): it is truncated or corrupted. {_FIX}"
         ) from None
-    if metadata.get("oscq_sha256") != _file_digest(path):
-        raise CheckpointFormatError(
-            f"{path} is corrupted or truncated: its tensor data does not match its checksum. {fix}"
-        )
     return metadata, entries
+
+
+def _format_version(path: Path, metadata: Mapping[str, str], config_version: int) -> int:
+    found = metadata.get("oscq_format_version")
+    if found not in map(str, READABLE_FORMAT_VERSIONS):
+        writer = metadata.get(VERSION_KEY.format(library="hf_oscq"))
+        writer = f" ({writer})" if writer else ""
+        raise CheckpointFormatError(
+            f"{path} has hf_oscq format version {found!r}; this hf_oscq reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Install the hf_oscq version that wrote it{writer}, or "
+            "export it again."
+        )
+    if int(found) != config_version:
+        raise CheckpointFormatError(
+            f"{path} has format version {found} but config.json says {config_version}: the folder mixes files from "
+            "two exports. Export the model again."
+        )
+    return int(found)
+
+
+def _check_digest(path: Path, metadata: Mapping[str, str], version: int) -> None:
+    if metadata.get(DIGEST_KEY) != file_digest(path, version):
+        covered = "header or tensor data" if version >= 2 else "tensor data"
+        raise CheckpointFormatError(
+            f"{path} is corrupted, truncated or edited: its {covered} does not match its checksum. {_FIX}"
+        )
 
 
 def _parameter_name(module_weight: str, params: Mapping[str, Any], prefix: str) -> str:
@@ -154,29 +202,116 @@ def _stored_shape(
     return fits[0] if len(fits) == 1 else None
 
 
-def _check_float16_scales(path: Path, entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
-    """Refuses float16 scales below the smallest normal float16. Earlier exports of float16 models rounded such
+def _check_float16_scales(stored: StoredTensor, scale: torch.Tensor) -> None:
+    """Refuses float16 scales below the smallest normal float16 (format version 1). Those exports rounded such
     weights with that smallest normal as the scale but stored the true one, so their codes are wrong (8x too small at
     8 bits for a channel whose largest weight is 1e-3). Scales are computed and stored in float32 now."""
-    names = [name for name, (dtype, _) in entries.items() if dtype == "F16" and name.endswith(SCALE_SUFFIX)]
-    if not names:
-        return
     tiny = torch.finfo(torch.float16).tiny
-    with safe_open(str(path), framework="pt") as handle:
-        for name in names:
-            scale = handle.get_tensor(name)
-            if bool(((scale > 0) & (scale < tiny)).any()):
-                raise CheckpointFormatError(
-                    f"The float16 scale {name!r} in {path} is below {tiny:.3g}: this checkpoint was exported by an "
-                    "hf_oscq that rounded such weights with a larger scale than the one it stored, so its codes are "
-                    "wrong. Export the model again with this version (scales are computed and stored in float32)."
-                )
+    if stored.dtype == "F16" and bool(((scale > 0) & (scale < tiny)).any()):
+        raise CheckpointFormatError(
+            f"The float16 scale {stored.key!r} in {stored.path} is below {tiny:.3g}: this checkpoint was exported by "
+            "an hf_oscq that rounded such weights with a larger scale than the one it stored, so its codes are "
+            "wrong. Export the model again with this version (scales are computed and stored in float32)."
+        )
+
+
+def _check_scale(
+    stored: StoredTensor, codes: StoredTensor, numel: int, bits: int, version: int, out_dim: int = 0
+) -> None:
+    """A scale is what the writer produces: a float dtype of the format, finite, and positive, or 0 exactly where
+    every code it multiplies is 0 (an all-zero tensor or channel)."""
+    fix = "a faulty writer produced this file (its checksum matches): export the model again."
+    if stored.dtype not in SCALE_DTYPES[version]:
+        raise CheckpointFormatError(
+            f"Scale {stored.key!r} in {stored.path} has dtype {stored.dtype}; format version {version} stores scales "
+            f"as {' or '.join(SCALE_DTYPES[version])}: {fix}"
+        )
+    scale = stored.read()
+    if not bool(torch.isfinite(scale).all()):
+        raise CheckpointFormatError(f"Scale {stored.key!r} in {stored.path} holds NaN or Inf: {fix}")
+    if bool((scale < 0).any()):
+        raise CheckpointFormatError(
+            f"Scale {stored.key!r} in {stored.path} holds a negative value ({float(scale.min()):.3g}): {fix}"
+        )
+    if version == 1:
+        _check_float16_scales(stored, scale)
+    zero = (scale == 0).reshape(-1)
+    if bool(zero.any()) and out_dim == 0:  # each scale covers consecutive codes (row-major)
+        unsigned = unpack_unsigned(codes.read().reshape(-1), bits, numel).reshape(zero.numel(), -1)
+        if bool((unsigned[zero] != max_code(bits)).any()):
+            raise CheckpointFormatError(
+                f"Scale {stored.key!r} in {stored.path} is 0 where its codes are not all 0, which would zero those "
+                f"weights: {fix}"
+            )
+
+
+def _check_unpacked(
+    entries: Mapping[str, StoredTensor], listed: Mapping[str, Any], model: torch.nn.Module, complete: bool
+) -> None:
+    """Every tensor stored unpacked has the kind of dtype the model's tensor has (float or not), and, for the class
+    the checkpoint was exported from, every tensor the model loads is in the checkpoint (transformers would
+    initialize a missing one at random)."""
+    state = {name: tensor.is_floating_point() for name, tensor in model.state_dict().items()}
+    for name, stored in entries.items():
+        if name in listed or name.endswith(".weight" + SCALE_SUFFIX) or name not in state:
+            continue
+        if (stored.dtype in FLOAT_DTYPES) != state[name]:
+            wanted = "a float dtype" if state[name] else "an integer dtype"
+            raise CheckpointFormatError(
+                f"Tensor {stored.key!r} in {stored.path} has dtype {stored.dtype}, but the model's {name!r} needs "
+                f"{wanted}: a faulty writer produced this file. Export the model again."
+            )
+    if not complete:
+        return
+    tied, optional = keys_loading_may_skip(model)
+    missing = sorted(
+        name
+        for name in state
+        if name not in entries and name not in tied and not any(re.search(pattern, name) for pattern in optional)
+    )
+    if missing:
+        raise CheckpointFormatError(
+            f"The checkpoint has no tensor for {missing[:5]}, which the model built from config.json needs "
+            "(transformers would initialize them at random): the file is incomplete. Export the model again."
+        )
+
+
+def _check_config_record(path: Path, metadata: Mapping[str, str]) -> None:
+    """The config.json beside the weights is the one they were written with (format version 2)."""
+    config_path = path.parent / "config.json"
+    if CONFIG_KEY not in metadata:
+        raise CheckpointFormatError(
+            f"{path} has no record of the config.json it was written with, which format version {FORMAT_VERSION} "
+            "requires: a faulty writer produced it. Export the model again."
+        )
+    try:
+        current = covered_config(json.loads(config_path.read_text()))
+    except (OSError, ValueError) as error:
+        raise CheckpointFormatError(
+            f"Cannot read {config_path} ({error}): an hf_oscq checkpoint is checked against the config.json next to "
+            "its weights. Load the folder the export wrote."
+        ) from None
+    differences = config_differences(json.loads(metadata[CONFIG_KEY]), current)
+    if differences:
+        field, recorded, found = differences[0]
+        more = f" (and {len(differences) - 1} more fields)" if len(differences) > 1 else ""
+        raise CheckpointFormatError(
+            f"{config_path} field {field!r} is {found!r}, but the weights were exported with {recorded!r}{more}: the "
+            "config was edited after export or comes from another checkpoint. Restore the exported config.json, or "
+            "export the model again."
+        )
 
 
 def validate_checkpoint_files(
     files: Iterable[str | Path], quantization_config: Any, model: torch.nn.Module
 ) -> dict[str, tuple[int, ...]]:
-    """Checks checkpoint files against their `quantization_config` and the model before any weight is loaded.
+    """Checks checkpoint files against their `quantization_config`, their config.json and the model before any
+    weight is loaded.
+
+    Checked: each file's format version and checksum (format version 2: header, tensor data and config.json; version
+    1: the tensor data), the bit-width, every listed module's codes (uint8, the shape the weight needs) and scale
+    (a dtype of the format, finite, positive, or 0 only over zero codes), no scale of an unlisted module, the dtype
+    kind of the tensors stored unpacked and, for the exported class, that every tensor the model loads is there.
 
     `model` may be the class the checkpoint was exported from, its backbone (`AutoModel`) or another head: packed
     weights of modules the model does not have are left to transformers (unexpected keys), and a packed weight whose
@@ -186,26 +321,23 @@ def validate_checkpoint_files(
         `{parameter name in model: shape of the stored weight}` for every packed weight the model has.
 
     Raises:
-        CheckpointFormatError: naming the file or tensor at fault and how to fix it.
+        CheckpointFormatError: naming the file, tensor or config field at fault and how to fix it.
     """
     spec = quantization_config.spec
     bits = spec.bits
-    entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    entries: dict[str, StoredTensor] = {}
+    headers: list[tuple[Path, dict[str, str]]] = []
+    version = FORMAT_VERSION
     for path in map(Path, files):
         metadata, file_entries = _read_header(path)
-        if metadata.get("oscq_format_version") != str(FORMAT_VERSION):
-            writer = metadata.get(VERSION_KEY.format(library="hf_oscq"))
-            writer = f" ({writer})" if writer else ""
-            raise CheckpointFormatError(
-                f"{path} has hf_oscq format version {metadata.get('oscq_format_version')!r}; this hf_oscq reads "
-                f"version {FORMAT_VERSION}. Install the hf_oscq version that wrote it{writer}, or export it again."
-            )
+        version = _format_version(path, metadata, quantization_config.format_version)
+        _check_digest(path, metadata, version)
         if metadata.get("oscq_bits") != str(bits):
             raise CheckpointFormatError(
                 f"Bit-width mismatch: config.json says bits={bits} but the tensors in {path} were packed at "
                 f"{metadata.get('oscq_bits')!r} bits. The folder mixes files from two exports: export it again."
             )
-        _check_float16_scales(path, file_entries)
+        headers.append((path, metadata))
         entries.update(file_entries)
     if hasattr(model, "config"):
         entries = checkpoint_to_model_names(entries, model, SCALE_SUFFIX)
@@ -242,21 +374,23 @@ def validate_checkpoint_files(
         mismatched = [
             (key, wanted)
             for key, wanted in expected.items()
-            if entries[key][1] != wanted[1] or wanted[0] not in (None, entries[key][0])
+            if entries[key].shape != wanted[1] or wanted[0] not in (None, entries[key].dtype)
         ]
         stored = weight_shape
         if mismatched:
             stored = None
-            if entries[name][0] == "U8":
-                stored = _stored_shape(entries[name][1], entries[name + SCALE_SUFFIX][1], weight_shape, spec, out_dim)
+            if entries[name].dtype == "U8":
+                stored = _stored_shape(
+                    entries[name].shape, entries[name + SCALE_SUFFIX].shape, weight_shape, spec, out_dim
+                )
             if stored is None:
                 key, (dtype, shape) = mismatched[0]
-                found_dtype, found_shape = entries[key]
                 raise CheckpointFormatError(
-                    f"Tensor {key!r} has dtype {found_dtype} and shape {list(found_shape)}, but a weight of shape "
-                    f"{list(weight_shape)} at bits={bits} ({spec.granularity}) needs "
+                    f"Tensor {key!r} has dtype {entries[key].dtype} and shape {list(entries[key].shape)}, but a "
+                    f"weight of shape {list(weight_shape)} at bits={bits} ({spec.granularity}) needs "
                     f"{dtype or 'a float dtype'} and shape {list(shape)}: the codes do not match config.json."
                 )
+        _check_scale(entries[name + SCALE_SUFFIX], entries[name], math.prod(stored), bits, version, out_dim)
         listed[name] = stored  # a new head's shape: transformers reports the mismatch
     stray = sorted(
         key
@@ -269,6 +403,17 @@ def validate_checkpoint_files(
         raise CheckpointFormatError(
             f"The checkpoint holds scales for modules that quantization_config does not list: {stray[:5]}. "
             "config.json and the weights come from different exports: export the model again."
+        )
+    _check_unpacked(entries, listed, model, exported_class)
+    if version >= 2:
+        for path, metadata in headers:
+            _check_config_record(path, metadata)
+    else:
+        logger.warning(
+            "%s uses hf_oscq format version 1, whose checksum covers the tensor data only (not the header or "
+            "config.json); its tensors and scales were checked for consistency. Export the model again to get the "
+            "full checksum.",
+            headers[0][0].parent,
         )
     return listed
 
@@ -302,21 +447,26 @@ def checkpoint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
 
 
 def finish_saved_folder(folder: str | Path, quantization_config: Any) -> None:
-    """Turns a folder that `save_pretrained` wrote for a packed model into a checkpoint of this format: every
-    weights file rewritten with the format metadata and checksum (`serialize_checkpoint`, as the export writes
-    them), and config.json with the guarded fields (`guard_config`) and the `quantization_config` recording them."""
+    """Turns a folder that `save_pretrained` wrote for a packed model into a checkpoint of this format: config.json
+    with the guarded fields (`guard_config`) and the `quantization_config` recording them, then every weights file
+    rewritten with the format metadata, the config record and the checksum (`serialize_checkpoint`, as the export
+    writes them)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    config = read_config(folder)
+    guarded = guard_config(config)
+    config["quantization_config"] = {
+        **quantization_config.to_dict(),
+        "format_version": FORMAT_VERSION,  # a model loaded from an older format is saved in this one
+        "guarded_fields": guarded,
+    }
+    config = write_config(folder, config)
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(str(path))
         staging = path.with_name(f".{path.name}.tmp")
-        staging.write_bytes(serialize_checkpoint(tensors, quantization_config.bits))
+        staging.write_bytes(serialize_checkpoint(tensors, quantization_config.bits, config))
         os.replace(staging, path)
-    config = read_config(folder)
-    guarded = guard_config(config)
-    config["quantization_config"] = {**quantization_config.to_dict(), "guarded_fields": guarded}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import OscqValueError
 from ..quantization.spec import QuantSpec, validate_bits
 from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, read_config
+from .checkpoint import QUANT_METHOD, READABLE_FORMAT_VERSIONS, read_config
 
 MANIFEST_NAME = "oscq_export.json"
 # Written by the recipes next to a trained model: how it was trained, the dataset included, so that
@@ -143,13 +143,13 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
             f"Export folder {str(export_dir)!r} does not exist: pass the directory hf_oscq.export_quantized wrote."
         )
     manifest = _read_json(export_dir / MANIFEST_NAME, export_dir)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         versions = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
         writer = f" ({versions['hf_oscq']})" if versions.get("hf_oscq") else ""
         raise ExportFolderError(
             f"{MANIFEST_NAME} in {str(export_dir)!r} has format_version {manifest.get('format_version')!r}; this "
-            f"hf_oscq reads version {FORMAT_VERSION}. Install the hf_oscq version that wrote it{writer}, or export "
-            "again."
+            f"hf_oscq reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Install the hf_oscq version "
+            f"that wrote it{writer}, or export again."
         )
     try:
         bits = sorted({validate_bits(b) for b in manifest.get("bits") or []})

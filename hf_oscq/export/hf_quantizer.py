@@ -36,6 +36,7 @@ from ..quantization.spec import PER_CHANNEL, PER_TENSOR, QuantSpec
 from .checkpoint import (
     FORMAT_VERSION,
     QUANT_METHOD,
+    READABLE_FORMAT_VERSIONS,
     SCALE_SUFFIX,
     CheckpointFormatError,
     check_packed_tensors,
@@ -62,7 +63,7 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         modules: names of the modules whose `.weight` is stored packed (the `select_weights` result); `None` when
             quantizing on load (filled in as the model loads).
         per_channel: one scale per output channel instead of one per tensor.
-        format_version: version of the on-disk format; this hf_oscq reads version 1.
+        format_version: version of the on-disk format; this hf_oscq writes version 2 and reads 1 and 2.
         bn_recalibrated: whether BatchNorm statistics were re-estimated with the quantized weights.
         target_modules: the `target_modules` the modules were (or are to be) selected with.
         exclude_modules: the `exclude_modules` the modules were (or are to be) selected with.
@@ -137,12 +138,14 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         )
 
     def post_init(self) -> None:
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             writer = self.versions.get("hf_oscq")
+            writer = f" ({writer})" if writer else ""
+            readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise CheckpointFormatError(
-                f"This checkpoint uses hf_oscq format version {self.format_version!r}, but this hf_oscq reads version "
-                f"{FORMAT_VERSION}. Install the hf_oscq version that wrote it{f' ({writer})' if writer else ''} (or a "
-                "newer one), or export it again."
+                f"This checkpoint uses hf_oscq format version {self.format_version!r}, but this hf_oscq reads "
+                f"versions {readable}. Install the hf_oscq version that wrote it{writer} (or a newer one), or export "
+                "it again."
             )
         if self.bits is not None:  # a config passed only for its loading options has no spec
             try:

@@ -34,7 +34,15 @@ from ..quantization.sharding import is_sharded
 from ..quantization.spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
 from ..quantization.variants import FULL_PRECISION, variant_name, variant_names
 from ..versions import library_versions
-from .checkpoint import FORMAT_VERSION, SCALE_SUFFIX, guard_config, packed_shape, read_config, serialize_checkpoint
+from .checkpoint import (
+    FORMAT_VERSION,
+    SCALE_SUFFIX,
+    guard_config,
+    packed_shape,
+    read_config,
+    serialize_checkpoint,
+    write_config,
+)
 from .folder import MANIFEST_NAME, WEIGHTS_NAME, weights_size
 
 logger = logging.getLogger(__name__)
@@ -131,7 +139,6 @@ def _write_variant(
         else:
             tensors[key] = value
     tensors = _checkpoint_tensors(model, tensors, packed_names)
-    (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, spec.bits))
 
     config = read_config(fp_dir)
     quantization = OscqQuantizationConfig.from_spec(
@@ -142,7 +149,8 @@ def _write_variant(
         versions=versions,
     )
     config["quantization_config"] = quantization.to_dict()
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config = write_config(folder, config)
+    (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, spec.bits, config))
     for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             shutil.copy2(extra, folder / extra.name)

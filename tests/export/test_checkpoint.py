@@ -127,10 +127,10 @@ def test_codes_shape_not_matching_config_is_rejected(vit_export, tmp_path):
 
 def test_unknown_format_version_and_bit_width_mismatch_are_rejected(vit_export, tmp_path):
     folder = _copy_variant(vit_export[1], tmp_path)
-    _rewrite_config(folder, format_version=2)
-    with pytest.raises(ValueError, match="format version 2.*reads version 1"):
+    _rewrite_config(folder, format_version=3)
+    with pytest.raises(ValueError, match="format version 3.*reads versions 1, 2"):
         AutoModelForImageClassification.from_pretrained(folder)
-    _rewrite_config(folder, format_version=1, bits=4)
+    _rewrite_config(folder, format_version=2, bits=4)
     with pytest.raises(CheckpointFormatError, match="Bit-width mismatch: config.json says bits=4.*packed at '3'"):
         AutoModelForImageClassification.from_pretrained(folder)
     _rewrite_config(folder, bits=3, modules=["vit.layers.0.mlp.fc1"])  # scales on disk for unlisted modules
@@ -177,3 +177,162 @@ def test_versions_are_recorded_in_manifest_metadata_config_and_cards(vit_export)
     assert json.loads((out / "w3" / "config.json").read_text())["quantization_config"]["versions"] == versions
     readme = render_card_files(out, "w3")["README.md"].decode()
     assert f"Exported with hf_oscq {versions['hf_oscq']}, torch {versions['torch']}, transformers " in readme
+
+
+def _edit_header(path: Path, edit) -> None:
+    """Rewrites the safetensors header of `path` with `edit(header)` applied, keeping the data and the checksum."""
+    blob = path.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size :])
+
+
+def _swap_entries(first: str, second: str):
+    def edit(header):
+        header[first], header[second] = header[second], header[first]
+
+    return edit
+
+
+def _set_field(name: str, field: str, value):
+    def edit(header):
+        header[name][field] = value
+
+    return edit
+
+
+LAYER = "vit.encoder.layer.0"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _swap_entries(f"{LAYER}.layernorm_before.weight", f"{LAYER}.layernorm_after.weight"),  # same dtype and shape
+        _swap_entries(f"{LAYER}.attention.attention.query.weight", f"{LAYER}.attention.attention.key.weight"),
+        _set_field(f"{LAYER}.intermediate.dense.weight_scale", "dtype", "I32"),  # the same 4 bytes read as an int
+        _set_field(f"{LAYER}.layernorm_before.bias", "shape", [2, 16]),
+    ],
+    ids=["swap_norms", "swap_packed", "scale_dtype", "shape"],
+)
+def test_any_header_edit_is_refused(vit_export, tmp_path, edit):
+    # Swapping two entries swaps their offsets: the names read each other's bytes. safetensors itself refuses
+    # offsets that overlap or leave gaps.
+    folder = _copy_variant(vit_export[1], tmp_path)
+    path = folder / "model.safetensors"
+    _edit_header(path, edit)
+    with safe_open(str(path), "pt") as handle:  # still a valid safetensors file, now describing another model
+        assert handle.metadata()["oscq_sha256"]
+    with pytest.raises(CheckpointFormatError, match="header or tensor data does not match its checksum"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_attention_heads", 2),  # same tensor shapes, another computation
+        ("layer_norm_eps", 0.1),
+        ("hidden_act", "relu"),
+        ("qkv_bias", False),
+        ("id2label", {"0": "c", "1": "b", "2": "a"}),
+        ("torch_dtype", "float16"),
+        ("new_field", 1),
+    ],
+)
+def test_any_architecture_config_edit_is_refused(vit_export, tmp_path, field, value):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    _edit_config(folder, **{field: value})
+    with pytest.raises(CheckpointFormatError, match=rf"config.json field '{field}(\.\w+)?' is .*exported with"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_informational_config_fields_may_change(vit_export, tmp_path):
+    model, out = vit_export
+    folder = _copy_variant(out, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["versions"] = {"hf_oscq": "0.0"}
+    (folder / "config.json").write_text(json.dumps(config))
+    _edit_config(folder, transformers_version="0.0", _name_or_path="elsewhere")
+    loaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+    pixel_values = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(model, 3)(pixel_values=pixel_values).logits
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, expected, rtol=0, atol=0)
+
+
+def _rewrite_tensors(folder: Path, change) -> None:
+    """Applies `change(tensors)` and writes the file again with a valid checksum, as a faulty writer would."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(tensors)
+    (folder / "model.safetensors").write_bytes(
+        serialize_checkpoint(tensors, 3, json.loads((folder / "config.json").read_text()))
+    )
+
+
+SCALE = f"{LAYER}.intermediate.dense.weight_scale"
+
+
+@pytest.mark.parametrize(
+    ("scale", "message"),
+    [
+        (torch.tensor(float("nan")), "holds NaN or Inf"),
+        (torch.tensor(float("inf")), "holds NaN or Inf"),
+        (torch.tensor(float("-inf")), "holds NaN or Inf"),
+        (torch.tensor(-0.01), "holds a negative value"),
+        (torch.tensor(0.0), "is 0 where its codes are not all 0"),
+        (torch.tensor(1, dtype=torch.int32), "dtype I32; format version 2 stores scales as F32 or F64"),
+        (torch.tensor(0.01, dtype=torch.bfloat16), "dtype BF16; format version 2 stores scales as F32 or F64"),
+    ],
+    ids=["nan", "inf", "-inf", "negative", "zero", "int32", "bfloat16"],
+)
+def test_any_invalid_scale_is_refused(vit_export, tmp_path, scale, message):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    _rewrite_tensors(folder, lambda tensors: tensors.update({SCALE: scale}))
+    with pytest.raises(CheckpointFormatError, match=rf"Scale '{SCALE}' in .*{message}"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_zero_scales_of_all_zero_weights_and_channels_load(tmp_path):
+    from _export_models import tiny_vit
+
+    model = tiny_vit()
+    with torch.no_grad():
+        model.get_parameter("vit.layers.0.mlp.fc1.weight").zero_()
+        model.get_parameter("vit.layers.1.mlp.fc1.weight")[3].zero_()  # one channel
+    for per_channel in (False, True):
+        out = hf_oscq.export_quantized(model, tmp_path / f"out{per_channel}", bits=(3,), per_channel=per_channel)
+        loaded = AutoModelForImageClassification.from_pretrained(out / "w3").eval()
+        expected = hf_oscq.quantize_model(model, 3, per_channel=per_channel)
+        pixel_values = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                loaded(pixel_values=pixel_values).logits, expected(pixel_values=pixel_values).logits, rtol=0, atol=0
+            )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop(f"{LAYER}.layernorm_before.bias"), r"no tensor for \['vit.layers.0.layernorm_before.bias'\]"),
+        (lambda t: t.pop("classifier.bias"), r"no tensor for \['classifier.bias'\]"),
+        (
+            lambda t: t.update({"classifier.bias": t["classifier.bias"].view(torch.int32)}),
+            r"'classifier.bias' .* has dtype I32, but the model's 'classifier.bias' needs a float dtype",
+        ),
+    ],
+    ids=["missing_norm", "missing_head_bias", "integer_bias"],
+)
+def test_every_tensor_the_model_expects_is_present_with_its_dtype(vit_export, tmp_path, change, message):
+    folder = _copy_variant(vit_export[1], tmp_path)
+    _rewrite_tensors(folder, change)
+    with pytest.raises(CheckpointFormatError, match=message):
+        AutoModelForImageClassification.from_pretrained(folder)

@@ -43,8 +43,8 @@ def test_variants_and_spec_of_an_export(tmp_path):
 
 
 def test_manifest_of_another_format_names_the_version_that_wrote_it(tmp_path):
-    (tmp_path / "oscq_export.json").write_text(json.dumps({"format_version": 2, "versions": {"hf_oscq": "0.9"}}))
+    (tmp_path / "oscq_export.json").write_text(json.dumps({"format_version": 3, "versions": {"hf_oscq": "0.9"}}))
     with pytest.raises(
-        ExportFolderError, match=r"format_version 2; this hf_oscq reads version 1\. .*wrote it \(0\.9\)"
+        ExportFolderError, match=r"format_version 3; this hf_oscq reads versions 1, 2\. .*wrote it \(0\.9\)"
     ):
         read_manifest(tmp_path)

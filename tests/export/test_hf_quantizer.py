@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from _export_models import logits_of, tiny_resnet18, tiny_vit
+from _format1 import write_format1_checkpoint
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import EntryNotFoundError
 from safetensors import safe_open
@@ -19,7 +20,7 @@ from transformers import (
 
 import hf_oscq
 from hf_oscq import OscqQuantizationConfig, QuantSpec
-from hf_oscq.export.checkpoint import SCALE_SUFFIX, CheckpointFormatError, serialize_checkpoint
+from hf_oscq.export.checkpoint import SCALE_SUFFIX, CheckpointFormatError, read_config, serialize_checkpoint
 from hf_oscq.quantization.packed_tensor import PackedWeight
 
 FORMAT1_CONFIG = Path(__file__).resolve().parent / "data" / "format1_vit" / "w3" / "config.json"
@@ -47,7 +48,7 @@ def test_config_of_the_first_format_reads_as_a_spec():
         ({"bits": 9}, "Invalid quantization_config in config.json: bits must be an integer between 2 and 8"),
         ({"granularity": "per_tensor", "per_channel": True}, "contradicts per_channel"),
         ({"modules": []}, "`modules` must be a non-empty list"),
-        ({"format_version": 2, "versions": {"hf_oscq": "9.0"}}, r"version 2.*wrote it \(9.0\)"),
+        ({"format_version": 3, "versions": {"hf_oscq": "9.0"}}, r"version 3.*wrote it \(9.0\)"),
     ],
 )
 def test_invalid_configs_are_refused(fields, message):
@@ -222,9 +223,13 @@ def test_old_float16_scales_below_the_smallest_normal_are_refused(vit_export, tm
     tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
     key = "vit.encoder.layer.0.intermediate.dense.weight" + SCALE_SUFFIX
     tensors[key] = torch.tensor(1e-6, dtype=torch.float16)  # what earlier exports stored for tiny float16 weights
-    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3))
+    write_format1_checkpoint(folder, tensors, 3)
     with pytest.raises(CheckpointFormatError, match="below 6.1e-05"):
         AutoModelForImageClassification.from_pretrained(folder)
+    (folder / "config.json").write_bytes((out / "w3" / "config.json").read_bytes())
+    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3, read_config(folder)))
+    with pytest.raises(CheckpointFormatError, match=r"dtype F16; format version 2 stores scales as F32 or F64"):
+        AutoModelForImageClassification.from_pretrained(folder)  # format version 2 never writes float16 scales
 
 
 def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):

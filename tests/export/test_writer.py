@@ -87,7 +87,7 @@ def test_layout_config_and_manifest(vit_export):
     assert sorted(p.name for p in out.iterdir()) == ["fp", "oscq_export.json"] + [f"w{b}" for b in ALL_BITS]
     modules = [name.removesuffix(".weight") for name in hf_oscq.select_weights(model)]
     manifest = json.loads((out / "oscq_export.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["bits"] == list(ALL_BITS)
+    assert manifest["format_version"] == 2 and manifest["bits"] == list(ALL_BITS)
     assert manifest["metrics"] is None and manifest["bn_recalibrated"] is False
     for bits in ALL_BITS:
         folder = out / f"w{bits}"
@@ -95,7 +95,7 @@ def test_layout_config_and_manifest(vit_export):
         config = json.loads((folder / "config.json").read_text())
         quantization = config["quantization_config"]
         assert quantization["quant_method"] == "oscq" and quantization["bits"] == bits
-        assert quantization["modules"] == modules and quantization["format_version"] == 1
+        assert quantization["modules"] == modules and quantization["format_version"] == 2
         assert manifest["sizes_bytes"][f"w{bits}"] == (folder / "model.safetensors").stat().st_size
         with safe_open(str(folder / "model.safetensors"), "pt") as handle:
             assert handle.metadata()["oscq_bits"] == str(bits)
@@ -143,10 +143,10 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     before = _tree_digest(out)
     original = export_module.serialize_checkpoint
 
-    def fail_at_five_bits(tensors, bits):
+    def fail_at_five_bits(tensors, bits, *config):
         if bits == 5:
             raise OSError("disk full")
-        return original(tensors, bits)
+        return original(tensors, bits, *config)
 
     monkeypatch.setattr(export_module, "serialize_checkpoint", fail_at_five_bits)
     with torch.no_grad():

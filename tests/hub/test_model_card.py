@@ -181,7 +181,7 @@ def test_unknown_variant_is_rejected(export_dir):
             lambda d: _edit_json(d / "w4" / "config.json", quantization_config={"quant_method": "oscq", "bits": 8}),
             r"w4/config\.json says bits=8, expected 4",
         ),
-        (lambda d: _edit_json(d / "oscq_export.json", format_version=2), r"format_version 2; this hf_oscq reads"),
+        (lambda d: _edit_json(d / "oscq_export.json", format_version=3), r"format_version 3; this hf_oscq reads"),
         (lambda d: _edit_json(d / "oscq_export.json", bits=[1, 3]), r"invalid bit-widths"),
     ],
 )
