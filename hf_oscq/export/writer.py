@@ -3,12 +3,15 @@
 ```
 OUT/fp/  OUT/w2/ ... OUT/w8/  OUT/oscq_export.json
 ```
-The whole export is written to a hidden sibling folder and renamed into place at the end, so a failure never
-leaves a half-written checkpoint and never damages a previous export in `OUT`.
+The whole export is written to a hidden sibling folder and swapped into place at the end (atomically where the
+system can), so a failure never leaves a half-written checkpoint and never damages a previous export in `OUT`; what a
+killed export leaves beside `OUT` is cleaned by the next export into it (docs/EXPORT.md, "Crash safety").
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -22,6 +25,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, leftovers are left for the user
+    fcntl = None
 
 from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
@@ -156,18 +164,116 @@ def _write_variant(
             shutil.copy2(extra, folder / extra.name)
 
 
+def _stage(name: str) -> None:
+    """Marks the point the export has reached (`staging_created`, `fp_written`, `w{b}_written`, `manifest_written`,
+    `exchanged`, and without an atomic exchange `moved_aside` and `renamed`). Does nothing: the crash-safety tests
+    stop the process here (tests/export/test_writer.py)."""
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system or the file
+    system cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
+    if rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+def _lock(folder: Path) -> int | None:
+    """Holds an exclusive lock on `folder` until the returned descriptor is closed (or the process dies), so that
+    other exports tell a folder in use from a leftover of a killed one. None where locks are not available."""
+    if fcntl is None:
+        return None
+    handle = os.open(folder, os.O_RDONLY)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _in_use(folder: Path) -> bool:
+    if fcntl is None:
+        return True  # cannot tell: leave it
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(handle)
+
+
+def clean_interrupted_exports(output_dir: str | os.PathLike) -> list[Path]:
+    """Removes what killed exports into `output_dir` left beside it, and puts back a previous export that a crash
+    between the two renames of the swap left aside.
+
+    Leftovers are the hidden siblings `.NAME.tmp-*` (a staging folder, or the previous export after the swap) and
+    `.NAME.old-*` (the previous export moved aside) that no running export holds locked. When `output_dir` does not
+    exist, the newest complete `.NAME.old-*` is renamed back to it first. `export_quantized` calls this before writing.
+
+    Returns:
+        The leftover folders removed.
+    """
+    output = Path(output_dir).resolve()
+    if not output.parent.is_dir():
+        return []
+    stale = [
+        path
+        for path in output.parent.iterdir()
+        if path.is_dir()
+        and not path.is_symlink()
+        and path.name.startswith((f".{output.name}.tmp-", f".{output.name}.old-"))
+        and not _in_use(path)
+    ]
+    aside = [path for path in stale if ".old-" in path.name and (path / MANIFEST_NAME).is_file()]
+    if not output.exists() and aside:
+        previous = max(aside, key=lambda path: path.stat().st_mtime)
+        os.replace(previous, output)
+        stale.remove(previous)
+        logger.warning(
+            "Restored the previous export %s from %s (an export was killed while swapping)", output, previous
+        )
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logger.warning("Removed %d folders left by killed exports into %s: %s", len(stale), output, stale)
+    return stale
+
+
 def _swap_into_place(staging: Path, output: Path) -> None:
+    """Puts the complete export at `output`. With an atomic exchange `output` always holds a complete export: the
+    previous one, then the new one; the previous one ends in `staging`, deleted last. Without, the previous export
+    is moved aside first, and `clean_interrupted_exports` puts it back if the process dies before the second rename."""
     if not output.exists():
         os.replace(staging, output)
         return
+    if _exchange(staging, output):
+        _stage("exchanged")
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     previous = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(output, previous)
+    held = _lock(output)  # the lock follows the folder: no other export takes it for a leftover while aside
     try:
-        os.replace(staging, output)
-    except BaseException:
-        os.replace(previous, output)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+        os.replace(output, previous)
+        _stage("moved_aside")
+        try:
+            os.replace(staging, output)
+        except BaseException:
+            os.replace(previous, output)
+            raise
+        _stage("renamed")
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def export_quantized(
@@ -239,6 +345,7 @@ def export_quantized(
             "from_pretrained(<that folder>) reloads, on one process."
         )
     output = Path(output_dir).resolve()
+    clean_interrupted_exports(output)
     _check_output_dir(output)
     batchnorm = has_batchnorm(model)
     # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
@@ -268,16 +375,19 @@ def export_quantized(
         check_finite(weight, name)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    held = _lock(staging)
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
+        _stage("staging_created")
         fp_dir = staging / FULL_PRECISION
         model.save_pretrained(fp_dir)
         for processor in (image_processor, tokenizer):
             if processor is not None:
                 processor.save_pretrained(fp_dir)
         manifest["sizes_bytes"][FULL_PRECISION] = weights_size(fp_dir)
+        _stage("fp_written")
         for b in bit_widths:
             start, name = time.perf_counter(), variant_name(b)
             _write_variant(
@@ -294,10 +404,15 @@ def export_quantized(
             logger.info(
                 "Wrote %s (%d bytes) in %.2f s", name, manifest["sizes_bytes"][name], time.perf_counter() - start
             )
+            _stage(f"{name}_written")
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _stage("manifest_written")
         _swap_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     logger.info("Exported %s to %s", ", ".join(variant_names(bit_widths)), output)
     return output

@@ -1,6 +1,9 @@
 import hashlib
 import json
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,96 @@ def test_export_refuses_a_foreign_folder_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="JSON-serializable"):
         hf_oscq.export_quantized(tiny_vit(), tmp_path / "b", bits=(3,), metrics={"fp": {"accuracy": object()}})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _export_pausing_at(stage: str, out: Path, marker: Path) -> None:
+    """The body of the killed export process: exports another model into `out` and waits at `stage`."""
+    torch.set_num_threads(1)
+    if stage in ("moved_aside", "renamed"):
+        export_module._exchange = lambda first, second: False  # a system without an atomic exchange
+
+    def pause(name: str) -> None:
+        if name == stage:
+            marker.write_text(name)
+            time.sleep(600)  # killed here by the test
+
+    export_module._stage = pause
+    model = tiny_vit()
+    with torch.no_grad():
+        model.classifier.weight.mul_(-1)
+    hf_oscq.export_quantized(model, out, bits=(2, 5))
+
+
+KILL_STAGES = (
+    "staging_created",
+    "fp_written",
+    "w2_written",
+    "manifest_written",
+    "exchanged",
+    "moved_aside",
+    "renamed",
+)
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_export_killed_at_every_stage_leaves_a_complete_export_at_out(tmp_path, stage):
+    import multiprocessing
+
+    out = tmp_path / "out"
+    hf_oscq.export_quantized(tiny_vit(), out, bits=(2, 5))
+    before = _tree_digest(out)
+    marker = tmp_path.parent / f"{tmp_path.name}.marker"
+    # A forked process (torch and transformers already imported), killed with SIGKILL: no handler, no cleanup runs.
+    child = multiprocessing.get_context("fork").Process(target=_export_pausing_at, args=(stage, out, marker))
+    child.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.read_text() == stage
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    assert child.exitcode == -signal.SIGKILL
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "out")
+    assert leftovers and all(name.startswith((".out.tmp-", ".out.old-")) for name in leftovers), leftovers
+    if stage == "moved_aside":  # no atomic exchange: the previous export waits aside for the next export
+        assert not out.exists()
+    elif stage in ("exchanged", "renamed"):  # the new export is complete in place
+        after = _tree_digest(out)
+        assert after.keys() == before.keys() and after["w5/model.safetensors"] != before["w5/model.safetensors"]
+    else:
+        assert _tree_digest(out) == before
+    # The next export into OUT puts a previous export aside back and removes every leftover before it writes:
+    # made to fail here, it leaves the previous export (restored) exactly as it was, and nothing else.
+    expected = _tree_digest(out) if out.exists() else before
+    original = export_module.serialize_checkpoint
+
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    export_module.serialize_checkpoint = disk_full
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            hf_oscq.export_quantized(tiny_vit(), out, bits=(2, 5))
+    finally:
+        export_module.serialize_checkpoint = original
+    assert _tree_digest(out) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    AutoModelForImageClassification.from_pretrained(out / "w5")
+
+
+def test_a_running_export_keeps_its_staging_folder(tmp_path):
+    out = tmp_path / "out"
+    hf_oscq.export_quantized(tiny_vit(), out, bits=(2,))
+    busy = tmp_path / ".out.tmp-running"
+    busy.mkdir()
+    stale = tmp_path / ".out.tmp-killed"
+    stale.mkdir()
+    (stale / "partial").write_bytes(b"x")
+    held = export_module._lock(busy)  # as a running export holds its own
+    try:
+        removed = export_module.clean_interrupted_exports(out)
+    finally:
+        os.close(held)
+    assert removed == [stale] and busy.is_dir() and not stale.exists()
