@@ -303,7 +303,7 @@ def _check_config_record(path: Path, metadata: Mapping[str, str]) -> None:
 
 
 def validate_checkpoint_files(
-    files: Iterable[str | Path], quantization_config: Any, model: torch.nn.Module
+    files: Iterable[str | Path], quantization_config: Any, model: torch.nn.Module, check_codes: bool = False
 ) -> dict[str, tuple[int, ...]]:
     """Checks checkpoint files against their `quantization_config`, their config.json and the model before any
     weight is loaded.
@@ -316,6 +316,13 @@ def validate_checkpoint_files(
     `model` may be the class the checkpoint was exported from, its backbone (`AutoModel`) or another head: packed
     weights of modules the model does not have are left to transformers (unexpected keys), and a packed weight whose
     first dimension differs from the model's (`num_labels=...`) is reported to transformers as a size mismatch.
+
+    Args:
+        files: the checkpoint's safetensors files (one, or the shards).
+        quantization_config: the checkpoint's `OscqQuantizationConfig`.
+        model: the model being loaded (on the meta device is enough).
+        check_codes: also check every packed weight's codes (`check_packed_tensors`), which loading does as each
+            weight is read; for checking a folder without loading it.
 
     Returns:
         `{parameter name in model: shape of the stored weight}` for every packed weight the model has.
@@ -405,6 +412,10 @@ def validate_checkpoint_files(
             "config.json and the weights come from different exports: export the model again."
         )
     _check_unpacked(entries, listed, model, exported_class)
+    if check_codes:
+        for name, shape in listed.items():
+            stored = entries[name]
+            check_packed_tensors(f"{stored.key} in {stored.path}", stored.read(), None, bits, math.prod(shape))
     if version >= 2:
         for path, metadata in headers:
             _check_config_record(path, metadata)
@@ -418,7 +429,7 @@ def validate_checkpoint_files(
     return listed
 
 
-def check_packed_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor, bits: int, numel: int) -> None:
+def check_packed_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor | None, bits: int, numel: int) -> None:
     """Checks the tensors of one packed weight as it loads, before they reach the model (the file-level checks ran
     in `validate_checkpoint_files` before loading began). The one place for checks of stored values.
 

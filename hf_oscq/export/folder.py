@@ -187,6 +187,59 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_float_files(folder: Path) -> None:
+    from safetensors import safe_open
+
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name).get_shape()
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            raise ExportFolderError(
+                f"{path} is not a readable safetensors file ({error}): it is truncated or corrupted."
+            ) from None
+
+
+def verify_checkpoint_folder(folder: str | Path) -> None:
+    """Checks every file of one export folder (`fp/` or `w{b}/`) as loading it would, without loading the weights.
+
+    `w{b}/`: the checks `from_pretrained` makes (`validate_checkpoint_files`, with the model built on the meta device
+    from config.json, and every packed weight's codes). `fp/`: readable safetensors headers that fit their files (a
+    plain transformers checkpoint carries no checksum). Both: every JSON file parses.
+
+    Raises:
+        ExportFolderError: naming the file and what is wrong with it.
+    """
+    import torch
+    import transformers
+
+    from .checkpoint import CheckpointFormatError, validate_checkpoint_files
+    from .hf_quantizer import OscqQuantizationConfig
+
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ExportFolderError(f"{path} is not valid JSON ({error}).") from None
+    config = read_config(folder)
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        _check_float_files(folder)
+        return
+    try:
+        quantization_config = OscqQuantizationConfig.from_dict(quantization)
+        model_config = transformers.AutoConfig.from_pretrained(folder)
+        for field, value in quantization_config.guarded_fields.items():  # as the quantizer restores them
+            setattr(model_config, field, value)
+        with torch.device("meta"):
+            model = auto_class_for(config).from_config(model_config)
+        validate_checkpoint_files(weight_files(folder), quantization_config, model, check_codes=True)
+    except CheckpointFormatError as error:
+        raise ExportFolderError(str(error)) from None
+
+
 def variants(manifest: dict[str, Any]) -> list[str]:
     """`["fp", "w2", ...]`: the folders of an export, parent first."""
     return variant_names(manifest["bits"])

@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from ..errors import OscqError
-from ..export.folder import ExportFolderError, folder_files, read_export_manifest
+from ..export.folder import ExportFolderError, folder_files, read_export_manifest, verify_checkpoint_folder
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_names, variant_repo_id
 from . import DEFAULT_LICENSE
 from .card_facts import format_size, variant_accuracy
@@ -149,6 +149,13 @@ def plan_push(
         manifest = read_export_manifest(export_dir)
     except ExportFolderError as error:
         raise HubPushError(str(error)) from None
+    for variant in variant_names(manifest["bits"]):  # every file checked as loading it would, before anything is sent
+        try:
+            verify_checkpoint_folder(export_dir / variant)
+        except ExportFolderError as error:
+            raise HubPushError(
+                f"Not pushing {str(export_dir)!r}: {variant}/ fails the loader's checks: {error}"
+            ) from None
     _check_repo_id(repo_id, manifest["bits"])
     repos = []
     for variant, rendered in render_all_card_files(export_dir, repo_id, license, manifest).items():

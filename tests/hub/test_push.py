@@ -6,6 +6,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 from _export_fixture import BITS, build_export
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import Response
@@ -327,3 +328,53 @@ def test_an_existing_local_card_is_replaced_by_the_hub_card(small_export, tmp_pa
     sent = next(d["files"] for m, target, d in hub.calls if m == "create_commit" and target == f"{REPO}-w3")
     assert ModelCard(sent["README.md"].decode()).data.base_model == REPO
     assert (copy / "w3" / "README.md").read_text() == "---\nlicense: mit\n---\nlocal card\n"
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-64])
+
+
+def _invalid_codes(path):
+    """Codes no export writes (the all-ones pattern), in a file whose checksum is recomputed: a faulty writer."""
+    from safetensors.torch import load_file
+
+    from hf_oscq.export.checkpoint import read_config, serialize_checkpoint
+
+    tensors = load_file(str(path))
+    key = next(k for k, t in tensors.items() if t.dtype == torch.uint8)
+    tensors[key] = torch.full_like(tensors[key], 0xFF)
+    path.write_bytes(serialize_checkpoint(tensors, 3, read_config(path.parent)))
+
+
+def _edit_config(path):
+    config = json.loads(path.read_text())
+    config["hidden_sizes"] = [8, 8]
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        ("w3/model.safetensors", _truncate, r"w3/ fails the loader's checks: .*w3/model.safetensors .*truncated"),
+        ("w3/model.safetensors", _flip_last_byte, r"w3/ fails the loader's checks: .*w3/model.safetensors .*checksum"),
+        ("w3/model.safetensors", _invalid_codes, r"w3/ fails the loader's checks: .* in .*w3/model.safetensors"),
+        ("w3/config.json", _edit_config, r"w3/ fails the loader's checks: .*w3/config.json field 'hidden_sizes"),
+        ("fp/model.safetensors", _truncate, r"fp/ fails the loader's checks: .*fp/model.safetensors .*truncated"),
+    ],
+    ids=["truncated", "byte_flipped", "invalid_codes", "config_edited", "fp_truncated"],
+)
+def test_push_refuses_any_corrupted_file_and_sends_nothing(small_export, tmp_path, token_env, file, damage, message):
+    damaged = shutil.copytree(small_export, tmp_path / "damaged")
+    damage(damaged / file)
+    hub = FakeHub()
+    with pytest.raises(HubPushError, match=message):
+        push_to_hub(damaged, REPO, api=hub)
+    assert hub.calls == []
+    with pytest.raises(HubPushError, match=message):
+        push_to_hub(damaged, REPO, dry_run=True)
