@@ -1,13 +1,17 @@
-"""Refusals: the weight shardings hf_oscq cannot quantize (FSDP1, DeepSpeed ZeRO-3) and QAT with activation
-checkpointing. FSDP2 (`fully_shard`) splits each weight by rows, and hf_oscq reduces the scale `max|W|` and the
-penalty's sums across the shards (docs/DISTRIBUTED.md).
+"""Refusals: the weight shardings hf_oscq cannot quantize (FSDP1, DeepSpeed ZeRO-3), QAT with activation
+checkpointing, and training on with a non-finite loss or weight. FSDP2 (`fully_shard`) splits each weight by rows,
+and hf_oscq reduces the scale `max|W|` and the penalty's sums across the shards (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+from torch import nn
+
 from ..errors import OscqValueError
+from ..quantization.sharding import local_shard
 
 
 def _env_flag(name: str) -> bool:
@@ -64,4 +68,41 @@ def check_sharding(args) -> None:
             "osc_method='qat' does not support activation (gradient) checkpointing: the recomputed forward pass "
             "would use the full-precision weights. Disable activation_checkpointing (and FSDP's "
             "activation_checkpointing) or use osc_method='oscillation'."
+        )
+
+
+def first_nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter of `model` holding NaN or Inf on this process (its local shard under FSDP2,
+    so no collective runs), or None."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(local_shard(parameter.detach()).local).all()):
+            return name
+    return None
+
+
+def check_finite_loss(loss: torch.Tensor, model: nn.Module, step: int, fp16: bool) -> None:
+    """Stops training at a non-finite loss, naming the parameter that caused it.
+
+    A non-finite weight always stops training. A non-finite loss with finite weights stops it too, except with
+    `fp16` mixed precision, where the gradient scaler's documented policy (torch.amp) applies: the step is skipped
+    and the scale lowered.
+
+    Raises:
+        OscqValueError: naming the first non-finite parameter, or the step whose loss is not finite.
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    name = first_nonfinite_parameter(model)
+    if name is not None:
+        raise OscqValueError(
+            f"Training stopped at step {step}: weight {name!r} contains NaN or Inf values, so the loss is "
+            f"{float(loss.detach().float().reshape(-1)[0])}. The model diverged at the previous step or was loaded "
+            "from a corrupt checkpoint: lower the learning rate (or osc_lambda), enable gradient clipping "
+            "(max_grad_norm), or resume from a healthy checkpoint."
+        )
+    if not fp16:
+        raise OscqValueError(
+            f"Training stopped at step {step}: the loss is {float(loss.detach().float().reshape(-1)[0])} while every "
+            "weight is finite, so this batch holds NaN or Inf inputs or labels, or the forward pass overflows. Check "
+            "the data, or train in float32 / bf16."
         )

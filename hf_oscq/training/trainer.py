@@ -25,6 +25,7 @@ from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
 from ..quantization.variants import variant_name
 from .config import OscillationConfig
+from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
 from .methods import OSCILLATION, QAT
 from .metrics import compute_accuracy
@@ -156,6 +157,7 @@ class OscillationTrainer(Trainer):
         else:
             result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
+        check_finite_loss(loss, self.model, self.state.global_step + 1, self.args.fp16)
         # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
         accumulation = self.current_gradient_accumulation_steps
         trainer_divides = not _compat.loss_is_scaled_for_gradient_accumulation(self, num_items_in_batch)

@@ -452,3 +452,49 @@ def test_missing_model_columns_get_a_hint(tmp_path):
         OscqValueError, match=r"no \['labels'\]: name the dataset's label column `labels`.*\['target'\]"
     ):
         trainer.train()
+
+
+class PoisonAt(TrainerCallback):
+    """Writes NaN into one parameter when step `step` ends, as a diverging update would."""
+
+    def __init__(self, name, step):
+        self.name, self.step = name, step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_parameter(self.name).view(-1)[0] = float("nan")
+
+
+class NanImageAt(RandomImages):
+    def __init__(self, n, index):
+        super().__init__(n)
+        self.x[index] = float("nan")
+
+
+@pytest.mark.parametrize("method", ["oscillation", "qat", "none"])
+@pytest.mark.parametrize(
+    "name",
+    ["vit.layers.0.mlp.fc1.weight", "vit.layers.1.layernorm_before.weight", "vit.layers.0.attention.q_proj.bias"],
+    ids=["quantized_weight", "norm", "bias"],
+)
+def test_non_finite_weight_stops_training_in_every_mode_naming_the_parameter(method, name, tmp_path):
+    trainer = make_trainer(tiny_vit(), tmp_path, osc_method=method, max_steps=5)
+    assert name in dict(trainer.model.named_parameters())
+    trainer.add_callback(PoisonAt(name, step=2))
+    with pytest.raises(ValueError, match=rf"'{name}' contains NaN or Inf"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # step 3 saw the NaN weight and did not update anything
+    others = [p for n, p in trainer.model.named_parameters() if n != name]
+    assert all(bool(torch.isfinite(p).all()) for p in others)
+
+
+@pytest.mark.parametrize("method", ["oscillation", "qat", "none"])
+def test_non_finite_loss_stops_training_in_every_mode(method, tmp_path):
+    trainer = make_trainer(tiny_vit(), tmp_path, osc_method=method, max_steps=5, dataloader_drop_last=True)
+    trainer.train_dataset = NanImageAt(48, index=0)  # one NaN image, in the first shuffled batch that holds it
+    with pytest.raises(
+        ValueError, match=r"Training stopped at step \d+: the loss is nan while every weight is finite"
+    ):
+        trainer.train()
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
