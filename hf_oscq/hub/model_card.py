@@ -16,8 +16,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import OscqValueError
-from ..export.folder import export_spec, variants
+from ..export.folder import export_spec, read_export_manifest, variants
 from ..paper import CITATION, PAPER
+from ..paths import child_path
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
 from ..training.methods import NONE, OSCILLATION, QAT, method_sentence
@@ -33,6 +34,7 @@ from .card_facts import (
     metric_text,
     variant_size,
 )
+from .repo_ids import check_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -387,19 +389,27 @@ def write_model_cards(
 
     Returns:
         The paths of the README.md files written, parent first.
+
+    Raises:
+        OscqValueError: for a `repo_id` that is not a valid Hub id `ORG/NAME` (e.g. `me/..`), so no card lands
+            outside `output_dir`.
     """
     export_dir = Path(export_dir)
-    rendered = render_all_card_files(export_dir, repo_id, license)
+    manifest = read_export_manifest(export_dir)
+    if repo_id is not None:
+        check_repo_id(repo_id, variants(manifest))
+    rendered = render_all_card_files(export_dir, repo_id, license, manifest)
     written = []
     for variant, files in rendered.items():
         if output_dir is None:
-            folder = export_dir / variant
+            folder = child_path(export_dir, variant)
         else:
             name = variant_repo_id(repo_id, variant).split("/")[-1] if repo_id else f"{export_dir.name}-{variant}"
-            folder = Path(output_dir) / name
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            folder = child_path(output_dir, name)
         folder.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
-            (folder / name).write_bytes(content)
+            child_path(folder, name).write_bytes(content)
         written.append(folder / "README.md")
         logger.info("Model card for %s written to %s", variant, folder / "README.md")
     return written

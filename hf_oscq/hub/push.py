@@ -19,19 +19,18 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import (
     HfHubHTTPError,
-    HFValidationError,
     LocalTokenNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
 
-from ..errors import OscqError
+from ..errors import OscqError, OscqValueError
 from ..export.folder import ExportFolderError, folder_files, read_export_manifest, verify_checkpoint_folder
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_names, variant_repo_id
 from . import DEFAULT_LICENSE
 from .card_facts import format_size, variant_accuracy
 from .model_card import render_all_card_files
+from .repo_ids import check_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +111,10 @@ class PushPlan:
 
 
 def _check_repo_id(repo_id: str, bits: list[int]) -> None:
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise HubPushError(f"repo_id must be ORG/NAME (a user or organization, then a model name), got {repo_id!r}.")
-    for candidate in [variant_repo_id(repo_id, name) for name in variant_names(bits)]:
-        try:
-            validate_repo_id(candidate)
-        except HFValidationError as error:
-            raise HubPushError(f"Invalid Hub repository name {candidate!r}: {error}") from None
+    try:
+        check_repo_id(repo_id, variant_names(bits))
+    except OscqValueError as error:
+        raise HubPushError(str(error)) from None
 
 
 def _note(manifest: dict, variant: str) -> str:
@@ -222,6 +218,7 @@ def push_to_hub(
     license: str = DEFAULT_LICENSE,
     collection_title: str | None = None,
     api: HfApi | None = None,
+    token: str | None = None,
 ) -> PushPlan:
     """Publishes an export folder: `fp/` to `repo_id`, each `w{b}/` to `{repo_id}-w{b}`, grouped in a collection.
 
@@ -237,7 +234,8 @@ def push_to_hub(
         license: the license identifier in the cards' metadata.
         collection_title: title of the collection (default `"NAME (hf_oscq)"`); pushing again to the same title
             reuses the collection.
-        api: the `HfApi` to use; by default `HfApi()`, whose token comes from `hf auth login` or `HF_TOKEN`.
+        api: the `HfApi` to use; by default `HfApi(token=token)`.
+        token: the Hub token (never logged or written); by default the one of `hf auth login` or `HF_TOKEN`.
 
     Returns:
         The `PushPlan` that was (or, with `dry_run`, would be) executed.
@@ -249,7 +247,7 @@ def push_to_hub(
     plan = plan_push(export_dir, repo_id, private, license, collection_title)
     if dry_run:
         return plan
-    api = api or HfApi()
+    api = api or HfApi(token=token)
     if not (api.token or get_token()):
         raise HubPushError(NO_TOKEN_MESSAGE)
     total = len(plan.repos)

@@ -266,7 +266,12 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
             if training.push_to_hub:
                 from ..hub.push import push_to_hub
 
-                push_to_hub(summary["export_dir"], training.hub_model_id, private=bool(training.hub_private_repo))
+                push_to_hub(
+                    summary["export_dir"],
+                    training.hub_model_id,
+                    private=bool(training.hub_private_repo),
+                    token=training.hub_token,
+                )
         (output_dir / "run_info.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "tables"}))
     trainer.accelerator.wait_for_everyone()
     return summary

@@ -198,6 +198,15 @@ class OscillationConfig(TrainingArguments):
             raise OscqValueError("osc_bn_recalibration_samples must be >= 0 (0 disables BatchNorm re-estimation).")
         check_sharding(self)
 
+    def __getstate__(self) -> dict:
+        # The Trainer pickles these arguments into training_args.bin in every checkpoint and output folder (and
+        # uploads that file with trainer.push_to_hub): pickled copies hold no Hub token. The live object keeps it.
+        state = dict(self.__dict__)
+        for name in state:
+            if name.endswith("_token") and isinstance(state[name], str):
+                state[name] = None
+        return state
+
     @property
     def quant_spec(self) -> QuantSpec:
         """The `QuantSpec` of `osc_bits`, `osc_per_channel` / `osc_group_size`, `osc_target_modules` and

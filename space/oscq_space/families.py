@@ -25,6 +25,7 @@ from hf_oscq import select_weights
 from hf_oscq.export.checkpoint import FORMAT_VERSION
 from hf_oscq.export.folder import MANIFEST_NAME as EXPORT_FILE
 from hf_oscq.export.folder import ExportFolderError, auto_class_for, export_spec, read_manifest, weights_size
+from hf_oscq.paths import child_path
 from hf_oscq.quantization.batchnorm import has_batchnorm
 from hf_oscq.quantization.variants import (
     FULL_PRECISION,
@@ -157,7 +158,7 @@ def _download_family(repo_id: str) -> Path:
         return parent
     record = json.loads((parent / EXPORT_FILE).read_text()) if (parent / EXPORT_FILE).is_file() else {}
     bits = record.get("bits") or list(range(2, 9))
-    folder = Path(tempfile.mkdtemp(prefix="oscq_family_")) / repo_id.split("/")[-1]
+    folder = child_path(tempfile.mkdtemp(prefix="oscq_family_"), repo_id.split("/")[-1])
     folder.mkdir()
     (folder / FULL_PRECISION).symlink_to(parent, target_is_directory=True)
     found = []

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from _export_fixture import BITS, TRAINING, build_export, tiny_model
@@ -255,3 +256,19 @@ def test_card_loading_example_runs_and_classifies_like_the_model(tmp_path, monke
     with torch.no_grad():
         expected = hf_oscq.quantize_model(model, 3)(pixel_values=inputs).logits.argmax(-1).item()
     assert printed == [model.config.id2label[expected]]
+
+
+@pytest.mark.parametrize("repo_id", ["me/..", "me/.", "../..", "me/a/b", "me/a\\b", "me/"])
+def test_repo_id_derived_paths_stay_inside_output_dir(export_dir, tmp_path, repo_id):
+    output_dir = tmp_path / "cards" / "model_cards"
+    output_dir.mkdir(parents=True)
+    readme = tmp_path / "cards" / "README.md"
+    readme.write_text("the user's own README")
+    with pytest.raises(ValueError, match=r"repo_id must be ORG/NAME|Invalid Hub repository name"):
+        write_model_cards(export_dir, repo_id, output_dir=output_dir)
+    assert readme.read_text() == "the user's own README"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+        Path("cards"),
+        Path("cards/README.md"),
+        Path("cards/model_cards"),
+    ]

@@ -121,3 +121,56 @@ def test_digits_recipe_end_to_end(tmp_path):
         if variant != "fp":
             config = json.loads((export / variant / "config.json").read_text())
             assert config["quantization_config"]["bits"] == int(variant[1:])
+
+
+class _RecordingHub:
+    """Stands in for `HfApi` (the network client only): records the token it was built with and the commits."""
+
+    instances = []
+
+    def __init__(self, token=None):
+        self.token = token
+        self.commits = []
+        _RecordingHub.instances.append(self)
+
+    def create_repo(self, repo_id, **kwargs):
+        pass
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.commits.append(repo_id)
+
+    def create_collection(self, title, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(slug="me/slug")
+
+    def add_collection_item(self, *args, **kwargs):
+        pass
+
+
+def test_no_token_in_any_file_a_recipe_writes_and_its_push_uses_it(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from hf_oscq.hub import push
+    from hf_oscq.scripts.recipe import run_recipe
+
+    token = "hf_recipe_secret_token_0123456789"
+    monkeypatch.setattr(push, "HfApi", _RecordingHub)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _RecordingHub.instances.clear()
+    output = tmp_path / "run"
+    arguments = ["--config", str(ROOT / "recipes/configs/digits_demo.yaml"), "--max_steps", "2", "--baselines"]
+    arguments += ["oscillation", "--save_strategy", "steps", "--save_steps", "1", "--osc_eval_bits", "3"]
+    arguments += ["--export_bits", "3", "--max_train_samples", "64", "--max_eval_samples", "32", "--report_to", "none"]
+    arguments += ["--output_dir", str(output), "--hub_token", token, "--push_to_hub", "--hub_model_id", "me/digits"]
+    recipe, training = parse_arguments(arguments, model="vit")
+    with caplog.at_level(logging.DEBUG):
+        run_recipe(recipe, training)
+    saved_arguments = sorted(output.rglob("training_args.bin"))
+    assert len(saved_arguments) >= 2  # the run's folder and its checkpoints
+    files = [path for path in output.rglob("*") if path.is_file()]
+    assert [path for path in files if token.encode() in path.read_bytes()] == []
+    assert token not in caplog.text
+    assert torch.load(saved_arguments[0], weights_only=False).hub_token is None
+    assert [hub.token for hub in _RecordingHub.instances] == [token]
+    assert _RecordingHub.instances[0].commits == ["me/digits", "me/digits-w3"]
