@@ -101,7 +101,8 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
             gr.Dropdown(choices=bit_list, value=bits),
         )
 
-    with gr.Blocks(title="Oscillation-regularized quantization") as demo:
+    # Gradio keeps one file per distinct output image in its cache: delete those older than a day, every hour.
+    with gr.Blocks(title="Oscillation-regularized quantization", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(_intro(families, problems))
         with gr.Tab("Classify"):
             with gr.Row():

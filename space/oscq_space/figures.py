@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -104,7 +105,9 @@ def level_counts(family: Family, layer: str, bits: int) -> dict[int, int]:
     return code_counts(codes, bits)
 
 
-def write_weight_plot(weight: torch.Tensor, spec: QuantSpec, layer: str, path: Path, out_dim: int = 0) -> None:
+def write_weight_plot(
+    weight: torch.Tensor, spec: QuantSpec, layer: str, path: Path | BinaryIO, out_dim: int = 0
+) -> None:
     """Histogram of the full-precision `weight` (named `layer`) with the grid of `spec` (levels and rounding
     thresholds), written as a PNG to `path`: `hf_oscq.plots`' weight histogram, as on the model cards.
 

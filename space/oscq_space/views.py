@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import io
 import logging
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
+
+from PIL import Image
 
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
@@ -90,13 +92,19 @@ def classify_view(
     return message, predictions_html(predictions), rows
 
 
-def _temporary_png() -> Path:
-    with tempfile.NamedTemporaryFile(prefix="oscq_", suffix=".png", delete=False) as handle:
-        return Path(handle.name)
+def _png_image(draw: Callable[[io.BytesIO], None]) -> Image.Image:
+    """The PNG `draw` writes, as an image held in memory: a request leaves no file of its own behind (Gradio keeps
+    one copy per distinct image in its cache, which `delete_cache` empties)."""
+    buffer = io.BytesIO()
+    draw(buffer)
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image
 
 
 def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
-    """The Accuracy tab: `(plot PNG path or None, table rows, message)`."""
+    """The Accuracy tab: `(plot PNG image or None, table rows, message)`."""
     tables = {}
     for family in families:
         tables.update(family_tables(family, qualify=len(families) > 1))
@@ -104,10 +112,11 @@ def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
     tables = {curve: table for curve, table in tables.items() if any("accuracy" in row for row in table.values())}
     if not tables:
         return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
-    path = _temporary_png()
     # the hub's card figure, so both always agree
-    plot_accuracy_vs_bits(tables, path, title="Test accuracy after post-training quantization")
-    return str(path), accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
+    image = _png_image(
+        lambda buffer: plot_accuracy_vs_bits(tables, buffer, title="Test accuracy after post-training quantization")
+    )
+    return image, accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
 
 
 def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | None]:
@@ -123,7 +132,7 @@ def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | N
 def weights_view(
     families: dict[str, Family], family_name: str | None, layer: str | None, bits: int | str | None
 ) -> tuple[str | None, list, str]:
-    """The Weights tab: `(histogram PNG path or None, rows [code, level value, weights], message)`."""
+    """The Weights tab: `(histogram PNG image or None, rows [code, level value, weights], message)`."""
     family = families.get(family_name or "")
     if family is None:
         return None, [], _warning(f"No model family named {family_name!r} is loaded; pick one from the list.")
@@ -141,9 +150,8 @@ def weights_view(
     out_dim = layer_output_dim(family, layer)
     codes, scales = quantize_codes(weight, spec=spec, out_dim=out_dim)
     counts = code_counts(codes, bits)
-    path = _temporary_png()
-    write_weight_plot(weight, spec, layer, path, out_dim)
+    image = _png_image(lambda buffer: write_weight_plot(weight, spec, layer, buffer, out_dim))
     scale = float(scales) if spec.per_tensor else 1.0
     rows = [[code, round(code * scale, 6), count] for code, count in counts.items()]
     unit = f"scale {scale:.4g}" if spec.per_tensor else f"in {spec.granularity.replace('_', '-')} scale units"
-    return str(path), rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."
+    return image, rows, f"{layer} at {bits} bits: {sum(counts.values())} weights on {len(counts)} levels ({unit})."

@@ -558,3 +558,33 @@ def test_several_families_and_per_channel_grid(export_dir, families, tmp_path):
     expected = dict(zip(codes.astype(int).tolist(), counts.tolist(), strict=True))
     assert level_counts(per_channel, layer, 3) == {code: expected.get(code, 0) for code in range(-3, 4)}
     assert level_counts(per_channel, layer, 3) != level_counts(families[0], layer, 3)  # one scale per row differs
+
+
+@pytest.mark.slow
+def test_weights_requests_leave_no_temporary_file(families, tmp_path, monkeypatch):
+    """Files in the temporary folder (Gradio's cache included) before and after 20 /weights requests."""
+    import tempfile
+
+    import app
+    from gradio_client import Client
+
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    # A server of its own whose temporary folder and Gradio cache are both private_tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(private_tmp / "gradio"))
+    demo = app.build_demo(families, [])
+    port = _free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False, download_files=False)
+        name, layer = families[0].name, "vit.layers.0.attention.q_proj.weight"
+        first = client.predict(name, layer, 3, api_name="/weights")[0]
+        before = sorted(path for path in private_tmp.rglob("*") if path.is_file())
+        plots = [client.predict(name, layer, 3, api_name="/weights")[0] for _ in range(20)]
+        after = sorted(path for path in private_tmp.rglob("*") if path.is_file())
+    finally:
+        demo.close()
+    # Gradio's cached examples and its one copy of the plot, made by the first request; nothing per request after
+    assert after == before and Path(first["path"]).resolve() in [path.resolve() for path in before]
+    assert {plot["path"] for plot in plots} == {first["path"]}
