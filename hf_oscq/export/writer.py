@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -173,8 +174,10 @@ def _stage(name: str) -> None:
 def _exchange(first: Path, second: Path) -> bool:
     """Swaps two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system or the file
     system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
     rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if rename is None:
+    if rename is None:  # glibc before 2.28, musl
         return False
     at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE (linux/fcntl.h, linux/fs.h)
     if rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:

@@ -186,7 +186,9 @@ def _export_pausing_at(stage: str, out: Path, marker: Path) -> None:
 
     def pause(name: str) -> None:
         if name == stage:
-            marker.write_text(name)
+            written = marker.with_name(marker.name + ".partial")
+            written.write_text(name)
+            os.replace(written, marker)  # the test sees the marker only once it is complete
             time.sleep(600)  # killed here by the test
 
     export_module._stage = pause
