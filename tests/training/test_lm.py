@@ -1,6 +1,7 @@
 """Causal language models in OscillationTrainer: default selection, cross-bit loss and perplexity, DDP with a
 selected weight the forward pass never uses."""
 
+import json
 import math
 import os
 import subprocess
@@ -149,3 +150,42 @@ def test_ddp_trains_a_selected_weight_the_forward_pass_never_uses(tmp_path):
     assert not torch.equal(weights[1][unused], initial[unused])  # moved by the penalty gradient alone
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_one_process_with_the_same_global_batch(tmp_path):
+    """Two FSDP2 processes (4 windows each) log the losses of one process with 8, save the same weights, and their
+    cross-bit evaluation is the loss of the saved weights rounded to each bit width."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = str(ROOT / "tests" / "_fsdp_lm_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, str(tmp_path / "two")]
+    two = subprocess.run([*command, "4", "fsdp"], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fsdp_lm_worker import TokenWindows as WorkerWindows
+    from _fsdp_lm_worker import main
+
+    main(tmp_path / "one", 8, "single")
+    fsdp, single = (json.loads((tmp_path / run / "result.json").read_text()) for run in ("two", "one"))
+    assert (fsdp["world_size"], fsdp["fsdp_version"], fsdp["sharded"]) == (2, 2, True)
+    assert not single["sharded"]
+
+    assert [entry["step"] for entry in fsdp["log"]] == [entry["step"] for entry in single["log"]] == [1, 2, 3]
+    for expected, found in zip(single["log"], fsdp["log"]):
+        assert found["osc_penalty"] > 0
+        for key in ("loss", "task_loss", "osc_penalty"):
+            assert found[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    saved, reference = (AutoModelForCausalLM.from_pretrained(tmp_path / run) for run in ("two", "one"))
+    weights, expected = saved.state_dict(), reference.state_dict()
+    assert weights.keys() == expected.keys()
+    assert max((weights[name] - expected[name]).abs().max().item() for name in weights) < 1e-4  # 3 Adam steps
+
+    evaluation = WorkerWindows(8, seed=1)  # the worker's evaluation windows
+    metrics = fsdp["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(_mean_loss(saved, evaluation, 4), rel=1e-5)
+    for bits in (2, 3):
+        rounded = quantize_model(saved, spec=QuantSpec(bits, "group", group_size=8))
+        assert metrics[f"eval_w{bits}_loss"] == pytest.approx(_mean_loss(rounded, evaluation, 4), rel=1e-5)
+        assert metrics[f"eval_w{bits}_perplexity"] == pytest.approx(math.exp(metrics[f"eval_w{bits}_loss"]), rel=1e-12)
+        assert metrics[f"eval_w{bits}_loss"] == pytest.approx(single["metrics"][f"eval_w{bits}_loss"], rel=1e-4)
+    assert metrics["eval_w2_loss"] != metrics["eval_w3_loss"]
