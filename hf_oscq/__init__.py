@@ -1,8 +1,9 @@
 """hf_oscq: oscillation-regularized training for robust low-bit post-training quantization, on Hugging Face.
 
 `import hf_oscq` is light: it imports no third-party library. It registers the "oscq" quantization method with
-transformers as soon as transformers' quantizer registry is imported, and hf_oscq's timm architectures as soon as
-timm is (`_import_hooks.py`), so bit-packed checkpoints load with `from_pretrained` afterwards. Every public name
+transformers as soon as transformers' quantizer registry is imported, `OscqImageProcessor` as soon as its image
+processor registry is, and hf_oscq's timm architectures as soon as timm is (`_import_hooks.py`), so bit-packed
+checkpoints and their image processors load with `from_pretrained` and `pipeline` afterwards. Every public name
 below is imported on first use, with the modules it needs.
 """
 
@@ -60,6 +61,8 @@ _PUBLIC = {
     "read_export_manifest": ".export.folder",
     "OscqHfQuantizer": ".export.hf_quantizer",
     "OscqQuantizationConfig": ".export.hf_quantizer",
+    "OscqImageProcessor": ".image_processing",
+    "to_model_image": ".image_processing",
     # hub
     "HubPushError": ".hub.push",
     "PushPlan": ".hub.push",
@@ -107,6 +110,12 @@ def _register_loader(module) -> None:
     importlib.import_module(".export.hf_quantizer", __name__)
 
 
+def _register_image_processor(image_processing_auto) -> None:
+    from .image_processing import register_image_processor
+
+    register_image_processor(image_processing_auto)
+
+
 def _register_timm_models(timm) -> None:
     from .timm_models import register_timm_models
 
@@ -114,6 +123,7 @@ def _register_timm_models(timm) -> None:
 
 
 when_imported("transformers.quantizers.auto", _register_loader)
+when_imported("transformers.models.auto.image_processing_auto", _register_image_processor)
 when_imported("timm", _register_timm_models)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes from __getattr__
@@ -124,6 +134,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .export.writer import export_quantized
     from .hub.model_card import render_card_files, render_model_card, write_model_cards
     from .hub.push import HubPushError, PushPlan, plan_push, push_to_hub
+    from .image_processing import OscqImageProcessor, to_model_image
     from .plots import plot_accuracy_vs_bits, plot_weight_histogram
     from .quantization.batchnorm import recalibrate_batchnorm
     from .quantization.fused import PenaltyWorkspace, fused_fake_quantize, fused_oscillation_penalty

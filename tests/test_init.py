@@ -1,6 +1,7 @@
-"""`import hf_oscq`: light (no heavy module), every public name resolvable, and the loader and timm models registered
-as soon as transformers' quantizer registry and timm are imported later. (The other order, hf_oscq imported after
-both, is checked with loading in tests/export/test_checkpoint.py, in its process that first loads without hf_oscq.)"""
+"""`import hf_oscq`: light (no heavy module), every public name resolvable, and the loader, the image processor and
+timm models registered as soon as transformers' registries and timm are imported later. (The other order, hf_oscq
+imported after both, is checked with loading in tests/export/test_checkpoint.py, in its process that first loads
+without hf_oscq.)"""
 
 import json
 import subprocess
@@ -37,6 +38,8 @@ def test_import_is_light_and_registers_when_transformers_and_timm_come_later():
             "seen['timm_before'] = 'timm' in sys.modules",
             "import timm",
             "seen['timm_model'] = timm.is_model('resnet18_cifar')",
+            "from transformers.models.auto import image_processing_auto as ipa",
+            "seen['image_processor'] = ipa.get_image_processor_class_from_name('OscqImageProcessor').__name__",
         ]
     )
     assert seen == {
@@ -46,6 +49,7 @@ def test_import_is_light_and_registers_when_transformers_and_timm_come_later():
         "registered": ["OscqHfQuantizer", "OscqQuantizationConfig"],
         "timm_before": False,
         "timm_model": True,
+        "image_processor": "OscqImageProcessor",
     }
 
 

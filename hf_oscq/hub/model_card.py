@@ -39,6 +39,7 @@ from .repo_ids import check_repo_id
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "model_card.md"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"  # transformers.utils.IMAGE_PROCESSOR_NAME
 _RECIPE_KEYS = {
     "osc_method": "method",
     "osc_bits": "target bit-width",
@@ -300,6 +301,8 @@ def _render_model_card(
         auto_class=facts.auto_class,
         task=task,
         load_id=own_id or f"path/to/{export_dir.name}/{variant}",
+        # `pipeline` needs the saved image processor; without one the card shows `from_pretrained` only.
+        pipeline_task=task if (export_dir / variant / IMAGE_PROCESSOR_FILE).is_file() else None,
         recipe_intro=intro,
         recipe_table=recipe_table,
         command=command,

@@ -6,7 +6,8 @@
   `data_dir` (a `save_to_disk` folder or parquet files with the Hub's columns).
 
 Training splits are augmented (random crop with padding, horizontal flip where it suits the images); every split
-is normalised with the statistics in `DatasetInfo`, which the saved image processor repeats.
+is normalised with the statistics in `DatasetInfo`, which the saved image processor (`build_image_processor`) repeats
+from any 8-bit image.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torchvision.transforms import v2
 
 from ..errors import OscqError, OscqValueError
+from ..image_processing import to_model_image
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,9 @@ FASHION_MNIST_LABELS = (
 class DatasetInfo:
     """What a model and its image processor need to know about a dataset.
 
-    `rescale_factor` maps raw pixel values to [0, 1] (1/255 for 8-bit images, 1/16 for the 0..16 digits); then
-    `(x - mean) / std` per channel.
+    Images are 8-bit; a pixel value `p` becomes `(p / 255 - mean) / std` per channel. `background` is the gray level
+    transparent pixels of an input are composited on (`to_model_image`): 0 for the digits and Fashion-MNIST, drawn
+    on black, 255 (transformers' convention) for photos.
     """
 
     name: str
@@ -53,7 +56,7 @@ class DatasetInfo:
     num_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    rescale_factor: float = 1 / 255
+    background: int = 255
     hub_id: str | None = None
     image_column: str = "image"
     eval_split: str = "test"
@@ -62,13 +65,14 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "digits": DatasetInfo("digits", 8, 1, (0.5,), (0.5,), rescale_factor=1 / 16, crop_padding=0, flip=False),
+    "digits": DatasetInfo("digits", 8, 1, (0.5,), (0.5,), background=0, crop_padding=0, flip=False),
     "fashion_mnist": DatasetInfo(
         "fashion_mnist",
         28,
         1,
         (0.2860,),
         (0.3530,),
+        background=0,
         hub_id="zalando-datasets/fashion_mnist",
         crop_padding=2,
         flip=False,
@@ -183,16 +187,19 @@ def raw_splits(
 
 
 def digits_splits(seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """A fixed 80/20 train/test split of scikit-learn's 1797 digits, as (1, 8, 8) uint8 images in 0..16.
+    """A fixed 80/20 train/test split of scikit-learn's 1797 digits, as (8, 8) 8-bit grayscale images.
 
-    The splits carry no transform: `load_image_dataset("digits")` adds the normalisation.
+    scikit-learn's 0..16 ink levels `x` become the pixel values `round(x * 255 / 16)` (0, 16, 32, ..., 239, 255):
+    all 17 levels kept, on the 0..255 scale of every other 8-bit image, so a digit saved as a PNG and read back
+    through the saved image processor is exactly the training input. The splits carry no transform:
+    `load_image_dataset("digits")` adds the normalisation.
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
     cut = int(0.8 * len(order))
-    images = digits.data.reshape(-1, 8, 8).astype(np.uint8)
+    images = np.rint(digits.data.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
     return tuple(
         datasets.Dataset.from_dict({"pixel_values": images[part], "labels": digits.target[part].astype(np.int64)})
         for part in (order[:cut], order[cut:])
@@ -310,9 +317,8 @@ def _transform(info: DatasetInfo, train: bool):
         steps.append(v2.RandomCrop(info.image_size, padding=info.crop_padding))
     if train and info.flip:
         steps.append(v2.RandomHorizontalFlip())
-    mean = [m / info.rescale_factor for m in info.mean]
-    std = [s / info.rescale_factor for s in info.std]
-    steps.append(v2.Normalize(mean, std))  # on raw pixel values: (x * rescale - mean) / std
+    # On raw pixel values, as the image processor's fused rescale and normalize: (p / 255 - mean) / std
+    steps.append(v2.Normalize([m * 255 for m in info.mean], [s * 255 for s in info.std]))
     pipeline = v2.Compose(steps)
     mode = "L" if info.num_channels == 1 else "RGB"
 
@@ -320,7 +326,7 @@ def _transform(info: DatasetInfo, train: bool):
         images = []
         for image in batch["pixel_values"]:
             if hasattr(image, "convert"):  # PIL image (Tiny ImageNet mixes grayscale and RGB)
-                image = image.convert(mode)
+                image = to_model_image(image, mode, info.background)
             else:  # an array (H, W) from the IDX files or the digits
                 image = torch.as_tensor(np.asarray(image, dtype=np.uint8)).unsqueeze(0)
             images.append(pipeline(image))

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from ..errors import OscqValueError
+from ..image_processing import OscqImageProcessor
 from ..timm_models import CIFAR_RESNET18
 from .data import DatasetInfo, HubUnreachableError
 
@@ -192,14 +193,21 @@ def build_model(
 
 
 def build_image_processor(info: DatasetInfo) -> ViTImageProcessor:
-    """The image processor that turns raw images into the model's inputs exactly as the training data was prepared:
-    resize to the dataset's side, rescale, normalise with the dataset's mean and std."""
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": info.image_size, "width": info.image_size},
-        do_rescale=True,
-        rescale_factor=info.rescale_factor,
-        do_normalize=True,
-        image_mean=list(info.mean),
-        image_std=list(info.std),
-    )
+    """The image processor that turns an 8-bit image of any mode into the model's inputs exactly as the dataset's
+    evaluation split prepares them: resize to the dataset's side, rescale by 1/255, normalise with its mean and std.
+
+    RGB datasets get transformers' `ViTImageProcessor` (which composites transparency on white); 1-channel ones, or
+    a dataset drawn on another background, `OscqImageProcessor`, which converts every image with `to_model_image`.
+    """
+    settings = {
+        "do_resize": True,
+        "size": {"height": info.image_size, "width": info.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(info.mean),
+        "image_std": list(info.std),
+    }
+    if info.num_channels == 3 and info.background == 255:
+        return ViTImageProcessor(do_convert_rgb=True, **settings)
+    return OscqImageProcessor(num_channels=info.num_channels, background=info.background, **settings)

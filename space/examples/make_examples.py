@@ -25,8 +25,7 @@ def write_digits(count: int = 4, seed: int = 0) -> None:
         if len(chosen) < count:
             chosen.setdefault(int(label), index)
     for label, index in chosen.items():
-        pixels = np.round(images[index].astype(np.float64) * 255 / 16).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(HERE / f"digit_{label}.png")
+        Image.fromarray(images[index].astype(np.uint8), mode="L").save(HERE / f"digit_{label}.png")
 
 
 def write_fashion(indices: tuple[int, ...] = (0, 1, 2)) -> None:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
+
+from hf_oscq import OscqImageProcessor, to_model_image
 
 from .families import Family
 
 MAX_PIXELS = 25_000_000  # larger uploads are refused before decoding (a 5000 x 5000 photo is still fine)
 LATENCY_REPEATS = 3
+EXIF_ORIENTATION = 0x0112
 
 
 class InputError(Exception):
@@ -33,11 +34,33 @@ class Prediction:
     top: list[tuple[str, float]]
 
 
-def load_image(path: str | Path | None, num_channels: int) -> tuple[PIL.Image.Image, list[str]]:
-    """Opens an upload and converts it to what the model reads: grayscale for 1 channel, RGB for 3.
+def image_mode(image_processor) -> tuple[str, int]:
+    """`(mode, background)` that a family's saved image processor prepares images in: `OscqImageProcessor` says so
+    (`L` for 1-channel models); transformers' own processors read RGB with transparency on white."""
+    if isinstance(image_processor, OscqImageProcessor):
+        return ("L" if image_processor.num_channels == 1 else "RGB"), image_processor.background
+    return "RGB", 255
 
-    Transparent pixels become black, the background of the digits and Fashion-MNIST images the demo models
-    learned from.
+
+def conversion_notes(image: PIL.Image.Image, mode: str, background: int) -> list[str]:
+    """What `to_model_image` will do to `image`, in words for the page."""
+    notes = []
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        notes.append("turned upright as its EXIF orientation says")
+    if image.mode.startswith("I"):
+        notes.append("16-bit pixels scaled to 0..255")
+    elif image.mode == "F":
+        notes.append("floating-point pixels (0..1) scaled to 0..255")
+    if "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
+        notes.append(f"transparent pixels composited on {'black' if background == 0 else 'white'}")
+    if image.mode != mode:
+        notes.append(f"converted from {image.mode} to {'grayscale' if mode == 'L' else 'RGB'}")
+    return notes
+
+
+def load_image(path: str | Path | None, mode: str = "RGB", background: int = 255) -> tuple[PIL.Image.Image, list[str]]:
+    """Opens an upload and converts it to what the model reads with `hf_oscq.to_model_image`: upright, in the
+    model's mode (`L` or `RGB`), 16-bit and float pixels scaled to 0..255, transparency composited on `background`.
 
     Returns:
         `(image, notes)`: the converted image and human-readable notes on the conversions made.
@@ -62,33 +85,7 @@ def load_image(path: str | Path | None, num_channels: int) -> tuple[PIL.Image.Im
         image.load()
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise InputError(f"The image could not be decoded ({error}); upload another file.") from None
-    notes = []
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-        notes.append("transparent pixels were filled with black")
-    target = "L" if num_channels == 1 else "RGB"
-    if image.mode != target:
-        notes.append(f"converted from {image.mode} to {'grayscale' if target == 'L' else 'RGB'}")
-        image = image.convert(target)
-    return image, notes
-
-
-def preprocess(image_processor, image: PIL.Image.Image) -> torch.Tensor:
-    """`pixel_values` for one 8-bit image, from the saved image processor.
-
-    A processor saved for raw values in another range (the 0..16 digits: `rescale_factor=1/16`) gets the image
-    mapped onto that range first, so an ordinary PNG means the same to it as a training image.
-    """
-    factor = getattr(image_processor, "rescale_factor", None)
-    if getattr(image_processor, "do_rescale", False) and factor and not math.isclose(factor, 1 / 255):
-        pixels = np.asarray(image, dtype=np.float32) / (255 * factor)
-        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-        inputs = image_processor(images=pixels, input_data_format="channels_last", return_tensors="pt")
-    else:
-        inputs = image_processor(images=image, return_tensors="pt")
-    return inputs["pixel_values"]
+    return to_model_image(image, mode, background), conversion_notes(image, mode, background)
 
 
 def classify(family: Family, image: PIL.Image.Image, top_k: int = 5) -> list[Prediction]:
@@ -102,7 +99,7 @@ def classify(family: Family, image: PIL.Image.Image, top_k: int = 5) -> list[Pre
     """
     if family.image_processor is None:
         raise InputError(f"{family.name} was exported without an image processor, so images cannot be prepared.")
-    pixel_values = preprocess(family.image_processor, image)
+    pixel_values = family.image_processor(images=image, return_tensors="pt")["pixel_values"]
     predictions = []
     with torch.inference_mode():
         for variant in family.loaded:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
-from .classify import InputError, Prediction, classify, load_image
+from .classify import InputError, Prediction, classify, image_mode, load_image
 from .families import Family
 from .figures import (
     accuracy_rows,
@@ -66,7 +66,7 @@ def classify_view(
     if family is None:
         return _warning(f"No model family named {family_name!r} is loaded; pick one from the list."), "", []
     try:
-        image, notes = load_image(image_path, family.num_channels)
+        image, notes = load_image(image_path, *image_mode(family.image_processor))
         predictions = classify(family, image)
     except InputError as error:
         return _warning(str(error)), "", []

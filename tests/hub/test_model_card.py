@@ -1,10 +1,14 @@
 """Model cards and plots rendered from a real export folder, checked with huggingface_hub's own card parser."""
 
+import ast
+import contextlib
+import io
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _export_fixture import BITS, TRAINING, build_export, tiny_model
 from huggingface_hub import ModelCard, ModelCardData
@@ -115,6 +119,34 @@ def test_card_body_has_recipe_loading_snippet_and_citation(cards):
     assert "3 bits: 7 levels" in body
     fp_body = cards["fp"]["README.md"].decode()
     assert 'from_pretrained("acme/tiny-vit")' in fp_body
+
+
+def test_card_pipeline_example_runs_as_written(tmp_path, cards):
+    from PIL import Image
+
+    from hf_oscq.scripts.data import DATASETS
+    from hf_oscq.scripts.models import build_image_processor
+
+    assert "pipeline(" not in cards["w3"]["README.md"].decode()  # no saved image processor, no pipeline example
+    export = hf_oscq.export_quantized(
+        tiny_model(), tmp_path / "digits", bits=(3,), image_processor=build_image_processor(DATASETS["digits"])
+    )
+    body = render_card_files(export, "w3")["README.md"].decode()
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
+    example = next(block for block in blocks if "pipeline(" in block)
+    assert 'pipeline("image-classification", model="path/to/digits/w3")' in example
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8), "L").save(tmp_path / "image.png")
+    code = example.replace("path/to/digits/w3", str(export / "w3")).replace("image.png", str(tmp_path / "image.png"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, {})
+    top = ast.literal_eval(printed.getvalue())
+    assert [entry["label"] for entry in top] and sorted(entry["label"] for entry in top) == [
+        "LABEL_0",
+        "LABEL_1",
+        "LABEL_2",
+    ]
+    assert sum(entry["score"] for entry in top) == pytest.approx(1, abs=1e-5)
 
 
 def test_card_images_are_pngs_referenced_by_relative_path(cards):

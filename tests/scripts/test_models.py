@@ -116,6 +116,113 @@ def test_image_processor_reproduces_the_evaluation_transform(tmp_path):
     digits = load_image_dataset("digits")
     from hf_oscq.scripts.data import digits_splits
 
-    raw = np.asarray(digits_splits()[1][0]["pixel_values"], dtype=np.float32)[None]
-    got = build_image_processor(DATASETS["digits"])(raw, return_tensors="pt", input_data_format="channels_first")
+    image = Image.fromarray(np.asarray(digits_splits()[1][0]["pixel_values"], dtype=np.uint8), "L")
+    got = build_image_processor(DATASETS["digits"])(image, return_tensors="pt")
     torch.testing.assert_close(got["pixel_values"][0], digits.eval[0]["pixel_values"])
+
+
+def test_digits_are_8_bit_images_of_sklearns_0_to_16_levels():
+    from sklearn.datasets import load_digits
+
+    from hf_oscq.scripts.data import digits_splits
+
+    train, test = digits_splits()
+    images = np.concatenate([np.asarray(split["pixel_values"], dtype=np.int64) for split in (train, test)])
+    levels = np.unique(images)
+    assert levels.tolist() == [round(x * 255 / 16) for x in range(17)]  # 0, 16, 32, ..., 239, 255
+    raw = np.unique(load_digits().data.reshape(-1, 8, 8).sum(axis=(1, 2)))
+    assert np.array_equal(np.unique((np.searchsorted(levels, images)).sum(axis=(1, 2))), raw)  # levels kept
+
+
+def _modes(gray: np.ndarray) -> dict[str, Image.Image]:
+    """One 8-bit grayscale image written in several PIL modes, each holding the same picture."""
+    la = np.stack([gray, np.full_like(gray, 255)], axis=-1)
+    palette = Image.fromarray(gray, "L").convert("P")
+    return {
+        "L": Image.fromarray(gray, "L"),
+        "RGB": Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB"),
+        "LA": Image.fromarray(la, "LA"),
+        "RGBA": Image.fromarray(gray, "L").convert("RGBA"),
+        "P": palette,
+        "I;16": Image.fromarray(gray.astype(np.uint16) * 257),
+        "F": Image.fromarray(gray.astype(np.float32) / 255, "F"),
+    }
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
+def test_saved_processor_reproduces_the_evaluation_tensors_from_images_of_any_mode(name, tmp_path):
+    from hf_oscq.scripts.data import _idx_dir
+
+    if name == "fashion_mnist" and _idx_dir(None) is None:
+        pytest.skip("Fashion-MNIST IDX files not installed (Debian package dataset-fashion-mnist)")
+    data = load_image_dataset(name, max_eval_samples=50)
+    build_image_processor(data.info).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    raw = data.eval.with_format()
+    for index in range(len(raw)):
+        gray = np.asarray(raw[index]["pixel_values"], dtype=np.uint8)
+        expected = data.eval[index]["pixel_values"]
+        for mode, image in _modes(gray).items():
+            got = processor(image, return_tensors="pt")["pixel_values"][0]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=f"{name} #{index} as {mode}")
+
+
+def _train_briefly(model, data, steps: int = 10):
+    """A few Adam steps on the training split, so the model's predictions depend on the image."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        batch = [data.train[(64 * step + i) % len(data.train)] for i in range(64)]
+        inputs = torch.stack([example["pixel_values"] for example in batch])
+        labels = torch.tensor([example["labels"] for example in batch])
+        model(pixel_values=inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def _pipeline_matches_dataset(data, model, tmp_path, batch_size=64):
+    """The `pipeline` on the eval split as 8-bit RGB PIL images (what it makes of any file) against the model on the
+    dataset's tensors: the same prediction for every image, hence the same accuracy."""
+    from transformers import pipeline
+
+    out = hf_oscq.export_quantized(
+        model.eval(), tmp_path / "export", bits=(3,), image_processor=build_image_processor(data.info)
+    )
+    folder = out / "w3"
+    loaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+    tensors = torch.stack([data.eval[i]["pixel_values"] for i in range(len(data.eval))])
+    labels = np.asarray(data.eval["labels"])
+    with torch.no_grad():
+        expected = torch.cat([loaded(pixel_values=chunk).logits.argmax(-1) for chunk in tensors.split(256)]).numpy()
+    classify = pipeline("image-classification", model=str(folder))
+    raw = data.eval.with_format()["pixel_values"]
+    images = [Image.fromarray(np.asarray(image, dtype=np.uint8), "L").convert("RGB") for image in raw]
+    results = classify(images, top_k=1, batch_size=batch_size)
+    names = [name for name, _ in sorted(loaded.config.label2id.items(), key=lambda item: item[1])]
+    got = np.array([names.index(result[0]["label"]) for result in results])
+    assert len(set(expected.tolist())) >= 3, "a model predicting one class would make the comparison empty"
+    np.testing.assert_array_equal(got, expected)
+    return float((got == labels).mean()), float((expected == labels).mean())
+
+
+@pytest.mark.parametrize("model_name", ["vit", "resnet18"])
+def test_pipeline_on_a_digits_export_equals_the_model_on_the_dataset(model_name, tmp_path):
+    data = load_image_dataset("digits")
+    model = build_model(model_name, data.info, data.label_names, vit_size="micro")
+    pipeline_accuracy, dataset_accuracy = _pipeline_matches_dataset(data, model, tmp_path)
+    assert pipeline_accuracy == dataset_accuracy
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_fashion_mnist_export_equals_the_model_on_the_dataset(tmp_path):
+    from hf_oscq.scripts.data import _idx_dir
+
+    if _idx_dir(None) is None:
+        pytest.skip("Fashion-MNIST IDX files not installed (Debian package dataset-fashion-mnist)")
+    # The first 1000 of the 10,000 test images: the whole split takes minutes through the pipeline on 2 cores.
+    data = load_image_dataset("fashion_mnist", max_eval_samples=1000)
+    model = _train_briefly(build_model("vit", data.info, data.label_names, vit_size="micro"), data)
+    pipeline_accuracy, dataset_accuracy = _pipeline_matches_dataset(data, model, tmp_path, batch_size=256)
+    assert len(data.eval) == 1000 and pipeline_accuracy == dataset_accuracy

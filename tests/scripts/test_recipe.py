@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForImageClassification
+from PIL import Image
+from transformers import AutoModelForImageClassification, pipeline
 
 import hf_oscq  # noqa: F401
 from hf_oscq.scripts.data import load_image_dataset
@@ -112,12 +113,18 @@ def test_digits_recipe_end_to_end(tmp_path):
     digits = load_image_dataset("digits")
     pixels = torch.stack([digits.eval[i]["pixel_values"] for i in range(len(digits.eval))])
     labels = np.array(digits.eval["labels"])
+    raw = digits.eval.with_format()["pixel_values"]
+    images = [Image.fromarray(np.asarray(image, dtype=np.uint8), "L") for image in raw]
     for variant in ["fp"] + [f"w{b}" for b in range(2, 9)]:
         assert (export / variant / "README.md").is_file()
         model = AutoModelForImageClassification.from_pretrained(export / variant).eval()
         with torch.no_grad():
             accuracy = float((model(pixel_values=pixels).logits.argmax(-1).numpy() == labels).mean())
         assert accuracy == pytest.approx(tables["oscillation"][variant]["accuracy"], abs=1e-9), variant
+        # ... and so does `pipeline` on the test split as 8-bit images, through the saved image processor.
+        results = pipeline("image-classification", model=str(export / variant))(images, top_k=1, batch_size=128)
+        predicted = np.array([model.config.label2id[result[0]["label"]] for result in results])
+        assert float((predicted == labels).mean()) == pytest.approx(accuracy, abs=1e-9), variant
         if variant != "fp":
             config = json.loads((export / variant / "config.json").read_text())
             assert config["quantization_config"]["bits"] == int(variant[1:])

@@ -71,7 +71,7 @@ def export_dir(tmp_path_factory) -> Path:
     """A real export of an untrained tiny digits ViT at 2..8 bits, with its measured cross-bit accuracy."""
     torch.manual_seed(0)
     model = build_vit(DATASETS["digits"], [f"digit {i}" for i in range(10)], size="micro").eval()
-    processor = build_image_processor(DATASETS["digits"])  # raw digits 0..16 -> [-1, 1], as in training
+    processor = build_image_processor(DATASETS["digits"])  # 8-bit digits 0..255 -> [-1, 1], as in training
     test = load_image_dataset("digits").eval[:]
     pixel_values, labels = torch.stack(test["pixel_values"]), torch.as_tensor(test["labels"])
     metrics = cross_bit_evaluate(model, lambda m: _accuracy(m, pixel_values, labels), bits=BITS)
@@ -186,25 +186,35 @@ def test_load_image_converts_and_rejects(tmp_path):
     rgba[0, 0, 3] = 0  # fully transparent: becomes black
     rgba[1, 1, 3] = 128
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    gray, notes = load_image(tmp_path / "rgba.png", num_channels=1)
+    gray, notes = load_image(tmp_path / "rgba.png", "L", background=0)
     assert gray.mode == "L"
-    assert notes == ["transparent pixels were filled with black", "converted from RGBA to grayscale"]
+    assert notes == ["transparent pixels composited on black", "converted from RGBA to grayscale"]
     pixels = np.asarray(gray)
     red_luma = round(200 * 299 / 1000)  # ITU-R 601-2 luma, as PIL converts RGB to L
     assert pixels[0, 0] == 0 and pixels[2, 2] == red_luma and abs(int(pixels[1, 1]) - round(red_luma * 128 / 255)) <= 1
-    rgb, notes = load_image(DIGIT_EXAMPLE, num_channels=3)
+    rgb, notes = load_image(DIGIT_EXAMPLE, "RGB")
     assert rgb.mode == "RGB" and notes == ["converted from L to RGB"]
-    same, notes = load_image(DIGIT_EXAMPLE, num_channels=1)
+    same, notes = load_image(DIGIT_EXAMPLE, "L", background=0)
     assert notes == [] and np.array_equal(np.asarray(same), np.asarray(Image.open(DIGIT_EXAMPLE)))
+    digit = np.asarray(Image.open(DIGIT_EXAMPLE), dtype=np.uint16)
+    Image.fromarray(digit * 257).save(tmp_path / "digit16.png")  # the same digit as a 16-bit PNG
+    sixteen, notes = load_image(tmp_path / "digit16.png", "L", background=0)
+    assert np.array_equal(np.asarray(sixteen), np.asarray(same)) and notes[0] == "16-bit pixels scaled to 0..255"
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned clockwise; a viewer turns it counter-clockwise back
+    Image.fromarray(np.rot90(np.asarray(same), k=-1)).save(tmp_path / "phone.jpg", quality=100, exif=exif)
+    upright, notes = load_image(tmp_path / "phone.jpg", "L", background=0)
+    assert notes == ["turned upright as its EXIF orientation says"]
+    assert np.abs(np.asarray(upright, dtype=int) - np.asarray(same, dtype=int)).max() <= 2  # JPEG at quality 100
 
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(InputError, match="notes.txt is not an image"):
-        load_image(tmp_path / "notes.txt", 1)
+        load_image(tmp_path / "notes.txt", "L")
     _png_header_only(tmp_path / "huge.png", 6000, MAX_PIXELS // 6000 + 1)
     with pytest.raises(InputError, match="6000 x 4167 pixels; the limit is 25 megapixels"):
-        load_image(tmp_path / "huge.png", 1)
+        load_image(tmp_path / "huge.png", "L")
     with pytest.raises(InputError, match="Upload an image"):
-        load_image(None, 1)
+        load_image(None, "L")
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP API
@@ -238,9 +248,9 @@ def client(served):
 
 
 def _expected_top5(export_dir: Path, variant: str, image_path: Path) -> list[tuple[str, float]]:
-    """Independent of the app: the demo's normalisation of raw digits ((x / 16 - 0.5) / 0.5) and a fresh model."""
-    raw = np.asarray(Image.open(image_path), dtype=np.float32) * 16 / 255
-    pixel_values = torch.tensor((raw / 16 - 0.5) / 0.5).reshape(1, 1, 8, 8)
+    """Independent of the app: the digits' normalisation of 8-bit pixels ((p / 255 - 0.5) / 0.5) and a fresh model."""
+    raw = np.asarray(Image.open(image_path), dtype=np.float32)
+    pixel_values = torch.tensor((raw / 255 - 0.5) / 0.5).reshape(1, 1, 8, 8)
     model = AutoModelForImageClassification.from_pretrained(export_dir / variant).eval()
     with torch.no_grad():
         probabilities = model(pixel_values=pixel_values).logits[0].softmax(-1)
