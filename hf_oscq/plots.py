@@ -49,6 +49,43 @@ def save_png(figure: Figure, path: str | Path | BinaryIO, dpi: int = 110) -> Non
     figure.savefig(path, format="png", dpi=dpi, metadata=_PNG_METADATA)
 
 
+ZOOM_FROM_BITS = 3  # the zoomed panel shows these bit-widths and more, where accuracies sit close together
+
+
+def _draw_accuracy(axes, tables, metric: str, min_bits: int) -> list[float]:
+    """Draws every run's values at `min_bits` bits and more, and its full-precision line, on `axes`, with the y-axis
+    zoomed to them (`accuracy_limits`; perplexity keeps its own log axis); returns the values drawn (accuracy in %)."""
+    factor = 100 if metric == "accuracy" else 1
+    shown: list[float] = []
+    all_bits: set[int] = set()
+    for index, (run, table) in enumerate(tables.items()):
+        color = f"C{index}"
+        bits = [b for b in _bit_columns(table) if metric in table[variant_name(b)] and b >= min_bits]
+        if bits:
+            values = [factor * table[variant_name(b)][metric] for b in bits]
+            # Later runs are drawn thinner on top with other markers, so equal curves stay visible.
+            axes.plot(
+                bits,
+                values,
+                marker=_MARKERS[index % len(_MARKERS)],
+                markersize=max(4.0, 8.0 - 1.5 * index),
+                linewidth=max(1.0, 2.6 - 0.5 * index),
+                color=color,
+                label=run,
+            )
+            all_bits.update(bits)
+            shown += values
+        if metric in table.get(FULL_PRECISION, {}):
+            full = factor * table[FULL_PRECISION][metric]
+            axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
+            shown.append(full)
+    if shown and metric != "perplexity":  # a perplexity axis is logarithmic and scales itself
+        axes.set_ylim(*accuracy_limits(shown))
+    axes.set_xticks(sorted(all_bits))
+    axes.grid(alpha=0.3)
+    return shown
+
+
 def plot_accuracy_vs_bits(
     tables: Mapping[str, Mapping[str, Mapping[str, float]]],
     path: str | Path | BinaryIO,
@@ -59,6 +96,10 @@ def plot_accuracy_vs_bits(
     """Plots `metric` against the bit-width, one line per run; the full-precision value as a dashed line. Accuracy
     is drawn in %, perplexity on a log scale (lower is better; it grows by orders of magnitude at 2 bits).
 
+    The y-axis of each panel is zoomed to the values it shows (`accuracy_limits`). When some run was measured below
+    `ZOOM_FROM_BITS` bits (where accuracy usually collapses and a shared axis would flatten the rest), a second panel
+    shows `ZOOM_FROM_BITS` bits and more on their own axis.
+
     Args:
         tables: `{run_name: {"fp": {"accuracy": 0.97}, "w2": {...}, ...}}`, as returned by `cross_bit_evaluate`.
         path: where to write the PNG (a path or a binary file object).
@@ -68,50 +109,40 @@ def plot_accuracy_vs_bits(
         title: figure title.
 
     Returns:
-        The matplotlib `Figure` (already saved).
+        The matplotlib `Figure` (already saved): `axes[0]` shows every bit-width, `axes[1]` (when present) the zoom.
 
     Raises:
         ValueError: when no run has the metric at any bit-width.
     """
-    figure = Figure(figsize=(6.4, 4.4))
-    axes = figure.subplots()
-    factor = 100 if metric == "accuracy" else 1
-    shown: list[float] = []
-    all_bits: set[int] = set()
-    for index, (run, table) in enumerate(tables.items()):
-        color, marker = f"C{index}", _MARKERS[index % len(_MARKERS)]
-        bits = [b for b in _bit_columns(table) if metric in table[variant_name(b)]]
-        if bits:
-            values = [factor * table[variant_name(b)][metric] for b in bits]
-            # Distinct markers and a slight width difference keep a curve visible where another runs over it.
-            width = max(2.2 - 0.4 * index, 1.0)
-            axes.plot(
-                bits, values, marker=marker, markersize=max(7 - index, 4), linewidth=width, color=color, label=run
-            )
-            all_bits.update(bits)
-            shown += values
-        if metric in table.get(FULL_PRECISION, {}):
-            full = factor * table[FULL_PRECISION][metric]
-            axes.axhline(full, color=color, linestyle="--", linewidth=1, label=f"{run}, full precision")
-            shown.append(full)
-    if not shown:
+    percent = metric == "accuracy"
+    measured = {b for table in tables.values() for b in _bit_columns(table) if metric in table[variant_name(b)]}
+    # A perplexity axis is logarithmic and shows every bit-width on one panel; accuracy gets a zoomed second panel.
+    zoom = percent and any(b < ZOOM_FROM_BITS for b in measured) and any(b >= ZOOM_FROM_BITS for b in measured)
+    figure = Figure(figsize=(10.5, 4.6) if zoom else (6.4, 4.4))
+    panels = figure.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+    if not _draw_accuracy(panels[0], tables, metric, min_bits=0):
         raise OscqValueError(f"No run in {list(tables)} has a {metric!r} value to plot.")
-    if metric != "perplexity":  # a perplexity axis is logarithmic and scales itself
-        axes.set_ylim(*accuracy_limits(shown))
-    if highlight_bits is not None:
-        axes.axvline(highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)")
-    axes.set_xlabel("weight bit-width (post-training quantization)")
-    if metric == "perplexity":
-        axes.set_yscale("log")
-        axes.set_ylabel("test perplexity (log scale, lower is better)")
-    else:
-        axes.set_ylabel(f"test {metric} (%)" if factor == 100 else f"test {metric}")
-    axes.set_xticks(sorted(all_bits))
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    if zoom:
+        _draw_accuracy(panels[1], tables, metric, min_bits=ZOOM_FROM_BITS)
+        panels[0].set_title("every bit-width", fontsize="medium")
+        panels[1].set_title(f"zoom: {ZOOM_FROM_BITS} bits and more", fontsize="medium")
+    for axes in panels:
+        if highlight_bits is not None and (axes is panels[0] or highlight_bits >= ZOOM_FROM_BITS):
+            axes.axvline(
+                highlight_bits, color="0.6", linewidth=6, alpha=0.3, label=f"this model ({highlight_bits} bits)"
+            )
+        axes.set_xlabel("weight bit-width (post-training quantization)")
+        if metric == "perplexity":
+            axes.set_yscale("log")
+            axes.set_ylabel("test perplexity (log scale, lower is better)")
+        else:
+            axes.set_ylabel(f"test {metric} (%)" if percent else f"test {metric}")
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize="small", loc="lower center", ncol=min(len(labels), 3), frameon=False)
     if title:
-        axes.set_title(title)
-    figure.tight_layout()
+        figure.suptitle(title)
+    rows = -(-len(labels) // 3)
+    figure.tight_layout(rect=(0, 0.05 * rows + 0.01, 1, 1))
     save_png(figure, path)
     return figure
 

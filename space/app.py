@@ -15,6 +15,7 @@ import gradio as gr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from oscq_space.examples import EXAMPLES_DIR, load_examples  # noqa: E402
 from oscq_space.families import MODELS_ENV, Family, configured_entries, load_families  # noqa: E402
 from oscq_space.text import TEXT_HEADERS, generate_view, is_language_model  # noqa: E402
 from oscq_space.views import (  # noqa: E402
@@ -29,7 +30,6 @@ from oscq_space.views import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_UPLOAD = "50mb"  # gradio refuses larger uploads; images over 25 megapixels are refused by the app
 CSS = """
 .oscq-grid {display: flex; flex-wrap: wrap; gap: 10px;}
@@ -40,6 +40,8 @@ CSS = """
 .oscq-label {flex: 0 0 70px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap;}
 .oscq-bar {height: 10px; background: #f97316; border-radius: 3px; min-width: 1px;}
 .oscq-prob {flex: 0 0 48px; text-align: right; margin-left: auto;}
+.oscq-right {color: #16a34a;}
+.oscq-wrong {color: #dc2626;}
 #input-image img, .gallery img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;}
 """
 
@@ -88,11 +90,21 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
     names = list(by_name)
     first = families[0] if families else None
     layers, widths, shown_bits = weight_choices(first)
-    examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.png"))
+    examples = load_examples()
     # The families never change after startup, so neither does the Accuracy tab: its plot (a temporary PNG that
     # nothing deletes) and table are made on first use and then served from memory. Made lazily so that a model
     # card that cannot be read fails the tab, as an error on the page, and not the whole Space at startup.
     accuracy = functools.cache(functools.partial(accuracy_view, families))
+
+    def dataset_of(family_name) -> str | None:
+        family = by_name.get(family_name)
+        return family.dataset if family is not None else None
+
+    def show_examples(family_name):
+        dataset = dataset_of(family_name)
+        return [gr.Column(visible=name == dataset) for name in examples] + [
+            gr.Markdown(visible=dataset not in examples)
+        ]
 
     def update_choices(family_name):
         layer_list, bit_list, bits = weight_choices(by_name.get(family_name))
@@ -110,14 +122,30 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
                     family_box = gr.Dropdown(names, value=names[0] if names else None, label="Model family")
                     image_box = upload_box(label="Image", height=240, elem_id="input-image")
                     classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-                    if examples:
-                        gr.Examples(examples, inputs=image_box, label="Examples (digits and Fashion-MNIST)")
+                    # One example set per dataset; the family's own is shown, with each image's true label.
+                    shown = dataset_of(names[0]) if names else None
+                    example_columns = []
+                    for dataset, listed in examples.items():
+                        with gr.Column(visible=dataset == shown) as column:
+                            gr.Examples(
+                                [str(example.path) for example in listed],
+                                inputs=image_box,
+                                example_labels=[f"true label: {example.label}" for example in listed],
+                                label=f"Test images of {dataset} (the family's dataset)",
+                                examples_per_page=12,
+                            )
+                        example_columns.append(column)
+                    no_examples = gr.Markdown(
+                        "No example images are bundled for this family's dataset: upload one of its test images.",
+                        visible=shown not in examples,
+                    )
                 with gr.Column(scale=3):
                     classify_message = gr.Markdown(elem_id="classify-message")
                     cards = gr.HTML(elem_id="classify-cards")
                     classify_table = gr.Dataframe(headers=CLASSIFY_HEADERS, label="Predictions", interactive=False)
+            family_box.change(show_examples, family_box, example_columns + [no_examples], api_visibility="private")
             classify_button.click(
-                functools.partial(classify_view, by_name),
+                functools.partial(classify_view, by_name, examples=examples),
                 [family_box, image_box],
                 [classify_message, cards, classify_table],
                 api_name="classify",

@@ -16,7 +16,7 @@ from huggingface_hub.utils import validate_repo_id
 
 SPACE_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = SPACE_DIR.parent / "hf_oscq"
-SPACE_FILES = ("app.py", "requirements.txt", "oscq_space/*.py", "examples/*.png")
+SPACE_FILES = ("app.py", "requirements.txt", "oscq_space/*.py", "examples/*.png", "examples/examples.json")
 PACKAGE_FILES = ("**/*.py", "templates/*")
 
 

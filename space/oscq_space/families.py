@@ -86,6 +86,11 @@ class Family:
         return self.loaded[0].model if self.loaded else None
 
     @property
+    def dataset(self) -> str | None:
+        """The dataset the family was trained on, as its export records it (`digits`, `fashion_mnist`, ...)."""
+        return (self.record.get("training") or {}).get("dataset")
+
+    @property
     def num_channels(self) -> int:
         model = self.reference_model
         return int(getattr(model.config, "num_channels", 3)) if model is not None else 3

@@ -11,7 +11,7 @@ from hf_oscq import QuantSpec, max_code, quantize_codes
 from hf_oscq.export.folder import export_spec
 from hf_oscq.plots import plot_weight_histogram
 from hf_oscq.quantization.selection import output_dim
-from hf_oscq.quantization.variants import sort_variants, variant_bits
+from hf_oscq.quantization.variants import is_variant, sort_variants, variant_title
 from hf_oscq.training.methods import run_label
 
 from .families import Family
@@ -61,15 +61,20 @@ def family_tables(family: Family, qualify: bool = True) -> dict[str, dict[str, d
     return tables
 
 
-def accuracy_rows(tables: dict[str, dict[str, dict[str, float]]]) -> list[list]:
-    """One row per curve and checkpoint: `[curve, variant, bits or None, accuracy in %]`."""
+def accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> tuple[list[str], list[list]]:
+    """The accuracy tables pivoted: one row per curve, one column per checkpoint (full precision, then 8 ... 2 bits).
+
+    Returns:
+        `(headers, rows)`: headers `["run", "full precision", "8 bits", ...]`, rows `[curve, accuracy in % or None,
+        ...]` rounded to 0.1; a checkpoint a curve was not measured at is None.
+    """
+    variants = sort_variants({v for table in tables.values() for v in table if is_variant(v)}, descending=True)
+    headers = ["run"] + [variant_title(variant) for variant in variants]
     rows = []
     for curve, table in tables.items():
-        for variant in sort_variants(table, descending=True):
-            accuracy = table[variant].get("accuracy")
-            if accuracy is not None:
-                rows.append([curve, variant, variant_bits(variant), round(100 * accuracy, 2)])
-    return rows
+        values = [table.get(variant, {}).get("accuracy") for variant in variants]
+        rows.append([curve] + [None if value is None else round(100 * value, 1) for value in values])
+    return headers, rows
 
 
 def layer_weight(family: Family, layer: str) -> torch.Tensor:

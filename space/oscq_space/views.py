@@ -11,10 +11,11 @@ from PIL import Image
 
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 
-from .classify import InputError, Prediction, classify, image_mode, load_image
+from .classify import LATENCY_REPEATS, LATENCY_WARMUP, InputError, Prediction, classify, image_mode, load_image
+from .examples import Example, find_example
 from .families import Family
 from .figures import (
-    accuracy_rows,
+    accuracy_table,
     code_counts,
     family_spec,
     family_tables,
@@ -26,7 +27,7 @@ from .figures import (
 logger = logging.getLogger(__name__)
 
 CLASSIFY_HEADERS = ["checkpoint", "bits", "size on disk (bytes)", "latency (ms)", "top-1", "top-1 prob", "top-5"]
-ACCURACY_HEADERS = ["curve", "checkpoint", "bits", "accuracy (%)"]
+ACCURACY_HEADERS = ["run", "full precision"] + [f"{bits} bits" for bits in range(8, 1, -1)]
 LEVEL_HEADERS = ["code", "level value", "weights"]
 
 
@@ -40,11 +41,16 @@ def _size(size_bytes: int | None) -> str:
     return f"{size_bytes / 1024:.1f} KiB" if size_bytes < 1024**2 else f"{size_bytes / 1024**2:.2f} MiB"
 
 
-def predictions_html(predictions: list[Prediction]) -> str:
-    """Side-by-side cards, one per checkpoint, each with its top-k bars, size on disk and latency."""
+def predictions_html(predictions: list[Prediction], true_label: str | None = None) -> str:
+    """Side-by-side cards, one per checkpoint, each with its top-k bars, size on disk and latency; with a known
+    `true_label`, each card says whether its top-1 is right."""
     cards = []
     for prediction in predictions:
         title = "full precision" if prediction.bits is None else f"{prediction.bits}-bit"
+        verdict = ""
+        if true_label is not None:
+            right = prediction.top[0][0] == true_label
+            verdict = f' <span class="oscq-{"right" if right else "wrong"}">{"✓" if right else "✗"}</span>'
         bars = "".join(
             f'<div class="oscq-row"><span class="oscq-label">{html.escape(label)}</span>'
             f'<span class="oscq-bar" style="width:{100 * probability:.1f}%"></span>'
@@ -52,16 +58,23 @@ def predictions_html(predictions: list[Prediction]) -> str:
             for label, probability in prediction.top
         )
         cards.append(
-            f'<div class="oscq-variant" data-variant="{prediction.variant}"><h4>{title}</h4>'
+            f'<div class="oscq-variant" data-variant="{prediction.variant}"><h4>{title}{verdict}</h4>'
             f'<p class="oscq-meta">{_size(prediction.size_bytes)} · {prediction.latency_ms:.2f} ms</p>{bars}</div>'
         )
     return f'<div class="oscq-grid">{"".join(cards)}</div>'
 
 
 def classify_view(
-    families: dict[str, Family], family_name: str | None, image_path: str | None
+    families: dict[str, Family],
+    family_name: str | None,
+    image_path: str | None,
+    examples: dict[str, list[Example]] | None = None,
 ) -> tuple[str, str, list]:
-    """The Classify tab: `(message, cards HTML, table rows)`; a bad upload gives a message and empty results."""
+    """The Classify tab: `(message, cards HTML, table rows)`; a bad upload gives a message and empty results.
+
+    An image that is one of the bundled `examples` is shown with its true label; an example of another dataset than
+    the family's gets a warning, since the model never learned its classes.
+    """
     family = families.get(family_name or "")
     if family is None:
         return _warning(f"No model family named {family_name!r} is loaded; pick one from the list."), "", []
@@ -87,9 +100,24 @@ def classify_view(
     ]
     message = f"{family.name}: {len(predictions)} checkpoints on a {image.size[0]} x {image.size[1]} image"
     message += f" ({'; '.join(notes)})." if notes else "."
+    example = find_example(examples or {}, image_path)
+    true_label = None
+    if example is not None and example.dataset == family.dataset:
+        true_label = example.label
+        right = sum(p.top[0][0] == true_label for p in predictions)
+        message += f" True label: **{true_label}** ({right} of {len(predictions)} checkpoints right)."
+    elif example is not None:
+        message += "\n\n" + _warning(
+            f"This is a {example.dataset} example ({example.label}); {family.name} was trained on {family.dataset}, "
+            "so its answer means nothing."
+        )
+    message += (
+        f"\n\nLatency: median of {LATENCY_REPEATS} timed forward passes per checkpoint (batch 1, after "
+        f"{LATENCY_WARMUP} warm-up passes, checkpoints timed in turn), on this machine's CPU."
+    )
     if family.problems:
         message += "\n\n" + "\n".join(f"* {problem}" for problem in family.problems)
-    return message, predictions_html(predictions), rows
+    return message, predictions_html(predictions, true_label), rows
 
 
 def _png_image(draw: Callable[[io.BytesIO], None]) -> Image.Image:
@@ -103,20 +131,24 @@ def _png_image(draw: Callable[[io.BytesIO], None]) -> Image.Image:
     return image
 
 
-def accuracy_view(families: list[Family]) -> tuple[str | None, list, str]:
-    """The Accuracy tab: `(plot PNG image or None, table rows, message)`."""
+def accuracy_view(families: list[Family]) -> tuple[Image.Image | None, dict, str]:
+    """The Accuracy tab: `(plot PNG image or None, table {"headers", "data"}: one row per run, one column per
+    bit-width, message)`."""
     tables = {}
     for family in families:
         tables.update(family_tables(family, qualify=len(families) > 1))
     # language-model families report perplexity (the Text tab), not accuracy
     tables = {curve: table for curve, table in tables.items() if any("accuracy" in row for row in table.values())}
     if not tables:
-        return None, [], _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
+        message = _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
+        return None, {"headers": ACCURACY_HEADERS, "data": []}, message
     # the hub's card figure, so both always agree
     image = _png_image(
         lambda buffer: plot_accuracy_vs_bits(tables, buffer, title="Test accuracy after post-training quantization")
     )
-    return image, accuracy_rows(tables), f"{len(tables)} accuracy curves from the exports' records and cards."
+    headers, rows = accuracy_table(tables)
+    message = f"{len(tables)} accuracy curves from the exports' records and cards: test accuracy in %."
+    return image, {"headers": headers, "data": rows}, message
 
 
 def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | None]:

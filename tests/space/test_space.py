@@ -70,7 +70,7 @@ def _contract_export(model, out: Path, processor, record: dict) -> None:
 def export_dir(tmp_path_factory) -> Path:
     """A real export of an untrained tiny digits ViT at 2..8 bits, with its measured cross-bit accuracy."""
     torch.manual_seed(0)
-    model = build_vit(DATASETS["digits"], [f"digit {i}" for i in range(10)], size="micro").eval()
+    model = build_vit(DATASETS["digits"], [str(i) for i in range(10)], size="micro").eval()
     processor = build_image_processor(DATASETS["digits"])  # 8-bit digits 0..255 -> [-1, 1], as in training
     test = load_image_dataset("digits").eval[:]
     pixel_values, labels = torch.stack(test["pixel_values"]), torch.as_tensor(test["labels"])
@@ -264,7 +264,8 @@ def test_classify_endpoint(client, families, export_dir):
 
     name = families[0].name
     message, cards, table = client.predict(name, handle_file(str(DIGIT_EXAMPLE)), api_name="/classify")
-    assert message.startswith(f"{name}: 8 checkpoints on a 8 x 8 image.")
+    assert message.startswith(f"{name}: 8 checkpoints on a 8 x 8 image. True label: **3** (")
+    assert "Latency: median of 15 timed forward passes per checkpoint (batch 1, after 2 warm-up passes" in message
     assert table["headers"][:5] == ["checkpoint", "bits", "size on disk (bytes)", "latency (ms)", "top-1"]
     rows = table["data"]
     assert [row[0] for row in rows] == ["fp", "w8", "w7", "w6", "w5", "w4", "w3", "w2"]
@@ -277,6 +278,9 @@ def test_classify_endpoint(client, families, export_dir):
         assert (top1, top1_prob) == (expected[0][0], pytest.approx(expected[0][1], abs=1e-4))
         assert [part.rsplit(" (", 1)[0] for part in top5.split(", ")] == [label for label, _ in expected]
         assert f'data-variant="{variant}"' in cards
+    right = sum(row[4] == "3" for row in rows)
+    assert f"({right} of 8 checkpoints right)" in message
+    assert cards.count('class="oscq-right"') == right and cards.count('class="oscq-wrong"') == 8 - right
 
 
 @pytest.mark.slow
@@ -303,13 +307,15 @@ def test_classify_endpoint_bad_input_keeps_app_up(client, families, tmp_path):
 def test_accuracy_endpoint(client, export_dir):
     plot, table, message = client.predict(api_name="/accuracy")
     record = json.loads((export_dir / EXPORT_FILE).read_text())
+    # Pivoted: one row per run, one column per checkpoint, most bits first.
+    assert table["headers"] == ["run", "full precision"] + [f"{b} bits" for b in range(8, 1, -1)]
     expected = [
-        [curve, variant, None if variant == "fp" else int(variant[1:]), round(100 * table_[variant]["accuracy"], 2)]
+        [curve]
+        + [round(100 * table_[variant]["accuracy"], 1) for variant in ["fp"] + [f"w{b}" for b in range(8, 1, -1)]]
         for curve, table_ in [("Oscillation", record["metrics"]), ("QAT", record["comparisons"]["qat"])]
-        for variant in ["fp", "w8", "w7", "w6", "w5", "w4", "w3", "w2"]
     ]
     assert table["data"] == expected
-    assert message == "2 accuracy curves from the exports' records and cards."
+    assert message == "2 accuracy curves from the exports' records and cards: test accuracy in %."
     with Image.open(_local_file(plot)) as image:
         assert image.format == "PNG" and image.size[0] > 300
 
@@ -346,6 +352,60 @@ def test_weights_endpoints(client, families, export_dir):
     assert message.startswith(f"{layer} at 3 bits: {weight.size} weights on 7 levels")
     with Image.open(_local_file(plot)) as image:
         assert image.format == "PNG"
+
+
+def test_examples_are_test_images_with_their_true_labels(families, tmp_path):
+    from oscq_space.examples import load_examples
+    from oscq_space.views import classify_view
+
+    from hf_oscq.scripts.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, _idx_dir, digits_splits, read_idx
+
+    examples = load_examples()
+    assert {dataset: [e.label for e in listed] for dataset, listed in examples.items()} == {
+        "digits": ["0", "3", "8", "9"],
+        "fashion_mnist": ["Ankle boot", "Pullover", "Trouser"],
+    }
+    test = digits_splits()[1].with_format("numpy")
+    images, labels = np.asarray(test["pixel_values"]), np.asarray(test["labels"])
+    for example in examples["digits"]:  # each is a test image whose label is the one listed
+        pixels = np.asarray(Image.open(example.path))
+        matches = {int(labels[i]) for i in range(len(images)) if np.array_equal(images[i], pixels)}
+        assert str(matches.pop()) == example.label and not matches, example.path.name
+    if _idx_dir(None) is not None:
+        fashion = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+        fashion_labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+        for example in examples["fashion_mnist"]:
+            index = next(
+                i for i in range(len(fashion)) if np.array_equal(fashion[i], np.asarray(Image.open(example.path)))
+            )
+            assert FASHION_MNIST_LABELS[fashion_labels[index]] == example.label
+
+    by_name = {family.name: family for family in families}
+    name = families[0].name
+    assert families[0].dataset == "digits"
+    copy = tmp_path / "upload.png"  # gradio hands examples over as copies: found by content
+    shutil.copy(DIGIT_EXAMPLE, copy)
+    message, cards, rows = classify_view(by_name, name, str(copy), examples)
+    right = sum(row[4] == "3" for row in rows)
+    assert f"True label: **3** ({right} of 8 checkpoints right)." in message and len(rows) == 8
+    boot = SPACE_DIR / "examples" / "fashion_ankle-boot.png"
+    message, _, rows = classify_view(by_name, name, str(boot), examples)
+    assert "This is a fashion_mnist example (Ankle boot)" in message and "trained on digits" in message
+    assert "True label" not in message and len(rows) == 8
+    message, _, _ = classify_view(by_name, name, str(copy))  # without the examples: no label claimed
+    assert "True label" not in message
+
+
+def test_accuracy_table_is_pivoted():
+    from oscq_space.figures import accuracy_table
+
+    tables = {
+        "osc": {"fp": {"accuracy": 0.9712}, "w8": {"accuracy": 0.97}, "w2": {"accuracy": 0.5}},
+        "qat": {"w8": {"accuracy": 0.96}, "w3": {"accuracy": 0.949}},
+    }
+    headers, rows = accuracy_table(tables)
+    assert headers == ["run", "full precision", "8 bits", "3 bits", "2 bits"]
+    assert rows == [["osc", 97.1, 97.0, None, 50.0], ["qat", None, 96.0, 94.9, None]]
 
 
 def test_views_reject_bad_choices(families):
@@ -443,13 +503,18 @@ def test_browser_classifies_an_example(served, tmp_path):
     try:
         driver.get(served)
         wait = WebDriverWait(driver, 60)
-        example = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".gallery-item, button.gallery-item, td"))
+        # Only the examples of the family's own dataset (digits) are shown, each with its true label.
+        items = (By.CSS_SELECTOR, ".gallery-item")
+        shown = wait.until(lambda d: [e for e in d.find_elements(*items) if e.is_displayed()])
+        assert [e.text for e in shown] == [f"true label: {digit}" for digit in (0, 3, 8, 9)]
+        example = shown[0]
         example.click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='image'] img, .image-container img"))
         driver.find_element(By.ID, "classify-button").click()
         cards = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".oscq-variant") or None)
-        titles = [card.find_element(By.TAG_NAME, "h4").text for card in cards]
+        titles = [card.find_element(By.TAG_NAME, "h4").text.rstrip(" ✓✗") for card in cards]
         assert titles == ["full precision"] + [f"{b}-bit" for b in (8, 7, 6, 5, 4, 3, 2)]
+        assert "True label: 0" in driver.find_element(By.ID, "classify-message").text
         screenshot = Path(os.environ.get("OSCQ_SCREENSHOT_DIR", tmp_path)) / "space_classify.png"
         driver.save_screenshot(str(screenshot))
         assert Image.open(screenshot).size[0] >= 1000
@@ -553,8 +618,8 @@ def test_several_families_and_per_channel_grid(export_dir, families, tmp_path):
     loaded, problems = load_families([str(export_dir), str(qat)])
     assert problems == []
     assert [family.name for family in loaded] == ["Oscillation · digits-oscillation", "QAT · digits-qat"]
-    _, rows, message = accuracy_view(loaded)
-    curves = list(dict.fromkeys(row[0] for row in rows))
+    _, table, message = accuracy_view(loaded)
+    curves = [row[0] for row in table["data"]]  # one row per run
     assert curves == ["Oscillation · digits-oscillation", "QAT (Oscillation · digits-oscillation)", "QAT · digits-qat"]
     assert message.startswith("3 accuracy curves")
 
