@@ -226,3 +226,26 @@ def test_pipeline_on_a_fashion_mnist_export_equals_the_model_on_the_dataset(tmp_
     model = _train_briefly(build_model("vit", data.info, data.label_names, vit_size="micro"), data)
     pipeline_accuracy, dataset_accuracy = _pipeline_matches_dataset(data, model, tmp_path, batch_size=256)
     assert len(data.eval) == 1000 and pipeline_accuracy == dataset_accuracy
+
+
+def test_rgb_processor_converts_8_bit_modes_as_to_model_image_does():
+    """RGB datasets keep transformers' ViTImageProcessor: for 8-bit images of any mode it prepares what the datasets'
+    `to_model_image` conversion gives (transparency on white)."""
+    from hf_oscq import to_model_image
+
+    info = DATASETS["cifar10"]
+    processor = build_image_processor(info)
+    assert type(processor).__name__ == "ViTImageProcessor"
+    rgba = np.random.default_rng(2).integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    images = {
+        "RGBA": Image.fromarray(rgba, "RGBA"),
+        "LA": Image.fromarray(rgba[..., 2:], "LA"),
+        "L": Image.fromarray(rgba[..., 0], "L"),
+        "P": Image.fromarray(rgba[..., :3], "RGB").quantize(64),
+        "CMYK": Image.fromarray(rgba, "CMYK"),
+    }
+    mean, std = torch.tensor(info.mean)[:, None, None], torch.tensor(info.std)[:, None, None]
+    for mode, image in images.items():
+        converted = torch.tensor(np.asarray(to_model_image(image, "RGB", 255)), dtype=torch.float32).permute(2, 0, 1)
+        got = processor(image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(got, (converted / 255 - mean) / std, rtol=0, atol=1e-5, msg=mode)
