@@ -67,7 +67,9 @@ def test_digits_are_normalised_to_minus_one_one():
     assert pixels.shape == (360, 1, 8, 8) and pixels.min() == -1 and pixels.max() == 1
     raw = load_digits().data.reshape(-1, 8, 8)
     order = np.random.default_rng(0).permutation(1797)
-    torch.testing.assert_close(pixels[0, 0], torch.tensor(raw[order[1437]] / 8 - 1, dtype=torch.float32))
+    # The 0..16 ink levels x as 8-bit pixels p = round(x * 255 / 16), normalised (p / 255 - 0.5) / 0.5.
+    expected = np.round(raw[order[1437]] * 255 / 16) / 127.5 - 1
+    torch.testing.assert_close(pixels[0, 0], torch.tensor(expected, dtype=torch.float32))
 
 
 def _cifar_like(image_column, size, names, gray_first=False):
