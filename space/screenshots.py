@@ -71,6 +71,7 @@ def take(exports: list[str], out: Path, width: int = 1400, height: int = 1150) -
                     i for i in d.find_elements(By.CSS_SELECTOR, "img") if "oscq_" in (i.get_attribute("src") or "")
                 ]
             )
+            driver.set_window_size(width, height + 200)  # the plot and the whole table
             driver.execute_script("window.scrollTo(0, 0)")
             written.append(out / "space_accuracy.png")
             driver.save_screenshot(str(written[-1]))

@@ -128,8 +128,9 @@ def test_card_pipeline_example_runs_as_written(tmp_path, cards):
     from hf_oscq.scripts.models import build_image_processor
 
     assert "pipeline(" not in cards["w3"]["README.md"].decode()  # no saved image processor, no pipeline example
+    processor = build_image_processor(DATASETS["digits"])
     export = hf_oscq.export_quantized(
-        tiny_model(), tmp_path / "digits", bits=(3,), image_processor=build_image_processor(DATASETS["digits"])
+        tiny_model(), tmp_path / "digits", bits=(3,), image_processor=processor, plain_rounding=True
     )
     body = render_card_files(export, "w3")["README.md"].decode()
     blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)

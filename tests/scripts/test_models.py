@@ -187,8 +187,9 @@ def _pipeline_matches_dataset(data, model, tmp_path, batch_size=64):
     dataset's tensors: the same prediction for every image, hence the same accuracy."""
     from transformers import pipeline
 
+    processor = build_image_processor(data.info)  # plain rounding: the preprocessing is what is compared here
     out = hf_oscq.export_quantized(
-        model.eval(), tmp_path / "export", bits=(3,), image_processor=build_image_processor(data.info)
+        model.eval(), tmp_path / "export", bits=(3,), image_processor=processor, plain_rounding=True
     )
     folder = out / "w3"
     loaded = AutoModelForImageClassification.from_pretrained(folder).eval()
