@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +70,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["world_size"] == 2
     assert json.loads((tmp_path / "one" / "run_info.json").read_text())["world_size"] == 1
     weights = [load_file(str(tmp_path / run / "training/oscillation/model.safetensors")) for run in ("one", "two")]
-    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-4  # float32, 4 Adam steps
+    differences = torch.cat([(weights[0][k] - weights[1][k]).abs().flatten() for k in weights[0]])
+    # float32, 4 Adam steps. Adam divides each gradient by its own running magnitude, so an element whose gradient is
+    # at float32 rounding level (the all-reduce sums in another order) can step by up to the learning rate either
+    # way: a handful of such elements may differ by up to 2 * lr * steps; every other weight agrees to 1e-5.
+    assert (differences > 1e-5).float().mean().item() < 1e-3
+    assert differences.max().item() < 2 * 0.003 * 4
     losses = [
         [
             entry["loss"]
