@@ -78,5 +78,5 @@ def test_text_tab_bad_input_is_a_message(lm_export):
     assert generate_view(by_name, name, "   ", 5)[0] == "⚠️ Type a prompt first."
     assert "between 1 and 200" in generate_view(by_name, name, "hi", 0)[0]
     assert "under 2000" in generate_view(by_name, name, "x" * 2001, 5)[0]
-    plot, rows, message = accuracy_view(families)  # a language model records perplexity, not accuracy
-    assert plot is None and rows == [] and "accuracy" in message
+    plot, table, message = accuracy_view(families)  # a language model records perplexity, not accuracy
+    assert plot is None and table["data"] == [] and "accuracy" in message
