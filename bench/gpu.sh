@@ -12,7 +12,8 @@
 # --data_dir. Results go to bench/results/ (overhead_cuda.json, overhead_vit_cuda.json, quality_gpu/); when $OUT is
 # set, they are copied there too.
 #
-#   bench/gpu.sh --lm                                 # only the language-model quality run (bench/lm_quality.py)
+#   bench/gpu.sh --lm                                 # only the language-model runs: training-step overhead
+#                                                     # (bench/overhead.py --model lm) and quality (bench/lm_quality.py)
 #
 # The LM run reads the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
 # `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
@@ -33,17 +34,25 @@ while [[ $# -gt 0 ]]; do
     --device) device="$2"; shift 2 ;;
     --dry-run) dry_run=1; device=cpu; shift ;;
     --lm) lm=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm)" >&2; exit 2 ;;
   esac
 done
 if [[ "$lm" == 1 ]]; then
+  # training-step overhead of each mode on a tiny Llama with group-wise scales (random tokens, no data needed)
+  lm_batches=(64 16)
+  [[ "$dry_run" == 1 ]] && lm_batches=(2)
+  timeout "$overhead_seconds" python bench/overhead.py --model lm --device "$device" --batch-sizes "${lm_batches[@]}" \
+    --output "bench/results/overhead_lm_${device}.json" || echo "gpu.sh: LM overhead run stopped (exit $?)" >&2
   corpus=()
   [[ -f data/kjv.txt ]] && corpus=(--corpus_file data/kjv.txt)
   timeout "$lm_seconds" python bench/lm_quality.py --device "$device" --lm_size tiny --block_size 256 \
     --batch_size 64 --max_steps 1500 --learning_rate 0.002 --threads 8 "${corpus[@]}" \
     --output bench/results/lm_quality_cuda.json || echo "gpu.sh: LM quality run stopped (exit $?)" >&2
-  if [[ -n "${OUT:-}" ]]; then mkdir -p "$OUT/results"; cp bench/results/lm_quality_cuda.json "$OUT/results/" || true; fi
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT/results"
+    cp bench/results/lm_quality_cuda.json "bench/results/overhead_lm_${device}.json" "$OUT/results/" || true
+  fi
   exit 0
 fi
 for stem in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from hf_oscq import (
     PenaltyWorkspace,
+    QuantSpec,
     fake_quantized_forward,
     fused_oscillation_penalty,
     oscillation_penalty,
@@ -43,14 +44,34 @@ MODES = ("fp", "oscillation", "qat", "reference")
 
 
 WORKLOADS = {
+    "lm": "tiny Llama from its config (hidden 256, 4 layers, 4 heads, 257 byte tokens), 128-token sequences, "
+    "group-wise scales (group size 32)",
     "resnet18": "timm resnet18, 32x32 inputs, 10 classes",
     "vit": "tiny ViT of hf_oscq.scripts.models (hidden 192, 6 layers, 3 heads, 4-pixel patches), 32x32 inputs, "
     "10 classes",
 }
 
 
+LM_SEQUENCE_LENGTH = 128
+LM_VOCABULARY = 257  # the LM recipe's byte-level tokenizer: 256 bytes and <|endoftext|>
+
+
 def build(model_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]:
-    """The model and the function that maps images to logits."""
+    """The model and the function that maps its inputs (images, or token ids for "lm") to logits."""
+    if model_name == "lm":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=LM_VOCABULARY,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=LM_SEQUENCE_LENGTH,
+        )
+        lm = LlamaForCausalLM(config)
+        return (lambda ids: lm(input_ids=ids).logits.flatten(0, 1)), lm
     if model_name == "resnet18":
         model = timm.create_model("resnet18", num_classes=10)
         return model, model
@@ -63,22 +84,24 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float, model_name: 
     forward, model = build(model_name)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    weights = select_weights(model)
+    # the language model quantizes its decoder projections group-wise, as LM quantizers do
+    spec = QuantSpec(bits, "group", group_size=32) if model_name == "lm" else QuantSpec(bits)
+    weights = select_weights(model, spec=spec)
     workspace = PenaltyWorkspace()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         # Computed before the forward pass, as OscillationTrainer does, so that autograd adds its gradient into the
         # task gradient in place.
-        penalty = fused_oscillation_penalty(weights, bits, workspace=workspace) if mode == "oscillation" else 0.0
+        penalty = fused_oscillation_penalty(weights, spec=spec, workspace=workspace) if mode == "oscillation" else 0.0
         if mode == "qat":
-            with fake_quantized_forward(model, weights, bits):
+            with fake_quantized_forward(model, weights, spec=spec):
                 loss = F.cross_entropy(forward(images), labels)
         else:
             loss = F.cross_entropy(forward(images), labels)
         if mode == "oscillation":
             loss = loss + osc_lambda * penalty
         elif mode == "reference":
-            loss = loss + osc_lambda * oscillation_penalty(model, bits)
+            loss = loss + osc_lambda * oscillation_penalty(model, spec=spec)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,8 +113,12 @@ def measure(
     batch_size: int, device: str, rounds: int, warmup: int, bits: int, osc_lambda: float, model_name: str
 ) -> dict:
     steps = {mode: make_step(mode, device, bits, osc_lambda, model_name) for mode in MODES}
-    images = torch.randn(batch_size, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (batch_size,), device=device)
+    if model_name == "lm":  # random bytes; the labels are the next tokens, flattened as the logits are
+        tokens = torch.randint(0, LM_VOCABULARY, (batch_size, LM_SEQUENCE_LENGTH + 1), device=device)
+        images, labels = tokens[:, :-1], tokens[:, 1:].flatten()
+    else:
+        images = torch.randn(batch_size, 3, 32, 32, device=device)
+        labels = torch.randint(0, 10, (batch_size,), device=device)
     times = {mode: [] for mode in MODES}
     for round_index in range(warmup + rounds):
         order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]

@@ -292,3 +292,18 @@ def test_lm_quality_bench_records_every_bit_width_and_its_ratios(tmp_path):
         runs["oscillation"]["w2"]["perplexity"] / runs["none"]["w2"]["perplexity"]
     )
     assert "oscillation_over_qat_w4" in done.stdout
+
+
+def test_overhead_lm_workload_times_every_mode_on_the_decoder_projections_group_wise():
+    overhead = _load("overhead")
+
+    from hf_oscq import QuantSpec, select_weights
+
+    _, model = overhead.build("lm")
+    selected = select_weights(model, spec=QuantSpec(3, "group", group_size=32))
+    # 4 decoder layers x (q, k, v, o, gate, up, down); the embedding and lm_head stay in float by default
+    assert len(selected) == 4 * 7 and not any("embed" in name or "lm_head" in name for name in selected)
+    result = overhead.measure(2, "cpu", rounds=1, warmup=0, bits=3, osc_lambda=10.0, model_name="lm")
+    medians = result["median_step_seconds"]
+    assert set(medians) == set(overhead.MODES) and all(value > 0 for value in medians.values())
+    assert result["ratio_to_fp"] == {mode: medians[mode] / medians["fp"] for mode in overhead.MODES}
