@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .._compat import accelerate_config_processes, accelerate_launch_parser
-from ..errors import OscqError
+from ..errors import OscqError, OscqValueError
 from ..training.guards import fsdp_version
 
 logger = logging.getLogger(__name__)
@@ -89,3 +89,16 @@ def check_world_size(args, expected: int | None = None):
             "to use_cpu themselves); on GPUs check num_processes against the visible GPUs."
         )
     return args
+
+
+def check_run_settings(training, expected_world_size: int | None = None):
+    """What every recipe checks before loading anything: the launch (`check_world_size`, whose result it returns)
+    and that `--push_to_hub` names its repository.
+
+    Raises:
+        OscqValueError: `--push_to_hub` without `--hub_model_id`.
+    """
+    training = check_world_size(training, expected_world_size)
+    if training.push_to_hub and not training.hub_model_id:
+        raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
+    return training

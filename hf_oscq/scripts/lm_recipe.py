@@ -39,7 +39,7 @@ from ..training.methods import OSC_METHODS, OSCILLATION, comparison_key
 from ..training.metrics import cross_bit_table
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
-from .launch import check_world_size
+from .launch import check_run_settings
 from .text import KJV, TextCorpus, TokenBlocks, byte_tokenizer, load_hub_text, load_kjv
 
 logger = logging.getLogger(__name__)
@@ -236,9 +236,7 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
 
 def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     """Runs the recipe end to end (see the module docstring for what lands where) and returns its summary."""
-    training = check_world_size(training, recipe.expected_world_size)
-    if training.push_to_hub and not training.hub_model_id:
-        raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
+    training = check_run_settings(training, recipe.expected_world_size)
     output_dir = Path(training.output_dir)
     tokenizer = load_tokenizer(recipe)
     corpus = load_corpus(recipe)

@@ -38,7 +38,7 @@ from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, load_image_dataset
-from .launch import check_world_size
+from .launch import check_run_settings
 from .models import MODEL_NAMES, build_image_processor, build_model
 
 logger = logging.getLogger(__name__)
@@ -233,9 +233,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
 
 def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
     """Runs a recipe end to end (see the module docstring for what lands where) and returns its summary."""
-    training = check_world_size(training, recipe.expected_world_size)
-    if training.push_to_hub and not training.hub_model_id:
-        raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
+    training = check_run_settings(training, recipe.expected_world_size)
     output_dir = Path(training.output_dir)
     data = load_image_dataset(
         recipe.dataset,

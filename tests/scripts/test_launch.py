@@ -112,3 +112,13 @@ def test_accelerate_configs_load_and_are_accepted(config, monkeypatch):
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         monkeypatch.setenv("FSDP_VERSION", str(loaded.fsdp_config["fsdp_version"]))
     OscillationConfig(output_dir="out", report_to="none", use_cpu=True)
+
+
+def test_push_to_hub_without_a_repository_is_refused_before_anything_loads(tmp_path):
+    from hf_oscq import OscillationConfig
+    from hf_oscq.errors import OscqValueError
+    from hf_oscq.scripts.launch import check_run_settings
+
+    training = OscillationConfig(output_dir=str(tmp_path), push_to_hub=True, use_cpu=True, report_to="none")
+    with pytest.raises(OscqValueError, match="--push_to_hub needs --hub_model_id ORG/NAME"):
+        check_run_settings(training)
