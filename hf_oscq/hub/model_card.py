@@ -129,13 +129,16 @@ def _evaluated_on(manifest: dict) -> str:
             f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({evaluation.get('samples')} "
             "images), each checkpoint preparing the images with its own saved image processor."
         )
-    dataset = _dataset_text(manifest)
-    return f"Measured on the test split of {dataset}." if dataset else "Measured on a held-out test set."
+    dataset, samples = _dataset_text(manifest), (manifest["training"] or {}).get("eval_samples")
+    images = f"{samples:,} images of " if samples else ""
+    return f"Measured on {images}" + (f"the test split of {dataset}." if dataset else "a held-out test set.")
 
 
 def _summary(manifest: dict, variant: str, parent: str) -> str:
     training = manifest["training"] or {}
     dataset = f" on {_dataset_text(manifest)}" if training.get("dataset") else ""
+    if training.get("train_samples"):
+        dataset += f" ({training['train_samples']:,} training images)"
     how = {
         OSCILLATION: f"with the oscillation regularizer of {PAPER}",
         QAT: f"with quantization-aware training (the baseline of {PAPER})",

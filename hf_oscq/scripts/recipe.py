@@ -164,16 +164,16 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
     trainer.save_state()
     if trainer.is_world_process_zero():
         # the local copy of the data too (never in the export, which may be published)
-        record = _training_record(args, recipe) | {"data_dir": recipe.data_dir}
+        record = _training_record(args, recipe, data) | {"data_dir": recipe.data_dir}
         (Path(args.output_dir) / TRAINING_INFO_NAME).write_text(json.dumps(record, indent=2) + "\n")
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
     table = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
     return trainer, table
 
 
-def _training_record(args: OscillationConfig, recipe: RecipeArguments) -> dict:
-    """How a run was trained: next to its weights (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the
-    export's manifest."""
+def _training_record(args: OscillationConfig, recipe: RecipeArguments, data) -> dict:
+    """How a run was trained and on how many images its cross-bit table was measured: next to its weights
+    (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the export's manifest (the cards say both counts)."""
     return {
         "osc_method": args.osc_method,
         "osc_bits": args.osc_bits,
@@ -183,6 +183,8 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments) -> dict:
         "dataset": recipe.dataset,
         "dataset_id": DATASETS[recipe.dataset].hub_id,  # the Hub id of the dataset, None for scikit-learn's digits
         "model": _describe_model(recipe),
+        "train_samples": len(data.train),
+        "eval_samples": len(data.eval),
         "hyperparameters": {
             "learning_rate": args.learning_rate,
             "num_train_epochs": args.num_train_epochs,
@@ -224,7 +226,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
         calibration_batches=trainer.calibration_batches,
         plain_rounding=args.osc_bn_recalibration_samples == 0,
-        training=_training_record(args, recipe),
+        training=_training_record(args, recipe, data),
         comparisons=comparisons,
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)

@@ -258,11 +258,19 @@ def test_demo_checks_on_hand_made_tables():
         "none": table(0.80, w2=0.10, w3=0.79),
     }
     rows = demo.checks(tables, target=3)
-    assert [row["holds"] for row in rows] == [True, True, True]
+    assert [row["holds"] for row in rows] == [True, True, True, True]
     assert rows[1]["values"] == "45.0 vs 10.0 / 20.0"
+    assert rows[2]["values"] == "79.5..80.0 vs 80.0"  # w5-w8 against the regularizer's own full precision
     tables["qat"]["w2"]["accuracy"] = 0.26  # the regularizer is then only 19 points above QAT at 2 bits
-    tables["oscillation"]["w6"]["accuracy"] = 0.788  # 1.2 points under full precision
-    assert [row["holds"] for row in demo.checks(tables, target=3)] == [True, False, False]
+    tables["oscillation"]["w6"]["accuracy"] = 0.788  # 1.2 points under its full precision
+    assert [row["holds"] for row in demo.checks(tables, target=3)] == [True, False, False, False]
+    tables["oscillation"]["w6"]["accuracy"] = 0.812  # 1.2 points above it: also more than 1 point away
+    assert demo.checks(tables, target=3)[2]["holds"] is False
+    tables["oscillation"]["w6"]["accuracy"] = 0.80
+    tables["none"]["fp"]["accuracy"] = 0.81  # the FP run 1.5 points better than the regularizer's 79.5 at w5
+    rows = demo.checks(tables, target=3)
+    assert [row["holds"] for row in rows] == [True, False, True, False]
+    assert rows[3]["values"] == "79.5..80.0 vs 81.0"
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from PIL import Image
 import hf_oscq
 from hf_oscq.cli import build_parser
 from hf_oscq.cli import main as cli_main
+from hf_oscq.scripts.data import FASHION_MNIST_DIR
 from hf_oscq.versions import INSTALL_COMMAND, INSTALL_FROM_CLONE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,25 +90,25 @@ def _documented_commands() -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    from sklearn.datasets import load_digits
-
-    from hf_oscq.scripts.data import DATASETS
+    from hf_oscq.scripts.data import DATASETS, FASHION_MNIST_LABELS, raw_splits
     from hf_oscq.scripts.models import build_image_processor, build_vit
 
-    info, labels = DATASETS["digits"], [str(i) for i in range(10)]
-    model = build_vit(info, labels, size="micro").eval()
-    trained = tmp_path / "outputs" / "digits_demo" / "training" / "oscillation"  # where `make demo` saves it
-    model.save_pretrained(trained)
-    build_image_processor(info).save_pretrained(trained)
-    hf_oscq.export_quantized(
-        model, tmp_path / "outputs" / "digits_demo" / "export", bits=(3,), image_processor=build_image_processor(info)
-    )
-    digits = load_digits()
-    for index in range(40):  # an imagefolder of digits at the README's path/to/images
-        folder = tmp_path / "path" / "to" / "images" / "test" / str(digits.target[index])
+    info = DATASETS["fashion_mnist"]
+    model = build_vit(info, list(FASHION_MNIST_LABELS), size="micro").eval()
+    demo = tmp_path / "outputs" / "fashion_mnist_demo"  # where `make demo` saves its model and export
+    model.save_pretrained(demo / "training" / "oscillation")
+    build_image_processor(info).save_pretrained(demo / "training" / "oscillation")
+    hf_oscq.export_quantized(model, demo / "export", bits=(3,), image_processor=build_image_processor(info))
+    _, test, _ = raw_splits("fashion_mnist")
+    for index in range(40):  # an imagefolder of test images at the README's path/to/images, one folder per class
+        image, label = test[index]["pixel_values"], FASHION_MNIST_LABELS[test[index]["labels"]]
+        if "/" in label:  # "T-shirt/top" cannot be a folder name
+            continue
+        folder = tmp_path / "path" / "to" / "images" / "test" / label
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(digits.images[index].astype(np.uint8)).save(folder / f"{index}.png")
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / f"{index}.png")
     monkeypatch.chdir(tmp_path)
     commands = _documented_commands()
     ran = {shlex.split(command)[1] for _, command in commands}

@@ -256,6 +256,12 @@ def test_card_settings_datasets_install_line_and_evaluation_source(tmp_path):
     assert "Measured on the test split of [fashion_mnist]" in card.text
     (result,) = card.data.eval_results
     assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
+    # a recipe run on part of the data says how much of it (training and test images)
+    manifest["training"].update({"train_samples": 4096, "eval_samples": 1000})
+    manifest_path.write_text(json.dumps(manifest))
+    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    assert "fashion_mnist) (4,096 training images) with" in card.text
+    assert "Measured on 1,000 images of the test split of [fashion_mnist]" in card.text
     manifest["evaluation"] = {"dataset": "org/other-set", "split": "validation", "samples": 50}
     manifest_path.write_text(json.dumps(manifest))
     card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())

@@ -108,6 +108,8 @@ def test_digits_recipe_end_to_end(tmp_path):
     manifest = json.loads((export / "oscq_export.json").read_text())
     assert manifest["bits"] == list(range(2, 9))
     assert manifest["training"]["osc_method"] == "oscillation" and manifest["training"]["dataset"] == "digits"
+    # scikit-learn's 1,797 digits, split 80/20 by `digits_splits`: 1,437 training and 360 test images
+    assert (manifest["training"]["train_samples"], manifest["training"]["eval_samples"]) == (1437, 360)
     assert set(manifest["comparisons"]) == {"qat", "fp_ptq"}
     # Every exported variant loads and reproduces the accuracy measured before export.
     digits = load_image_dataset("digits")
