@@ -153,7 +153,9 @@ def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:
         with gr.Tab("Accuracy"):
             accuracy_button = gr.Button("Show accuracy vs bit-width", elem_id="accuracy-button")
             accuracy_message = gr.Markdown()
-            accuracy_plot = gr.Image(type="filepath", label="Accuracy vs bit-width", format="png")
+            accuracy_plot = gr.Image(
+                type="filepath", label="Accuracy vs bit-width", format="png", elem_id="accuracy-plot"
+            )
             accuracy_table = gr.Dataframe(headers=ACCURACY_HEADERS, label="Accuracy", interactive=False)
             accuracy_outputs = [accuracy_plot, accuracy_table, accuracy_message]
             accuracy_button.click(accuracy, None, accuracy_outputs, api_name="accuracy")

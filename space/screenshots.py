@@ -67,9 +67,7 @@ def take(exports: list[str], out: Path, width: int = 1400, height: int = 1150) -
             tab = next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text == "Accuracy")
             tab.click()
             wait.until(
-                lambda d: [
-                    i for i in d.find_elements(By.CSS_SELECTOR, "img") if "oscq_" in (i.get_attribute("src") or "")
-                ]
+                lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, "#accuracy-plot img") if i.is_displayed()]
             )
             driver.set_window_size(width, height + 200)  # the plot and the whole table
             driver.execute_script("window.scrollTo(0, 0)")

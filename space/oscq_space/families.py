@@ -214,7 +214,9 @@ def load_family(entry: str) -> Family:
     except ExportFolderError as error:
         raise FamilyError(str(error)) from None
     method = _method_label(record)
-    family = Family(name=f"{method} · {root.name}", method=method, record=record)
+    # a recipe writes OUTPUT_DIR/export: its run folder names it better than the word "export"
+    folder = root.parent.name if root.name == "export" and root.parent.name else root.name
+    family = Family(name=f"{method} · {folder}", method=method, record=record)
     for name in sort_variants(variant_names(record["bits"]), descending=True):
         variant = Variant(name=name, bits=variant_bits(name), path=root / name)
         _load_variant(variant)

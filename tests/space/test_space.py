@@ -113,6 +113,12 @@ def test_configured_entries_env_and_discovery(tmp_path):
     assert configured_entries({}, tmp_path, space_card=card) == expected  # local exports come first
 
 
+def test_a_recipe_export_is_named_after_its_run_folder(export_dir, tmp_path):
+    shutil.copytree(export_dir, tmp_path / "fashion_mnist_demo" / "export")  # where a recipe writes its export
+    (family,), _ = load_families([str(tmp_path / "fashion_mnist_demo" / "export")])
+    assert family.name == "Oscillation · fashion_mnist_demo"
+
+
 def test_family_loads_every_bit_width(families, export_dir):
     (family,) = families
     assert family.name == "Oscillation · digits-oscillation"
