@@ -24,7 +24,7 @@ fashion-mnist:
 
 # The main job: ResNet-18 (timm, ImageNet stem) on real Fashion-MNIST, the regularizer at 3 bits with the package's
 # defaults next to QAT @3 and FP + PTQ, the cross-bit table, exports w2..w8 and model cards in
-# outputs/fashion_mnist_demo (about 4.5 minutes on 2 CPU cores). Where Debian's Fashion-MNIST cannot be installed
+# outputs/fashion_mnist_demo (about 4 minutes on 2 idle CPU cores). Where Debian's Fashion-MNIST cannot be installed
 # (no apt-get, not root) it runs the digits demo instead and says so.
 demo: install fashion-mnist
 	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \

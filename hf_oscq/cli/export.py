@@ -74,9 +74,11 @@ def run_export(args: argparse.Namespace) -> Path:
         )
     spec = _spec(args)
     model = _load_model(checkpoint)
-    batches = None
+    trained, batches = read_training_info(checkpoint), None
     if args.bn_recalibration_samples and has_batchnorm(model):
-        batches = export_calibration_batches(args, read_training_info(checkpoint))
+        batches = export_calibration_batches(args, trained)
+    # the recorded recipe and hyperparameters go into the manifest and the cards; the local data path never does
+    training = {key: value for key, value in trained.items() if key != "data_dir"} or None
     return export_quantized(
         model,
         args.output,
@@ -86,6 +88,7 @@ def run_export(args: argparse.Namespace) -> Path:
         tokenizer=_load_tokenizer(checkpoint),
         calibration_batches=batches,
         plain_rounding=not args.bn_recalibration_samples,
+        training=training,
     )
 
 

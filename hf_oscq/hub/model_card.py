@@ -121,12 +121,16 @@ def _dataset_text(manifest: dict) -> str | None:
     return name
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def _evaluated_on(manifest: dict) -> str:
     evaluation = manifest.get("evaluation")
     if isinstance(evaluation, dict) and evaluation.get("dataset"):
         split = f"the {evaluation['split']!r} split" if evaluation.get("split") else "the default split"
         return (
-            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({evaluation.get('samples')} "
+            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({_count(evaluation.get('samples'))} "
             "images), each checkpoint preparing the images with its own saved image processor."
         )
     dataset, samples = _dataset_text(manifest), (manifest["training"] or {}).get("eval_samples")

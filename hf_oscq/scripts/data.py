@@ -284,7 +284,10 @@ def _load_hub_schema(info: DatasetInfo, data_dir: str | Path | None):
 
 def _load_local(folder: Path) -> datasets.DatasetDict:
     if not folder.is_dir():
-        raise OscqValueError(f"--data_dir {folder} is not a folder.")
+        raise OscqValueError(
+            f"--data_dir {folder} is not a folder: pass a folder holding the dataset (a save_to_disk folder or "
+            "parquet files; for fashion_mnist, its four IDX files), or leave --data_dir out to use the default source."
+        )
     if (folder / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(folder))
     parquet = sorted(folder.rglob("*.parquet"))

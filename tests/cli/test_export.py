@@ -115,10 +115,11 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
     model = _narrow_resnet(tmp_path)
     # what the recipes write next to a trained model (TRAINING_INFO_NAME)
     record = {"osc_method": "oscillation", "dataset": "digits", "hyperparameters": {"seed": 5}}
-    (tmp_path / "ckpt" / "oscq_training.json").write_text(json.dumps(record))
+    (tmp_path / "ckpt" / "oscq_training.json").write_text(json.dumps(record | {"data_dir": None}))
     assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 0
     manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
     assert manifest["has_batchnorm"] is True and manifest["bn_recalibrated"] is True
+    assert manifest["training"] == record  # the recorded recipe travels into the export, the local data path does not
     # The reference: 512 training images (the default), drawn with the recorded seed (the seeded permutation of
     # tests/quantization/test_batchnorm.py), BatchNorm re-estimated on them after rounding.
     batches = list(calibration_batches(load_image_dataset("digits").train, 512, 64, seed=5))

@@ -183,3 +183,19 @@ def test_no_token_in_any_file_a_recipe_writes_and_its_push_uses_it(tmp_path, mon
     assert torch.load(saved_arguments[0], weights_only=False).hub_token is None
     assert [hub.token for hub in _RecordingHub.instances] == [token]
     assert _RecordingHub.instances[0].commits == ["me/digits", "me/digits-w3"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset", "bogus"], "--dataset must be one of"),
+        (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "leave --data_dir out to use the default source"),
+    ],
+)
+def test_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys, flags, message):
+    from hf_oscq.scripts.recipe import main
+
+    arguments = ["--config", str(ROOT / "recipes/configs/digits_demo.yaml"), "--output_dir", str(tmp_path), *flags]
+    assert main("vit", arguments) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("train_vit.py: error: ") and message in line
