@@ -129,9 +129,10 @@ def _evaluated_on(manifest: dict) -> str:
     evaluation = manifest.get("evaluation")
     if isinstance(evaluation, dict) and evaluation.get("dataset"):
         split = f"the {evaluation['split']!r} split" if evaluation.get("split") else "the default split"
+        samples = _count(evaluation.get("samples"))
         return (
-            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({_count(evaluation.get('samples'))} "
-            "images), each checkpoint preparing the images with its own saved image processor."
+            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({samples} images), each "
+            "checkpoint preparing the images with its own saved image processor."
         )
     dataset, samples = _dataset_text(manifest), (manifest["training"] or {}).get("eval_samples")
     images = f"{samples:,} images of " if samples else ""
