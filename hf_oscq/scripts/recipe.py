@@ -37,7 +37,7 @@ from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key
 from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
-from .data import DATASETS, load_image_dataset
+from .data import DATASETS, ImageDataset, load_image_dataset
 from .launch import check_run_settings
 from .models import MODEL_NAMES, build_image_processor, build_model
 
@@ -171,7 +171,7 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
     return trainer, table
 
 
-def _training_record(args: OscillationConfig, recipe: RecipeArguments, data) -> dict:
+def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: ImageDataset) -> dict:
     """How a run was trained and on how many images its cross-bit table was measured: next to its weights
     (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the export's manifest (the cards say both counts)."""
     return {
