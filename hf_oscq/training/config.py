@@ -51,9 +51,9 @@ class OscillationConfig(TrainingArguments):
             only setting measured to meet the cross-bit goal on ResNet-18 (Fashion-MNIST, 12,000 images, 3 epochs,
             3-bit training, BatchNorm re-estimated: 76.8 % at 2 bits against 13.6 % for FP + PTQ and 17.0 % for QAT,
             85.0 % at 3 bits against QAT's 85.5 %; `"global_mean"` with 100 reached 46.4 % at 2 bits). On the tiny
-            ViT with the full 60,000 images it keeps 67.0 % at 2 bits against 12.1 % for FP + PTQ and 21.7 % for
-            QAT, and is 1.9 points under QAT at 3 bits (78.2 % against 80.1 %; `"global_mean"` with 100: 21.9 % and
-            76.3 %). One seed each; see docs/RESULTS.md.
+            ViT with the full 60,000 images it keeps 67.0 % and 32.0 % at 2 bits (seeds 0 and 1) against 12.1 % for
+            FP + PTQ and 21.7 % for QAT, and is 1.9-2.6 points under QAT at 3 bits (`"global_mean"` with 100, seed
+            0: 21.9 % and 76.3 %). See docs/RESULTS.md.
         osc_penalty_normalization (`str`, *optional*, defaults to `"layer_mean"`):
             How the penalty is normalised: `"layer_mean"` (the paper: the sum over layers of each layer's mean of
             `q^2 - w^2`, so a weight's pull is `2 osc_lambda / N_layer`) or `"global_mean"` (the mean over all
