@@ -1,12 +1,27 @@
 """The errors hf_oscq raises on purpose: each message is one line saying what was wrong and how to fix it.
 
-`hf-oscq` prints any `OscqError` as that one line (exit code 1) instead of a traceback. The concrete errors keep the
-built-in base their callers catch (`ValueError` for bad input, `RuntimeError` for failed operations).
+`hf-oscq` and the recipe scripts print any `OscqError` as that one line (exit code 1) instead of a traceback
+(`exit_code`). The concrete errors keep the built-in base their callers catch (`ValueError` for bad input,
+`RuntimeError` for failed operations).
 """
+
+import sys
+from collections.abc import Callable
 
 
 class OscqError(Exception):
     """Base of every error hf_oscq raises for bad input or a failed operation."""
+
+
+def exit_code(program: str, run: Callable[[], int | None]) -> int:
+    """Runs a command-line entry point: its exit code (0 for None), or 1 after writing an `OscqError` raised by `run`
+    as one line on stderr, `<program>: error: <message>`."""
+    try:
+        return run() or 0
+    except OscqError as error:
+        message = " ".join(str(error).splitlines())
+        sys.stderr.write(f"{program}: error: {message}\n")
+        return 1
 
 
 class OscqValueError(OscqError, ValueError):

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 
-from ..errors import OscqError
+from ..errors import exit_code
 from ..versions import __version__
 
 # Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
@@ -46,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs `hf-oscq`; returns the exit code (1 for an `OscqError`, printed as one line on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except OscqError as error:
-        message = " ".join(str(error).splitlines())
-        sys.stderr.write(f"hf-oscq {args.command}: error: {message}\n")
-        return 1
+    return exit_code(f"hf-oscq {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..errors import OscqValueError
+from ..errors import OscqValueError, exit_code
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.spec import DEFAULT_EVAL_BITS
@@ -285,10 +285,13 @@ def perplexity_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `recipes/train_lm.py`."""
+    """Entry point of `recipes/train_lm.py`: returns the exit code; an `OscqError` (bad arguments or data) is printed
+    as one line on stderr, `train_lm.py: error: <message>`, with exit code 1, as `hf-oscq` does."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe, training = parse_arguments(argv)
-    summary = run_recipe(recipe, training)
-    if summary["export_dir"] is not None:
-        sys.stdout.write(f"{perplexity_table(summary['tables'])}\n\nExported to {summary['export_dir']}\n")
-    return 0
+
+    def run() -> None:
+        summary = run_recipe(*parse_arguments(argv))
+        if summary["export_dir"] is not None:
+            sys.stdout.write(f"{perplexity_table(summary['tables'])}\n\nExported to {summary['export_dir']}\n")
+
+    return exit_code("train_lm.py", run)

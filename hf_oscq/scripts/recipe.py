@@ -26,7 +26,7 @@ import torch
 import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser
 
-from ..errors import OscqError, OscqValueError
+from ..errors import OscqValueError, exit_code
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
@@ -281,13 +281,11 @@ def main(model: str, argv: list[str] | None = None) -> int:
     """Entry point of `recipes/train_<model>.py`: returns the exit code; an `OscqError` (bad arguments or data) is
     printed as one line on stderr, `train_<model>.py: error: <message>`, with exit code 1, as `hf-oscq` does."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        recipe, training = parse_arguments(argv, model)
-        summary = run_recipe(recipe, training)
-    except OscqError as error:
-        message = " ".join(str(error).splitlines())
-        sys.stderr.write(f"train_{model}.py: error: {message}\n")
-        return 1
-    if summary["export_dir"] is not None:
-        sys.stdout.write(f"{format_cross_bit_table(summary['tables'])}\n\nExported to {summary['export_dir']}\n")
-    return 0
+
+    def run() -> None:
+        summary = run_recipe(*parse_arguments(argv, model))
+        if summary["export_dir"] is not None:
+            table = format_cross_bit_table(summary["tables"])
+            sys.stdout.write(f"{table}\n\nExported to {summary['export_dir']}\n")
+
+    return exit_code(f"train_{model}.py", run)

@@ -86,3 +86,11 @@ def test_recipe_configs_parse(tmp_path):
         recipe, training = parse_arguments(["--config", str(CONFIGS / f"{name}.yaml"), "--use_cpu", "true"])
         assert training.quant_spec.granularity == "group" and training.osc_bits == 4
         assert recipe.baselines == ["qat", "none"]
+
+
+def test_lm_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
+    from hf_oscq.scripts.lm_recipe import main
+
+    assert main(["--dataset", "bogus", "--output_dir", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "train_lm.py: error: --dataset is 'kjv', or 'hub' with --dataset_name NAME; got 'bogus'."
