@@ -135,7 +135,7 @@ def _evaluated_on(manifest: dict) -> str:
             "checkpoint preparing the images with its own saved image processor."
         )
     dataset, samples = _dataset_text(manifest), (manifest["training"] or {}).get("eval_samples")
-    images = f"{samples:,} images of " if samples else ""
+    images = f"{_count(samples)} images of " if samples else ""
     return f"Measured on {images}" + (f"the test split of {dataset}." if dataset else "a held-out test set.")
 
 
