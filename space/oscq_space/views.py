@@ -148,7 +148,10 @@ def accuracy_view(families: list[Family]) -> tuple[Image.Image | None, dict, str
     )
     headers, rows = accuracy_table(tables)
     message = f"{len(tables)} accuracy curves from the exports' records and cards: test accuracy in %."
-    return image, {"headers": headers, "data": rows}, message
+    # shown with one decimal throughout (76.0, not 76), so the columns line up; the data stay numbers for sorting
+    shown = [[row[0]] + ["" if value is None else f"{value:.1f}" for value in row[1:]] for row in rows]
+    metadata = {"display_value": shown, "styling": [[""] * len(row) for row in rows]}
+    return image, {"headers": headers, "data": rows, "metadata": metadata}, message
 
 
 def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | None]:

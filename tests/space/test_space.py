@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -628,6 +629,11 @@ def test_several_families_and_per_channel_grid(export_dir, families, tmp_path):
     curves = [row[0] for row in table["data"]]  # one row per run
     assert curves == ["Oscillation · digits-oscillation", "QAT (Oscillation · digits-oscillation)", "QAT · digits-qat"]
     assert message.startswith("3 accuracy curves")
+    shown = table["metadata"]["display_value"]  # what the page prints: one decimal, whole numbers included
+    for row, shown_row in zip(table["data"], shown, strict=True):
+        assert shown_row[0] == row[0]
+        for value, cell in zip(row[1:], shown_row[1:], strict=True):
+            assert cell == "" if value is None else (re.fullmatch(r"\d{1,3}\.\d", cell) and float(cell) == value)
 
     per_channel = replace(
         families[0], record={**families[0].record, "per_channel": True, "granularity": "per_channel"}
