@@ -98,6 +98,7 @@ def load_eval_dataset(
     label_column: str | None = None,
     data_dir: str | Path | None = None,
     max_samples: int | None = None,
+    seed: int = 0,
 ):
     """The evaluation images and labels of a dataset, as stored (no transform), with columns `image` and `label`.
 
@@ -110,6 +111,8 @@ def load_eval_dataset(
         label_column: the column holding the labels; by default the `ClassLabel` column, else `label` / `labels`.
         data_dir: a local copy of a recipe dataset (see `hf_oscq.scripts.data.load_image_dataset`).
         max_samples: keep the first samples only.
+        seed: seed of the train/test split of the datasets that have none of their own (`digits`); the recipes
+            split with their run's seed, so scoring a run on its own test images needs that seed.
 
     Returns:
         A `datasets.Dataset` with the columns `image` and `label`.
@@ -123,7 +126,7 @@ def load_eval_dataset(
     if source in DATASETS and not Path(source).exists():
         if split is not None:
             raise OscqValueError(f"--split does not apply to {source!r}, whose test split is built in.")
-        dataset = raw_splits(source, data_dir)[1]
+        dataset = raw_splits(source, data_dir, seed)[1]
     elif Path(source).exists():
         dataset = _pick_split(_local_dataset(Path(source)), split, source)
     else:

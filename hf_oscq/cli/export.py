@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # The default of TrainingArguments.seed: an export of a Trainer run that kept it re-estimates BatchNorm with the
 # images its cross-bit evaluation used (same permutation; see quantization.batchnorm.calibration_batches).
 DEFAULT_SEED = 42
+DEFAULT_BATCH_SIZE = 64  # of the re-estimation forward passes, when the training record has none
 
 
 def _load_model(folder: Path):
@@ -75,6 +76,7 @@ def run_export(args: argparse.Namespace) -> Path:
     spec = _spec(args)
     model = _load_model(checkpoint)
     trained, batches = read_training_info(checkpoint), None
+    args = with_recorded_defaults(args, trained)
     if args.bn_recalibration_samples and has_batchnorm(model):
         batches = export_calibration_batches(args, trained)
     # the recorded recipe and hyperparameters go into the manifest and the cards; the local data path never does
@@ -100,10 +102,28 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def with_recorded_defaults(args: argparse.Namespace, trained: dict) -> argparse.Namespace:
+    """`args` with the BatchNorm re-estimation settings it leaves unset (None) taken from the training record, so
+    that exporting a recipe's run re-estimates exactly as that run's evaluation did (same number of images, batch
+    size and seed); the package's defaults where nothing is recorded."""
+    hyperparameters = trained.get("hyperparameters") or {}
+    resolved = argparse.Namespace(**vars(args))
+    if resolved.bn_recalibration_samples is None:
+        resolved.bn_recalibration_samples = trained.get(
+            "osc_bn_recalibration_samples", DEFAULT_BN_RECALIBRATION_SAMPLES
+        )
+    if resolved.batch_size is None:
+        resolved.batch_size = hyperparameters.get("eval_batch_size", DEFAULT_BATCH_SIZE)
+    if resolved.seed is None:
+        resolved.seed = hyperparameters.get("seed", DEFAULT_SEED)
+    return resolved
+
+
 def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> list[dict] | None:
     """Training images for BatchNorm re-estimation after rounding: `--bn_recalibration_samples` images of
-    `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and seed), drawn
-    with `--seed`, the same for every bit-width; `None` without re-estimation.
+    `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and the training
+    split the run used: its seed, `max_train_samples` and `validation_fraction`), drawn with `--seed`, the same for
+    every bit-width; `None` without re-estimation.
 
     Raises:
         OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset.
@@ -122,9 +142,18 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
     from ..scripts.data import load_image_dataset
 
     data_dir = args.data_dir if args.dataset else args.data_dir or trained.get("data_dir")
-    seed = args.seed if args.seed is not None else (trained.get("hyperparameters") or {}).get("seed", DEFAULT_SEED)
-    train = load_image_dataset(dataset, data_dir=data_dir).train
-    batches = calibration_batches(train, args.bn_recalibration_samples, args.batch_size, seed)
+    seed = args.seed if args.seed is not None else DEFAULT_SEED
+    # the recorded run's own training split (the recipes subsample and hold out with their seed), for its dataset
+    split = trained if dataset == trained.get("dataset") else {}
+    train = load_image_dataset(
+        dataset,
+        data_dir=data_dir,
+        seed=(split.get("hyperparameters") or {}).get("seed", 0),
+        max_train_samples=split.get("max_train_samples"),
+        validation_fraction=split.get("validation_fraction") or 0.0,
+    ).train
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    batches = calibration_batches(train, args.bn_recalibration_samples, batch_size, seed)
     return [{"pixel_values": batch["pixel_values"]} for batch in batches]
 
 
@@ -161,9 +190,10 @@ def add_parser(subparsers) -> None:
         export,
         "bn_recalibration_samples",
         type=int,
-        default=DEFAULT_BN_RECALIBRATION_SAMPLES,
+        default=None,
         help="BatchNorm models: re-estimate the statistics after rounding on this many training images "
-        "(0: plain rounding, the paper's PTQ); models without BatchNorm ignore it",
+        "(0: plain rounding, the paper's PTQ; default: the number the training run recorded, else "
+        f"{DEFAULT_BN_RECALIBRATION_SAMPLES}); models without BatchNorm ignore it",
     )
     add_flag(
         export,
@@ -173,7 +203,14 @@ def add_parser(subparsers) -> None:
         "recipes)",
     )
     add_flag(export, "data_dir", default=None, help="local copy of that dataset (see hf_oscq.scripts.data)")
-    add_flag(export, "batch_size", type=int, default=64, help="batch size of the BatchNorm re-estimation")
+    add_flag(
+        export,
+        "batch_size",
+        type=int,
+        default=None,
+        help="batch size of the BatchNorm re-estimation (default: the training run's recorded evaluation batch "
+        f"size, else {DEFAULT_BATCH_SIZE})",
+    )
     add_flag(
         export,
         "seed",

@@ -91,7 +91,8 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     settings = training.get("hyperparameters") or {}
     rows += [(_SETTING_LABELS.get(key, key.replace("_", " ")), value) for key, value in settings.items()]
     rows = [(label, value) for label, value in rows if not (label == "max steps" and value in (-1, None))]
-    skip = set(_RECIPE_KEYS) | {"hyperparameters", "command", "dataset_id"}
+    # the split's plumbing (for `hf-oscq export`): the card already gives the training image count
+    skip = set(_RECIPE_KEYS) | {"hyperparameters", "command", "dataset_id", "max_train_samples", "validation_fraction"}
     rows += [(key, value) for key, value in training.items() if key not in skip]
     rows = [(label, readable_setting(value)) for label, value in rows]
     table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])

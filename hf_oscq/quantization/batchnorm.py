@@ -26,26 +26,43 @@ def calibration_batches(
     dataset, samples: int, batch_size: int, seed: int, collate_fn: Callable | None = None
 ) -> Iterator:
     """Training batches for BatchNorm re-estimation: the first `samples` (rounded up to whole batches) of a
-    permutation of `dataset` drawn from `torch.Generator().manual_seed(seed)`.
+    permutation of `dataset` drawn from `torch.Generator().manual_seed(seed)`, with the dataset's random
+    augmentation drawn from torch's random number generator seeded with `seed`.
 
-    The permutation depends on the seed and the dataset's length only, so any batch size dividing `samples` picks
-    the same images. The Trainer passes its run's `seed`; `hf-oscq export --seed` defaults to the same default (42).
+    The images depend on the seed and the dataset's length only, so any batch size dividing `samples` picks the same
+    ones; their augmentation, and anything else drawn from torch's generator while the batches are consumed (dropout
+    in the re-estimation forward passes), on the seed only. So re-estimating twice, in the Trainer's evaluation, in
+    its export or in `hf-oscq export` with the recorded settings, gives the same statistics, and the caller's random
+    state is the same after the batches as before them. The Trainer passes its run's `seed`; `hf-oscq export` the
+    recorded one (else 42, the Trainer's default).
 
     Args:
         dataset: a map-style dataset (e.g. a `datasets.Dataset` with a transform).
         samples: number of images, > 0.
         batch_size: images per batch.
-        seed: seed of the permutation.
+        seed: seed of the permutation and of the augmentation.
         collate_fn: the DataLoader's collate function (the Trainer's data collator), default collation otherwise.
 
     Returns:
         An iterator of batches (dicts of tensors with the default collation).
+
+    Raises:
+        OscqValueError: when `samples` or `batch_size` is not positive.
     """
     if samples <= 0 or batch_size <= 0:
         raise OscqValueError(f"calibration_batches needs samples > 0 and batch_size > 0, got {samples}, {batch_size}.")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
-    return itertools.islice(loader, math.ceil(samples / batch_size))
+    return _seeded(itertools.islice(loader, math.ceil(samples / batch_size)), seed)
+
+
+def _seeded(batches: Iterator, seed: int) -> Iterator:
+    """`batches`, consumed with torch's generators (CPU and the current accelerator) seeded with `seed` and restored
+    afterwards (when the iterator is exhausted or closed)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield from batches
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]) -> int:

@@ -102,3 +102,41 @@ def check_run_settings(training, expected_world_size: int | None = None):
     if training.push_to_hub and not training.hub_model_id:
         raise OscqValueError("--push_to_hub needs --hub_model_id ORG/NAME (the full-precision model's repository).")
     return training
+
+
+def resume_point(requested: str | bool | None, run_dir: str | Path) -> str | None:
+    """The checkpoint one run of a recipe resumes from, for `--resume_from_checkpoint` (a recipe trains one run per
+    method, each in its own folder, so a single path cannot name them all).
+
+    Args:
+        requested: the flag's value: unset, `false`, `true` (every run resumes from the last `checkpoint-N` in its
+            folder) or the path of a checkpoint folder (the run whose folder holds it resumes from it, the others as
+            with `true`).
+        run_dir: the run's output folder.
+
+    Returns:
+        The checkpoint folder to pass to `Trainer.train`, or `None` to train from the start (nothing requested, or
+        nothing saved yet in `run_dir`: a run the interruption never reached).
+
+    Raises:
+        OscqValueError: for a path that is not a folder.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if requested is None or requested is False or str(requested).lower() in ("", "false", "no", "0"):
+        return None
+    run_dir = Path(run_dir)
+    if requested is not True and str(requested).lower() not in ("true", "yes", "1"):
+        path = Path(requested)
+        if not path.is_dir():
+            raise OscqValueError(
+                f"--resume_from_checkpoint {requested}: no such folder. Pass a checkpoint-N folder of a run "
+                "(output_dir/training/METHOD/checkpoint-N), or true to resume every run from its last checkpoint "
+                "(saved with --save_strategy steps or epoch)."
+            )
+        if run_dir.resolve() in path.resolve().parents:
+            return str(path)
+    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if last is None:
+        logger.info("No checkpoint in %s: this run trains from the start.", run_dir)
+    return last

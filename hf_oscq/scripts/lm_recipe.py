@@ -39,7 +39,7 @@ from ..training.methods import OSC_METHODS, OSCILLATION, comparison_key
 from ..training.metrics import cross_bit_table
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
-from .launch import check_run_settings
+from .launch import check_run_settings, resume_point
 from .text import KJV, TextCorpus, TokenBlocks, byte_tokenizer, load_hub_text, load_kjv
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def train_one(method: str, recipe, training, tokenizer, train, evaluation, outpu
     trainer = OscillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(args.resume_from_checkpoint, args.output_dir))
     trainer.save_model()
     trainer.save_state()
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))

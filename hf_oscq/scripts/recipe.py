@@ -30,15 +30,16 @@ from ..errors import OscqValueError, exit_code
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
+from ..quantization.batchnorm import has_batchnorm
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
-from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key
+from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key, run_label
 from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, ImageDataset, load_image_dataset
-from .launch import check_run_settings
+from .launch import check_run_settings, resume_point
 from .models import MODEL_NAMES, build_image_processor, build_model
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
         add_oscillation_tracker(
             trainer, OscillationTracker(every_n_steps=recipe.track_every_n_steps, spec=args.quant_spec)
         )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_point(args.resume_from_checkpoint, args.output_dir))
     trainer.save_model()  # the final (or, with load_best_model_at_end, the best) weights, in the run's folder
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -185,6 +186,9 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: Ima
         "model": _describe_model(recipe),
         "train_samples": len(data.train),
         "eval_samples": len(data.eval),
+        # the training split as load_image_dataset made it, which `hf-oscq export` rebuilds to re-estimate BatchNorm
+        "max_train_samples": recipe.max_train_samples,
+        "validation_fraction": recipe.validation_fraction,
         "hyperparameters": {
             "learning_rate": args.learning_rate,
             "num_train_epochs": args.num_train_epochs,
@@ -193,6 +197,7 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: Ima
             "optimizer": getattr(args.optim, "value", args.optim),
             "weight_decay": args.weight_decay,
             "seed": args.seed,
+            "eval_batch_size": args.per_device_eval_batch_size,  # also the BatchNorm re-estimation's batch size
             "pretrained": recipe.pretrained,
         },
     }
@@ -255,12 +260,13 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         "model": recipe.model,
         "world_size": trainer.args.world_size,
         "tables": tables,
+        "table": cross_bit_markdown(tables, training, len(data.eval), has_batchnorm(trainer.model)),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "cross_bit.json").write_text(json.dumps(tables, indent=2))
-        (output_dir / "cross_bit.md").write_text(format_cross_bit_table(tables) + "\n")
+        (output_dir / "cross_bit.md").write_text(summary["table"] + "\n")
         if recipe.export:
             summary["export_dir"] = str(_export(trainer, recipe, data, tables, output_dir))
             if training.push_to_hub:
@@ -272,9 +278,30 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
                     private=bool(training.hub_private_repo),
                     token=training.hub_token,
                 )
-        (output_dir / "run_info.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "tables"}))
+        info = {key: value for key, value in summary.items() if key not in ("tables", "table")}
+        (output_dir / "run_info.json").write_text(json.dumps(info))
     trainer.accelerator.wait_for_everyone()
     return summary
+
+
+def cross_bit_markdown(tables: dict, training: OscillationConfig, eval_samples: int, batchnorm: bool) -> str:
+    """The recipe's table as it prints it and writes it to `cross_bit.md`: a caption saying what was measured,
+    then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`)."""
+    rows = {
+        run_label(method) if method == NONE else f"{run_label(method)} @{training.osc_bits}": table
+        for method, table in tables.items()
+    }
+    samples = training.osc_bn_recalibration_samples
+    rounding = (
+        f"BatchNorm statistics re-estimated on {samples:,} training images after rounding"
+        if batchnorm and samples
+        else "plain rounding"
+    )
+    caption = (
+        f"Test accuracy (%) on {eval_samples:,} test images: full precision (fp) and post-training rounded to "
+        f"each bit-width (w2 = 2 bits), {rounding}."
+    )
+    return f"{caption}\n\n{format_cross_bit_table(rows)}"
 
 
 def main(model: str, argv: list[str] | None = None) -> int:
@@ -285,7 +312,6 @@ def main(model: str, argv: list[str] | None = None) -> int:
     def run() -> None:
         summary = run_recipe(*parse_arguments(argv, model))
         if summary["export_dir"] is not None:
-            table = format_cross_bit_table(summary["tables"])
-            sys.stdout.write(f"{table}\n\nExported to {summary['export_dir']}\n")
+            sys.stdout.write(f"{summary['table']}\n\nExported to {summary['export_dir']}\n")
 
     return exit_code(f"train_{model}.py", run)

@@ -121,8 +121,9 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
     assert manifest["has_batchnorm"] is True and manifest["bn_recalibrated"] is True
     assert manifest["training"] == record  # the recorded recipe travels into the export, the local data path does not
     # The reference: 512 training images (the default), drawn with the recorded seed (the seeded permutation of
-    # tests/quantization/test_batchnorm.py), BatchNorm re-estimated on them after rounding.
-    batches = list(calibration_batches(load_image_dataset("digits").train, 512, 64, seed=5))
+    # tests/quantization/test_batchnorm.py) from the run's own training split (digits split with the same seed),
+    # BatchNorm re-estimated on them after rounding.
+    batches = list(calibration_batches(load_image_dataset("digits", seed=5).train, 512, 64, seed=5))
     assert sum(len(batch["pixel_values"]) for batch in batches) == 512
     reference = hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
@@ -139,9 +140,51 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
         "Quantized checkpoints: post-training rounding of the same full-precision weights, then BatchNorm "
         "re-estimation on training images (the running statistics of the rounded network)."
     )
-    dataset = load_image_dataset("digits", max_eval_samples=64).eval
+    # on the run's own test images: digits are split with the run's seed (5), as the recipe split them
+    dataset = load_image_dataset("digits", seed=5, max_eval_samples=64).eval
+    assert not torch.equal(  # another seed's test split, which holds some of this run's training images
+        torch.stack([dataset[i]["pixel_values"] for i in range(8)]),
+        torch.stack([load_image_dataset("digits", max_eval_samples=8).eval[i]["pixel_values"] for i in range(8)]),
+    )
     expected = [evaluate_accuracy(m, dataset)["accuracy"] for m in (model, reference)]
     assert lines[-1] == "| out | " + " | ".join(f"{100 * a:.1f}" for a in expected) + " |"
+
+
+def test_cli_export_re_estimates_as_the_recorded_run_did(tmp_path):
+    """The recorded number of images, batch size, seed and training split (a recipe's subsample and held-out
+    fraction) are the export's defaults; a flag still overrides them."""
+    from hf_oscq.quantization.batchnorm import calibration_batches
+    from hf_oscq.scripts.data import load_image_dataset
+
+    model = _narrow_resnet(tmp_path)
+    record = {
+        "dataset": "digits",
+        "osc_bn_recalibration_samples": 96,
+        "max_train_samples": 600,
+        "validation_fraction": 0.25,
+        "hyperparameters": {"seed": 5, "eval_batch_size": 32},
+    }
+    (tmp_path / "ckpt" / "oscq_training.json").write_text(json.dumps(record))
+    probe = torch.randn(4, 1, 8, 8)
+
+    def exported(*flags):
+        out = tmp_path / f"out{len(flags)}"
+        assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(out), *flags]) == 0
+        with torch.no_grad():
+            return AutoModelForImageClassification.from_pretrained(out / "w3").eval()(pixel_values=probe).logits
+
+    def reference(samples, batch_size):
+        # the recipe's own training split: the first 600 images, then 25 % held out, both with the run's seed
+        train = load_image_dataset("digits", seed=5, max_train_samples=600, validation_fraction=0.25).train
+        assert len(train) == 450
+        batches = list(calibration_batches(train, samples, batch_size, seed=5))
+        assert sum(len(batch["pixel_values"]) for batch in batches) == samples
+        with torch.no_grad():
+            return hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()(pixel_values=probe).logits
+
+    torch.testing.assert_close(exported(), reference(96, 32), rtol=0, atol=1e-5)
+    torch.testing.assert_close(exported("--bn_recalibration_samples", "64"), reference(64, 32), rtol=0, atol=1e-5)
+    assert not torch.allclose(reference(96, 32), reference(64, 32), atol=1e-4)  # the flag made a difference
 
 
 def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_is_one_flag_away(

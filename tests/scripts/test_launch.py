@@ -122,3 +122,26 @@ def test_push_to_hub_without_a_repository_is_refused_before_anything_loads(tmp_p
     training = OscillationConfig(output_dir=str(tmp_path), push_to_hub=True, use_cpu=True, report_to="none")
     with pytest.raises(OscqValueError, match="--push_to_hub needs --hub_model_id ORG/NAME"):
         check_run_settings(training)
+
+
+def test_resume_point_finds_each_runs_own_last_checkpoint(tmp_path):
+    """A recipe trains one run per method, each in its own folder: `true` resumes each from its last checkpoint
+    (numerically last: checkpoint-10 after checkpoint-9); a run never reached starts over; a path applies to its
+    run."""
+    from hf_oscq.errors import OscqValueError
+    from hf_oscq.scripts.launch import resume_point
+
+    main, baseline, unreached = (tmp_path / "training" / m for m in ("oscillation", "qat", "none"))
+    for step in (9, 10):
+        (main / f"checkpoint-{step}").mkdir(parents=True)
+    (baseline / "checkpoint-4").mkdir(parents=True)
+    for off in (None, False, "", "false", "False"):
+        assert resume_point(off, main) is None
+    for on in (True, "true", "True"):
+        assert resume_point(on, main) == str(main / "checkpoint-10")
+        assert resume_point(on, baseline) == str(baseline / "checkpoint-4")
+        assert resume_point(on, unreached) is None
+    assert resume_point(str(main / "checkpoint-9"), main) == str(main / "checkpoint-9")
+    assert resume_point(str(main / "checkpoint-9"), baseline) == str(baseline / "checkpoint-4")
+    with pytest.raises(OscqValueError, match="no such folder.*or true to resume every run"):
+        resume_point(str(tmp_path / "nowhere"), main)

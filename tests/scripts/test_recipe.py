@@ -97,7 +97,12 @@ def test_digits_recipe_end_to_end(tmp_path):
     tables = json.loads((output / "cross_bit.json").read_text())
     assert list(tables) == ["oscillation", "qat", "none"]
     assert all(list(table) == ["fp"] + [f"w{b}" for b in range(2, 9)] for table in tables.values())
-    assert "| oscillation |" in result.stdout
+    # what it prints: a caption saying what was measured (digits: 360 test images, a ViT without BatchNorm), then
+    # one row per run in the docs' words
+    assert "Test accuracy (%) on 360 test images: full precision (fp) and post-training rounded" in result.stdout
+    assert "plain rounding" in result.stdout
+    for row in ("| oscillation regularizer @3 |", "| QAT @3 |", "| FP + PTQ |"):
+        assert row in result.stdout and row in (output / "cross_bit.md").read_text()
     info = json.loads((output / "run_info.json").read_text())
     assert info["world_size"] == 1
     run = output / "training" / "oscillation"
