@@ -16,6 +16,7 @@ from ..quantization.spec import (
     PER_CHANNEL,
     PER_TENSOR,
     QuantSpec,
+    validate_bits,
 )
 from . import add_flag
 
@@ -45,6 +46,8 @@ def _spec(args: argparse.Namespace) -> QuantSpec:
     """The spec of the export (each bit-width of `--bits` replaces its `bits`)."""
     if args.per_channel and args.group_size:
         raise OscqValueError("Pass --per_channel or --group_size, not both: group-wise scales are per channel too.")
+    for bits in args.bits:  # every one, before anything is loaded
+        validate_bits(bits)
     granularity = GROUP if args.group_size else PER_CHANNEL if args.per_channel else PER_TENSOR
     return QuantSpec(min(args.bits), granularity, args.target_modules, args.exclude_modules, args.group_size)
 

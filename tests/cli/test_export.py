@@ -273,3 +273,14 @@ def test_cli_export_eval_and_push_plan_of_a_causal_lm(tmp_path, capsys):
     plan = plan_push(out, "someone/tiny-gpt2")
     for repo in plan.repos:
         assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= {f.path_in_repo for f in repo.files}
+
+
+def test_cli_export_checks_every_bit_width_before_loading_anything(tmp_path, capsys):
+    """`--bits 3 9` fails on the 9 at once: the checkpoint (here a config without weights) is never loaded."""
+    (tmp_path / "ckpt").mkdir()
+    tiny_vit().config.save_pretrained(tmp_path / "ckpt")
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "9", "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        "hf-oscq export: error: bits must be an integer between 2 and 8 (2 = ternary, 8 = 255 levels), got 9.\n"
+    )
+    assert not (tmp_path / "out").exists()
