@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OscqValueError
@@ -122,11 +123,11 @@ def with_recorded_defaults(args: argparse.Namespace, trained: dict) -> argparse.
     return resolved
 
 
-def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> list[dict] | None:
+def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> Iterable[dict] | None:
     """Training images for BatchNorm re-estimation after rounding: `--bn_recalibration_samples` images of
     `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and the training
     split the run used: its seed, `max_train_samples` and `validation_fraction`), drawn with `--seed`, the same for
-    every bit-width; `None` without re-estimation.
+    every bit-width (a re-iterable of `{"pixel_values"}` batches); `None` without re-estimation.
 
     Raises:
         OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset.
@@ -156,8 +157,18 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
         validation_fraction=split.get("validation_fraction") or 0.0,
     ).train
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    batches = calibration_batches(train, args.bn_recalibration_samples, batch_size, seed)
-    return [{"pixel_values": batch["pixel_values"]} for batch in batches]
+    return _Reiterable(lambda: calibration_batches(train, args.bn_recalibration_samples, batch_size, seed))
+
+
+class _Reiterable:
+    """The batches `make()` yields, drawn afresh on every iteration (one per bit-width), as the Trainer draws them:
+    each pass consumes the seeded random stream in the same order, loading and forward passes interleaved."""
+
+    def __init__(self, make: Callable[[], Iterable[dict]]):
+        self._make = make
+
+    def __iter__(self) -> Iterator[dict]:
+        return ({"pixel_values": batch["pixel_values"]} for batch in self._make())
 
 
 def add_parser(subparsers) -> None:

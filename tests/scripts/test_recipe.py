@@ -204,3 +204,61 @@ def test_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys, flags, me
     assert main("vit", arguments) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("train_vit.py: error: ") and message in line
+
+
+def _fashion_like_idx(folder: Path, train: int, test: int) -> Path:
+    """Random 28x28 images and labels in Fashion-MNIST's IDX files (whose training split the recipes augment with a
+    random crop)."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for prefix, count in (("train", train), ("t10k", test)):
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (count, 28, 28))),
+            ("labels-idx1", rng.integers(0, 10, count)),
+        ):
+            header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as handle:
+                handle.write(header + array.astype(np.uint8).tobytes())
+    return folder
+
+
+def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_path, capsys):
+    """On augmented training images, the recipe's evaluation (the cards' numbers), its export and a later
+    `hf-oscq export` of the trained model re-estimate BatchNorm identically: the two exports hold the same tensors, and
+    `hf-oscq eval` scores the export at the numbers its manifest and cards carry."""
+    from safetensors.torch import load_file
+
+    from hf_oscq.cli import main as cli_main
+    from hf_oscq.scripts.recipe import run_recipe
+
+    data_dir = _fashion_like_idx(tmp_path / "idx", train=96, test=32)
+    output = tmp_path / "run"
+    arguments = ["--dataset", "fashion_mnist", "--data_dir", str(data_dir), "--max_steps", "2", "--baselines"]
+    arguments += ["oscillation", "--osc_eval_bits", "2", "--export_bits", "2", "--osc_bn_recalibration_samples", "48"]
+    arguments += ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--report_to", "none"]
+    run_recipe(*parse_arguments([*arguments, "--output_dir", str(output), "--use_cpu"], model="resnet18"))
+    again = tmp_path / "again"
+    assert cli_main(["export", str(output / "training" / "oscillation"), "--bits", "2", "--output", str(again)]) == 0
+    # (names with or without timm's `timm_model.` prefix, as save_pretrained writes them: from_pretrained takes both)
+    written, rewritten = (
+        {
+            name.removeprefix("timm_model."): tensor
+            for name, tensor in load_file(folder / "w2" / "model.safetensors").items()
+        }
+        for folder in (output / "export", again)
+    )
+    assert written.keys() == rewritten.keys()
+    assert sum(name.endswith("running_var") for name in written) == 20  # ResNet-18's BatchNorm layers
+    for name, tensor in written.items():
+        torch.testing.assert_close(rewritten[name], tensor, rtol=0, atol=1e-6, msg=name)
+    capsys.readouterr()
+    command = ["eval", str(output / "export"), "--dataset", "fashion_mnist", "--data_dir", str(data_dir)]
+    assert cli_main([*command, "--no_record"]) == 0
+    manifest = json.loads((output / "export" / "oscq_export.json").read_text())
+    expected = [100 * manifest["metrics"][variant]["accuracy"] for variant in ("fp", "w2")]
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == "| export | " + " | ".join(f"{value:.1f}" for value in expected) + " |"
+    )
