@@ -246,6 +246,18 @@ def test_goal_rows_on_hand_made_means():
         ("50.0 vs 10.0", True),
         ("50.0 vs 55.0", False),
     ]
+    # without the FP cell, the bars that need it are neither met nor missed, and the verdict waits for them
+    partial = aggregate_full.summarize(records[1:])
+    rows = aggregate_full.goal_rows(partial, "m", "plain", ("m", "oscillation", 3, 100.0, "global_mean"))
+    assert [(row["values"], row["holds"]) for row in rows] == [
+        ("88.5 vs 89.0", True),
+        ("not measured yet", None),
+        ("not measured yet", None),
+    ]
+    table = aggregate_full.goal_table(partial, "m", [("m", "oscillation", 3, 100.0, "global_mean")], ("plain",))
+    assert table.splitlines()[-1].endswith("| not yet known |")
+    table = aggregate_full.goal_table(partial, "m", [("m", "oscillation", 3, 10.0, "layer_mean")], ("plain",))
+    assert table.splitlines()[-1].endswith("| no |")  # one bar already missed
 
 
 def test_demo_checks_on_hand_made_tables():
