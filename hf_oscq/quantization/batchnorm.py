@@ -4,8 +4,6 @@ benches)."""
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -25,21 +23,22 @@ def has_batchnorm(model: nn.Module) -> bool:
 def calibration_batches(
     dataset, samples: int, batch_size: int, seed: int, collate_fn: Callable | None = None
 ) -> Iterator:
-    """Training batches for BatchNorm re-estimation: the first `samples` (rounded up to whole batches) of a
-    permutation of `dataset` drawn from `torch.Generator().manual_seed(seed)`, with the dataset's random
-    augmentation drawn from torch's random number generator seeded with `seed`.
+    """Training batches for BatchNorm re-estimation: the first `samples` images of a permutation of `dataset` drawn
+    from `torch.Generator().manual_seed(seed)` (all of it when it is smaller), in batches of `batch_size` (the last
+    one holds the rest), with the dataset's random augmentation drawn from torch's random number generator seeded
+    with `seed`.
 
-    The images depend on the seed and the dataset's length only, so any batch size dividing `samples` picks the same
-    ones; their augmentation, and anything else drawn from torch's generator while the batches are consumed (dropout
-    in the re-estimation forward passes), on the seed only. So re-estimating twice, in the Trainer's evaluation, in
-    its export or in `hf-oscq export` with the recorded settings, gives the same statistics, and the caller's random
+    The images depend on the seed and the dataset's length only, so every batch size picks the same ones; their
+    augmentation, and anything else drawn from torch's generator while the batches are consumed (dropout in the
+    re-estimation forward passes), on the seed only. So re-estimating twice, in the Trainer's evaluation, in its
+    export or in `hf-oscq export` with the recorded settings, gives the same statistics, and the caller's random
     state is the same after the batches as before them. The Trainer passes its run's `seed`; `hf-oscq export` the
     recorded one (else 42, the Trainer's default).
 
     Args:
         dataset: a map-style dataset (e.g. a `datasets.Dataset` with a transform).
         samples: number of images, > 0.
-        batch_size: images per batch.
+        batch_size: images per batch, > 0.
         seed: seed of the permutation and of the augmentation.
         collate_fn: the DataLoader's collate function (the Trainer's data collator), default collation otherwise.
 
@@ -51,12 +50,11 @@ def calibration_batches(
     """
     if samples <= 0 or batch_size <= 0:
         raise OscqValueError(f"calibration_batches needs samples > 0 and batch_size > 0, got {samples}, {batch_size}.")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate_fn)
-    return _seeded(itertools.islice(loader, math.ceil(samples / batch_size)), seed)
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    return _seeded(DataLoader(dataset, batch_size=batch_size, sampler=chosen, collate_fn=collate_fn), seed)
 
 
-def _seeded(batches: Iterator, seed: int) -> Iterator:
+def _seeded(batches: Iterable, seed: int) -> Iterator:
     """`batches`, consumed with torch's generators (CPU and the current accelerator) seeded with `seed` and restored
     afterwards (when the iterator is exhausted or closed)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -90,8 +90,9 @@ class OscillationConfig(TrainingArguments):
         osc_bn_recalibration_samples (`int`, *optional*, defaults to `512`):
             Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit evaluation
             and in the recipes' export (0 = plain rounding, the paper's PTQ). Rounding invalidates the running
-            statistics of a BatchNorm model; models without BatchNorm are not affected. The samples are drawn from
-            the Trainer's `train_dataset` with the run's `seed` (`quantization.batchnorm.calibration_batches`).
+            statistics of a BatchNorm model; models without BatchNorm are not affected. Exactly this many samples
+            (all of `train_dataset` when it is smaller), drawn with the run's `seed`, augmentation included, in
+            batches of `per_device_eval_batch_size` (`quantization.batchnorm.calibration_batches`).
 
     Raises:
         OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the

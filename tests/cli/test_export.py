@@ -71,7 +71,7 @@ def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):
     assert written["quantization_config"]["bn_recalibrated"] is True
     settings = Namespace(bn_recalibration_samples=40, dataset="digits", data_dir=None, batch_size=16, seed=42)
     batches = export_calibration_batches(settings)
-    assert [len(batch["pixel_values"]) for batch in batches] == [16, 16, 16]
+    assert [len(batch["pixel_values"]) for batch in batches] == [16, 16, 8]  # exactly the 40 images asked for
     images = torch.randn(4, 1, 8, 8)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w3").eval()
     recalibrated = hf_oscq.quantize_model(model, 3, calibration_batches=batches).eval()

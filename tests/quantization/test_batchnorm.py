@@ -20,8 +20,13 @@ def test_calibration_batches_are_a_seeded_permutation_independent_of_the_batch_s
         batches = list(calibration_batches(Indices(), 12, batch_size, seed=7))
         assert [len(batch["labels"]) for batch in batches] == [batch_size] * (12 // batch_size)
         assert torch.cat([batch["labels"] for batch in batches]).tolist() == permutation[:12]
-    rounded_up = list(calibration_batches(Indices(), 10, 4, seed=7))  # whole batches: 12 images
-    assert torch.cat([batch["labels"] for batch in rounded_up]).tolist() == permutation[:12]
+    # exactly `samples` images, the last batch holding the rest; a batch larger than that is one batch
+    exact = list(calibration_batches(Indices(), 10, 4, seed=7))
+    assert [len(batch["labels"]) for batch in exact] == [4, 4, 2]
+    assert torch.cat([batch["labels"] for batch in exact]).tolist() == permutation[:10]
+    assert [len(b["labels"]) for b in calibration_batches(Indices(), 10, 500, seed=7)] == [10]
+    everything = torch.cat([b["labels"] for b in calibration_batches(Indices(), 80, 16, seed=7)])
+    assert sorted(everything.tolist()) == list(range(50))  # more than the dataset holds: all of it, once
     other = torch.cat([batch["labels"] for batch in calibration_batches(Indices(), 12, 4, seed=8)]).tolist()
     assert other != permutation[:12]
     with pytest.raises(ValueError, match="samples > 0"):
