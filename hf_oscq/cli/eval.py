@@ -19,7 +19,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     dataset); recorded in the export's manifest and cards unless `--no_record`."""
     from ..evaluation import evaluate_folder, load_eval_dataset, record_evaluation
     from ..export.checkpoint import read_config
-    from ..export.folder import MANIFEST_NAME, read_training_info, task_for, variant_folders
+    from ..export.folder import MANIFEST_NAME, read_training_info, recorded_split, task_for, variant_folders
 
     folders = variant_folders(Path(args.folder))
     if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
@@ -32,7 +32,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             label_column=args.label_column,
             data_dir=args.data_dir,
             max_samples=args.max_eval_samples,
-            seed=_split_seed(args.dataset, read_training_info(next(iter(folders.values())))),
+            # the run's own test images: the digits split depends on the recorded seed
+            seed=recorded_split(args.dataset, read_training_info(next(iter(folders.values()))))["seed"],
         )
         table = evaluate_folder(args.folder, dataset, args.batch_size, _recipe_processor(args.dataset))
         samples = len(dataset)
@@ -44,14 +45,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         record_evaluation(folder, table, evaluation)
         write_model_cards(folder)
     return table
-
-
-def _split_seed(dataset: str, trained: dict) -> int:
-    """The seed of `dataset`'s train/test split: the one the recorded training run split it with (so a run is scored
-    on its own test images, never on its training images), else 0."""
-    if trained.get("dataset") != dataset:
-        return 0
-    return (trained.get("hyperparameters") or {}).get("seed", 0)
 
 
 def _eval_language_model(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[dict, int]:

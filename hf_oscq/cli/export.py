@@ -142,20 +142,14 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
             "record of its training data: pass --dataset NAME (and --data_dir for a local copy) to re-estimate them "
             "on its training images, or --bn_recalibration_samples 0 for plain rounding (the paper's PTQ)."
         )
+    from ..export.folder import recorded_split
     from ..quantization.batchnorm import calibration_batches
     from ..scripts.data import load_image_dataset
 
     data_dir = args.data_dir if args.dataset else args.data_dir or trained.get("data_dir")
     seed = args.seed if args.seed is not None else DEFAULT_SEED
     # the recorded run's own training split (the recipes subsample and hold out with their seed), for its dataset
-    split = trained if dataset == trained.get("dataset") else {}
-    train = load_image_dataset(
-        dataset,
-        data_dir=data_dir,
-        seed=(split.get("hyperparameters") or {}).get("seed", 0),
-        max_train_samples=split.get("max_train_samples"),
-        validation_fraction=split.get("validation_fraction") or 0.0,
-    ).train
+    train = load_image_dataset(dataset, data_dir=data_dir, **recorded_split(dataset, trained)).train
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     return _Reiterable(lambda: calibration_batches(train, args.bn_recalibration_samples, batch_size, seed))
 

@@ -126,6 +126,20 @@ def read_training_info(checkpoint: str | Path) -> dict[str, Any]:
     return {}
 
 
+def recorded_split(dataset: str, trained: dict[str, Any]) -> dict[str, Any]:
+    """How a recipe run split `dataset` (from `read_training_info`), as `load_image_dataset` keyword arguments:
+    `seed` (the digits train/test split), `max_train_samples` and `validation_fraction`; the unsplit defaults when the
+    record is of another dataset or none. Scoring a run on its own test images, or re-estimating BatchNorm on its own
+    training images, needs them."""
+    if trained.get("dataset") != dataset:
+        return {"seed": 0, "max_train_samples": None, "validation_fraction": 0.0}
+    return {
+        "seed": (trained.get("hyperparameters") or {}).get("seed", 0),
+        "max_train_samples": trained.get("max_train_samples"),
+        "validation_fraction": trained.get("validation_fraction") or 0.0,
+    }
+
+
 def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     """Reads and checks `oscq_export.json` alone (the variant folders are not looked at; see
     `read_export_manifest`).
