@@ -79,10 +79,11 @@ def run_export(args: argparse.Namespace) -> Path:
         )
     spec = _spec(args)
     model = _load_model(checkpoint)
-    trained, batches = read_training_info(checkpoint), None
+    trained, batches, source = read_training_info(checkpoint), None, None
     args = with_recorded_defaults(args, trained)
     if args.bn_recalibration_samples and has_batchnorm(model):
         batches = export_calibration_batches(args, trained)
+        source = {"dataset": args.dataset or trained["dataset"], "seed": args.seed, "batch_size": args.batch_size}
     # the recorded recipe and hyperparameters go into the manifest and the cards; the local data path never does
     training = {key: value for key, value in trained.items() if key != "data_dir"} or None
     return export_quantized(
@@ -94,6 +95,7 @@ def run_export(args: argparse.Namespace) -> Path:
         tokenizer=_load_tokenizer(checkpoint),
         calibration_batches=batches,
         plain_rounding=not args.bn_recalibration_samples,
+        calibration_source=source,
         training=training,
     )
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ except ImportError:  # Windows: no advisory locks, leftovers are left for the us
 
 from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
-from ..quantization.batchnorm import has_batchnorm
+from ..quantization.batchnorm import batch_samples, has_batchnorm
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
 from ..quantization.ptq import quantized_weights
@@ -113,13 +113,16 @@ def _write_variant(
     calibration_batches: Iterable | Callable[[], Iterable] | None,
     bn_recalibrated: bool,
     versions: dict[str, str],
-) -> None:
-    """Writes `folder` (config.json, model.safetensors, side files)."""
+) -> int:
+    """Writes `folder` (config.json, model.safetensors, side files); returns the number of images BatchNorm was
+    re-estimated on (0 without re-estimation)."""
     from .hf_quantizer import OscqQuantizationConfig
 
     folder.mkdir()
+    counts = []
     if bn_recalibrated:
-        with quantized_weights(model, calibration_batches=_calibration(calibration_batches), spec=spec):
+        batches = _counted(_calibration(calibration_batches), counts)
+        with quantized_weights(model, calibration_batches=batches, spec=spec):
             # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
             state = {
                 key: value if key in weights else value.detach().cpu().clone()
@@ -163,6 +166,14 @@ def _write_variant(
     for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             shutil.copy2(extra, folder / extra.name)
+    return sum(counts)
+
+
+def _counted(batches: Iterable, counts: list[int]) -> Iterator:
+    """`batches`, appending the number of samples of each one to `counts` as it is drawn."""
+    for batch in batches:
+        counts.append(batch_samples(batch))
+        yield batch
 
 
 def _stage(name: str) -> None:
@@ -292,6 +303,7 @@ def export_quantized(
     per_channel: bool | None = None,
     calibration_batches: Iterable | Callable[[], Iterable] | None = None,
     plain_rounding: bool = False,
+    calibration_source: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     training: Mapping[str, Any] | None = None,
     comparisons: Mapping[str, Any] | None = None,
@@ -319,6 +331,9 @@ def export_quantized(
             models without BatchNorm.
         plain_rounding: round a BatchNorm model without re-estimating its statistics (the paper's PTQ); the
             manifest and the cards say so.
+        calibration_source: where `calibration_batches` come from, e.g. `{"dataset": "fashion_mnist", "seed": 42,
+            "batch_size": 64}`; stored in the manifest's `bn_recalibration` record next to the number of images
+            forwarded at each bit-width (`samples`, counted during the export).
         metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
         training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
         comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
@@ -367,6 +382,10 @@ def export_quantized(
         "bits": bit_widths,
         "has_batchnorm": batchnorm,
         "bn_recalibrated": recalibrate,
+        # how many images (counted below) and from where; None for plain rounding
+        "bn_recalibration": (
+            {"samples": None, **(_json_field("calibration_source", calibration_source) or {})} if recalibrate else None
+        ),
         "sizes_bytes": {},
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),
@@ -393,7 +412,7 @@ def export_quantized(
         _stage("fp_written")
         for b in bit_widths:
             start, name = time.perf_counter(), variant_name(b)
-            _write_variant(
+            samples = _write_variant(
                 model,
                 fp_dir,
                 staging / name,
@@ -404,6 +423,8 @@ def export_quantized(
                 versions,
             )
             manifest["sizes_bytes"][name] = weights_size(staging / name)
+            if recalibrate:  # the same at every bit-width: the batches are re-iterable or drawn afresh
+                manifest["bn_recalibration"]["samples"] = samples
             logger.info(
                 "Wrote %s (%d bytes) in %.2f s", name, manifest["sizes_bytes"][name], time.perf_counter() - start
             )

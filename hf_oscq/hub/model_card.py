@@ -202,9 +202,11 @@ def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str
 def rounding_sentence(manifest: dict) -> str:
     """How the quantized versions were made from the full-precision weights, BatchNorm included."""
     if manifest.get("bn_recalibrated"):
+        samples = (manifest.get("bn_recalibration") or {}).get("samples")
+        images = f"{samples:,} training images" if samples else "training images"
         return (
-            "post-training rounding of the same full-precision weights, then BatchNorm re-estimation on training "
-            "images (the running statistics of the rounded network)"
+            f"post-training rounding of the same full-precision weights, then BatchNorm re-estimation on {images} "
+            "(the running statistics of the rounded network)"
         )
     if manifest.get("has_batchnorm"):
         return (

@@ -63,6 +63,14 @@ def _seeded(batches: Iterable, seed: int) -> Iterator:
         yield from batches
 
 
+def batch_samples(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> int:
+    """The number of samples in a batch of model inputs: the length of a plain tensor, or of the first input of a
+    dict of keyword arguments other than `labels`."""
+    if isinstance(batch, Mapping):
+        return len(next(value for key, value in batch.items() if key != "labels"))
+    return len(batch)
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]) -> int:
     """Re-estimates the running statistics of every BatchNorm layer with the model's current (quantized) weights.
 
@@ -93,12 +101,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch
         with torch.no_grad():
             for batch in batches:
                 if isinstance(batch, Mapping):
-                    inputs = {key: value for key, value in batch.items() if key != "labels"}
-                    model(**inputs)
-                    seen += len(next(iter(inputs.values())))
+                    model(**{key: value for key, value in batch.items() if key != "labels"})
                 else:
                     model(batch)
-                    seen += len(batch)
+                seen += batch_samples(batch)
     finally:
         for module, momentum in saved.items():
             module.momentum = momentum

@@ -231,6 +231,11 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         # the same BatchNorm re-estimation as the cross-bit evaluation whose numbers the cards carry
         calibration_batches=trainer.calibration_batches,
         plain_rounding=args.osc_bn_recalibration_samples == 0,
+        calibration_source={
+            "dataset": recipe.dataset,
+            "seed": args.seed,
+            "batch_size": args.per_device_eval_batch_size,
+        },
         training=_training_record(args, recipe, data),
         comparisons=comparisons,
     )
@@ -255,12 +260,15 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         run_trainer, tables[method] = train_one(method, recipe, training, data, output_dir)
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
+    # calibration_batches forwards the whole training split when it holds fewer images than asked for
+    batchnorm = has_batchnorm(trainer.model)
+    recalibration_samples = min(training.osc_bn_recalibration_samples, len(data.train)) if batchnorm else 0
     summary = {
         "dataset": recipe.dataset,
         "model": recipe.model,
         "world_size": trainer.args.world_size,
         "tables": tables,
-        "table": cross_bit_markdown(tables, training, len(data.eval), has_batchnorm(trainer.model)),
+        "table": cross_bit_markdown(tables, training, len(data.eval), recalibration_samples),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():
@@ -284,17 +292,19 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
     return summary
 
 
-def cross_bit_markdown(tables: dict, training: OscillationConfig, eval_samples: int, batchnorm: bool) -> str:
-    """The recipe's table as it prints it and writes it to `cross_bit.md`: a caption saying what was measured,
-    then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`)."""
+def cross_bit_markdown(
+    tables: dict, training: OscillationConfig, eval_samples: int, recalibration_samples: int
+) -> str:
+    """The recipe's table as it prints it and writes it to `cross_bit.md`: a caption saying what was measured (on
+    how many test images, and BatchNorm re-estimated on `recalibration_samples` training images or plain rounding
+    when 0), then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`)."""
     rows = {
         run_label(method) if method == NONE else f"{run_label(method)} @{training.osc_bits}": table
         for method, table in tables.items()
     }
-    samples = training.osc_bn_recalibration_samples
     rounding = (
-        f"BatchNorm statistics re-estimated on {samples:,} training images after rounding"
-        if batchnorm and samples
+        f"BatchNorm statistics re-estimated on {recalibration_samples:,} training images after rounding"
+        if recalibration_samples
         else "plain rounding"
     )
     caption = (

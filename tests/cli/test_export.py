@@ -120,6 +120,7 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
     manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
     assert manifest["has_batchnorm"] is True and manifest["bn_recalibrated"] is True
     assert manifest["training"] == record  # the recorded recipe travels into the export, the local data path does not
+    assert manifest["bn_recalibration"] == {"samples": 512, "dataset": "digits", "seed": 5, "batch_size": 64}
     # The reference: 512 training images (the default), drawn with the recorded seed (the seeded permutation of
     # tests/quantization/test_batchnorm.py) from the run's own training split (digits split with the same seed),
     # BatchNorm re-estimated on them after rounding.
@@ -138,7 +139,7 @@ def test_cli_export_defaults_re_estimate_batchnorm_on_the_recorded_training_data
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == (
         "Quantized checkpoints: post-training rounding of the same full-precision weights, then BatchNorm "
-        "re-estimation on training images (the running statistics of the rounded network)."
+        "re-estimation on 512 training images (the running statistics of the rounded network)."
     )
     # on the run's own test images: digits are split with the run's seed (5), as the recipe split them
     dataset = load_image_dataset("digits", seed=5, max_eval_samples=64).eval

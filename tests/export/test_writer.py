@@ -45,11 +45,21 @@ def test_timm_resnet18_reload_equals_quantize_model(resnet_export):
 def test_per_channel_and_batchnorm_recalibration(tmp_path):
     model = tiny_resnet18()
     generator = torch.Generator().manual_seed(3)
-    batches = [{"pixel_values": torch.randn(8, 3, 32, 32, generator=generator)} for _ in range(2)]
-    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(4,), per_channel=True, calibration_batches=batches)
+    batches = [{"pixel_values": torch.randn(size, 3, 32, 32, generator=generator)} for size in (8, 5)]
+    out = hf_oscq.export_quantized(
+        model,
+        tmp_path / "out",
+        bits=(3, 4),
+        per_channel=True,
+        calibration_batches=batches,
+        calibration_source={"dataset": "gaussian noise", "seed": 3},
+    )
     config = json.loads((out / "w4" / "config.json").read_text())["quantization_config"]
     assert config["per_channel"] is True and config["bn_recalibrated"] is True
-    assert json.loads((out / "oscq_export.json").read_text())["bn_recalibrated"] is True
+    manifest = json.loads((out / "oscq_export.json").read_text())
+    assert manifest["bn_recalibrated"] is True
+    # 8 + 5 images, forwarded again at each bit-width
+    assert manifest["bn_recalibration"] == {"samples": 13, "dataset": "gaussian noise", "seed": 3}
     pixel_values = torch.randn(2, 3, 32, 32, generator=generator)
     expected = hf_oscq.quantize_model(model, 4, per_channel=True, calibration_batches=batches)
     without_recalibration = hf_oscq.quantize_model(model, 4, per_channel=True)
@@ -77,7 +87,7 @@ def test_plain_rounding_is_one_flag_away(tmp_path):
     )
     manifest = json.loads((out / "oscq_export.json").read_text())
     assert manifest["has_batchnorm"] is True
-    assert json.loads((out / "oscq_export.json").read_text())["bn_recalibrated"] is False
+    assert manifest["bn_recalibrated"] is False and manifest["bn_recalibration"] is None
     assert json.loads((out / "w4" / "config.json").read_text())["quantization_config"]["bn_recalibrated"] is False
     pixel_values = torch.randn(2, 3, 32, 32)
     loaded = AutoModelForImageClassification.from_pretrained(out / "w4")
@@ -91,7 +101,9 @@ def test_layout_config_and_manifest(vit_export):
     modules = [name.removesuffix(".weight") for name in hf_oscq.select_weights(model)]
     manifest = json.loads((out / "oscq_export.json").read_text())
     assert manifest["format_version"] == 2 and manifest["bits"] == list(ALL_BITS)
-    assert manifest["metrics"] is None and manifest["bn_recalibrated"] is False
+    assert (
+        manifest["metrics"] is None and manifest["bn_recalibrated"] is False and manifest["bn_recalibration"] is None
+    )
     for bits in ALL_BITS:
         folder = out / f"w{bits}"
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
@@ -175,7 +187,15 @@ def test_export_refuses_a_foreign_folder_and_bad_arguments(tmp_path):
         hf_oscq.export_quantized(tiny_vit(), tmp_path / "a", bits=(1,))
     with pytest.raises(ValueError, match="JSON-serializable"):
         hf_oscq.export_quantized(tiny_vit(), tmp_path / "b", bits=(3,), metrics={"fp": {"accuracy": object()}})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"calibration_source=\.\.\.\) must be JSON-serializable"):
+        hf_oscq.export_quantized(
+            tiny_resnet18(),
+            tmp_path / "c",
+            bits=(3,),
+            calibration_batches=[{"pixel_values": torch.randn(2, 3, 32, 32)}],
+            calibration_source={"seed": object()},
+        )
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def _export_pausing_at(stage: str, out: Path, marker: Path) -> None:

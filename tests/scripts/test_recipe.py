@@ -224,10 +224,12 @@ def _fashion_like_idx(folder: Path, train: int, test: int) -> Path:
     return folder
 
 
-def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_path, capsys):
+@pytest.mark.parametrize(("requested", "forwarded"), [(48, 48), (500, 96)])  # 96: every training image
+def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_path, capsys, requested, forwarded):
     """On augmented training images, the recipe's evaluation (the cards' numbers), its export and a later
     `hf-oscq export` of the trained model re-estimate BatchNorm identically: the two exports hold the same tensors, and
-    `hf-oscq eval` scores the export at the numbers its manifest and cards carry."""
+    `hf-oscq eval` scores the export at the numbers its manifest and cards carry. The table's caption and both
+    manifests give the number of images forwarded, at most the training split's."""
     from safetensors.torch import load_file
 
     from hf_oscq.cli import main as cli_main
@@ -236,11 +238,19 @@ def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_
     data_dir = _fashion_like_idx(tmp_path / "idx", train=96, test=32)
     output = tmp_path / "run"
     arguments = ["--dataset", "fashion_mnist", "--data_dir", str(data_dir), "--max_steps", "2", "--baselines"]
-    arguments += ["oscillation", "--osc_eval_bits", "2", "--export_bits", "2", "--osc_bn_recalibration_samples", "48"]
-    arguments += ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--report_to", "none"]
-    run_recipe(*parse_arguments([*arguments, "--output_dir", str(output), "--use_cpu"], model="resnet18"))
+    arguments += ["oscillation", "--osc_eval_bits", "2", "--export_bits", "2"]
+    arguments += ["--osc_bn_recalibration_samples", str(requested), "--per_device_train_batch_size", "16"]
+    arguments += ["--per_device_eval_batch_size", "16", "--report_to", "none"]
+    summary = run_recipe(*parse_arguments([*arguments, "--output_dir", str(output), "--use_cpu"], model="resnet18"))
+    assert summary["table"].startswith(
+        "Test accuracy (%) on 32 test images: full precision (fp) and post-training rounded to each bit-width (w2 = 2 "
+        f"bits), BatchNorm statistics re-estimated on {forwarded} training images after rounding."
+    )
     again = tmp_path / "again"
     assert cli_main(["export", str(output / "training" / "oscillation"), "--bits", "2", "--output", str(again)]) == 0
+    for folder in (output / "export", again):  # the recipe's seed (TrainingArguments' default) and eval batch size
+        recorded = json.loads((folder / "oscq_export.json").read_text())["bn_recalibration"]
+        assert recorded == {"samples": forwarded, "dataset": "fashion_mnist", "seed": 42, "batch_size": 16}
     # (names with or without timm's `timm_model.` prefix, as save_pretrained writes them: from_pretrained takes both)
     written, rewritten = (
         {
