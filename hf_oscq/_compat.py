@@ -171,20 +171,25 @@ def keys_loading_may_skip(model) -> tuple[set[str], set[str]]:
 def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
     """Model-side tensor names -> the names `save_pretrained` writes (transformers' reverse weight conversion).
 
-    A model built from scratch saves with every transform but prefix changes; all are used here, as a model loaded
-    from its native checkpoint would: TimmWrapper weights then carry timm's own names, and timm tools reading the
-    file meet the packed tensors (and fail on their shapes) instead of skipping unknown prefixed names.
+    Every transform of the model's class is used, prefix changes included, as for a model loaded from its native
+    checkpoint: TimmWrapper weights then carry timm's own names, and timm tools reading the file meet the packed
+    tensors (and fail on their shapes) instead of skipping unknown prefixed names. The conversions a loaded model
+    remembers (`_weight_conversions`, which depend on the checkpoint it came from) are set aside, so that a model
+    built from scratch and the same model reloaded with `from_pretrained` write the same names.
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import revert_weight_conversion
 
-    if getattr(model, "_weight_conversions", None) is not None:
-        return revert_weight_conversion(model, dict(tensors))
+    missing = object()
+    remembered = model.__dict__.get("_weight_conversions", missing)
     model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False) or None
     try:
         return revert_weight_conversion(model, dict(tensors))
     finally:
-        del model._weight_conversions
+        if remembered is missing:
+            del model._weight_conversions
+        else:
+            model._weight_conversions = remembered
 
 
 def checkpoint_to_model_names(entries: dict[str, Any], model, suffix: str) -> dict[str, Any]:

@@ -101,7 +101,20 @@ def serialize_checkpoint(
         metadata[CONFIG_KEY] = config_record(config)
     # The checksum leaves itself out of the header it covers, and adding it moves no data offset.
     metadata[DIGEST_KEY] = blob_digest(serialize(tensors, metadata=metadata), FORMAT_VERSION)
-    return serialize(tensors, metadata=metadata)
+    return _sorted_metadata(serialize(tensors, metadata=metadata))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """`blob` with the metadata in its header in key order. safetensors writes the metadata in hash-map order,
+    which changes from process to process; sorted, the same checkpoint is the same bytes. The header keeps its
+    length (JSON with the same separators, padded with spaces as safetensors pads it), so no data offset moves."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # an escape written differently: keep the header as safetensors wrote it
+        return blob
+    return blob[:8] + text.ljust(size) + blob[8 + size :]
 
 
 def write_config(folder: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:

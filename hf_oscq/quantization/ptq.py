@@ -146,15 +146,40 @@ def cross_bit_evaluate(
     widths = [validate_bits(b) for b in bits]
     shorthand_bits = None if spec is not None else (widths[0] if widths else DEFAULT_EVAL_BITS[0])
     spec = resolve_spec("cross_bit_evaluate", spec, shorthand_bits, per_channel, target_modules, exclude_modules)
-    table = {}
+    table, recalibrated = {}, False
     if include_full_precision:
         table[FULL_PRECISION] = dict(evaluate(model))
     for b in widths:
         batches = calibration_batches() if calibration_batches is not None else None
+        recalibrated |= batches is not None
         with quantized_weights(model, calibration_batches=batches, spec=spec.with_bits(b)):
             table[variant_name(b)] = dict(evaluate(model))
         logger.info("w%d: %s", b, table[variant_name(b)])
+    if recalibrated:
+        _warn_stale_statistics(table)
     return table
+
+
+# 8-bit rounding costs a trained network a fraction of a point; a gap this large above full precision is the
+# BatchNorm statistics, not the rounding.
+_STALE_STATISTICS_GAP = 0.05
+
+
+def _warn_stale_statistics(table: Mapping[str, Mapping[str, float]]) -> None:
+    """Warns when the full-precision model scores far below its 8-bit rounding with re-estimated BatchNorm
+    statistics: the running statistics training left do not fit its weights, so the `fp` column is not comparable
+    with the rounded ones."""
+    full, eight = table.get(FULL_PRECISION, {}), table.get(variant_name(8), {})
+    if "accuracy" not in full or "accuracy" not in eight:
+        return
+    if eight["accuracy"] - full["accuracy"] > _STALE_STATISTICS_GAP:
+        logger.warning(
+            "Full precision scores %.1f %% accuracy and 8 bits %.1f %%: the BatchNorm running statistics training "
+            "left do not fit the weights (too few steps for them to settle), while every rounded column uses "
+            "statistics re-estimated after rounding. Compare the rounded columns with each other, or train longer.",
+            100 * full["accuracy"],
+            100 * eight["accuracy"],
+        )
 
 
 def format_cross_bit_table(tables: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "accuracy") -> str:

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,10 +12,13 @@ import pytest
 import torch
 from _export_models import ALL_BITS, logits_of, tiny_resnet18, tiny_vit
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, ViTForImageClassification
 
 import hf_oscq
 from hf_oscq.export import writer as export_module
+
+WEIGHTS = "model.safetensors"
 
 
 def test_vit_reload_equals_quantize_model_at_every_bit_width(vit_export):
@@ -291,3 +296,38 @@ def test_a_running_export_keeps_its_staging_folder(tmp_path):
     finally:
         os.close(held)
     assert removed == [stale] and busy.is_dir() and not stale.exists()
+
+
+def test_a_model_exports_the_same_tensors_however_it_was_obtained(tmp_path):
+    """A TimmWrapper model built from its config and the same model reloaded with `from_pretrained` (which remembers
+    the names of the checkpoint it came from) write the same tensors under the same names, timm's own."""
+    model = tiny_resnet18()
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = TimmWrapperForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    fresh, again = (
+        load_file(
+            hf_oscq.export_quantized(candidate, tmp_path / name, bits=(3,), plain_rounding=True) / "w3" / WEIGHTS
+        )
+        for name, candidate in (("fresh", model), ("reloaded", reloaded))
+    )
+    assert fresh.keys() == again.keys()
+    assert {"conv1.weight", "conv1.weight_scale", "bn1.running_var", "fc.weight"} <= fresh.keys()
+    assert not any(name.startswith("timm_model.") for name in fresh)
+    for name, tensor in fresh.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def test_a_checkpoint_is_the_same_bytes_in_every_process():
+    """safetensors writes header metadata in a hash-map order that changes from process to process: the checkpoint
+    bytes must not (its metadata is written in key order)."""
+    script = (
+        "import sys, torch\n"
+        "from hf_oscq.export.checkpoint import serialize_checkpoint\n"
+        "tensors = {'w': torch.arange(6, dtype=torch.uint8), 'w_scale': torch.tensor(0.5)}\n"
+        "sys.stdout.buffer.write(serialize_checkpoint(tensors, 3, {'model_type': 'vit', 'hidden_size': 8}))\n"
+    )
+    blobs = [subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout for _ in range(3)]
+    assert blobs[0] == blobs[1] == blobs[2]
+    header = json.loads(blobs[0][8 : 8 + int.from_bytes(blobs[0][:8], "little")])
+    assert len(header["__metadata__"]) >= 7  # format, version, bits, three library versions, config, checksum
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])

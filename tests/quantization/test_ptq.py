@@ -98,3 +98,29 @@ def test_rounding_error_shrinks_with_bits():
     for bits, error in zip(range(2, 9), errors):
         assert error <= scale / (2 ** (bits - 1) - 1) / 2 + 1e-7  # at most half a step
     assert np.all(np.diff(errors) < 0)
+
+
+@pytest.mark.parametrize(("stale_mean", "warned"), [(4.0, True), (0.0, False)])
+def test_full_precision_far_below_8_bits_warns_of_stale_batchnorm_statistics(caplog, stale_mean, warned):
+    # Two classes, the sign of the first feature x; the linear layer (exact at every bit-width) gives the logits
+    # (-x, x). A running mean of 4 on the first logit (statistics that never settled) makes full precision predict
+    # class 1 for all but the samples below -2: about 50 % accuracy; re-estimated (means near 0), 100 %.
+    features = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    features[:, 0] -= features[:, 0].mean()
+    features[:, 1] = 0.0
+    labels = (features[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2, affine=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        model[1].running_mean.copy_(torch.tensor([stale_mean, 0.0]))
+        model[1].running_var.fill_(1.0)
+
+    def evaluate(net):
+        with torch.no_grad():
+            return {"accuracy": (net(features).argmax(-1) == labels).float().mean().item()}
+
+    with caplog.at_level("WARNING", logger="hf_oscq.quantization.ptq"):
+        table = cross_bit_evaluate(model, evaluate, bits=[8], calibration_batches=lambda: [features])
+    assert table["w8"]["accuracy"] == 1.0
+    assert (table["fp"]["accuracy"] < 0.6) is warned
+    assert ("BatchNorm running statistics training left do not fit the weights" in caplog.text) is warned
