@@ -44,8 +44,8 @@ test: install system-deps
 	$(PYTHON) -m pytest -ra
 
 lint: install
-	ruff check hf_oscq tests bench recipes space
-	ruff format --check hf_oscq tests bench recipes space
+	ruff check .
+	ruff format --check .  # Python files and the Python blocks of the Markdown docs
 
 bench: install
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
