@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import OscqError, OscqValueError
 from .export.folder import MANIFEST_NAME, auto_class_for, read_manifest, variant_folders
+from .quantization.batchnorm import warn_if_stale_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +204,10 @@ def _labels_in_model_order(dataset, config):
     return dataset.map(renumber, input_columns="label", batched=True)
 
 
-def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> None:
+def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> bool:
     """Checkpoints are evaluated as written; a quantized BatchNorm one whose statistics were not re-estimated after
-    rounding is worth a warning, since that costs accuracy at low bit-widths."""
+    rounding is worth a warning, since that costs accuracy at low bit-widths. Returns whether the checkpoint's
+    statistics were re-estimated."""
     from .export.checkpoint import read_config
     from .quantization.batchnorm import has_batchnorm
 
@@ -217,6 +219,7 @@ def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> None:
             "them.",
             name,
         )
+    return bool(quantization.get("bn_recalibrated"))
 
 
 def evaluate_folder(
@@ -233,15 +236,17 @@ def evaluate_folder(
 
     from .training.metrics import evaluate_model
 
-    table = {}
+    table, recalibrated = {}, False
     for name, path in variant_folders(folder).items():
         model = auto_class_for(path).from_pretrained(path).eval()
-        _warn_plain_rounded_batchnorm(name, path, model)
+        recalibrated |= _warn_plain_rounded_batchnorm(name, path, model)
         dataset = _labels_in_model_order(dataset, model.config)
         processor = load_image_processor(path, default_processor)
         with torch.no_grad():
             table[name] = evaluate_model(model, _batches(dataset, processor, batch_size))
         logger.info("%s: %s", name, table[name])
+    if recalibrated:
+        warn_if_stale_statistics(table)
     return table
 
 

@@ -4,6 +4,7 @@ benches)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import OscqValueError
+from .variants import FULL_PRECISION, variant_name
+
+logger = logging.getLogger(__name__)
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -61,6 +65,29 @@ def _seeded(batches: Iterable, seed: int) -> Iterator:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield from batches
+
+
+# 8-bit rounding costs a trained network a fraction of a point; a gap this large above full precision is the
+# BatchNorm statistics, not the rounding.
+_STALE_STATISTICS_GAP = 0.05
+
+
+def warn_if_stale_statistics(table: Mapping[str, Mapping[str, float]]) -> None:
+    """Logs a warning when, in a cross-bit table (`{"fp": {"accuracy": ...}, "w8": {...}, ...}`) whose rounded
+    columns re-estimated BatchNorm statistics, full precision scores more than 5 points below 8 bits: the running
+    statistics training left do not fit the weights (a short run), so the `fp` column is not comparable with the
+    rounded ones. Tables without `fp`, `w8` or an `accuracy` are left alone."""
+    full, eight = table.get(FULL_PRECISION, {}), table.get(variant_name(8), {})
+    if "accuracy" not in full or "accuracy" not in eight:
+        return
+    if eight["accuracy"] - full["accuracy"] > _STALE_STATISTICS_GAP:
+        logger.warning(
+            "Full precision scores %.1f %% accuracy and 8 bits %.1f %%: the BatchNorm running statistics training "
+            "left do not fit the weights (too few steps for them to settle), while every rounded column uses "
+            "statistics re-estimated after rounding. Compare the rounded columns with each other, or train longer.",
+            100 * full["accuracy"],
+            100 * eight["accuracy"],
+        )
 
 
 def batch_samples(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> int:

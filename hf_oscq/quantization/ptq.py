@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import recalibrate_batchnorm, warn_if_stale_statistics
 from .primitives import check_finite, dequantize, sharded_codes
 from .selection import output_dims, select_weights
 from .sharding import reshard
@@ -156,30 +156,8 @@ def cross_bit_evaluate(
             table[variant_name(b)] = dict(evaluate(model))
         logger.info("w%d: %s", b, table[variant_name(b)])
     if recalibrated:
-        _warn_stale_statistics(table)
+        warn_if_stale_statistics(table)
     return table
-
-
-# 8-bit rounding costs a trained network a fraction of a point; a gap this large above full precision is the
-# BatchNorm statistics, not the rounding.
-_STALE_STATISTICS_GAP = 0.05
-
-
-def _warn_stale_statistics(table: Mapping[str, Mapping[str, float]]) -> None:
-    """Warns when the full-precision model scores far below its 8-bit rounding with re-estimated BatchNorm
-    statistics: the running statistics training left do not fit its weights, so the `fp` column is not comparable
-    with the rounded ones."""
-    full, eight = table.get(FULL_PRECISION, {}), table.get(variant_name(8), {})
-    if "accuracy" not in full or "accuracy" not in eight:
-        return
-    if eight["accuracy"] - full["accuracy"] > _STALE_STATISTICS_GAP:
-        logger.warning(
-            "Full precision scores %.1f %% accuracy and 8 bits %.1f %%: the BatchNorm running statistics training "
-            "left do not fit the weights (too few steps for them to settle), while every rounded column uses "
-            "statistics re-estimated after rounding. Compare the rounded columns with each other, or train longer.",
-            100 * full["accuracy"],
-            100 * eight["accuracy"],
-        )
 
 
 def format_cross_bit_table(tables: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "accuracy") -> str:

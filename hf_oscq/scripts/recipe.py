@@ -307,9 +307,10 @@ def cross_bit_markdown(
         if recalibration_samples
         else "plain rounding"
     )
+    bits = min(training.osc_eval_bits)  # the example names a column the table has
     caption = (
         f"Test accuracy (%) on {eval_samples:,} test images: full precision (fp) and post-training rounded to "
-        f"each bit-width (w2 = 2 bits), {rounding}."
+        f"each bit-width (w{bits} = {bits} bits), {rounding}."
     )
     return f"{caption}\n\n{format_cross_bit_table(rows)}"
 

@@ -16,14 +16,14 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import _compat
 from ..errors import OscqValueError
-from ..quantization.batchnorm import calibration_batches, has_batchnorm
+from ..quantization.batchnorm import calibration_batches, has_batchnorm, warn_if_stale_statistics
 from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
 from ..quantization.ptq import quantized_weights
 from ..quantization.qat import fake_quantized_forward
 from ..quantization.selection import output_dim, weight_owners
 from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
-from ..quantization.variants import variant_name
+from ..quantization.variants import FULL_PRECISION, variant_name
 from .config import OscillationConfig
 from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
@@ -269,11 +269,11 @@ class OscillationTrainer(Trainer):
         _compat.start_prediction_progress(self, dataloader, passes=1 + len(bit_widths))
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
-        spec = self.args.quant_spec
+        spec, recalibrated = self.args.quant_spec, False
         for bits in bit_widths:
-            with quantized_weights(
-                self.model, calibration_batches=self.calibration_batches(), spec=spec.with_bits(bits)
-            ):
+            batches = self.calibration_batches()
+            recalibrated |= batches is not None
+            with quantized_weights(self.model, calibration_batches=batches, spec=spec.with_bits(bits)):
                 quantized = super().evaluation_loop(
                     dataloader,
                     f"{description} at {bits} bits",
@@ -282,6 +282,15 @@ class OscillationTrainer(Trainer):
                     f"{metric_key_prefix}_{variant_name(bits)}",
                 )
             output.metrics.update(quantized.metrics)
+        if recalibrated and self.is_world_process_zero():
+            prefixes = {FULL_PRECISION: metric_key_prefix, variant_name(8): f"{metric_key_prefix}_{variant_name(8)}"}
+            warn_if_stale_statistics(
+                {
+                    name: {"accuracy": output.metrics[f"{prefix}_accuracy"]}
+                    for name, prefix in prefixes.items()
+                    if f"{prefix}_accuracy" in output.metrics
+                }
+            )
         if is_causal_lm(self.model):
             for prefix in [metric_key_prefix, *bit_prefixes]:
                 loss = output.metrics.get(f"{prefix}_loss")

@@ -285,3 +285,27 @@ def test_cli_export_checks_every_bit_width_before_loading_anything(tmp_path, cap
         "hf-oscq export: error: bits must be an integer between 2 and 8 (2 = ternary, 8 = 255 levels), got 9.\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_re_estimated_export_warns_when_full_precision_trails_8_bits(tmp_path, caplog, monkeypatch):
+    from hf_oscq.cli.eval import _recipe_processor
+    from hf_oscq.evaluation import evaluate_folder, load_eval_dataset
+    from hf_oscq.training import metrics
+
+    _narrow_resnet(tmp_path)
+    dataset = load_eval_dataset("digits", max_samples=8)
+    # the scores of a short run: full precision with the statistics training left, which never settled, and the
+    # 8-bit checkpoint with statistics re-estimated after rounding
+    quantized = lambda model: getattr(model.config, "quantization_config", None) is not None  # noqa: E731
+    monkeypatch.setattr(
+        metrics, "evaluate_model", lambda model, batches: {"accuracy": 0.9 if quantized(model) else 0.2}
+    )
+    for samples, warned in (("64", True), ("0", False)):
+        out = tmp_path / f"out{samples}"
+        command = ["export", str(tmp_path / "ckpt"), "--bits", "8", "--dataset", "digits", "--output", str(out)]
+        assert cli_main([*command, "--bn_recalibration_samples", samples]) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_oscq.quantization.batchnorm"):
+            table = evaluate_folder(out, dataset, 8, _recipe_processor("digits"))
+        assert table == {"fp": {"accuracy": 0.2}, "w8": {"accuracy": 0.9}}
+        assert ("Full precision scores 20.0 % accuracy and 8 bits 90.0 %: the BatchNorm" in caplog.text) is warned

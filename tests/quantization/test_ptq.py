@@ -119,7 +119,7 @@ def test_full_precision_far_below_8_bits_warns_of_stale_batchnorm_statistics(cap
         with torch.no_grad():
             return {"accuracy": (net(features).argmax(-1) == labels).float().mean().item()}
 
-    with caplog.at_level("WARNING", logger="hf_oscq.quantization.ptq"):
+    with caplog.at_level("WARNING", logger="hf_oscq.quantization.batchnorm"):
         table = cross_bit_evaluate(model, evaluate, bits=[8], calibration_batches=lambda: [features])
     assert table["w8"]["accuracy"] == 1.0
     assert (table["fp"]["accuracy"] < 0.6) is warned

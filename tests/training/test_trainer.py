@@ -498,3 +498,57 @@ def test_non_finite_loss_stops_training_in_every_mode(method, tmp_path):
     ):
         trainer.train()
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
+class SignImages(torch.utils.data.Dataset):
+    """Random images whose class is the sign of their first pixel (centred, so that its mean is 0)."""
+
+    def __init__(self, n, seed=0):
+        self.x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        self.x[:, 0, 0, 0] -= self.x[:, 0, 0, 0].mean()
+        self.y = (self.x[:, 0, 0, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class SignNet(nn.Module):
+    """Logits (-x, x) of the first pixel x through BatchNorm (no affine), whose running mean of the first logit is
+    `stale_mean`: at 0 it classifies by the sign of x; at 4 (statistics that never settled) almost all as class 1."""
+
+    def __init__(self, stale_mean):
+        super().__init__()
+        self.linear = nn.Linear(1, 2, bias=False)  # weights -1 and 1: exact at every bit-width
+        self.norm = nn.BatchNorm1d(2, affine=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.norm.running_mean.copy_(torch.tensor([stale_mean, 0.0]))
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.norm(self.linear(pixel_values[:, 0, 0, :1]))
+        if labels is None:  # BatchNorm re-estimation forwards images alone
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize(("stale_mean", "warned"), [(4.0, True), (0.0, False)])
+def test_evaluation_warns_when_full_precision_trails_8_bits_for_stale_batchnorm_statistics(
+    tmp_path, caplog, stale_mean, warned
+):
+    trainer = OscillationTrainer(
+        model=SignNet(stale_mean),
+        args=OscillationConfig(
+            output_dir=str(tmp_path), osc_method="none", osc_eval_bits=[8], report_to="none", use_cpu=True
+        ),
+        train_dataset=SignImages(64),
+        eval_dataset=SignImages(64, seed=1),
+        compute_metrics=accuracy,
+    )
+    with caplog.at_level("WARNING", logger="hf_oscq.quantization.batchnorm"):
+        metrics = trainer.evaluate()
+    assert metrics["eval_w8_accuracy"] > 0.9  # re-estimated on the training images: means near 0
+    assert (metrics["eval_accuracy"] < 0.75) is warned
+    assert ("BatchNorm running statistics training left do not fit the weights" in caplog.text) is warned
