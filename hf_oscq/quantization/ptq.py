@@ -141,7 +141,8 @@ def cross_bit_evaluate(
         spec: how and which weights are rounded; each bit-width `b` uses `spec.with_bits(b)`.
 
     Returns:
-        `{"fp": metrics, "w2": metrics, ..., "w8": metrics}`.
+        `{"fp": metrics, "w2": metrics, ..., "w8": metrics}`. With BatchNorm re-estimated, a full precision far
+        below 8 bits logs a warning (`batchnorm.warn_if_stale_statistics`).
     """
     widths = [validate_bits(b) for b in bits]
     shorthand_bits = None if spec is not None else (widths[0] if widths else DEFAULT_EVAL_BITS[0])
