@@ -54,9 +54,9 @@ class OscillationConfig(TrainingArguments):
             60,000 images (seed 0) ResNet-18 keeps 85.1 % at 2 bits against 14.4 % for FP + PTQ and 68.2 % for QAT,
             89.1 % at 3 bits against QAT's 89.7 %, and 90.3 % at full precision (`"global_mean"` with 100: 56.9 % at
             2 bits, 89.6 % at 3). On the tiny
-            ViT with the full 60,000 images it keeps 67.0 % and 32.0 % at 2 bits (seeds 0 and 1) against 12.1 % for
-            FP + PTQ and 21.7 % for QAT, and is 1.9-2.6 points under QAT at 3 bits (`"global_mean"` with 100, seed
-            0: 21.9 % and 76.3 %). See docs/RESULTS.md.
+            ViT with the full 60,000 images it keeps 67.0 % and 32.0 % at 2 bits (seeds 0 and 1) against 12.1 % and
+            9.6 % for FP + PTQ and 21.7 % for QAT (seed 0), and is 1.9-2.6 points under QAT at 3 bits
+            (`"global_mean"` with 100: 21.9 % and 16.4 % at 2 bits, 76.3 % at 3). See docs/RESULTS.md.
         osc_penalty_normalization (`str`, *optional*, defaults to `"layer_mean"`):
             How the penalty is normalised: `"layer_mean"` (the paper: the sum over layers of each layer's mean of
             `q^2 - w^2`, so a weight's pull is `2 osc_lambda / N_layer`) or `"global_mean"` (the mean over all
