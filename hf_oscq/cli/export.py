@@ -82,8 +82,7 @@ def run_export(args: argparse.Namespace) -> Path:
     trained, batches, source = read_training_info(checkpoint), None, None
     args = with_recorded_defaults(args, trained)
     if args.bn_recalibration_samples and has_batchnorm(model):
-        batches = export_calibration_batches(args, trained)
-        source = {"dataset": args.dataset or trained["dataset"], "seed": args.seed, "batch_size": args.batch_size}
+        batches, source = export_calibration_batches(args, trained)
     # the recorded recipe and hyperparameters go into the manifest and the cards; the local data path never does
     training = {key: value for key, value in trained.items() if key != "data_dir"} or None
     return export_quantized(
@@ -125,17 +124,20 @@ def with_recorded_defaults(args: argparse.Namespace, trained: dict) -> argparse.
     return resolved
 
 
-def export_calibration_batches(args: argparse.Namespace, trained: dict | None = None) -> Iterable[dict] | None:
+def export_calibration_batches(
+    args: argparse.Namespace, trained: dict | None = None
+) -> tuple[Iterable[dict] | None, dict | None]:
     """Training images for BatchNorm re-estimation after rounding: `--bn_recalibration_samples` images of
     `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and the training
     split the run used: its seed, `max_train_samples` and `validation_fraction`), drawn with `--seed`, the same for
-    every bit-width (a re-iterable of `{"pixel_values"}` batches); `None` without re-estimation.
+    every bit-width (a re-iterable of `{"pixel_values"}` batches), and where they come from (the manifest's
+    `{"dataset", "seed", "batch_size"}`); `(None, None)` without re-estimation.
 
     Raises:
         OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset.
     """
     if not args.bn_recalibration_samples:
-        return None
+        return None, None
     trained = trained or {}
     dataset = args.dataset or trained.get("dataset")
     if not dataset:
@@ -153,7 +155,8 @@ def export_calibration_batches(args: argparse.Namespace, trained: dict | None = 
     # the recorded run's own training split (the recipes subsample and hold out with their seed), for its dataset
     train = load_image_dataset(dataset, data_dir=data_dir, **recorded_split(dataset, trained)).train
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    return _Reiterable(lambda: calibration_batches(train, args.bn_recalibration_samples, batch_size, seed))
+    batches = _Reiterable(lambda: calibration_batches(train, args.bn_recalibration_samples, batch_size, seed))
+    return batches, {"dataset": dataset, "seed": seed, "batch_size": batch_size}
 
 
 class _Reiterable:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ except ImportError:  # Windows: no advisory locks, leftovers are left for the us
 
 from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
-from ..quantization.batchnorm import batch_samples, has_batchnorm
+from ..quantization.batchnorm import counted, has_batchnorm
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
 from ..quantization.ptq import quantized_weights
@@ -121,7 +121,7 @@ def _write_variant(
     folder.mkdir()
     counts = []
     if bn_recalibrated:
-        batches = _counted(_calibration(calibration_batches), counts)
+        batches = counted(_calibration(calibration_batches), counts)
         with quantized_weights(model, calibration_batches=batches, spec=spec):
             # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
             state = {
@@ -167,13 +167,6 @@ def _write_variant(
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             shutil.copy2(extra, folder / extra.name)
     return sum(counts)
-
-
-def _counted(batches: Iterable, counts: list[int]) -> Iterator:
-    """`batches`, appending the number of samples of each one to `counts` as it is drawn."""
-    for batch in batches:
-        counts.append(batch_samples(batch))
-        yield batch
 
 
 def _stage(name: str) -> None:

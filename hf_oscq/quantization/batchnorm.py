@@ -98,6 +98,13 @@ def batch_samples(batch: Mapping[str, torch.Tensor] | torch.Tensor) -> int:
     return len(batch)
 
 
+def counted(batches: Iterable, counts: list[int]) -> Iterator:
+    """`batches`, appending the number of samples of each one (`batch_samples`) to `counts` as it is drawn."""
+    for batch in batches:
+        counts.append(batch_samples(batch))
+        yield batch
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]) -> int:
     """Re-estimates the running statistics of every BatchNorm layer with the model's current (quantized) weights.
 

@@ -30,7 +30,6 @@ from ..errors import OscqValueError, exit_code
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
-from ..quantization.batchnorm import has_batchnorm
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
@@ -260,15 +259,13 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         run_trainer, tables[method] = train_one(method, recipe, training, data, output_dir)
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
-    # calibration_batches forwards the whole training split when it holds fewer images than asked for
-    batchnorm = has_batchnorm(trainer.model)
-    recalibration_samples = min(training.osc_bn_recalibration_samples, len(data.train)) if batchnorm else 0
     summary = {
         "dataset": recipe.dataset,
         "model": recipe.model,
         "world_size": trainer.args.world_size,
         "tables": tables,
-        "table": cross_bit_markdown(tables, training, len(data.eval), recalibration_samples),
+        # the images the evaluation's re-estimation forwarded: all of the training split when it holds fewer
+        "table": cross_bit_markdown(tables, training, len(data.eval), trainer.bn_recalibration_samples),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():

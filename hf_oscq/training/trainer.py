@@ -16,7 +16,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import _compat
 from ..errors import OscqValueError
-from ..quantization.batchnorm import calibration_batches, has_batchnorm, warn_if_stale_statistics
+from ..quantization.batchnorm import calibration_batches, counted, has_batchnorm, warn_if_stale_statistics
 from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
 from ..quantization.ptq import quantized_weights
 from ..quantization.qat import fake_quantized_forward
@@ -70,6 +70,11 @@ class OscillationTrainer(Trainer):
             an `nn.Module` returning `{"loss": ..., "logits": ...}`).
         args: an `OscillationConfig`.
         *trainer_args, **trainer_kwargs: everything else `transformers.Trainer` accepts.
+
+    Attributes:
+        bn_recalibration_samples: the number of training images the last evaluation re-estimated BatchNorm on at
+            each bit-width (`osc_bn_recalibration_samples`, or the whole training split when it is smaller); 0 for
+            plain rounding and models without BatchNorm.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class OscillationTrainer(Trainer):
         self._osc_removed_columns: set[str] = set()
         self._osc_pending_penalty: torch.Tensor | None = None
         self._osc_hooked: nn.Module | None = None
+        # images the last evaluation re-estimated BatchNorm on, at each bit-width (0: plain rounding or none)
+        self.bn_recalibration_samples = 0
         if self.model is not None:
             if is_causal_lm(self.model):
                 _compat.count_shifted_labels(self)
@@ -271,8 +278,10 @@ class OscillationTrainer(Trainer):
         bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
         spec, recalibrated = self.args.quant_spec, False
         for bits in bit_widths:
-            batches = self.calibration_batches()
+            batches, counts = self.calibration_batches(), []
             recalibrated |= batches is not None
+            if batches is not None:
+                batches = counted(batches, counts)
             with quantized_weights(self.model, calibration_batches=batches, spec=spec.with_bits(bits)):
                 quantized = super().evaluation_loop(
                     dataloader,
@@ -282,6 +291,7 @@ class OscillationTrainer(Trainer):
                     f"{metric_key_prefix}_{variant_name(bits)}",
                 )
             output.metrics.update(quantized.metrics)
+            self.bn_recalibration_samples = sum(counts)  # the same at every bit-width: the same seeded draw
         if recalibrated and self.is_world_process_zero():
             prefixes = {FULL_PRECISION: metric_key_prefix, variant_name(8): f"{metric_key_prefix}_{variant_name(8)}"}
             warn_if_stale_statistics(

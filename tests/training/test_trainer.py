@@ -276,6 +276,7 @@ def test_batchnorm_recalibration_in_cross_bit_evaluation(tmp_path):
     again = list(trainer.calibration_batches())
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, again))
     metrics = trainer.evaluate()
+    assert trainer.bn_recalibration_samples == 20
     dataset = trainer.eval_dataset
     for bits in (2, 3):
         quantized = quantize_model(model, bits, calibration_batches=batches).eval()
@@ -296,6 +297,7 @@ def test_batchnorm_models_are_re_estimated_by_default(tmp_path):
         trainer.train_dataset.y.tolist()
     )
     metrics = trainer.evaluate()
+    assert trainer.bn_recalibration_samples == len(trainer.train_dataset) == 48
     dataset = trainer.eval_dataset
     for bits in (2, 3):
         with torch.no_grad():
@@ -317,6 +319,7 @@ def test_batchnorm_model_without_training_data_names_both_ways_out(tmp_path):
         trainer.evaluate()
     trainer.args.osc_bn_recalibration_samples = 0  # plain rounding, the paper's PTQ
     assert "eval_w3_accuracy" in trainer.evaluate()
+    assert trainer.bn_recalibration_samples == 0
 
 
 def test_default_batchnorm_samples_do_not_warn_for_a_model_without_batchnorm(tmp_path, recwarn):
