@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hf_oscq import OscillationConfig, OscillationTrainer
+from hf_oscq.errors import configure_logging
 from hf_oscq.quantization.spec import DEFAULT_EVAL_BITS
 from hf_oscq.scripts.lm_recipe import LMRecipeArguments, build_lm
 from hf_oscq.scripts.text import TokenBlocks, byte_tokenizer, load_kjv
@@ -88,7 +89,7 @@ def main() -> int:
     parser.add_argument("--corpus_file", default=None, help="saved `bible -f Gen1:1-Rev22:21` output (no Debian)")
     parser.add_argument("--output", default=str(RESULTS / "lm_quality.json"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     tokenizer = byte_tokenizer()
     corpus = load_kjv(args.corpus_file)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shlex
@@ -394,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
     args = parser.parse_args(argv)
     args.models = args.models or list(FULL_MODELS if args.profile in ("full", "pilot") else MODELS)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from hf_oscq.errors import configure_logging
+
+    configure_logging(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 

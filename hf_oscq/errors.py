@@ -1,12 +1,17 @@
 """The errors hf_oscq raises on purpose: each message is one line saying what was wrong and how to fix it.
 
 `hf-oscq` and the recipe scripts print any `OscqError` as that one line (exit code 1) instead of a traceback
-(`exit_code`). The concrete errors keep the built-in base their callers catch (`ValueError` for bad input,
-`RuntimeError` for failed operations).
+(`exit_code`), and log through one handler (`configure_logging`). The concrete errors keep the built-in base their
+callers catch (`ValueError` for bad input, `RuntimeError` for failed operations).
 """
 
+import logging
 import sys
 from collections.abc import Callable
+
+# Libraries that give their root logger a stream handler of their own and still pass records on to the root
+# logger's handler: each of their warnings would print twice under `configure_logging`.
+_SELF_PRINTING_LOGGERS = ("datasets", "huggingface_hub")
 
 
 class OscqError(Exception):
@@ -22,6 +27,15 @@ def exit_code(program: str, run: Callable[[], int | None]) -> int:
         message = " ".join(str(error).splitlines())
         sys.stderr.write(f"{program}: error: {message}\n")
         return 1
+
+
+def configure_logging(level: int = logging.INFO, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Logging of a command-line entry point, the Space or a benchmark: records of `level` and above on stderr in
+    `format`, each record once (the libraries that print with their own handler, as transformers does, stop passing
+    their records on to the root logger's)."""
+    logging.basicConfig(level=level, format=format)
+    for name in _SELF_PRINTING_LOGGERS:
+        logging.getLogger(name).propagate = False
 
 
 class OscqValueError(OscqError, ValueError):

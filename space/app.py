@@ -13,6 +13,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from hf_oscq.errors import configure_logging
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from oscq_space.examples import EXAMPLES_DIR, load_examples  # noqa: E402
@@ -206,7 +208,7 @@ def launch(demo: gr.Blocks, **kwargs):
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO)
+    configure_logging()
     families, problems = load_families(configured_entries())
     for problem in problems:
         logger.warning(problem)

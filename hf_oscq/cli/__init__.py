@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 
-from ..errors import exit_code
+from ..errors import configure_logging, exit_code
 from ..versions import __version__
 
 # Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `hf-oscq`; returns the exit code (1 for an `OscqError`, printed as one line on stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
     return exit_code(f"hf-oscq {args.command}", lambda: args.func(args))
 

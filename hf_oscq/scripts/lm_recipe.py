@@ -30,7 +30,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from ..errors import OscqValueError, exit_code
+from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.spec import DEFAULT_EVAL_BITS
@@ -287,7 +287,7 @@ def perplexity_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `recipes/train_lm.py`: returns the exit code; an `OscqError` (bad arguments or data) is printed
     as one line on stderr, `train_lm.py: error: <message>`, with exit code 1, as `hf-oscq` does."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     def run() -> None:
         summary = run_recipe(*parse_arguments(argv))

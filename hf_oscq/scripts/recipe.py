@@ -26,7 +26,7 @@ import torch
 import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser
 
-from ..errors import OscqValueError, exit_code
+from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
@@ -315,7 +315,7 @@ def cross_bit_markdown(
 def main(model: str, argv: list[str] | None = None) -> int:
     """Entry point of `recipes/train_<model>.py`: returns the exit code; an `OscqError` (bad arguments or data) is
     printed as one line on stderr, `train_<model>.py: error: <message>`, with exit code 1, as `hf-oscq` does."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     def run() -> None:
         summary = run_recipe(*parse_arguments(argv, model))
