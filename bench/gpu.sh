@@ -15,6 +15,12 @@
 #   bench/gpu.sh --lm                                 # only the language-model runs: training-step overhead
 #                                                     # (bench/overhead.py --model lm) and quality (bench/lm_quality.py)
 #
+#   bench/gpu.sh --full --data_dir data/fashion-mnist # the full-data grid's missing cells (bench/quality.py --profile
+#                                                     # full), the CIFAR-stem ResNet-18 first: 3-12 hours a cell on
+#                                                     # 2 CPU cores. Cells are kept one by one; a second call goes on
+#                                                     # where the first stopped once bench/results/quality_full/ is
+#                                                     # carried back. Results: $OUT/results/quality_full/.
+#
 # The LM run reads the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
 # `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
 # bench/results/lm_quality_cuda.json.
@@ -25,6 +31,8 @@ data_dir=/usr/share/datasets/fashion-mnist
 device=cuda
 dry_run=0
 lm=0
+full=0
+full_seconds=540
 lm_seconds=540
 overhead_seconds=100
 quality_seconds=390
@@ -34,8 +42,9 @@ while [[ $# -gt 0 ]]; do
     --device) device="$2"; shift 2 ;;
     --dry-run) dry_run=1; device=cpu; shift ;;
     --lm) lm=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm)" >&2; exit 2 ;;
+    --full) full=1; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --full)" >&2; exit 2 ;;
   esac
 done
 if [[ "$lm" == 1 ]]; then
@@ -67,6 +76,33 @@ if [[ "$device" == cuda ]] && ! python -c "import torch, sys; sys.exit(not torch
 fi
 
 start=$(date +%s)
+if [[ "$full" == 1 ]]; then
+  profile=(--profile full)
+  model_groups=("resnet18" "resnet18in vit")  # the CIFAR stem first: the cells no CPU run can finish
+  results=bench/results/quality_full
+  if [[ "$dry_run" == 1 ]]; then
+    scratch=$(mktemp -d)
+    results="$scratch/quality_smoke"
+    profile=(--profile smoke --max_cells 1 --work_dir "$scratch/work")
+    model_groups=("resnet18")
+  fi
+  rm -f "$results"/*.lock  # claims of workers an earlier machine lost; this one is the only worker
+  deadline=$(( start + full_seconds ))
+  for models in "${model_groups[@]}"; do
+    left=$(( deadline - $(date +%s) ))
+    (( left > 60 )) || break
+    # shellcheck disable=SC2086 # one word per model
+    timeout "$left" python bench/quality.py "${profile[@]}" --models $models --data_dir "$data_dir" \
+      --results "$results" || echo "gpu.sh: full grid ($models) stopped (exit $?); finished cells are kept" >&2
+  done
+  python bench/quality.py "${profile[@]}" --models resnet18 resnet18in vit --results "$results" --list
+  if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT/results/quality_full"
+    cp "$results"/*.json "$OUT/results/quality_full/" || true
+  fi
+  echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $results${OUT:+ (copied to $OUT/results/quality_full)}"
+  exit 0
+fi
 if [[ "$dry_run" == 1 ]]; then
   scratch=$(mktemp -d)
   results="$scratch/results"
