@@ -10,6 +10,7 @@ workers may run side by side (each claims a cell with a lock file).
     python bench/quality.py --list                        # the grid, in priority order, with what is done
     python bench/quality.py --threads 1                   # run every missing cell (start one or two workers)
     python bench/quality.py --only resnet18_osc3_lam10_s0 # one cell
+    python bench/quality.py --only resnet18_osc3_lam10_s0 --reestimate  # its BatchNorm table again, saved model
     python bench/aggregate.py                             # tables and plots into docs/RESULTS.md
 
 Profiles (`--profile`): `cpu` is the 2,000-image grid above; `full` the whole Fashion-MNIST training split (60,000
@@ -346,6 +347,59 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
     }
 
 
+def reestimate_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str, record: dict) -> dict:
+    """`record` with its BatchNorm table measured again, with the package's current re-estimation, on the trained
+    model the cell saved (`<work_dir>/<cell>/training/<method>`): for cells that finished before a change to the
+    re-estimation. The previous table stays in `bn_reestimated["previous"]`.
+
+    Raises:
+        SystemExit: when the saved model is missing, or when its full-precision plain accuracy differs from the
+            record's (it would not be the model the record measured).
+    """
+    from hf_oscq.export.folder import auto_class_for
+    from hf_oscq.scripts.models import build_image_processor
+    from hf_oscq.scripts.recipe import _run_arguments
+    from hf_oscq.training.metrics import compute_accuracy
+    from hf_oscq.training.trainer import OscillationTrainer
+
+    settings = _settings(cell, profile)
+    recipe, training, data = _prepare(cell, data_dir, work_dir, settings)
+    args = _run_arguments(training, Path(training.output_dir), cell.method)
+    folder = Path(args.output_dir)
+    if not (folder / "model.safetensors").is_file():
+        raise SystemExit(f"{cell.name}: no trained model in {folder}; run the cell again instead.")
+    model = auto_class_for(folder).from_pretrained(folder)
+    eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))  # as train_one evaluates
+    args.osc_eval_bits = []  # first the full-precision plain accuracy alone
+    trainer = OscillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        compute_metrics=compute_accuracy,
+        processing_class=build_image_processor(data.info),
+    )
+    start = time.perf_counter()
+    plain_fp = trainer.evaluate(data.eval, metric_key_prefix="test")["test_accuracy"]
+    if plain_fp != record["plain"]["fp"]["accuracy"]:
+        raise SystemExit(
+            f"{cell.name}: the saved model scores {plain_fp} at full precision, the record {record['plain']['fp']}: "
+            "it is not the model the record measured; run the cell again instead."
+        )
+    trainer.args.osc_eval_bits = eval_bits
+    bn = batchnorm_cross_bit(trainer, data, settings["bn_recalibration_samples"])
+    return record | {
+        "bn": bn,
+        "bn_reestimated": {
+            "previous": record["bn"],
+            "seconds": time.perf_counter() - start,
+            "commit": _git_commit(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+
+
 def _claim(lock: Path) -> bool:
     """Creates `lock` atomically; a lock whose process has died is taken over."""
     try:
@@ -391,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Training folders (model weights, Trainer state); not committed.",
     )
     parser.add_argument("--max_cells", type=int, default=None, help="Stop after this many cells.")
+    parser.add_argument(
+        "--reestimate",
+        action="store_true",
+        help="For finished cells (with --only): measure the BatchNorm table again on the saved trained model with "
+        "the current re-estimation, keeping the previous one in the JSON.",
+    )
     args = parser.parse_args(argv)
     args.models = args.models or list(FULL_MODELS if args.profile in ("full", "pilot") else MODELS)
     from hf_oscq.errors import configure_logging
@@ -417,6 +477,21 @@ def main(argv: list[str] | None = None) -> int:
         for index, cell in enumerate(cells):
             done = "done" if (args.results / f"{cell.name}.json").exists() else "-"
             sys.stdout.write(f"{index:3d} {done:5s} {cell.name}\n")
+        return 0
+    if args.reestimate:
+        if not args.only:
+            raise SystemExit("--reestimate needs --only CELL...: the finished cells to measure again.")
+        for cell in cells:
+            result_path = args.results / f"{cell.name}.json"
+            if not result_path.exists():
+                raise SystemExit(f"{cell.name} has not finished: run it instead of re-estimating it.")
+            record = reestimate_cell(
+                cell, args.data_dir, args.work_dir / args.profile, args.profile, json.loads(result_path.read_text())
+            )
+            temporary = result_path.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(temporary, result_path)
+            sys.stdout.write(f"== {cell.name} re-estimated in {record['bn_reestimated']['seconds']:.0f} s\n")
         return 0
     ran = 0
     for cell in cells:
