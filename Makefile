@@ -41,7 +41,7 @@ demo-digits: install
 	$(PYTHON) recipes/train_vit.py --config recipes/configs/digits_demo.yaml
 
 test: install system-deps
-	$(PYTHON) -m pytest -ra
+	$(PYTHON) -m pytest -ra --durations=20
 
 lint: install
 	ruff check .
