@@ -16,10 +16,11 @@
 #                                                     # (bench/overhead.py --model lm) and quality (bench/lm_quality.py)
 #
 #   bench/gpu.sh --full --data_dir data/fashion-mnist # the full-data grid's missing cells (bench/quality.py --profile
-#                                                     # full), the CIFAR-stem ResNet-18 first: 3-12 hours a cell on
-#                                                     # 2 CPU cores. Cells are kept one by one; a second call goes on
-#                                                     # where the first stopped once bench/results/quality_full/ is
-#                                                     # carried back. Results: $OUT/results/quality_full/.
+#                                                     # full), the CIFAR-stem ResNet-18 first (3-12 hours a cell on
+#                                                     # 2 CPU cores). Cells are kept one by one; committing them makes
+#                                                     # the next call go on where this one stopped. Cells a CPU worker
+#                                                     # is running meanwhile run here too: stop it or skip them.
+#                                                     # Results: $OUT/results/quality_full/.
 #
 # The LM run reads the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
 # `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
@@ -43,7 +44,7 @@ while [[ $# -gt 0 ]]; do
     --dry-run) dry_run=1; device=cpu; shift ;;
     --lm) lm=1; shift ;;
     --full) full=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --full)" >&2; exit 2 ;;
   esac
 done
@@ -86,7 +87,6 @@ if [[ "$full" == 1 ]]; then
     profile=(--profile smoke --max_cells 1 --work_dir "$scratch/work")
     model_groups=("resnet18")
   fi
-  rm -f "$results"/*.lock  # claims of workers an earlier machine lost; this one is the only worker
   deadline=$(( start + full_seconds ))
   for models in "${model_groups[@]}"; do
     left=$(( deadline - $(date +%s) ))
@@ -95,12 +95,13 @@ if [[ "$full" == 1 ]]; then
     timeout "$left" python bench/quality.py "${profile[@]}" --models $models --data_dir "$data_dir" \
       --results "$results" || echo "gpu.sh: full grid ($models) stopped (exit $?); finished cells are kept" >&2
   done
-  python bench/quality.py "${profile[@]}" --models resnet18 resnet18in vit --results "$results" --list
+  python bench/quality.py "${profile[@]}" --models resnet18 resnet18in vit --results "$results" --list || true
   if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT/results/quality_full"
-    cp "$results"/*.json "$OUT/results/quality_full/" || true
+    copied="$OUT/results/$(basename "$results")"  # quality_smoke for a dry run, never mistaken for real cells
+    mkdir -p "$copied"
+    cp "$results"/*.json "$copied/" || true
   fi
-  echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $results${OUT:+ (copied to $OUT/results/quality_full)}"
+  echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $results${OUT:+ (copied to ${copied:-})}"
   exit 0
 fi
 if [[ "$dry_run" == 1 ]]; then

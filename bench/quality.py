@@ -358,13 +358,17 @@ def reestimate_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: s
     """
     from hf_oscq.export.folder import auto_class_for
     from hf_oscq.scripts.models import build_image_processor
-    from hf_oscq.scripts.recipe import _run_arguments
+    from hf_oscq.scripts.recipe import run_arguments
     from hf_oscq.training.metrics import compute_accuracy
     from hf_oscq.training.trainer import OscillationTrainer
 
     settings = _settings(cell, profile)
+    if settings != record["settings"] or not record["has_batchnorm"]:
+        raise SystemExit(
+            f"{cell.name}: its record has other settings or no BatchNorm table; run the cell again instead."
+        )
     recipe, training, data = _prepare(cell, data_dir, work_dir, settings)
-    args = _run_arguments(training, Path(training.output_dir), cell.method)
+    args = run_arguments(training, Path(training.output_dir), cell.method)
     folder = Path(args.output_dir)
     if not (folder / "model.safetensors").is_file():
         raise SystemExit(f"{cell.name}: no trained model in {folder}; run the cell again instead.")
@@ -380,10 +384,10 @@ def reestimate_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: s
         processing_class=build_image_processor(data.info),
     )
     start = time.perf_counter()
-    plain_fp = trainer.evaluate(data.eval, metric_key_prefix="test")["test_accuracy"]
-    if plain_fp != record["plain"]["fp"]["accuracy"]:
+    plain_fp, recorded = trainer.evaluate(data.eval, metric_key_prefix="test")["test_accuracy"], record["plain"]["fp"]
+    if abs(plain_fp - recorded["accuracy"]) > 1.5 / len(data.eval):  # one image may flip with other arithmetic
         raise SystemExit(
-            f"{cell.name}: the saved model scores {plain_fp} at full precision, the record {record['plain']['fp']}: "
+            f"{cell.name}: the saved model scores {plain_fp} at full precision, the record {recorded['accuracy']}: "
             "it is not the model the record measured; run the cell again instead."
         )
     trainer.args.osc_eval_bits = eval_bits
@@ -391,7 +395,7 @@ def reestimate_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: s
     return record | {
         "bn": bn,
         "bn_reestimated": {
-            "previous": record["bn"],
+            "previous": record.get("bn_reestimated", {}).get("previous", record["bn"]),  # the table it ran with
             "seconds": time.perf_counter() - start,
             "commit": _git_commit(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

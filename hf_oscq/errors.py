@@ -31,8 +31,12 @@ def exit_code(program: str, run: Callable[[], int | None]) -> int:
 
 def configure_logging(level: int = logging.INFO, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
     """Logging of a command-line entry point, the Space or a benchmark: records of `level` and above on stderr in
-    `format`, each record once (the libraries that print with their own handler, as transformers does, stop passing
-    their records on to the root logger's)."""
+    `format`, each record once. The libraries that print with a stream handler of their own (`datasets`,
+    `huggingface_hub`, as transformers does) keep their handler, level and format, and stop passing their records on
+    to the root logger's. Where the root logger already has a handler (an application's or pytest's logging), nothing
+    changes."""
+    if logging.root.handlers:
+        return
     logging.basicConfig(level=level, format=format)
     for name in _SELF_PRINTING_LOGGERS:
         logging.getLogger(name).propagate = False

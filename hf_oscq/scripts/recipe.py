@@ -118,7 +118,7 @@ def parse_arguments(
     return recipe, training
 
 
-def _run_arguments(training: OscillationConfig, output_dir: Path, method: str) -> OscillationConfig:
+def run_arguments(training: OscillationConfig, output_dir: Path, method: str) -> OscillationConfig:
     """The Trainer arguments of one run: its own folder; FP runs select on full-precision accuracy (PAPER.md 4);
     baselines keep the main run's settings but `osc_lambda`, which only the oscillation method uses."""
     changes = {"output_dir": str(output_dir / "training" / method), "osc_method": method, "push_to_hub": False}
@@ -132,7 +132,7 @@ def _run_arguments(training: OscillationConfig, output_dir: Path, method: str) -
 
 def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig, data, output_dir: Path):
     """Trains one run and returns `(trainer, cross-bit test table)`."""
-    args = _run_arguments(training, output_dir, method)
+    args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_model(
         recipe.model,

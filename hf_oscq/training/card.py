@@ -43,11 +43,11 @@ def _listed(values: str | Sequence[str] | None) -> list[str] | None:
     return [values] if isinstance(values, str) else list(values) if values else None
 
 
-def _batchnorm_text(args, model_has_batchnorm: bool) -> str:
+def _batchnorm_text(args, model_has_batchnorm: bool, forwarded: int | None) -> str:
     if not model_has_batchnorm:
         return "not needed (no BatchNorm layer)"
     if args.osc_bn_recalibration_samples:
-        return f"{args.osc_bn_recalibration_samples} training images"
+        return f"{forwarded or args.osc_bn_recalibration_samples:,} training images"
     return "none (plain rounding, the paper's PTQ)"
 
 
@@ -61,6 +61,7 @@ def render_trainer_card(
     license: str | None = None,
     language: str | Sequence[str] | None = None,
     model_has_batchnorm: bool = True,
+    bn_recalibration_samples: int | None = None,
 ) -> ModelCard:
     """The card of a training run. Rendered locally (jinja2 template), no network.
 
@@ -71,6 +72,8 @@ def render_trainer_card(
         base_model: the model it was fine-tuned from.
         datasets, tags, license, language: card metadata.
         model_has_batchnorm: whether the model has BatchNorm layers (which re-estimation after rounding concerns).
+        bn_recalibration_samples: the number of training images the last evaluation re-estimated BatchNorm on
+            (fewer than `osc_bn_recalibration_samples` when the training split is smaller); `None`: the setting.
     """
     spec = args.quant_spec
     table = last_cross_bit_table(log_history)
@@ -99,7 +102,7 @@ def render_trainer_card(
         granularity=spec.describe_granularity,
         targets=", ".join(f"`{t}`" for t in spec.target_modules) if spec.target_modules else "Linear, Conv, Embedding",
         excludes=", ".join(f"`{t}`" for t in spec.exclude_modules or ()),
-        bn_samples=_batchnorm_text(args, model_has_batchnorm),
+        bn_samples=_batchnorm_text(args, model_has_batchnorm, bn_recalibration_samples),
         cross_bit_table=format_cross_bit_table({model_name: table})
         if has_accuracy
         else "No evaluation with an accuracy metric was logged: pass compute_metrics and evaluate.",

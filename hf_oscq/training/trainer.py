@@ -277,6 +277,7 @@ class OscillationTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
         spec, recalibrated = self.args.quant_spec, False
+        self.bn_recalibration_samples = 0
         for bits in bit_widths:
             batches, counts = self.calibration_batches(), []
             recalibrated |= batches is not None
@@ -349,6 +350,7 @@ class OscillationTrainer(Trainer):
             license=license,
             language=language,
             model_has_batchnorm=has_batchnorm(self.model),
+            bn_recalibration_samples=self.bn_recalibration_samples or None,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))

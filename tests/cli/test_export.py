@@ -69,10 +69,10 @@ def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "ckpt"), *output, *arguments]) == 0
     written = json.loads((tmp_path / "out" / "w3" / "config.json").read_text())
     assert written["quantization_config"]["bn_recalibrated"] is True
-    settings = Namespace(bn_recalibration_samples=40, dataset="digits", data_dir=None, batch_size=16, seed=42)
+    settings = Namespace(bn_recalibration_samples=40, dataset="digits", data_dir=None, batch_size=16, seed=None)
     batches, source = export_calibration_batches(settings)
     assert [len(batch["pixel_values"]) for batch in batches] == [16, 16, 8]  # exactly the 40 images asked for
-    assert source == {"dataset": "digits", "seed": 42, "batch_size": 16}
+    assert source == {"dataset": "digits", "seed": 42, "batch_size": 16}  # no --seed: the Trainer's default, 42
     manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
     assert manifest["bn_recalibration"] == {**source, "samples": 40}  # the CLI's draw: --seed's default, 42
     images = torch.randn(4, 1, 8, 8)

@@ -284,12 +284,22 @@ def test_batchnorm_recalibration_in_cross_bit_evaluation(tmp_path):
             logits = quantized(pixel_values=dataset.x).logits
         expected = float((logits.argmax(-1) == dataset.y).float().mean())
         assert metrics[f"eval_w{bits}_accuracy"] == pytest.approx(expected)
+    # each evaluation counts its own re-estimation: none without bit-widths, none with plain rounding
+    trainer.args.osc_eval_bits = []
+    trainer.evaluate()
+    assert trainer.bn_recalibration_samples == 0
+    trainer.args.osc_eval_bits, trainer.args.osc_bn_recalibration_samples = [3], 0
+    trainer.evaluate()
+    assert trainer.bn_recalibration_samples == 0
 
 
 def test_batchnorm_models_are_re_estimated_by_default(tmp_path):
     model = tiny_timm_resnet()
     trainer = make_trainer(model, tmp_path, per_device_eval_batch_size=8)
     assert trainer.args.osc_bn_recalibration_samples == 512
+    trainer.create_model_card()  # before any evaluation: the setting
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| BatchNorm re-estimation after rounding | 512 training images |" in card
     trainer.train()
     batches = list(trainer.calibration_batches())
     # 512 > 48 training images: every image once, in the seeded order
@@ -298,6 +308,9 @@ def test_batchnorm_models_are_re_estimated_by_default(tmp_path):
     )
     metrics = trainer.evaluate()
     assert trainer.bn_recalibration_samples == len(trainer.train_dataset) == 48
+    trainer.create_model_card()  # after it: the images it forwarded
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| BatchNorm re-estimation after rounding | 48 training images |" in card
     dataset = trainer.eval_dataset
     for bits in (2, 3):
         with torch.no_grad():
@@ -319,12 +332,13 @@ def test_batchnorm_model_without_training_data_names_both_ways_out(tmp_path):
         trainer.evaluate()
     trainer.args.osc_bn_recalibration_samples = 0  # plain rounding, the paper's PTQ
     assert "eval_w3_accuracy" in trainer.evaluate()
-    assert trainer.bn_recalibration_samples == 0
 
 
 def test_default_batchnorm_samples_do_not_warn_for_a_model_without_batchnorm(tmp_path, recwarn):
     trainer = make_trainer(tiny_vit(), tmp_path)
     assert trainer.calibration_batches() is None
+    trainer.evaluate()
+    assert trainer.bn_recalibration_samples == 0
     assert not [w for w in recwarn if "osc_bn_recalibration_samples" in str(w.message)]
 
 
