@@ -23,12 +23,12 @@ from ..quantization.qat import fake_quantized_forward
 from ..quantization.selection import output_dim, weight_owners
 from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
-from ..quantization.variants import FULL_PRECISION, variant_name
+from ..quantization.variants import variant_name
 from .config import OscillationConfig
 from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
 from .methods import OSCILLATION, QAT
-from .metrics import compute_accuracy
+from .metrics import compute_accuracy, cross_bit_table
 
 logger = logging.getLogger(__name__)
 
@@ -276,11 +276,10 @@ class OscillationTrainer(Trainer):
         _compat.start_prediction_progress(self, dataloader, passes=1 + len(bit_widths))
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
-        spec, recalibrated = self.args.quant_spec, False
+        spec = self.args.quant_spec
         self.bn_recalibration_samples = 0
         for bits in bit_widths:
             batches, counts = self.calibration_batches(), []
-            recalibrated |= batches is not None
             if batches is not None:
                 batches = counted(batches, counts)
             with quantized_weights(self.model, calibration_batches=batches, spec=spec.with_bits(bits)):
@@ -293,15 +292,8 @@ class OscillationTrainer(Trainer):
                 )
             output.metrics.update(quantized.metrics)
             self.bn_recalibration_samples = sum(counts)  # the same at every bit-width: the same seeded draw
-        if recalibrated and self.is_world_process_zero():
-            prefixes = {FULL_PRECISION: metric_key_prefix, variant_name(8): f"{metric_key_prefix}_{variant_name(8)}"}
-            warn_if_stale_statistics(
-                {
-                    name: {"accuracy": output.metrics[f"{prefix}_accuracy"]}
-                    for name, prefix in prefixes.items()
-                    if f"{prefix}_accuracy" in output.metrics
-                }
-            )
+        if self.bn_recalibration_samples and self.is_world_process_zero():
+            warn_if_stale_statistics(cross_bit_table(output.metrics, prefix=metric_key_prefix))
         if is_causal_lm(self.model):
             for prefix in [metric_key_prefix, *bit_prefixes]:
                 loss = output.metrics.get(f"{prefix}_loss")
