@@ -404,6 +404,13 @@ def reestimate_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: s
     }
 
 
+def _write_record(path: Path, record: dict) -> None:
+    """Writes a cell's JSON in one step (a reader never sees half of it)."""
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
 def _claim(lock: Path) -> bool:
     """Creates `lock` atomically; a lock whose process has died is taken over."""
     try:
@@ -492,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             record = reestimate_cell(
                 cell, args.data_dir, args.work_dir / args.profile, args.profile, json.loads(result_path.read_text())
             )
-            temporary = result_path.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(temporary, result_path)
+            _write_record(result_path, record)
             sys.stdout.write(f"== {cell.name} re-estimated in {record['bn_reestimated']['seconds']:.0f} s\n")
         return 0
     ran = 0
@@ -509,9 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"== {cell.name}: {shlex.join(sys.argv)}\n")
             sys.stdout.flush()
             record = run_cell(cell, args.data_dir, args.work_dir / args.profile, args.profile)
-            temporary = result_path.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(temporary, result_path)
+            _write_record(result_path, record)
             sys.stdout.write(f"== {cell.name} done in {sum(record['seconds'].values()):.0f} s\n")
             sys.stdout.flush()
         finally:
