@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ..errors import configure_logging, exit_code
+from ..errors import OscqValueError, configure_logging, exit_code
 from ..versions import __version__
 
 # Modules providing subcommands; each defines add_parser(subparsers) and sets `func` on its parser.
@@ -29,6 +29,19 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> argparse.A
         raise ValueError(f"--{name}: flags are spelled with underscores and carry a help text.")
     names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     return parser.add_argument(*names, **kwargs)
+
+
+def check_counts(args: argparse.Namespace, **minimums: int) -> None:
+    """Checks integer flags before anything is loaded: each flag named in `minimums` that was given (not None) must be
+    at least its minimum.
+
+    Raises:
+        OscqValueError: naming the first flag below its minimum.
+    """
+    for name, minimum in minimums.items():
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise OscqValueError(f"--{name} must be at least {minimum}, got {value}.")
 
 
 def build_parser() -> argparse.ArgumentParser:

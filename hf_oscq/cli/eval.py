@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import add_flag
+from . import add_flag, check_counts
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -21,6 +21,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from ..export.checkpoint import read_config
     from ..export.folder import MANIFEST_NAME, read_training_info, recorded_split, task_for, variant_folders
 
+    check_counts(args, batch_size=1, max_eval_samples=1, block_size=1)
     folders = variant_folders(Path(args.folder))
     if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
         table, samples = _eval_language_model(args, folders)

@@ -19,7 +19,7 @@ from ..quantization.spec import (
     QuantSpec,
     validate_bits,
 )
-from . import add_flag
+from . import add_flag, check_counts
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def run_export(args: argparse.Namespace) -> Path:
     from ..export.writer import export_quantized
     from ..quantization.batchnorm import has_batchnorm
 
+    check_counts(args, bn_recalibration_samples=0, batch_size=1)
     checkpoint = Path(args.checkpoint)
     config_path = checkpoint / "config.json"
     if not config_path.is_file():

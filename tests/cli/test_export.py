@@ -1,6 +1,7 @@
 import json
 import logging
 
+import pytest
 import torch
 from _export_models import tiny_vit
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
@@ -310,3 +311,21 @@ def test_eval_of_a_re_estimated_export_warns_when_full_precision_trails_8_bits(t
         table = evaluate_folder(out, dataset, 8, _recipe_processor("digits"))
     assert table == {"fp": {"accuracy": 0.2}, "w8": {"accuracy": 0.9}}
     assert "Full precision scores 20.0 % accuracy and 8 bits 90.0 %: the BatchNorm" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "command, flag, value, minimum",
+    [
+        ("export", "bn_recalibration_samples", "-1", 0),
+        ("export", "batch_size", "0", 1),
+        ("eval", "batch_size", "0", 1),
+        ("eval", "max_eval_samples", "0", 1),
+    ],
+)
+def test_negative_or_zero_counts_fail_before_anything_is_loaded(tmp_path, capsys, command, flag, value, minimum):
+    missing = tmp_path / "no-such-checkpoint"  # checked first: loading it would fail with another message
+    target = ["--output", str(tmp_path / "out")] if command == "export" else ["--dataset", "digits"]
+    assert cli_main([command, str(missing), *target, f"--{flag}", value]) == 1
+    err = capsys.readouterr().err
+    assert err == f"hf-oscq {command}: error: --{flag} must be at least {minimum}, got {value}.\n"
+    assert not (tmp_path / "out").exists()
