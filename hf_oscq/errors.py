@@ -9,11 +9,6 @@ import logging
 import sys
 from collections.abc import Callable
 
-# Libraries that give their root logger a stream handler of their own and still pass records on to the root
-# logger's handler: each of their warnings would print twice under `configure_logging`.
-_SELF_PRINTING_LOGGERS = ("datasets", "huggingface_hub")
-
-
 class OscqError(Exception):
     """Base of every error hf_oscq raises for bad input or a failed operation."""
 
@@ -31,15 +26,36 @@ def exit_code(program: str, run: Callable[[], int | None]) -> int:
 
 def configure_logging(level: int = logging.INFO, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
     """Logging of a command-line entry point, the Space or a benchmark: records of `level` and above on stderr in
-    `format`, each record once. The libraries that print with a stream handler of their own (`datasets`,
-    `huggingface_hub`, as transformers does) keep their handler, level and format, and stop passing their records on
-    to the root logger's. Where the root logger already has a handler (an application's or pytest's logging), nothing
-    changes."""
+    `format`, each record once. A record that a library's console handler of its own has already printed
+    (`datasets`, `huggingface_hub`, and `transformers` where the `CI` environment variable makes it pass records on)
+    keeps that library's format and is not printed again (`_PrintedByItsLibrary`). Where the root logger already has
+    a handler (an application's or pytest's logging), nothing changes."""
     if logging.root.handlers:
         return
     logging.basicConfig(level=level, format=format)
-    for name in _SELF_PRINTING_LOGGERS:
-        logging.getLogger(name).propagate = False
+    for handler in logging.root.handlers:
+        handler.addFilter(_PrintedByItsLibrary())
+
+
+class _PrintedByItsLibrary(logging.Filter):
+    """Drops a record that reached the root logger's handler through a logger below root with a console handler of
+    its own that took the record (a stream handler other than a file, of the record's level or lower): that handler
+    has printed it already. Looked up per record, so a library imported or reconfigured later is covered too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger is not logging.root:
+            if any(_prints_to_console(handler, record) for handler in logger.handlers):
+                return False
+            if not logger.propagate or logger.parent is None:
+                return True
+            logger = logger.parent
+        return True
+
+
+def _prints_to_console(handler: logging.Handler, record: logging.LogRecord) -> bool:
+    console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+    return console and record.levelno >= handler.level
 
 
 class OscqValueError(OscqError, ValueError):

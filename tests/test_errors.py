@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -20,10 +21,15 @@ logging.getLogger("hf_oscq.cli").info("hf_oscq-info")
 """
 
 
+# transformers passes its records on to the root logger only where the `CI` environment variable is set.
+@pytest.mark.parametrize("ci", [None, "true"])
 @pytest.mark.parametrize("before", [True, False])
-def test_entry_point_logging_prints_each_library_warning_once(before):
+def test_entry_point_logging_prints_each_library_warning_once(before, ci):
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    if ci is not None:
+        env["CI"] = ci
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(before=before)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", SCRIPT.format(before=before)], capture_output=True, text=True, check=True, env=env
     )
     lines = result.stderr.splitlines()
     for message in ("hub-warning", "datasets-warning", "transformers-warning"):
