@@ -9,19 +9,24 @@ import logging
 import sys
 from collections.abc import Callable
 
+
 class OscqError(Exception):
     """Base of every error hf_oscq raises for bad input or a failed operation."""
 
 
 def exit_code(program: str, run: Callable[[], int | None]) -> int:
     """Runs a command-line entry point: its exit code (0 for None), or 1 after writing an `OscqError` raised by `run`
-    as one line on stderr, `<program>: error: <message>`."""
+    as one line on stderr, `<program>: error: <message>`, or 130 (the shell's code for Ctrl-C) after writing
+    `<program>: interrupted` when the user interrupts it (Ctrl-C) instead of a traceback."""
     try:
         return run() or 0
     except OscqError as error:
         message = " ".join(str(error).splitlines())
         sys.stderr.write(f"{program}: error: {message}\n")
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{program}: interrupted\n")
+        return 130
 
 
 def configure_logging(level: int = logging.INFO, format: str = "%(levelname)s %(name)s: %(message)s") -> None:

@@ -35,3 +35,13 @@ def test_entry_point_logging_prints_each_library_warning_once(before, ci):
     for message in ("hub-warning", "datasets-warning", "transformers-warning"):
         assert sum(message in line for line in lines) == 1, result.stderr
     assert "INFO hf_oscq.cli: hf_oscq-info" in lines
+
+
+def test_an_interrupted_entry_point_prints_one_line_and_exits_130(capsys):
+    from hf_oscq.errors import exit_code
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert exit_code("hf-oscq export", interrupted) == 130
+    assert capsys.readouterr().err.strip() == "hf-oscq export: interrupted"

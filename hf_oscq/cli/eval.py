@@ -41,8 +41,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     folder = Path(args.folder)
     if not args.no_record and (folder / MANIFEST_NAME).is_file():
         from ..hub.model_card import write_model_cards
+        from ..scripts.data import DATASETS
 
-        evaluation = {"dataset": args.dataset, "split": args.split, "samples": samples}
+        recipe_dataset = DATASETS.get(args.dataset)
+        evaluation = {
+            "dataset": args.dataset,
+            "dataset_id": recipe_dataset.hub_id if recipe_dataset else None,  # as the training record names it
+            "split": args.split,
+            "samples": samples,
+        }
         record_evaluation(folder, table, evaluation)
         write_model_cards(folder)
     return table

@@ -57,8 +57,9 @@ def run_export(args: argparse.Namespace) -> Path:
     """`hf-oscq export`: the export folder written.
 
     Raises:
-        OscqValueError: for a folder without config.json, an already quantized checkpoint, or a BatchNorm model
-            whose re-estimation images are unknown (no `--dataset` and none recorded with the checkpoint).
+        OscqValueError: for an unknown `--dataset`, a missing folder or one without config.json, an already
+            quantized checkpoint, or a BatchNorm model whose re-estimation images are unknown (no `--dataset` and
+            none recorded with the checkpoint).
     """
     from ..export.checkpoint import QUANT_METHOD
     from ..export.folder import read_training_info
@@ -66,8 +67,14 @@ def run_export(args: argparse.Namespace) -> Path:
     from ..quantization.batchnorm import has_batchnorm
 
     check_counts(args, bn_recalibration_samples=0, batch_size=1)
+    if args.dataset:
+        from ..scripts.data import check_dataset_name
+
+        check_dataset_name(args.dataset)  # before the model loads
     checkpoint = Path(args.checkpoint)
     config_path = checkpoint / "config.json"
+    if not checkpoint.is_dir():
+        raise OscqValueError(f"{checkpoint} does not exist: pass a folder written by save_pretrained (or Trainer).")
     if not config_path.is_file():
         raise OscqValueError(
             f"{checkpoint} has no config.json: pass a folder written by save_pretrained (or Trainer)."

@@ -41,7 +41,7 @@ from ..quantization.ptq import quantized_weights
 from ..quantization.selection import output_dims, select_weights
 from ..quantization.sharding import is_sharded
 from ..quantization.spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
-from ..quantization.variants import FULL_PRECISION, variant_name, variant_names
+from ..quantization.variants import FULL_PRECISION, sort_variants, variant_name, variant_names
 from ..versions import library_versions
 from .checkpoint import (
     FORMAT_VERSION,
@@ -255,6 +255,20 @@ def clean_interrupted_exports(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def _what_is_replaced(output: Path, manifest: dict) -> str | None:
+    """What the previous export in `output` holds that the new one (`manifest`) does not: its other variants and a
+    recorded `hf-oscq eval`; None where there is no previous export or it holds nothing more."""
+    try:
+        previous = json.loads((output / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    lost = [name for name in previous.get("sizes_bytes") or {} if name not in manifest["sizes_bytes"]]
+    parts = [f"its {', '.join(sort_variants(lost))} checkpoints are gone"] if lost else []
+    if previous.get("evaluation"):
+        parts.append(f"its evaluation on {previous['evaluation'].get('dataset')!r} is dropped")
+    return "; ".join(parts) or None
+
+
 def _swap_into_place(staging: Path, output: Path) -> None:
     """Puts the complete export at `output`. With an atomic exchange `output` always holds a complete export: the
     previous one, then the new one; the previous one ends in `staging`, deleted last. Without, the previous export
@@ -310,7 +324,8 @@ def export_quantized(
 
     Args:
         model: a transformers model (anything with `save_pretrained`), e.g. a ViT or a TimmWrapper model.
-        output_dir: the export folder; a previous export there is replaced only once the new one is complete.
+        output_dir: the export folder; a previous export there is replaced only once the new one is complete,
+            with a warning naming the checkpoints and recorded evaluation it held that the new one lacks.
         bits: bit-widths in [2, 8].
         spec: how and which weights are quantized; each bit-width `b` uses `spec.with_bits(b)`.
         image_processor: saved into every folder so each one works on its own.
@@ -424,7 +439,10 @@ def export_quantized(
             _stage(f"{name}_written")
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _stage("manifest_written")
+        replaced = _what_is_replaced(output, manifest)
         _swap_into_place(staging, output)
+        if replaced:
+            logger.warning("Replaced the previous export in %s: %s.", output, replaced)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -170,7 +170,7 @@ def _eval_results(manifest: dict, variant: str, task: str | None, model_name: st
         return []
     evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
     if evaluation.get("dataset"):
-        source = str(evaluation["dataset"])
+        source = str(evaluation.get("dataset_id") or evaluation["dataset"])
         dataset = source if _HUB_ID.fullmatch(source) else Path(source).name or source
         split = evaluation.get("split") or "test"
     else:

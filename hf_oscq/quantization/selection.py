@@ -127,7 +127,7 @@ def select_weights(
                     f"{'selects' if kind == 'target_modules' else 'excludes'} nothing. Modules with a weight in this "
                     f"model: [{_shown(owners)}]; patterns are names, dotted suffixes or regexes of those.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=1,  # one location: Python's default filter shows it once, however many callers select
                 )
     return selected
 

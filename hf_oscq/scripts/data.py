@@ -167,6 +167,15 @@ def load_image_dataset(
     return ImageDataset(train, test, label_names, info, validation)
 
 
+def check_dataset_name(name: str) -> None:
+    """Raises `OscqValueError` naming the choices when `name` is not one of `DATASETS`."""
+    if name not in DATASETS:
+        raise OscqValueError(
+            f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)} (digits is bundled, fashion_mnist reads "
+            "local IDX files or the Hub, the others come from the Hub)."
+        )
+
+
 def raw_splits(
     name: str, data_dir: str | Path | None = None, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -177,8 +186,7 @@ def raw_splits(
         OscqValueError: for an unknown name or a local copy without the expected columns or splits.
         HubUnreachableError: when the dataset has to come from the Hub and the Hub cannot be reached.
     """
-    if name not in DATASETS:
-        raise OscqValueError(f"Unknown dataset {name!r}: choose one of {sorted(DATASETS)}.")
+    check_dataset_name(name)
     if name == "digits":
         return *digits_splits(seed), [str(i) for i in range(10)]
     if name == "fashion_mnist" and (idx_dir := _idx_dir(data_dir)) is not None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
+from hf_oscq.hub.card_facts import format_size
 
 from .classify import LATENCY_REPEATS, LATENCY_WARMUP, InputError, Prediction, classify, image_mode, load_image
 from .examples import Example, find_example
@@ -36,9 +37,8 @@ def _warning(message: str) -> str:
 
 
 def _size(size_bytes: int | None) -> str:
-    if size_bytes is None:
-        return "size unknown"
-    return f"{size_bytes / 1024:.1f} KiB" if size_bytes < 1024**2 else f"{size_bytes / 1024**2:.2f} MiB"
+    """Decimal units, as the model cards and the Hub show sizes."""
+    return "size unknown" if size_bytes is None else format_size(size_bytes)
 
 
 def predictions_html(predictions: list[Prediction], true_label: str | None = None) -> str:
@@ -91,9 +91,9 @@ def classify_view(
             p.variant,
             p.bits,
             p.size_bytes,
-            round(p.latency_ms, 3),
+            f"{p.latency_ms:.3f}",  # fixed decimals: a number column would show 0.52 next to 0.5034
             p.top[0][0],
-            round(p.top[0][1], 4),
+            f"{p.top[0][1]:.4f}",
             ", ".join(f"{label} ({probability:.3f})" for label, probability in p.top),
         ]
         for p in predictions

@@ -87,7 +87,12 @@ def test_eval_on_an_imagefolder_equals_the_accuracy_by_hand_and_reaches_manifest
     assert len(set(expected.values())) > 1 or expected["fp"] not in (0.0, 1.0)  # a table that can tell errors apart
     manifest = json.loads((folder / "oscq_export.json").read_text())
     assert {name: row["accuracy"] for name, row in manifest["metrics"].items()} == expected
-    assert manifest["evaluation"] == {"dataset": str(root / "images"), "split": "test", "samples": 24}
+    assert manifest["evaluation"] == {
+        "dataset": str(root / "images"),
+        "dataset_id": None,
+        "split": "test",
+        "samples": 24,
+    }
     card = (folder / "w3" / "README.md").read_text()
     assert f"| {100 * expected['w3']:.1f} %" in card
     assert (folder / "w3" / "oscq_accuracy_vs_bits.png").is_file()

@@ -98,7 +98,14 @@ def test_cli_turns_package_errors_into_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("hf-oscq eval: error: ") and "truncated or corrupted" in err
     assert cli_main(["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.startswith(f"hf-oscq export: error: {tmp_path / 'nothing'} has no config.json")
+    assert capsys.readouterr().err.startswith(f"hf-oscq export: error: {tmp_path / 'nothing'} does not exist")
+    assert (
+        cli_main(["export", str(tmp_path / "nothing"), "--dataset", "nosuchds", "--output", str(tmp_path / "o")]) == 1
+    )
+    assert capsys.readouterr().err.startswith("hf-oscq export: error: Unknown dataset 'nosuchds': choose one of")
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["export", str(tmp_path / "empty"), "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"hf-oscq export: error: {tmp_path / 'empty'} has no config.json")
 
 
 def _narrow_resnet(tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperForImageClassification, ViTForImageClassification
 
 import hf_oscq
+from hf_oscq.evaluation import record_evaluation
 from hf_oscq.export import writer as export_module
 
 WEIGHTS = "model.safetensors"
@@ -179,6 +180,24 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     hf_oscq.export_quantized(model, out, bits=(2, 5))  # a successful export replaces the previous one
     after = _tree_digest(out)
     assert after.keys() == before.keys() and after["w5/model.safetensors"] != before["w5/model.safetensors"]
+
+
+def test_replacing_an_export_names_what_the_previous_one_held_that_the_new_one_lacks(tmp_path, caplog):
+    model = tiny_vit()
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(2, 3, 4, 8))
+    record_evaluation(out, {"fp": {"accuracy": 0.5}}, {"dataset": "digits", "split": "test", "samples": 8})
+    with caplog.at_level("WARNING", logger="hf_oscq.export.writer"):
+        hf_oscq.export_quantized(model, out, bits=(2, 3))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fp", "w2", "w3"]
+    (record,) = [r for r in caplog.records if r.name == "hf_oscq.export.writer" and r.levelname == "WARNING"]
+    assert record.getMessage() == (
+        f"Replaced the previous export in {out}: its w4, w8 checkpoints are gone; "
+        "its evaluation on 'digits' is dropped."
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_oscq.export.writer"):
+        hf_oscq.export_quantized(model, out, bits=(2, 3))  # the same variants again: nothing is lost, no warning
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_export_refuses_a_foreign_folder_and_bad_arguments(tmp_path):

@@ -268,6 +268,18 @@ def test_card_settings_datasets_install_line_and_evaluation_source(tmp_path):
     (result,) = card.data.eval_results
     assert (result.dataset_type, result.dataset_split) == ("org/other-set", "validation")
     assert "Measured with `hf-oscq eval` on the 'validation' split of `org/other-set` (50 images)" in card.text
+    # `hf-oscq eval --dataset fashion_mnist` names the recipe dataset; the card's metadata names its Hub id
+    manifest["evaluation"] = {
+        "dataset": "fashion_mnist",
+        "dataset_id": "zalando-datasets/fashion_mnist",
+        "split": None,
+        "samples": 1000,
+    }
+    manifest_path.write_text(json.dumps(manifest))
+    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
 
 
 def test_card_loading_example_runs_and_classifies_like_the_model(tmp_path, monkeypatch):

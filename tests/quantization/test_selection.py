@@ -68,3 +68,21 @@ def test_patterns_matching_no_module_warn():
         warnings.simplefilter("error")  # every pattern matches: no warning
         select_weights(model, target_modules=["0", r"\d"], exclude_modules="2")
         select_weights(model, target_modules=ALL_WEIGHTS)
+
+
+def test_a_pattern_matching_nothing_is_shown_once_however_many_callers_select():
+    # A training run selects its weights from several places (trainer, penalty, evaluation, export); under Python's
+    # default warning filter, as a script runs, the user sees the warning once.
+    import subprocess
+    import sys
+
+    script = """
+from torch import nn
+from hf_oscq import select_weights
+model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+def trainer(): select_weights(model, target_modules=["0", "fc"])
+def export(): select_weights(model, target_modules=["0", "fc"])
+trainer(); export(); trainer()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stderr.count("target_modules pattern 'fc' matches no module with a weight") == 1, result.stderr

@@ -280,11 +280,13 @@ def test_classify_endpoint(client, families, export_dir):
     assert cards.count('class="oscq-variant"') == 8
     for variant, _, size, latency, top1, top1_prob, top5 in rows:
         assert size == (export_dir / variant / "model.safetensors").stat().st_size
-        assert latency > 0
+        assert float(latency) > 0 and len(latency.split(".")[1]) == 3 and len(top1_prob.split(".")[1]) == 4
         expected = _expected_top5(export_dir, variant, DIGIT_EXAMPLE)
-        assert (top1, top1_prob) == (expected[0][0], pytest.approx(expected[0][1], abs=1e-4))
+        assert (top1, float(top1_prob)) == (expected[0][0], pytest.approx(expected[0][1], abs=1e-4))
         assert [part.rsplit(" (", 1)[0] for part in top5.split(", ")] == [label for label, _ in expected]
         assert f'data-variant="{variant}"' in cards
+        shown = f"{size / 1000:.1f} kB" if size < 10**6 else f"{size / 10**6:.1f} MB"  # decimal, as the cards
+        assert f'<p class="oscq-meta">{shown} · ' in cards
     right = sum(row[4] == "3" for row in rows)
     assert f"({right} of 8 checkpoints right)" in message
     assert cards.count('class="oscq-right"') == right and cards.count('class="oscq-wrong"') == 8 - right
