@@ -73,8 +73,8 @@ def _intro(families: list[Family], problems: list[str]) -> str:
         "accuracy each export measured. Where the regularizer helps, it is at the bit-width below the one it was "
         "trained for: in hf_oscq's measurements on Fashion-MNIST (60,000 training images, 3 epochs) a ResNet-18 "
         "trained at 3 bits keeps 85 % at 2 bits of its 90 % at full precision (BatchNorm re-estimated, two seeds; "
-        "FP + PTQ: 14-26 %, QAT: 67-81 %), and a small ViT 32-67 % of about 79 %, depending on the seed (FP + PTQ: 10-12 %, QAT: "
-        "18-22 %; 10 % is chance).",
+        "FP + PTQ: 14-26 %, QAT: 67-81 %), and a small ViT 32-67 % of about 79 %, depending on the seed (FP + "
+        "PTQ: 10-12 %, QAT: 18-22 %; 10 % is chance).",
     ]
     if families:
         lines.append("Loaded: " + "; ".join(f"**{f.name}** ({len(f.loaded)} checkpoints)" for f in families) + ".")

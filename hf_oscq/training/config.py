@@ -53,10 +53,10 @@ class OscillationConfig(TrainingArguments):
             85.0 % at 3 bits against QAT's 85.5 %; `"global_mean"` with 100 reached 46.4 % at 2 bits). With the full
             60,000 images (seeds 0 and 1) ResNet-18 keeps 85.0 % and 85.1 % at 2 bits against 14.4 % and 25.6 % for
             FP + PTQ and 67.0 % and 81.3 % for QAT, 89.4 % at 3 bits against QAT's 89.7 % and 90.2 % at full
-            precision on the seed means (`"global_mean"` with 100: 49.4 % at 2 bits, 89.5 % at 3). On the tiny ViT with the full 60,000 images
-            it keeps 67.0 % and 32.0 % at 2 bits (seeds 0 and 1) against 12.1 % and 9.6 % for FP + PTQ and 21.7 %
-            and 18.1 % for QAT, and is 1.3 points under QAT at 3 bits on the seed mean (`"global_mean"` with 100:
-            21.9 % and 16.4 % at 2 bits, 76.3 % at 3). See docs/RESULTS.md.
+            precision on the seed means (`"global_mean"` with 100: 49.4 % at 2 bits, 89.5 % at 3). On the tiny ViT
+            with the full 60,000 images it keeps 67.0 % and 32.0 % at 2 bits (seeds 0 and 1) against 12.1 % and
+            9.6 % for FP + PTQ and 21.7 % and 18.1 % for QAT, and is 1.3 points under QAT at 3 bits on the seed
+            mean (`"global_mean"` with 100: 21.9 % and 16.4 % at 2 bits, 76.3 % at 3). See docs/RESULTS.md.
         osc_penalty_normalization (`str`, *optional*, defaults to `"layer_mean"`):
             How the penalty is normalised: `"layer_mean"` (the paper: the sum over layers of each layer's mean of
             `q^2 - w^2`, so a weight's pull is `2 osc_lambda / N_layer`) or `"global_mean"` (the mean over all
