@@ -45,15 +45,15 @@ def configure_logging(level: int = logging.INFO, format: str = "%(levelname)s %(
 class _PrintedByItsLibrary(logging.Filter):
     """Drops a record that reached the root logger's handler through a logger below root with a console handler of
     its own that took the record (a stream handler other than a file, of the record's level or lower): that handler
-    has printed it already. Looked up per record, so a library imported or reconfigured later is covered too."""
+    has printed it already. A record that reaches root has propagated through every logger of its name's chain, so
+    the chain is all there is to look at. Looked up per record, so a library imported or reconfigured later is
+    covered too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         logger = logging.getLogger(record.name)
         while logger is not logging.root:
             if any(_prints_to_console(handler, record) for handler in logger.handlers):
                 return False
-            if not logger.propagate or logger.parent is None:
-                return True
             logger = logger.parent
         return True
 
