@@ -32,6 +32,8 @@ _PUBLIC = {
     "fused_fake_quantize": ".quantization.fused",
     "fused_oscillation_penalty": ".quantization.fused",
     "oscillation_penalty": ".quantization.penalty",
+    "kurtosis_penalty": ".quantization.kurtosis",
+    "dampening_penalty": ".quantization.dampening",
     "pack_codes": ".quantization.packing",
     "packed_size": ".quantization.packing",
     "unpack_codes": ".quantization.packing",
@@ -44,6 +46,9 @@ _PUBLIC = {
     "fake_quantized_forward": ".quantization.qat",
     # training
     "OSC_METHODS": ".training.methods",
+    "TrainingMethod": ".training.methods",
+    "get_method": ".training.methods",
+    "register_method": ".training.methods",
     "OscillationConfig": ".training.config",
     "OscillationTrainer": ".training.trainer",
     "OscillationCounter": ".training.tracking",
@@ -137,7 +142,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .image_processing import OscqImageProcessor, to_model_image
     from .plots import plot_accuracy_vs_bits, plot_weight_histogram
     from .quantization.batchnorm import recalibrate_batchnorm
+    from .quantization.dampening import dampening_penalty
     from .quantization.fused import PenaltyWorkspace, fused_fake_quantize, fused_oscillation_penalty
+    from .quantization.kurtosis import kurtosis_penalty
     from .quantization.packing import pack_codes, packed_size, unpack_codes
     from .quantization.penalty import oscillation_penalty
     from .quantization.primitives import compute_scale, dequantize, fake_quantize, quantize_codes
@@ -156,7 +163,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     )
     from .scripts.toy import toy_trajectory
     from .training.config import OscillationConfig
-    from .training.methods import OSC_METHODS
+    from .training.methods import OSC_METHODS, TrainingMethod, get_method, register_method
     from .training.metrics import ACCURACY_METRIC, classification_metrics, compute_accuracy, load_metric
     from .training.tracking import OscillationCounter, OscillationTracker, add_oscillation_tracker
     from .training.trainer import OscillationTrainer

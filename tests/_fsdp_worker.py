@@ -15,7 +15,15 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from hf_oscq import fake_quantized_forward, fused_oscillation_penalty, quantized_weights, select_weights
+from hf_oscq import (
+    QuantSpec,
+    fake_quantized_forward,
+    fused_oscillation_penalty,
+    kurtosis_penalty,
+    quantized_weights,
+    select_weights,
+)
+from hf_oscq.quantization.dampening import weights_dampening_penalty
 from hf_oscq.quantization.sharding import reshard
 
 BITS, STRENGTH = 3, 0.7
@@ -67,6 +75,19 @@ def functional(out: Path) -> None:
             dist.all_gather(values, penalty.detach().reshape(1))
             results[f"penalty_values{tag}/{per_channel}"] = torch.cat(values)
             results.update(gradients(net, f"penalty_grad{tag}/{per_channel}"))
+
+    # The peers' penalties: KURE's kurtosis penalty and Nagel et al.'s dampening term, reduced across the shards.
+    for name, penalty_of in (
+        ("kurtosis", lambda: kurtosis_penalty(net)),
+        ("dampening", lambda: weights_dampening_penalty(select_weights(net), QuantSpec(BITS))),
+        ("dampening_channel", lambda: weights_dampening_penalty(select_weights(net), QuantSpec(BITS, "per_channel"))),
+    ):
+        penalty = penalty_of()
+        penalty.backward()
+        values = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        dist.all_gather(values, penalty.detach().float().reshape(1))
+        results[f"{name}_values"] = torch.cat(values)
+        results.update(gradients(net, f"{name}_grad"))
 
     # A training step: the rows' penalty gradient plus the task gradient FSDP2 averages over the processes.
     penalty = fused_oscillation_penalty(select_weights(net), BITS)

@@ -12,7 +12,7 @@ from ..errors import OscqValueError
 from ..export.checkpoint import read_config
 from ..export.folder import folder_size, read_export_manifest, task_for, weight_files
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_name
-from ..training.methods import OSCILLATION, run_label
+from ..training.methods import DEFAULT_METHOD, run_label
 
 
 def format_size(num_bytes: int) -> str:
@@ -55,7 +55,7 @@ def variant_size(export_dir: Path, manifest: dict, variant: str) -> int:
 
 def comparison_tables(manifest: dict) -> dict[str, dict]:
     """`{row label: cross-bit table}`: this export's model first, then its QAT / plain PTQ comparisons."""
-    method = (manifest["training"] or {}).get("osc_method", OSCILLATION)
+    method = (manifest["training"] or {}).get("osc_method", DEFAULT_METHOD)
     tables = {f"{run_label(method)} (this model)": manifest["metrics"]} if manifest["metrics"] else {}
     for key, table in (manifest["comparisons"] or {}).items():
         if table:

@@ -17,11 +17,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import OscqValueError
 from ..export.folder import export_spec, read_export_manifest, variants
-from ..paper import CITATION, PAPER
+from ..paper import CITATION
 from ..paths import child_path
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
-from ..training.methods import NONE, OSCILLATION, QAT, method_sentence
+from ..training.methods import method_sentence, trained_how
 from ..versions import INSTALL_COMMAND, INSTALL_FROM_CLONE
 from . import ACCURACY_PLOT, DEFAULT_LICENSE, HISTOGRAM_PLOT
 from .card_facts import (
@@ -96,12 +96,7 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     rows += [(key, value) for key, value in training.items() if key not in skip]
     rows = [(label, readable_setting(value)) for label, value in rows]
     table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])
-    intro = method_sentence(
-        training.get("osc_method"),
-        training.get("osc_bits"),
-        training.get("osc_lambda"),
-        training.get("osc_penalty_normalization"),
-    )
+    intro = method_sentence(training)
     return intro, table, training.get("command")
 
 
@@ -145,11 +140,7 @@ def _summary(manifest: dict, variant: str, parent: str) -> str:
     dataset = f" on {_dataset_text(manifest)}" if training.get("dataset") else ""
     if training.get("train_samples"):
         dataset += f" ({training['train_samples']:,} training images)"
-    how = {
-        OSCILLATION: f"with the oscillation regularizer of {PAPER}",
-        QAT: f"with quantization-aware training (the baseline of {PAPER})",
-        NONE: f"in full precision without any quantization term (the FP baseline of {PAPER})",
-    }.get(training.get("osc_method", OSCILLATION), "with hf_oscq")
+    how = trained_how(training.get("osc_method"))
     trained = f"{training.get('model', 'model')} trained{dataset} {how}"
     bits = variant_bits(variant)
     if bits is None:

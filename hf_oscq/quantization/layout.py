@@ -85,7 +85,7 @@ def expand_scale(scale: torch.Tensor, shape: Sequence[int], out_dim: int = 0) ->
     if scale.dim() == 0 or not shape:
         return scale.reshape(())
     out = shape[out_dim]
-    per_row = scale.reshape(out, -1)
+    per_row = scale.reshape(out, -1) if out else scale.reshape(0, 1)  # a shard without rows holds no scale
     fan_in = math.prod(shape) // out if out else 0
     groups = per_row.shape[1]
     full = per_row[:, :, None].expand(out, groups, fan_in // groups if groups else 0)

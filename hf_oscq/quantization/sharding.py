@@ -148,6 +148,27 @@ def all_reduce(tensors: Sequence[torch.Tensor], groups: Sequence[ProcessGroups],
     return reduced
 
 
+class _SumAcrossShards(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward: every process gets the sum over the whole tensor, and the
+    gradient of a function of that sum reaches each process's rows once (the function is the same on every
+    process, so summing its gradients across them would count it once per process)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
+        return all_reduce([tensor.clone()], [groups], "sum")[0]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+def sum_across_shards(tensor: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
+    """`tensor` (partial sums over a weight's local rows) summed across the processes of `groups`, differentiable:
+    its backward hands each process the gradient of the whole-tensor sum for its own rows (`LocalShard.groups`;
+    empty groups: `tensor` itself)."""
+    return _SumAcrossShards.apply(tensor, groups) if groups else tensor
+
+
 def gather(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor from each process's rows `local`, sharded like the weight `like` (collective on every
     process of its mesh); `local` itself when `like` is not sharded."""

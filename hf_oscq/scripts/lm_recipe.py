@@ -19,7 +19,6 @@ OUTPUT_DIR/
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -34,12 +33,13 @@ from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.spec import DEFAULT_EVAL_BITS
-from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
-from ..training.methods import OSC_METHODS, OSCILLATION, comparison_key
+from ..training.config import OscillationConfig
+from ..training.methods import comparison_key, method_names
 from ..training.metrics import cross_bit_table
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
 from .launch import check_run_settings, resume_point
+from .runs import check_baselines, run_arguments
 from .text import KJV, TextCorpus, TokenBlocks, byte_tokenizer, load_hub_text, load_kjv
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class LMRecipeArguments:
     max_train_blocks: int | None = field(default=None, metadata={"help": "Use only this many training blocks."})
     max_eval_blocks: int | None = field(default=None, metadata={"help": "Use only this many evaluation blocks."})
     baselines: list[str] = field(
-        default_factory=list, metadata={"help": "Also train these osc_methods for comparison: 'qat', 'none'."}
+        default_factory=list,
+        metadata={"help": f"Also train these osc_methods for comparison: {', '.join(method_names())}."},
     )
     export_bits: list[int] = field(default_factory=lambda: list(DEFAULT_EVAL_BITS), metadata={"help": "Bit-widths."})
     export: bool = field(default=True, metadata={"help": "Export every bit-width and write model cards."})
@@ -85,9 +86,7 @@ class LMRecipeArguments:
             raise OscqValueError(f"--dataset is 'kjv', or 'hub' with --dataset_name NAME; got {self.dataset!r}.")
         if self.lm_size not in LM_SIZES:
             raise OscqValueError(f"--lm_size must be one of {sorted(LM_SIZES)}, got {self.lm_size!r}.")
-        unknown = [method for method in self.baselines if method not in OSC_METHODS]
-        if unknown:
-            raise OscqValueError(f"--baselines takes osc_methods {OSC_METHODS}, got {unknown}.")
+        check_baselines(self.baselines)
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[LMRecipeArguments, OscillationConfig]:
@@ -154,16 +153,9 @@ def load_corpus(recipe: LMRecipeArguments) -> TextCorpus:
     return load_hub_text(recipe.dataset_name, recipe.dataset_config, recipe.text_column)
 
 
-def _run_arguments(training: OscillationConfig, output_dir: Path, method: str) -> OscillationConfig:
-    changes = {"output_dir": str(output_dir / "training" / method), "osc_method": method, "push_to_hub": False}
-    if method != OSCILLATION:
-        changes["osc_lambda"] = DEFAULT_OSC_LAMBDA
-    return dataclasses.replace(training, **changes)
-
-
 def train_one(method: str, recipe, training, tokenizer, train, evaluation, output_dir: Path):
     """Trains one run and returns `(trainer, cross-bit table of loss and perplexity on the evaluation text)`."""
-    args = _run_arguments(training, output_dir, method)
+    args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_lm(recipe, tokenizer)
     trainer = OscillationTrainer(
@@ -211,9 +203,7 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
         tokenizer=tokenizer,
         metrics=tables[args.osc_method],
         training={
-            "osc_method": args.osc_method,
-            "osc_bits": args.osc_bits,
-            "osc_lambda": args.osc_lambda,
+            **args.method_settings(),
             "dataset": corpus.name,
             "dataset_license": corpus.license,
             "model": recipe.model_name_or_path or f"Llama-style decoder from scratch ({recipe.lm_size!r})",

@@ -14,10 +14,8 @@ OUTPUT_DIR/
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +30,15 @@ from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.spec import DEFAULT_EVAL_BITS
-from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
-from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key, run_label
+from ..training.config import OscillationConfig
+from ..training.methods import comparison_key, method_names
 from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, ImageDataset, load_image_dataset
 from .launch import check_run_settings, resume_point
 from .models import MODEL_NAMES, build_image_processor, build_model
+from .runs import check_baselines, run_arguments, run_tag
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,9 @@ class RecipeArguments:
     )
     baselines: list[str] = field(
         default_factory=list,
-        metadata={"help": "Also train these osc_methods with the same settings for comparison: 'qat', 'none'."},
+        metadata={
+            "help": f"Also train these osc_methods with the same settings for comparison: {', '.join(method_names())}."
+        },
     )
     export_bits: list[int] = field(
         default_factory=lambda: list(DEFAULT_EVAL_BITS), metadata={"help": "Bit-widths to export."}
@@ -88,9 +89,7 @@ class RecipeArguments:
             raise OscqValueError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}.")
         if self.model not in MODEL_NAMES:
             raise OscqValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}.")
-        unknown = [method for method in self.baselines if method not in OSC_METHODS]
-        if unknown:
-            raise OscqValueError(f"--baselines takes osc_methods {OSC_METHODS}, got {unknown}.")
+        check_baselines(self.baselines)
         if not 0 <= self.validation_fraction < 1:
             raise OscqValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
 
@@ -116,18 +115,6 @@ def parse_arguments(
     if model and recipe.model != model:
         raise OscqValueError(f"This recipe trains --model {model}; use the other recipe script for {recipe.model}.")
     return recipe, training
-
-
-def run_arguments(training: OscillationConfig, output_dir: Path, method: str) -> OscillationConfig:
-    """The Trainer arguments of one run: its own folder; FP runs select on full-precision accuracy (PAPER.md 4);
-    baselines keep the main run's settings but `osc_lambda`, which only the oscillation method uses."""
-    changes = {"output_dir": str(output_dir / "training" / method), "osc_method": method, "push_to_hub": False}
-    if method != OSCILLATION:
-        changes["osc_lambda"] = DEFAULT_OSC_LAMBDA
-    metric = training.metric_for_best_model
-    if method == NONE and metric and re.fullmatch(r"(eval_)?w\d+_accuracy", metric):
-        changes["metric_for_best_model"] = "accuracy"
-    return dataclasses.replace(training, **changes)
 
 
 def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig, data, output_dir: Path):
@@ -175,10 +162,7 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: Ima
     """How a run was trained and on how many images its cross-bit table was measured: next to its weights
     (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the export's manifest (the cards say both counts)."""
     return {
-        "osc_method": args.osc_method,
-        "osc_bits": args.osc_bits,
-        "osc_lambda": args.osc_lambda,
-        "osc_penalty_normalization": args.osc_penalty_normalization,
+        **args.method_settings(),
         "osc_bn_recalibration_samples": args.osc_bn_recalibration_samples,
         "dataset": recipe.dataset,
         "dataset_id": DATASETS[recipe.dataset].hub_id,  # the Hub id of the dataset, None for scikit-learn's digits
@@ -254,9 +238,10 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         max_eval_samples=recipe.max_eval_samples,
         validation_fraction=recipe.validation_fraction,
     )
-    tables, trainer = {}, None
+    tables, tags, trainer = {}, {}, None
     for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
         run_trainer, tables[method] = train_one(method, recipe, training, data, output_dir)
+        tags[method] = run_tag(run_trainer.args)
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
     summary = {
@@ -265,7 +250,7 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         "world_size": trainer.args.world_size,
         "tables": tables,
         # the images the evaluation's re-estimation forwarded: all of the training split when it holds fewer
-        "table": cross_bit_markdown(tables, training, len(data.eval), trainer.bn_recalibration_samples),
+        "table": cross_bit_markdown(tables, training, len(data.eval), trainer.bn_recalibration_samples, tags),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():
@@ -290,13 +275,19 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
 
 
 def cross_bit_markdown(
-    tables: dict, training: OscillationConfig, eval_samples: int, recalibration_samples: int
+    tables: dict,
+    training: OscillationConfig,
+    eval_samples: int,
+    recalibration_samples: int,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """The recipe's table as it prints it and writes it to `cross_bit.md`: a caption saying what was measured (on
     how many test images, and BatchNorm re-estimated on `recalibration_samples` training images or plain rounding
-    when 0), then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`)."""
+    when 0), then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`):
+    `tags[method]`, by default the tag of `training.for_method(method)`."""
+    tags = tags or {}
     rows = {
-        run_label(method) if method == NONE else f"{run_label(method)} @{training.osc_bits}": table
+        tags.get(method) or run_tag(run_arguments(training, Path(training.output_dir), method)): table
         for method, table in tables.items()
     }
     rounding = (

@@ -12,7 +12,7 @@ from ..paper import CITATION
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION
 from ..versions import INSTALL_COMMAND, library_versions
-from .methods import OSCILLATION, method_sentence
+from .methods import get_method
 from .metrics import cross_bit_table
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "trainer_card.md"
@@ -94,9 +94,9 @@ def render_trainer_card(
         data,
         template_path=str(TEMPLATE_PATH),
         title=model_name,
-        method=method_sentence(args.osc_method, spec.bits, args.osc_lambda, args.osc_penalty_normalization),
+        method=get_method(args.osc_method).sentence(args.method_settings()),
         osc_method=args.osc_method,
-        osc_lambda=args.osc_lambda if args.osc_method == OSCILLATION else None,
+        osc_lambda=args.osc_lambda if get_method(args.osc_method).uses_lambda else None,
         bits=spec.bits,
         levels=2 * spec.max_code + 1,
         granularity=spec.describe_granularity,

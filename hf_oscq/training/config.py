@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..errors import OscqValueError
+from ..quantization.kurtosis import UNIFORM_KURTOSIS
 from ..quantization.penalty import DEFAULT_PENALTY_NORMALIZATION, PENALTY_NORMALIZATIONS, validate_normalization
 from ..quantization.spec import (
     DEFAULT_BN_RECALIBRATION_SAMPLES,
@@ -21,13 +23,15 @@ from ..quantization.spec import (
     validate_bits,
 )
 from .guards import check_sharding
-from .methods import OSC_METHODS, OSCILLATION
+from .methods import DEFAULT_METHOD, OSC_METHODS, get_method, method_names
+from .methods.dampening import DAMPENING_SCHEDULES
+from .methods.multibit import DEFAULT_MULTIBIT_BITS
 
 # The paper's normalization (layer_mean) with lambda 10: the only setting measured to meet the cross-bit goal on
 # ResNet-18 (docs/RESULTS.md, pilot: 3-bit training keeps 76.8 % at 2 bits against 13.6 % for FP + PTQ and 17.0 %
 # for QAT @3, BatchNorm re-estimated, within 1 point of QAT at 3 bits). No setting measured gives the tiny ViT
 # robustness at 2 bits; lambda 10 costs it 7 points against QAT at 3 bits there (62.1 vs 68.8).
-DEFAULT_OSC_LAMBDA = 10.0
+DEFAULT_OSC_LAMBDA = get_method(DEFAULT_METHOD).default_lambda
 
 
 @dataclass
@@ -44,10 +48,16 @@ class OscillationConfig(TrainingArguments):
         osc_method (`str`, *optional*, defaults to `"oscillation"`):
             `"oscillation"`: task loss + `osc_lambda` x oscillation penalty, full-precision forward pass (the paper's
             regularizer); `"qat"`: forward pass through fake-quantized weights (the QAT baseline); `"none"`: plain
-            training.
-        osc_lambda (`float`, *optional*, defaults to `10.0`):
-            Weight of the oscillation penalty, >= 0. Used by `osc_method="oscillation"` only; another value with
-            `"qat"` or `"none"` warns that it is ignored. The default, with the paper's `"layer_mean"`, is the
+            training. The peers that make the same promise: `"kure"` (task loss + `osc_lambda` x KURE's kurtosis
+            penalty, Shkolnik et al. 2020), `"multibit_qat"` (the mean of the task losses with the weights
+            fake-quantized at each of `osc_multibit_bits`), `"dampening"` (QAT + `osc_lambda` x Nagel et al.'s
+            dampening term, which pulls weights to their grid points). `hf_oscq.training.methods` holds one module per
+            method and the registry of their names.
+        osc_lambda (`float`, *optional*):
+            Weight of the method's term, >= 0: the oscillation penalty (default 10), KURE's kurtosis penalty
+            (default 1, the KURE paper's runs) or the dampening term (default 10). Methods without such a term
+            (`"qat"`, `"none"`, `"multibit_qat"`) warn that another value is ignored. The oscillation default, with
+            the paper's `"layer_mean"`, is the
             only setting measured to meet the cross-bit goal on ResNet-18 (Fashion-MNIST, 12,000 images, 3 epochs,
             3-bit training, BatchNorm re-estimated: 76.8 % at 2 bits against 13.6 % for FP + PTQ and 17.0 % for QAT,
             85.0 % at 3 bits against QAT's 85.5 %; `"global_mean"` with 100 reached 46.4 % at 2 bits). With the full
@@ -95,22 +105,38 @@ class OscillationConfig(TrainingArguments):
             (all of `train_dataset` when it is smaller), drawn with the run's `seed`, augmentation included, in
             batches of `per_device_eval_batch_size` (`quantization.batchnorm.calibration_batches`).
 
+        > Methods that make the same promise (docs/RESULTS.md compares them)
+
+        osc_kurtosis_target (`float`, *optional*, defaults to `1.8`):
+            `"kure"`: the kurtosis each layer's weights are pulled to (1.8: a uniform distribution).
+        osc_multibit_bits (`list[int]`, *optional*, defaults to `[2, 4, 8]`):
+            `"multibit_qat"`: the bit-widths trained together, one forward and backward pass each per step.
+        osc_dampening_schedule (`str`, *optional*, defaults to `"cosine"`):
+            `"dampening"`: `"cosine"` (Nagel et al.'s: weight 0 for the first quarter of training, then a cosine
+            rise to `osc_lambda`) or `"constant"` (`osc_lambda` throughout).
+
     Raises:
         OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the
             quantizer cannot handle (FSDP1, DeepSpeed ZeRO-3, QAT with activation checkpointing).
     """
 
     osc_method: str = field(
-        default=OSCILLATION,
+        default=DEFAULT_METHOD,
         metadata={
             "help": "'oscillation': task loss + osc_lambda x oscillation penalty, full-precision forward (the paper's "
-            "regularizer); 'qat': forward through fake-quantized weights (the QAT baseline); 'none': plain training.",
+            "regularizer); 'qat': forward through fake-quantized weights (the QAT baseline); 'none': plain training; "
+            "'kure': + osc_lambda x kurtosis penalty; 'multibit_qat': QAT at every bit of osc_multibit_bits at once; "
+            "'dampening': QAT + osc_lambda x oscillation dampening.",
             "choices": list(OSC_METHODS),
         },
     )
     osc_bits: int = field(default=3, metadata={"help": "Target bit-width of the penalty or of QAT, in [2, 8]."})
-    osc_lambda: float = field(
-        default=DEFAULT_OSC_LAMBDA, metadata={"help": "Weight of the oscillation penalty (osc_method='oscillation')."}
+    osc_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the method's term: the oscillation penalty (default 10), KURE's (default 1) or the "
+            "dampening term (default 10)."
+        },
     )
     osc_penalty_normalization: str = field(
         default=DEFAULT_PENALTY_NORMALIZATION,
@@ -161,10 +187,26 @@ class OscillationConfig(TrainingArguments):
         },
     )
 
+    osc_kurtosis_target: float = field(
+        default=UNIFORM_KURTOSIS,
+        metadata={"help": "osc_method='kure': the kurtosis each layer's weights are pulled to (1.8: uniform)."},
+    )
+    osc_multibit_bits: list[int] = field(
+        default_factory=lambda: list(DEFAULT_MULTIBIT_BITS),
+        metadata={"help": "osc_method='multibit_qat': the bit-widths trained together."},
+    )
+    osc_dampening_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "osc_method='dampening': 'cosine' (0 for the first quarter of training, then a cosine rise to "
+            "osc_lambda) or 'constant'.",
+            "choices": list(DAMPENING_SCHEDULES),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
-        if self.osc_method not in OSC_METHODS:
-            raise OscqValueError(f"osc_method must be one of {OSC_METHODS}, got {self.osc_method!r}.")
+        method = get_method(self.osc_method)
         try:
             validate_bits(self.osc_bits)
             self.osc_eval_bits = sorted({validate_bits(b) for b in self.osc_eval_bits})
@@ -186,15 +228,13 @@ class OscillationConfig(TrainingArguments):
                     f"{self.osc_intermediate_eval_bits}."
                 )
         self.quant_spec  # noqa: B018 - validates the patterns
+        method.warn_ignored_lambda(self.osc_lambda, DEFAULT_OSC_LAMBDA)
+        if self.osc_lambda is None:
+            self.osc_lambda = method.default_lambda if method.uses_lambda else DEFAULT_OSC_LAMBDA
         if not (isinstance(self.osc_lambda, (int, float)) and math.isfinite(self.osc_lambda) and self.osc_lambda >= 0):
             raise OscqValueError(f"osc_lambda must be a finite number >= 0, got {self.osc_lambda!r}.")
-        if self.osc_method != OSCILLATION and self.osc_lambda not in (0, DEFAULT_OSC_LAMBDA):
-            warnings.warn(
-                f"osc_lambda={self.osc_lambda} is ignored with osc_method={self.osc_method!r}: only 'oscillation' "
-                "adds the penalty.",
-                UserWarning,
-                stacklevel=2,
-            )
+        self._warn_ignored_settings(method)
+        method.validate(self)
         try:
             validate_normalization(self.osc_penalty_normalization)
         except OscqValueError as error:
@@ -202,6 +242,47 @@ class OscillationConfig(TrainingArguments):
         if self.osc_bn_recalibration_samples < 0:
             raise OscqValueError("osc_bn_recalibration_samples must be >= 0 (0 disables BatchNorm re-estimation).")
         check_sharding(self)
+
+    def _warn_ignored_settings(self, method) -> None:
+        """Warns for each setting of another method that differs from its default: the run ignores it."""
+        defaults = {item.name: item for item in dataclasses.fields(self)}
+        for other in method_names():
+            for name in get_method(other).settings:
+                if name in method.settings or name not in defaults:
+                    continue
+                if getattr(self, name) != _default(defaults[name]):
+                    warnings.warn(
+                        f"{name}={getattr(self, name)!r} is ignored with osc_method={self.osc_method!r}: only "
+                        f"osc_method={other!r} uses it.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+
+    def for_method(self, method: str, **changes) -> OscillationConfig:
+        """These arguments for a run of another method (a recipe's baseline): `osc_lambda` back to that method's
+        default, and the settings only the other methods read back to theirs, so that none is reported as ignored.
+        `changes` are more fields to replace."""
+        defaults = {item.name: item for item in dataclasses.fields(self)}
+        own = get_method(method).settings
+        reset = {
+            name: _default(defaults[name])
+            for other in method_names()
+            for name in get_method(other).settings
+            if name not in own and name in defaults
+        }
+        return dataclasses.replace(self, **{"osc_method": method, "osc_lambda": None, **reset, **changes})
+
+    def method_settings(self) -> dict:
+        """The run's method and the settings it reads, as training records and model cards store them: `osc_method`,
+        `osc_bits`, `osc_lambda`, `osc_penalty_normalization` and the method's own settings."""
+        method = get_method(self.osc_method)
+        settings = {
+            "osc_method": self.osc_method,
+            "osc_bits": self.osc_bits,
+            "osc_lambda": self.osc_lambda,
+            "osc_penalty_normalization": self.osc_penalty_normalization,
+        }
+        return settings | {name: getattr(self, name) for name in method.settings}
 
     def __getstate__(self) -> dict:
         # The Trainer pickles these arguments into training_args.bin in every checkpoint and output folder (and
@@ -228,3 +309,8 @@ class OscillationConfig(TrainingArguments):
             exclude_modules=self.osc_exclude_modules,
             group_size=self.osc_group_size,
         )
+
+
+def _default(item: dataclasses.Field):
+    """The default value of a dataclass field."""
+    return item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default

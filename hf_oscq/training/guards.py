@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import OscqValueError
 from ..quantization.sharding import local_shard
+from .methods import get_method
 
 
 def _env_flag(name: str) -> bool:
@@ -46,6 +47,11 @@ def check_sharding(args) -> None:
             "weights into slices that do not follow tensor rows. Set fsdp_config={'version': 2} (the Trainer's "
             "default) or fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp.yaml)."
         )
+    if version is not None and not get_method(args.osc_method).sharding_aware:
+        raise OscqValueError(
+            f"osc_method={args.osc_method!r} does not handle FSDP2-sharded weights (its terms need whole tensors): "
+            "train it with DDP (accelerate launch --multi_gpu) or on one process."
+        )
     zero3 = False
     if args.deepspeed:
         config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
@@ -63,11 +69,12 @@ def check_sharding(args) -> None:
             or _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
         )
     )
-    if args.osc_method == "qat" and checkpointing:
+    if checkpointing and get_method(args.osc_method).quantized_forward:
         raise OscqValueError(
-            "osc_method='qat' does not support activation (gradient) checkpointing: the recomputed forward pass "
-            "would use the full-precision weights. Disable activation_checkpointing (and FSDP's "
-            "activation_checkpointing) or use osc_method='oscillation'."
+            f"osc_method={args.osc_method!r} does not support activation (gradient) checkpointing: its forward pass "
+            "sees fake-quantized weights, and the recomputed one would use the full-precision weights. Disable "
+            "activation_checkpointing (and FSDP's activation_checkpointing) or use a method with a full-precision "
+            "forward pass (osc_method='oscillation' or 'kure')."
         )
 
 

@@ -17,9 +17,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .. import _compat
 from ..errors import OscqValueError
 from ..quantization.batchnorm import calibration_batches, counted, has_batchnorm, warn_if_stale_statistics
-from ..quantization.fused import PenaltyWorkspace, fused_oscillation_penalty
+from ..quantization.fused import PenaltyWorkspace
 from ..quantization.ptq import quantized_weights
-from ..quantization.qat import fake_quantized_forward
 from ..quantization.selection import output_dim, weight_owners
 from ..quantization.sharding import current_weights
 from ..quantization.spec import DEFAULT_BN_RECALIBRATION_SAMPLES
@@ -27,7 +26,7 @@ from ..quantization.variants import variant_name
 from .config import OscillationConfig
 from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
-from .methods import OSCILLATION, QAT
+from .methods import TrainingStep, get_method
 from .metrics import compute_accuracy, cross_bit_table
 
 logger = logging.getLogger(__name__)
@@ -42,19 +41,26 @@ def _is_classifier(model: nn.Module | None) -> bool:
 
 
 class OscillationTrainer(Trainer):
-    """A `Trainer` that trains with the oscillation regularizer (or QAT, or plainly) and evaluates every bit-width.
+    """A `Trainer` that trains with the oscillation regularizer (or a baseline or peer method) and evaluates every
+    bit-width.
 
     * `osc_method="oscillation"`: loss = task loss + `osc_lambda` x `oscillation_penalty`, training only; the forward
       pass uses the full-precision weights.
     * `osc_method="qat"`: the forward pass sees fake-quantized weights (straight-through estimator); the model keeps
       its latent full-precision weights and parameter names.
     * `osc_method="none"`: plain training.
+    * `osc_method="kure"`, `"multibit_qat"`, `"dampening"`: the peers that make the same promise (KURE's kurtosis
+      penalty, QAT at several bit-widths at once, QAT with Nagel et al.'s dampening term).
+
+    What each method adds to the loss or the forward pass lives in its module of `hf_oscq.training.methods`; the
+    Trainer asks `get_method(args.osc_method)` for the loss of each training step.
 
     Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
     so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. For a
     causal language model every loss also comes as a perplexity, `exp(loss)` (`eval_perplexity`,
-    `eval_w{b}_perplexity`). Training logs carry `task_loss` and, in oscillation mode, `osc_penalty`, averaged over
-    each logging interval.
+    `eval_w{b}_perplexity`). Training logs carry `task_loss` and each method's penalty under its own name
+    (`osc_penalty`, `kurtosis_penalty`, `dampening_penalty`; multi-bit QAT's task loss at each bit-width as
+    `task_loss_w2`, ...), averaged over each logging interval.
 
     Under DDP, the penalty is linked into the wrapped model's output loss (with weight 0: values and gradients are
     unchanged), so that DDP's search for parameters the forward pass did not use (`ddp_find_unused_parameters`, on
@@ -142,28 +148,11 @@ class OscillationTrainer(Trainer):
         return True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        args = self.args
         if not model.training:
             return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
-        penalty, spec = None, args.quant_spec
-        if args.osc_method == OSCILLATION:
-            # Before the forward pass: autograd then runs the penalty's backward last and adds its gradient into the
-            # task gradient in place instead of allocating a sum.
-            penalty = fused_oscillation_penalty(
-                self._quantized_weights(),
-                workspace=self._osc_workspace,
-                spec=spec,
-                normalization=args.osc_penalty_normalization,
-                out_dims=self._output_dims(),
-            )
-            if self._through_ddp(model):
-                self._osc_pending_penalty = penalty
-        if args.osc_method == QAT:
-            with fake_quantized_forward(self.model, self._quantized_weights(), spec=spec):
-                result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
-        else:
-            result = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = result if return_outputs else (result, None)
+        step = TrainingStep(self, model, inputs, return_outputs, num_items_in_batch)
+        result = get_method(self.args.osc_method).loss(step)
+        loss = result.task_loss
         check_finite_loss(loss, self.model, self.state.global_step + 1, self.args.fp16)
         # The Trainer divides the returned loss by the accumulation steps unless the task loss is already scaled.
         accumulation = self.current_gradient_accumulation_steps
@@ -171,12 +160,14 @@ class OscillationTrainer(Trainer):
         # Metrics are recorded as this micro-batch's share of the optimizer step, like the Trainer's own loss.
         if not self._osc_metrics:
             self._osc_first_step = self.state.global_step
-        self._osc_metrics["task_loss"].append(loss.detach() / (accumulation if trainer_divides else 1))
-        if penalty is not None:
-            self._osc_metrics["osc_penalty"].append(penalty.detach() / accumulation)
-            weight = args.osc_lambda if trainer_divides else args.osc_lambda / accumulation
-            loss = loss + weight * penalty.to(loss.dtype)
-        return (loss, outputs) if return_outputs else loss
+        task_share = accumulation if trainer_divides else 1
+        self._osc_metrics["task_loss"].append(loss.detach() / task_share)
+        for name, value in result.logs.items():
+            self._osc_metrics[name].append(value.detach() / task_share)
+        for name, (penalty, weight) in result.penalties.items():
+            self._osc_metrics[name].append(penalty.detach() / accumulation)
+            loss = loss + (weight if trainer_divides else weight / accumulation) * penalty.to(loss.dtype)
+        return (loss, result.outputs) if return_outputs else loss
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """`Trainer.compute_loss`; a failure for want of labels says how to name them."""

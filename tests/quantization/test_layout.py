@@ -175,3 +175,13 @@ def test_expand_scale_broadcasts_stored_scales():
     scale = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # (out=3, groups=2)
     assert expand_scale(scale, (3, 4)).tolist() == [[1, 1, 2, 2], [3, 3, 4, 4], [5, 5, 6, 6]]
     assert expand_scale(scale, (4, 3), out_dim=1).tolist() == [[1, 3, 5], [1, 3, 5], [2, 4, 6], [2, 4, 6]]
+
+
+@pytest.mark.parametrize(
+    "shape, scale_shape, out_dim",
+    [((0, 5), (0, 1), 0), ((0, 6), (0, 2), 0), ((5, 0), (0, 1), 1), ((0, 3, 2, 2), (0, 1, 1, 1), 0)],
+)
+def test_expand_scale_of_a_weight_without_output_channels(shape, scale_shape, out_dim):
+    """An FSDP2 process may hold no row of a weight: per-channel and group-wise scales then have no row either, in
+    every layout (output channels in dim 0 or 1, Linear or Conv)."""
+    assert expand_scale(torch.zeros(scale_shape), shape, out_dim).shape == shape

@@ -17,7 +17,8 @@ from torch.func import functional_call
 from transformers import AutoModelForImageClassification
 
 import hf_oscq  # noqa: F401  (loads the exported checkpoints)
-from hf_oscq import fake_quantize, oscillation_penalty, quantize_model, select_weights
+from hf_oscq import QuantSpec, fake_quantize, kurtosis_penalty, oscillation_penalty, quantize_model, select_weights
+from hf_oscq.quantization.dampening import weights_dampening_penalty
 from hf_oscq.quantization.sharding import all_reduce, gather, is_sharded, local_shard
 from hf_oscq.scripts.data import load_image_dataset
 
@@ -193,3 +194,25 @@ def test_row_sharded_conv1d_with_channel_or_group_scales_is_refused_naming_the_w
         check_shard_layout(shard, spec, 0, "fc.weight")  # rows are output channels: every scale on one process
     check_shard_layout(shard, QuantSpec(3), 1, "c_attn.weight")  # one scale per tensor, reduced across shards
     check_shard_layout(LocalShard(torch.zeros(6, 8), 48, ()), QuantSpec(3, "per_channel"), 1, "c_attn.weight")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, penalty_of",
+    [
+        ("kurtosis", lambda net: kurtosis_penalty(net)),
+        ("dampening", lambda net: weights_dampening_penalty(select_weights(net), QuantSpec(BITS))),
+        (
+            "dampening_channel",
+            lambda net: weights_dampening_penalty(select_weights(net), QuantSpec(BITS, "per_channel")),
+        ),
+    ],
+)
+def test_peer_penalties_of_sharded_weights_equal_the_whole_model_penalty(sharded, name, penalty_of):
+    """KURE's moments and the dampening term's scale and sums cover whole tensors: every process gets the penalty
+    of the whole model, and its rows the gradient of it (uneven shards, a process without rows)."""
+    net = build_net()
+    penalty = penalty_of(net)
+    penalty.backward()
+    torch.testing.assert_close(sharded[f"{name}_values"], penalty.detach().float().expand(2), rtol=1e-5, atol=0)
+    _assert_grads(sharded, f"{name}_grad", _grads(net))
