@@ -101,6 +101,8 @@ PROFILES = {
         "per_model": {},
     },
 }
+# The methods that make the same promise, side by side (docs/RESULTS.md, "Peers"): the pilot's data and schedule.
+PROFILES["peers"] = PROFILES["pilot"]
 # Investigations (docs/RESULTS.md, "Why"): the same cells with one setting changed.
 VARIANTS = {"e6": {"num_train_epochs": 6}}
 MAIN_LAMBDA = 10.0  # the reference measurement's best ResNet-18 value at 3 bits (issue 7), fixed before this grid
@@ -112,11 +114,18 @@ RECIPE_MODEL = {"resnet18in": "resnet18"}  # grid model -> recipe --model; resne
 FULL_LAMBDA = {"layer_mean": 10.0, "global_mean": 100.0}
 FULL_SWEEP = {"layer_mean": (1.0, 10.0, 100.0), "global_mean": (10.0, 100.0, 1000.0)}
 PILOT_SWEEP = {"layer_mean": (1.0, 10.0, 100.0), "global_mean": (10.0, 30.0, 100.0, 300.0, 1000.0)}
+# The peers' settings compared (PEERS.md): KURE's lambda on two values around its paper's 1.0; multi-bit QAT on
+# {2, 4, 8} (MatQuant's nesting), evaluated at the unseen 3, 5, 6, 7 too; dampening at its default.
+KURE_LAMBDAS = (0.1, 1.0)
+MULTIBIT_BITS = (2, 4, 8)
+DAMPENING_LAMBDA = 10.0
+PEER_MODELS = ("vit", "resnet18in")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid: `method` is an osc_method ("none" = FP), `bits` its target bit-width."""
+    """One training run of the grid: `method` is an osc_method ("none" = FP), `bits` its target bit-width (for
+    "multibit_qat" the largest of `MULTIBIT_BITS`, which it trains together)."""
 
     model: str
     method: str
@@ -133,6 +142,12 @@ class Cell:
             return f"{self.model}_fp_s{self.seed}{suffix}"
         if self.method == "qat":
             return f"{self.model}_qat{self.bits}_s{self.seed}{suffix}"
+        if self.method == "kure":
+            return f"{self.model}_kure_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
+        if self.method == "multibit_qat":
+            return f"{self.model}_mbqat{''.join(map(str, MULTIBIT_BITS))}_s{self.seed}{suffix}"
+        if self.method == "dampening":
+            return f"{self.model}_damp{self.bits}_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
         tag = "gm" if self.normalization == "global_mean" else ""
         return f"{self.model}_osc{self.bits}{tag}_lam{self.osc_lambda:g}_s{self.seed}{suffix}"
 
@@ -204,11 +219,31 @@ def pilot_grid(models: tuple[str, ...] = ("vit", "resnet18in")) -> list[Cell]:
     return cells
 
 
+def peers_grid(models: tuple[str, ...] = PEER_MODELS) -> list[Cell]:
+    """The `peers` profile: FP + PTQ, QAT @3, the regularizer @3 (the package's defaults), KURE at each of
+    `KURE_LAMBDAS`, dampening @3 and multi-bit QAT, for seeds 0 then 1; the tiny ViT first (a third of ResNet-18's
+    cost), multi-bit QAT last within each (it costs about three QAT runs)."""
+    cells = []
+    for seed in (0, 1):
+        for model in models:
+            cells += [
+                Cell(model, "none", None, None, seed),
+                Cell(model, "oscillation", 3, MAIN_LAMBDA, seed),
+                Cell(model, "qat", 3, None, seed),
+                *[Cell(model, "kure", None, osc_lambda, seed) for osc_lambda in KURE_LAMBDAS],
+                Cell(model, "dampening", 3, DAMPENING_LAMBDA, seed),
+                Cell(model, "multibit_qat", max(MULTIBIT_BITS), None, seed),
+            ]
+    return cells
+
+
 def profile_grid(profile: str) -> list[Cell]:
-    return {"full": full_grid, "pilot": pilot_grid}.get(profile, grid)()
+    return {"full": full_grid, "pilot": pilot_grid, "peers": peers_grid}.get(profile, grid)()
 
 
 def results_folder(profile: str) -> Path:
+    if profile == "peers":
+        return RESULTS_DIR / "peers"
     return RESULTS_DIR / ("quality" if profile == "cpu" else f"quality_{profile}")
 
 
@@ -252,12 +287,16 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
         track_oscillations=False,
         export=False,
     )
+    method_settings = {"osc_multibit_bits": list(MULTIBIT_BITS)} if cell.method == "multibit_qat" else {}
+    if cell.method in ("oscillation", "kure", "dampening"):
+        method_settings["osc_lambda"] = cell.osc_lambda
+    if cell.method == "oscillation":
+        method_settings["osc_penalty_normalization"] = cell.normalization
     training = OscillationConfig(
         output_dir=str(work_dir / cell.name),
         osc_method=cell.method,
         osc_bits=cell.bits or 3,
-        osc_lambda=cell.osc_lambda or 0.0,
-        osc_penalty_normalization=cell.normalization,
+        **method_settings,
         num_train_epochs=settings["num_train_epochs"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
         per_device_eval_batch_size=settings["per_device_eval_batch_size"],
@@ -287,6 +326,33 @@ def _prepare(cell: Cell, data_dir: str | None, work_dir: Path, settings: dict):
     if held_out:  # score on images held out of the training split: lambda is chosen on these, never on the test split
         data.eval = data.validation
     return recipe, training, data
+
+
+def _evaluated_on(recipe, settings: dict, data) -> dict:
+    """What a cell's tables were measured on: the dataset's Hub id, the split, the number of images, the metric."""
+    from hf_oscq.scripts.data import DATASETS
+
+    held_out = bool(settings.get("validation_samples"))
+    return {
+        "dataset": DATASETS[recipe.dataset].hub_id or recipe.dataset,
+        "split": "train (held out of training)" if held_out else "test",
+        "examples": len(data.eval),
+        "metric": "top-1 accuracy",
+        "tables": {"plain": "plain rounding", "bn": "BatchNorm statistics re-estimated after rounding"},
+    }
+
+
+def _versions() -> dict:
+    """The versions of the libraries a cell ran on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("hf_oscq", "torch", "transformers", "accelerate", "timm", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def batchnorm_cross_bit(trainer, data, samples: int) -> dict:
@@ -328,16 +394,23 @@ def run_cell(cell: Cell, data_dir: str | None, work_dir: Path, profile: str = "c
         bn = batchnorm_cross_bit(trainer, data, settings["bn_recalibration_samples"])
         bn_seconds = time.perf_counter() - start
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    runtime = next((entry["train_runtime"] for entry in trainer.state.log_history if "train_runtime" in entry), None)
     return {
         "cell": asdict(cell) | {"name": cell.name},
         "profile": profile,
         "settings": settings,
+        "method_settings": trainer.args.method_settings(),
+        "evaluated_on": _evaluated_on(recipe, settings, data),
         "plain": plain,
         "bn": bn,
         "has_batchnorm": has_batchnorm,
         "train_log": losses,
         "seconds": {"train_and_plain_eval": train_and_plain_seconds, "bn_eval": bn_seconds},
+        "train_seconds": runtime,
+        "train_steps": trainer.state.global_step,
         "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": _versions(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
@@ -463,14 +536,16 @@ def main(argv: list[str] | None = None) -> int:
         "the current re-estimation, keeping the previous one in the JSON.",
     )
     args = parser.parse_args(argv)
-    args.models = args.models or list(FULL_MODELS if args.profile in ("full", "pilot") else MODELS)
+    args.models = args.models or list(
+        PEER_MODELS if args.profile == "peers" else FULL_MODELS if args.profile in ("full", "pilot") else MODELS
+    )
     from hf_oscq.errors import configure_logging
 
     configure_logging(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.profile in ("full", "pilot"):
+    if args.profile in ("full", "pilot", "peers"):
         cells = [cell for cell in profile_grid(args.profile) if cell.model in args.models]
     else:
         cells = sorted(
