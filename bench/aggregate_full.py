@@ -277,13 +277,14 @@ def render(
     return "\n".join(out)
 
 
-def write_block(text: str, document: Path) -> None:
-    """Replaces this script's generated block of `document`, keeping everything around it."""
+def write_block(text: str, document: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the generated block between `begin` and `end` (this script's markers by default) of `document`,
+    keeping everything around it."""
     old = document.read_text()
-    if BEGIN not in old or END not in old:
-        raise ValueError(f"{document} lacks the markers {BEGIN!r} ... {END!r}: add them where the tables go.")
-    head, rest = old.split(BEGIN, 1)
-    document.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    if begin not in old or end not in old:
+        raise ValueError(f"{document} lacks the markers {begin!r} ... {end!r}: add them where the tables go.")
+    head, rest = old.split(begin, 1)
+    document.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,3 +327,57 @@ def test_overhead_lm_workload_times_every_mode_on_the_decoder_projections_group_
     medians = result["median_step_seconds"]
     assert set(medians) == set(overhead.MODES) and all(value > 0 for value in medians.values())
     assert result["ratio_to_fp"] == {mode: medians[mode] / medians["fp"] for mode in overhead.MODES}
+
+
+aggregate_peers = _load("aggregate_peers")
+
+
+def _peer_record(method, osc_lambda, seed, table, bits=None, multibit=None):
+    record = _record("vit", method, bits, osc_lambda, seed, table)
+    record["method_settings"] = {"osc_method": method, **({"osc_multibit_bits": multibit} if multibit else {})}
+    record["train_seconds"] = 600.0
+    record["evaluated_on"] = {"dataset": "d", "split": "train (held out of training)", "examples": 2, "metric": "m"}
+    return record
+
+
+def test_peers_grid_covers_every_method_and_seed_in_priority_order():
+    cells = quality.peers_grid()
+    names = [cell.name for cell in cells]
+    assert len(names) == len(set(names)) == 2 * 2 * 7
+    assert names[:7] == [
+        "vit_fp_s0",
+        "vit_osc3_lam10_s0",
+        "vit_qat3_s0",
+        "vit_kure_lam0.1_s0",
+        "vit_kure_lam1_s0",
+        "vit_damp3_lam10_s0",
+        "vit_mbqat248_s0",
+    ]
+    assert [cell.seed for cell in cells] == [0] * 14 + [1] * 14
+    assert quality.results_folder("peers").name == "peers"
+
+
+def test_peers_goal_rows_on_hand_made_means():
+    """Regularizer vs KURE's better lambda at every bit-width, vs multi-bit QAT at the bit-widths neither trained (5,
+    6, 7) with the step-cost ratio, and dampening measurably worse at the bit below the target (two seeds each)."""
+    flat = {b: 0.80 for b in range(2, 9)}
+    records = []
+    for seed, jitter in ((0, 0.0), (1, 0.002)):
+        records += [
+            _peer_record("oscillation", 10.0, seed, _table(0.80, {**flat, 2: 0.60 + jitter, 5: 0.795}), bits=3),
+            _peer_record("kure", 0.1, seed, _table(0.80, {**flat, 2: 0.30, 5: 0.79}), bits=None),
+            _peer_record("kure", 1.0, seed, _table(0.80, {**flat, 2: 0.40, 3: 0.805}), bits=None),
+            _peer_record("multibit_qat", None, seed, _table(0.80, {**flat, 5: 0.80, 6: 0.81}), 8, [2, 4, 8]),
+            _peer_record("dampening", 10.0, seed, _table(0.80, {**flat, 2: 0.20 - jitter}), bits=3),
+        ]
+    groups = aggregate_peers.summarize(records)
+    costs = {"results": {"vit": {"ratio_to_plain": {"oscillation": 1.3, "multibit_qat": 3.0}}}}
+    rows = aggregate_peers.goal_rows(groups, "vit", "plain", costs, 10.0)
+    assert [row["holds"] for row in rows] == [False, True, True]
+    assert rows[0]["values"] == "smallest margin -0.5 points at w3"  # 80.0 against KURE lambda 1's 80.5
+    assert "(w5, w6, w7)" in rows[1]["goal"] and rows[1]["values"].startswith("smallest margin -1.0 points at w6")
+    assert "step cost 0.43 of multi-bit QAT's" in rows[1]["values"]
+    assert rows[2]["values"].startswith("60.1 vs 19.9 (+40.2 points")
+    table = aggregate_peers.table_markdown(groups, aggregate_peers.ordered(groups, "vit"), "plain")
+    assert "| multi-bit QAT {2,4,8} | 2 | 80.0 ± 0.0 | **80.0 ± 0.0** | 80.0 ± 0.0 | **80.0 ± 0.0** |" in table
+    assert table.index("regularizer @3") < table.index("KURE, lambda 0.1") < table.index("dampening @3")
