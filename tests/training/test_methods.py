@@ -265,3 +265,29 @@ def test_peers_under_ddp_match_one_process_with_the_same_global_batch(tmp_path):
 
 def logs_of(folder: Path) -> dict:
     return json.loads((folder / "log.json").read_text())[0]
+
+
+def test_cards_and_the_space_show_a_curve_for_every_method():
+    """An export's `comparisons` keyed by every method's comparison key: the cards' comparison table and the Space's
+    accuracy view name each run by its method's label."""
+    sys.path.insert(0, str(ROOT / "space"))
+    from oscq_space.families import Family
+    from oscq_space.figures import accuracy_table, family_tables
+
+    from hf_oscq.hub.card_facts import comparison_tables
+
+    table = {"fp": {"accuracy": 0.9}, "w2": {"accuracy": 0.5}}
+    comparisons = {get_method(name).comparison_key: table for name in OSC_METHODS if name != "oscillation"}
+    manifest = {"metrics": table, "training": {"osc_method": "oscillation"}, "comparisons": comparisons}
+    assert list(comparison_tables(manifest)) == [
+        "oscillation regularizer (this model)",
+        "QAT",
+        "FP + PTQ",
+        "KURE",
+        "multi-bit QAT",
+        "oscillation dampening",
+    ]
+    family = Family(name="Oscillation · run", method="Oscillation", record=manifest)
+    headers, rows = accuracy_table(family_tables(family, qualify=False))
+    assert [row[0] for row in rows] == ["Oscillation", "QAT", "FP + PTQ", "KURE", "Multi-bit QAT", "Dampening"]
+    assert headers == ["run", "full precision", "2 bits"] and rows[3][1:] == [90.0, 50.0]
