@@ -22,6 +22,8 @@ from aggregate import BITS, COLUMNS, MODES, ROOT, format_cell, load_records, mea
 from aggregate_full import MODEL_TITLES, write_block
 
 BEGIN, END = "<!-- BEGIN GENERATED: bench/aggregate_peers.py -->", "<!-- END GENERATED: bench/aggregate_peers.py -->"
+LM_BEGIN = "<!-- BEGIN GENERATED: bench/aggregate_peers.py, language model -->"
+LM_END = "<!-- END GENERATED: bench/aggregate_peers.py, language model -->"
 # Rows in this order; KURE once per lambda.
 METHOD_ORDER = ("none", "qat", "oscillation", "kure", "dampening", "multibit_qat")
 STYLES = {
@@ -313,12 +315,90 @@ def render(records: list[dict], costs: dict | None, figures_dir: Path, document_
     return "\n".join(out)
 
 
+def lm_label(cell: dict) -> str:
+    method, bits, osc_lambda = cell["method"], cell["bits"], cell["osc_lambda"]
+    return {
+        "none": "FP + PTQ",
+        "qat": f"QAT @{bits}",
+        "oscillation": f"regularizer @{bits}, lambda {osc_lambda:g}" if osc_lambda is not None else "",
+        "kure": f"KURE, lambda {osc_lambda:g}" if osc_lambda is not None else "",
+    }.get(method) or method
+
+
+def render_lm(records: list[dict], scale: dict | None) -> str:
+    """The language-model comparison: perplexity per byte at every bit-width (seed means +- spread), the cost of
+    rounding relative to each run's full precision, and the best run at each bit-width."""
+    out = []
+    if scale:
+        row = next((r for r in scale["rows"] if r["size"] == "micro"), None)
+        if row:
+            costs = row["cost_vs_fp"]
+            out.append(
+                f"Why this setting: plainly trained, the recipe's model ({row['steps']} steps) loses "
+                f"{100 * costs['w3_group32']:.1f} % perplexity rounded at 3 bits with group-wise scales of 32 "
+                f"({100 * costs['w4_group32']:.1f} % at 4 bits, {100 * costs['w3_per_channel']:.1f} % per channel, "
+                f"{100 * costs['w3_per_tensor']:.1f} % per tensor at 3 bits; `bench/results/lm_scale.json`, "
+                f"{row['seconds_per_step']:.2f} s per training step on one shared core).\n"
+            )
+    if not records:
+        return "\n".join(out + ["No cell of `python bench/lm_peers.py` has finished yet."])
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in records:
+        cell = record["cell"]
+        groups[cell["method"], cell["bits"] if cell["method"] != "none" else None, cell["osc_lambda"]].append(record)
+    order = sorted(groups, key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[2] or 0))
+    where = records[0]["evaluated_on"]
+    out.append(
+        f"Measured on {where['dataset']}, {where['split']}, {where['tokens']:,} predicted tokens, {where['metric']}; "
+        f"the recipe's setting (`{records[0]['recipe']['config']}`: {records[0]['recipe']['lm_size']} model, "
+        f"{records[0]['hyperparameters']['max_steps']} steps), group-wise scales of "
+        f"{records[0]['spec'].get('group_size')}; mean +- sample standard deviation over seeds (n).\n"
+    )
+    lines = ["| run | n | " + " | ".join(COLUMNS) + " | minutes per run |", "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+    cost_lines = ["| run | " + " | ".join(f"{c} / fp" for c in COLUMNS[1:]) + " |", "|---|" + "---|" * len(BITS)]
+    for key in order:
+        runs = groups[key]
+        trained = {f"w{key[1]}"} if key[0] in ("qat", "oscillation") else set()
+        cells = []
+        for column in COLUMNS:
+            values = [run["table"][column]["perplexity"] for run in runs]
+            text = f"{mean(values):.2f}" + (f" ± {spread(values):.2f}" if len(values) > 1 else "")
+            cells.append(f"**{text}**" if column in trained else text)
+        minutes = mean([run["train_seconds"] / 60 for run in runs])
+        lines.append(f"| {lm_label(runs[0]['cell'])} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.0f} |")
+        ratios = [
+            mean([run["table"][c]["perplexity"] / run["table"]["fp"]["perplexity"] for run in runs])
+            for c in COLUMNS[1:]
+        ]
+        cost_lines.append(f"| {lm_label(runs[0]['cell'])} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+    best = ["| bit-width | lowest perplexity | runner-up |", "|---|---|---|"]
+    for column in COLUMNS[1:]:
+        ranked = sorted((mean([r["table"][column]["perplexity"] for r in groups[k]]), k) for k in order)
+        if len(ranked) > 1:
+            (first, a), (second, b) = ranked[0], ranked[1]
+            best.append(
+                f"| {column} | {lm_label(groups[a][0]['cell'])} ({first:.2f}) | "
+                f"{lm_label(groups[b][0]['cell'])} ({second:.2f}) |"
+            )
+    out += [
+        "**Perplexity per byte** (lower is better; bold: the run's target bit-width)\n",
+        "\n".join(lines),
+        "\n**What rounding costs each run** (perplexity rounded / its own full precision, seed means)\n",
+        "\n".join(cost_lines),
+        "\n**Best at each bit-width**\n",
+        "\n".join(best),
+    ]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     from quality import results_folder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=Path, default=results_folder("peers"), help="Folder of the peers' JSONs.")
     parser.add_argument("--costs", type=Path, default=ROOT / "bench" / "results" / "method_cost.json")
+    parser.add_argument("--lm", type=Path, default=ROOT / "bench" / "results" / "lm_peers", help="lm_peers.py's")
+    parser.add_argument("--lm_scale", type=Path, default=ROOT / "bench" / "results" / "lm_scale.json")
     parser.add_argument("--document", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs", help="Where the PNG plots go.")
     args = parser.parse_args(argv)
@@ -326,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     costs = json.loads(args.costs.read_text()) if args.costs.exists() else None
     block = render(records, costs, args.figures, args.document.parent)
     write_block(block, args.document, BEGIN, END)
-    sys.stdout.write(f"{len(records)} peers cells -> {args.document}\n")
+    lm_records = load_records(args.lm) if args.lm.exists() else []
+    scale = json.loads(args.lm_scale.read_text()) if args.lm_scale.exists() else None
+    write_block(render_lm(lm_records, scale), args.document, LM_BEGIN, LM_END)
+    sys.stdout.write(f"{len(records)} peers cells, {len(lm_records)} language-model cells -> {args.document}\n")
     return 0
 
 
