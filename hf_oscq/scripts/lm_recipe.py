@@ -61,6 +61,10 @@ class LMRecipeArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub text dataset (implies --dataset hub)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. wikitext-2-raw-v1."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    corpus_file: str | None = field(
+        default=None,
+        metadata={"help": "kjv without Debian's bible-kjv: a file holding `bible -f Gen1:1-Rev22:21`'s output."},
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub model (or local folder) to fine-tune; default: a tiny model from scratch."},
@@ -157,7 +161,7 @@ def build_lm(recipe: LMRecipeArguments, tokenizer) -> torch.nn.Module:
 
 def load_corpus(recipe: LMRecipeArguments) -> TextCorpus:
     if recipe.dataset == KJV:
-        return load_kjv()
+        return load_kjv(recipe.corpus_file)
     return load_hub_text(recipe.dataset_name, recipe.dataset_config, recipe.text_column)
 
 
