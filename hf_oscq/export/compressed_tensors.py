@@ -23,7 +23,6 @@ What the format and its loaders hold, and what is refused at export time (`check
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -31,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as serialize
 from torch import nn
 
@@ -46,19 +44,17 @@ from ..quantization.spec import GROUP, PER_CHANNEL, PER_TENSOR, QuantSpec
 from ..timm_models import CIFAR_RESNET18
 from ..versions import library_versions
 from .checkpoint import VERSION_KEY, _sorted_metadata, read_config, write_config
-from .digest import CONFIG_KEY, DIGEST_KEY, blob_digest, config_differences, config_record, covered_config, file_digest
-from .folder import WEIGHTS_NAME, ExportFolderError, weight_files
+from .digest import CONFIG_KEY, DIGEST_KEY, blob_digest, config_record
+from .folder import WEIGHTS_NAME
 from .formats import COMPRESSED_TENSORS_FORMAT, check_export_format
 
 logger = logging.getLogger(__name__)
 
 PACK_QUANTIZED = "pack-quantized"
 INSTALL_COMPRESSED_TENSORS = "pip install compressed-tensors (or hf_oscq[serve])"
-# The tensors compressed-tensors' pack-quantized compressor stores for a symmetric weight, in place of `weight`.
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 STRATEGIES = {PER_TENSOR: "tensor", PER_CHANNEL: "channel", GROUP: "group"}
 # The checksum's definition (digest.py): header and data, as format version 2 of hf_oscq's own files.
-_DIGEST_VERSION = 2
+DIGEST_VERSION = 2
 
 
 def require_compressed_tensors() -> ModuleType:
@@ -243,7 +239,7 @@ def serialize_compressed_tensors(tensors: Mapping[str, torch.Tensor], config: Ma
     tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     metadata = {"format": "pt", CONFIG_KEY: config_record(config)}
     metadata |= {VERSION_KEY.format(library=name): version for name, version in compressed_tensors_versions().items()}
-    metadata[DIGEST_KEY] = blob_digest(serialize(tensors, metadata=metadata), _DIGEST_VERSION)
+    metadata[DIGEST_KEY] = blob_digest(serialize(tensors, metadata=metadata), DIGEST_VERSION)
     return _sorted_metadata(serialize(tensors, metadata=metadata))
 
 
@@ -304,82 +300,3 @@ def write_compressed_tensors_variant(
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             (folder / extra.name).write_bytes(extra.read_bytes())
     return sum(counts)
-
-
-def compressed_tensors_bits(quantization: Mapping[str, Any]) -> set[int]:
-    """The weight bit-widths a compressed-tensors `quantization_config` dict declares (one per config group)."""
-    groups = quantization.get("config_groups") or {}
-    return {(group.get("weights") or {}).get("num_bits") for group in groups.values() if isinstance(group, dict)}
-
-
-def packed_modules(folder: str | Path) -> list[str]:
-    """The modules a compressed-tensors checkpoint folder stores packed (`"model.layers.0.mlp.up_proj"`), in file
-    order, read from the safetensors headers."""
-    modules = []
-    for path in weight_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as handle:
-            modules += [key.removesuffix(".weight_packed") for key in handle.keys() if key.endswith(".weight_packed")]
-    return modules
-
-
-def verify_compressed_tensors_folder(folder: str | Path) -> None:
-    """Checks a compressed-tensors folder this hf_oscq wrote, without loading the model: `quantization_config` is
-    one compressed-tensors reads (pack-quantized, symmetric integers), every weights file matches its checksum and
-    the config.json it was written with, and every packed module has its three tensors with their dtypes.
-
-    Raises:
-        ExportFolderError: naming the file and what is wrong with it; or when compressed-tensors is missing.
-    """
-    require_compressed_tensors()
-    from compressed_tensors.quantization import QuantizationConfig
-
-    folder = Path(folder)
-    config = read_config(folder)
-    quantization = config.get("quantization_config") or {}
-    try:
-        parsed = QuantizationConfig.model_validate(quantization)
-    except ValueError as error:
-        raise ExportFolderError(
-            f"{folder}/config.json has an invalid compressed-tensors quantization_config: {error}"
-        ) from None
-    if parsed.format != PACK_QUANTIZED or any(not group.weights.symmetric for group in parsed.config_groups.values()):
-        raise ExportFolderError(
-            f"{folder}/config.json is not a symmetric {PACK_QUANTIZED} compressed-tensors checkpoint: export it again."
-        )
-    files = weight_files(folder)
-    if not files:
-        raise ExportFolderError(f"{folder} has no {WEIGHTS_NAME}: export it again.")
-    for path in files:
-        _verify_file(path, config)
-
-
-def _verify_file(path: Path, config: dict[str, Any]) -> None:
-    fix = "Export the model again, or download the file again."
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for every kind of damage
-        raise ExportFolderError(
-            f"{path} is not a readable safetensors file ({error}): it is truncated. {fix}"
-        ) from None
-    if metadata.get(DIGEST_KEY) != file_digest(path, _DIGEST_VERSION):
-        raise ExportFolderError(f"{path} is corrupted, truncated or edited: it does not match its checksum. {fix}")
-    differences = config_differences(json.loads(metadata.get(CONFIG_KEY, "{}")), covered_config(config))
-    if differences:
-        field, recorded, found = differences[0]
-        raise ExportFolderError(
-            f"{path.parent / 'config.json'} field {field!r} is {found!r}, but the weights were exported with "
-            f"{recorded!r}: restore the exported config.json, or export the model again."
-        )
-    wanted = {"weight_packed": ("I32",), "weight_shape": ("I64", "I32"), "weight_scale": ("F32", "F64", "F16", "BF16")}
-    for key in dtypes:
-        module, _, suffix = key.rpartition(".")
-        if suffix == "weight_packed":
-            for part, allowed in wanted.items():
-                found = dtypes.get(f"{module}.{part}")
-                if found not in allowed:
-                    raise ExportFolderError(
-                        f"{path}: {module}.{part} is {'missing' if found is None else found}, a packed weight needs "
-                        f"{' or '.join(allowed)}. {fix}"
-                    )

@@ -241,7 +241,8 @@ def verify_checkpoint_folder(folder: str | Path) -> None:
 
     `w{b}/` in hf_oscq's format: the checks `from_pretrained` makes (`validate_checkpoint_files`, with the model
     built on the meta device from config.json, and every packed weight's codes); in the compressed-tensors format:
-    `compressed_tensors.verify_compressed_tensors_folder` (its quantization_config, checksum and packed tensors).
+    `compressed_tensors_folder.verify_compressed_tensors_folder` (its quantization_config, checksum and packed
+    tensors).
     `fp/`: readable safetensors headers that fit their files (a plain transformers checkpoint carries no checksum).
     All: every JSON file parses.
 
@@ -263,7 +264,7 @@ def verify_checkpoint_folder(folder: str | Path) -> None:
     config = read_config(folder)
     quantization = config.get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method") == COMPRESSED_TENSORS_FORMAT:
-        from .compressed_tensors import verify_compressed_tensors_folder
+        from .compressed_tensors_folder import verify_compressed_tensors_folder
 
         verify_compressed_tensors_folder(folder)
         return

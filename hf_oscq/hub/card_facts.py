@@ -77,7 +77,7 @@ def quantized_modules(export_dir: Path, manifest: dict) -> list[str]:
     stored packed in the compressed-tensors format (whose config names module types and ignored modules instead)."""
     folder = export_dir / variant_name(manifest["bits"][0])
     if export_format(manifest) == COMPRESSED_TENSORS_FORMAT:
-        from ..export.compressed_tensors import packed_modules
+        from ..export.compressed_tensors_folder import packed_modules
 
         return packed_modules(folder)
     return list(read_config(folder)["quantization_config"].get("modules") or [])
