@@ -304,7 +304,8 @@ def test_cards_say_which_stack_loads_each_format(loaded):
     per_tensor = cases.exports["llama/per_tensor/w8"][1].parent
     assert "vllm serve" not in str(render_model_card(per_tensor, "w8"))  # and per-channel or group-wise scales
     fp = str(render_model_card(out, "fp"))
-    assert "quantized versions are in the compressed-tensors format" in fp and "import hf_oscq" not in fp
+    assert "The quantized versions of this model are in the\ncompressed-tensors format" in fp
+    assert "pip install transformers compressed-tensors" in fp and "import hf_oscq" not in fp
     resnet = str(render_model_card(cases.exports["resnet/w3"][1].parent, "w3"))
     assert "import hf_oscq" not in resnet and "`fc`" in resnet
 
