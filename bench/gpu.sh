@@ -22,7 +22,17 @@
 #                                                     # is running meanwhile run here too: stop it or skip them.
 #                                                     # Results: $OUT/results/quality_full/.
 #
-# The LM run reads the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
+#   bench/gpu.sh --vllm                               # vLLM serving the LM recipe's compressed-tensors exports:
+#                                                     # trains the recipe's tiny LM (the regularizer at 4 bits,
+#                                                     # group-wise 32), exports fp, w4 and w8 with --export_format
+#                                                     # compressed-tensors, then bench/serve_vllm.py: tokens/s of each
+#                                                     # against the fp16 model and perplexity through vLLM against
+#                                                     # hf_oscq's. vLLM is installed first where it is missing (pip,
+#                                                     # or wheels carried in .whl/). Results:
+#                                                     # bench/results/serve_vllm.json.
+#   bench/gpu.sh --vllm --dry-run                     # CPU: the same path with transformers in vLLM's place
+#
+# The LM runs read the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
 # `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
 # bench/results/lm_quality_cuda.json.
 set -euo pipefail
@@ -32,6 +42,7 @@ data_dir=/usr/share/datasets/fashion-mnist
 device=cuda
 dry_run=0
 lm=0
+vllm=0
 full=0
 full_seconds=540
 lm_seconds=540
@@ -43,19 +54,53 @@ while [[ $# -gt 0 ]]; do
     --device) device="$2"; shift 2 ;;
     --dry-run) dry_run=1; device=cpu; shift ;;
     --lm) lm=1; shift ;;
+    --vllm) vllm=1; shift ;;
     --full) full=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --full)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --vllm, --full)" >&2; exit 2 ;;
   esac
 done
+corpus=()
+[[ -f data/kjv.txt ]] && corpus=(--corpus_file data/kjv.txt)
+if [[ "$vllm" == 1 ]]; then
+  start=$(date +%s)
+  scratch=$(mktemp -d)
+  sed '/^baselines:/d' recipes/configs/lm_kjv_scratch.yaml > "$scratch/lm.yaml"  # the regularizer's run alone
+  run=outputs/lm_vllm
+  train=(--lm_size tiny --max_steps 600 --use_cpu false)
+  serve=(--engine vllm)
+  if [[ "$dry_run" == 1 ]]; then
+    run="$scratch/lm_vllm"
+    train=(--lm_size micro --max_steps 2 --max_train_blocks 64 --max_eval_blocks 4 --use_cpu true)
+    serve=(--engine transformers --device cpu --dry-run --output "$scratch/serve_vllm_dry_run.json")
+  elif ! python -c "import vllm" 2>/dev/null; then
+    if compgen -G ".whl/vllm-*.whl" >/dev/null; then
+      python -m pip install -q --no-index --find-links .whl vllm || true
+    else
+      python -m pip install -q vllm || true
+    fi
+    python -c "import vllm" 2>/dev/null || {
+      echo "gpu.sh: vLLM is not installed and could not be installed: pip needs PyPI, or its wheels in .whl/." >&2
+      exit 2
+    }
+  fi
+  timeout "$lm_seconds" python recipes/train_lm.py --config "$scratch/lm.yaml" --output_dir "$run" "${train[@]}" \
+    --export_format compressed-tensors --export_bits 4 8 --report_to none "${corpus[@]}"
+  status=0
+  python bench/serve_vllm.py --export "$run/export" "${serve[@]}" "${corpus[@]}" || status=$?
+  if [[ -n "${OUT:-}" && "$dry_run" == 0 ]]; then
+    mkdir -p "$OUT/results"
+    cp bench/results/serve_vllm.json "$OUT/results/" || true
+  fi
+  echo "gpu.sh: vLLM bench done in $(( $(date +%s) - start )) s (exit $status)"
+  exit "$status"
+fi
 if [[ "$lm" == 1 ]]; then
   # training-step overhead of each mode on a tiny Llama with group-wise scales (random tokens, no data needed)
   lm_batches=(64 16)
   [[ "$dry_run" == 1 ]] && lm_batches=(2)
   timeout "$overhead_seconds" python bench/overhead.py --model lm --device "$device" --batch-sizes "${lm_batches[@]}" \
     --output "bench/results/overhead_lm_${device}.json" || echo "gpu.sh: LM overhead run stopped (exit $?)" >&2
-  corpus=()
-  [[ -f data/kjv.txt ]] && corpus=(--corpus_file data/kjv.txt)
   timeout "$lm_seconds" python bench/lm_quality.py --device "$device" --lm_size tiny --block_size 256 \
     --batch_size 64 --max_steps 1500 --learning_rate 0.002 --threads 8 "${corpus[@]}" \
     --output bench/results/lm_quality_cuda.json || echo "gpu.sh: LM quality run stopped (exit $?)" >&2

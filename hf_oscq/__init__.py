@@ -60,6 +60,7 @@ _PUBLIC = {
     "load_metric": ".training.metrics",
     # export and loading
     "export_quantized": ".export.writer",
+    "EXPORT_FORMATS": ".export.formats",
     "CheckpointFormatError": ".export.checkpoint",
     "ExportFolderError": ".export.folder",
     "auto_class_for": ".export.folder",
@@ -135,6 +136,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .errors import OscqError, OscqValueError
     from .export.checkpoint import CheckpointFormatError
     from .export.folder import ExportFolderError, auto_class_for, read_export_manifest
+    from .export.formats import EXPORT_FORMATS
     from .export.hf_quantizer import OscqHfQuantizer, OscqQuantizationConfig
     from .export.writer import export_quantized
     from .hub.model_card import render_card_files, render_model_card, write_model_cards

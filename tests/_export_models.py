@@ -1,7 +1,17 @@
-"""Tiny seeded models the export, checkpoint and CLI tests quantize: a ViT and timm's ResNet-18 (narrow)."""
+"""Tiny seeded models the export, checkpoint and CLI tests quantize: a ViT, timm's ResNet-18 (narrow), a Llama-style
+decoder and GPT-2 (hidden size 32)."""
 
 import torch
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 ALL_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -39,6 +49,42 @@ def tiny_resnet18() -> TimmWrapperForImageClassification:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def tiny_llama(vocab_size: int = 257, tie_word_embeddings: bool = True) -> LlamaForCausalLM:
+    """A 2-layer Llama-style decoder, hidden size 32, grouped-query attention; by default sized for the byte-level
+    tokenizer (`hf_oscq.scripts.text.byte_tokenizer`, 257 tokens) with its input and output embeddings tied."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=256,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(tie_word_embeddings: bool = True) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 (its Conv1D layers store weights `(in, out)`), hidden size 32, 50 tokens."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=50,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return GPT2LMHeadModel(config).eval()
 
 
 def logits_of(model, pixel_values):

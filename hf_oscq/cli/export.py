@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import OscqValueError
+from ..export.formats import EXPORT_FORMATS
 from ..quantization.spec import (
     DEFAULT_BN_RECALIBRATION_SAMPLES,
     DEFAULT_EVAL_BITS,
@@ -63,6 +64,7 @@ def run_export(args: argparse.Namespace) -> Path:
     """
     from ..export.checkpoint import QUANT_METHOD
     from ..export.folder import read_training_info
+    from ..export.formats import COMPRESSED_TENSORS_FORMAT
     from ..export.writer import export_quantized
     from ..quantization.batchnorm import has_batchnorm
 
@@ -80,12 +82,18 @@ def run_export(args: argparse.Namespace) -> Path:
             f"{checkpoint} has no config.json: pass a folder written by save_pretrained (or Trainer)."
         )
     quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
-    if quantization.get("quant_method") == QUANT_METHOD:
+    if quantization.get("quant_method"):
+        method = quantization["quant_method"]
+        bits = f", bits={quantization.get('bits')}" if method == QUANT_METHOD else ""
         raise OscqValueError(
-            f"{checkpoint} is already a quantized export (bits={quantization.get('bits')}): export from the "
-            "full-precision checkpoint instead, e.g. the fp/ folder of the export."
+            f"{checkpoint} is already a quantized checkpoint ({method}{bits}): export from the full-precision "
+            "checkpoint instead, e.g. the fp/ folder of the export."
         )
     spec = _spec(args)
+    if args.format == COMPRESSED_TENSORS_FORMAT:
+        from ..export.compressed_tensors import require_compressed_tensors
+
+        require_compressed_tensors()  # before the model loads
     model = _load_model(checkpoint)
     trained, batches, source = read_training_info(checkpoint), None, None
     args = with_recorded_defaults(args, trained)
@@ -104,6 +112,7 @@ def run_export(args: argparse.Namespace) -> Path:
         plain_rounding=not args.bn_recalibration_samples,
         calibration_source=source,
         training=training,
+        format=args.format,
     )
 
 
@@ -239,6 +248,15 @@ def add_parser(subparsers) -> None:
         default=None,
         help="seed of the re-estimation images (default: the training run's recorded seed, else "
         f"{DEFAULT_SEED}, the Trainer's default: the images its evaluation used)",
+    )
+    add_flag(
+        export,
+        "format",
+        choices=EXPORT_FORMATS,
+        default=EXPORT_FORMATS[0],
+        help="how the w{b} folders store the weights: 'oscq' (hf_oscq's bit-packed format, every layer type, loads "
+        "after `import hf_oscq`) or 'compressed-tensors' (pack-quantized, Linear layers only, loads in transformers "
+        "with the compressed-tensors package and in vLLM, without hf_oscq)",
     )
     export.set_defaults(func=_export_main)
 

@@ -18,6 +18,7 @@ from ..errors import OscqValueError
 from ..quantization.spec import QuantSpec, validate_bits
 from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
 from .checkpoint import QUANT_METHOD, READABLE_FORMAT_VERSIONS, read_config
+from .formats import COMPRESSED_TENSORS_FORMAT, EXPORT_FORMATS, OSCQ_FORMAT
 
 MANIFEST_NAME = "oscq_export.json"
 # Written by the recipes next to a trained model: how it was trained, the dataset included, so that
@@ -87,7 +88,12 @@ def weights_size(folder: str | Path) -> int:
     return sum(path.stat().st_size for path in weight_files(Path(folder)))
 
 
-def _check_variant(export_dir: Path, variant: str, bits: int | None) -> None:
+def export_format(manifest: dict[str, Any]) -> str:
+    """The format of an export's `w{b}` folders: its manifest's `format`, `"oscq"` for exports that predate it."""
+    return manifest.get("format") or OSCQ_FORMAT
+
+
+def _check_variant(export_dir: Path, variant: str, bits: int | None, format: str = OSCQ_FORMAT) -> None:
     folder = export_dir / variant
     if not folder.is_dir():
         raise _fail(export_dir, f"the folder {variant}/ is missing")
@@ -104,9 +110,20 @@ def _check_variant(export_dir: Path, variant: str, bits: int | None) -> None:
     quantization = config.get("quantization_config")
     if bits is None:
         return
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
-        raise _fail(export_dir, f"{variant}/config.json has no quantization_config with quant_method {QUANT_METHOD!r}")
-    if quantization.get("bits") != bits:
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != format:
+        raise _fail(export_dir, f"{variant}/config.json has no quantization_config with quant_method {format!r}")
+    if format == COMPRESSED_TENSORS_FORMAT:
+        groups = quantization.get("config_groups")
+        found = sorted(
+            {str((group.get("weights") or {}).get("num_bits")) for group in groups.values() if isinstance(group, dict)}
+            if isinstance(groups, dict)
+            else set()
+        )
+        if found != [str(bits)]:
+            raise _fail(
+                export_dir, f"{variant}/config.json says num_bits {', '.join(found) or 'none'}, expected {bits}"
+            )
+    elif quantization.get("bits") != bits:
         raise _fail(export_dir, f"{variant}/config.json says bits={quantization.get('bits')!r}, expected {bits}")
 
 
@@ -145,8 +162,9 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     `read_export_manifest`).
 
     Returns:
-        The manifest, with `bits` as a sorted list of ints and `metrics`, `training`, `comparisons`, `versions`
-        present (possibly `None`; exports written before versions were recorded have none).
+        The manifest, with `bits` as a sorted list of ints, `format` (`"oscq"` for exports written before it was
+        recorded) and `metrics`, `training`, `comparisons`, `versions` present (possibly `None`; exports written
+        before versions were recorded have none).
 
     Raises:
         ExportFolderError: for a missing folder or manifest, another format version or invalid fields.
@@ -172,6 +190,8 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     if not bits:
         raise _fail(export_dir, f"{MANIFEST_NAME} lists no bit-widths")
     manifest["bits"] = bits
+    if manifest.setdefault("format", OSCQ_FORMAT) not in EXPORT_FORMATS:
+        raise _fail(export_dir, f"{MANIFEST_NAME} names the unknown format {manifest['format']!r}")
     for key in ("metrics", "training", "comparisons", "versions"):
         if not isinstance(manifest.setdefault(key, None), dict | None):
             raise _fail(export_dir, f"{MANIFEST_NAME} field {key!r} must be an object or null")
@@ -181,8 +201,9 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
 def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     """Checks that `export_dir` is a complete export folder and returns its `oscq_export.json`.
 
-    Checked: the manifest (format version, bit-widths), `fp/` and every `w{b}/` folder (config.json, safetensors
-    weights, a matching `quantization_config`), and that no pickle file is present.
+    Checked: the manifest (format version, bit-widths, export format), `fp/` and every `w{b}/` folder (config.json,
+    safetensors weights, a `quantization_config` of the export's format and bit-width), and that no pickle file is
+    present.
 
     Args:
         export_dir: the folder `export_quantized` wrote.
@@ -197,7 +218,7 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     manifest = read_manifest(export_dir)
     _check_variant(export_dir, FULL_PRECISION, None)
     for b in manifest["bits"]:
-        _check_variant(export_dir, variant_name(b), b)
+        _check_variant(export_dir, variant_name(b), b, manifest["format"])
     return manifest
 
 
@@ -218,9 +239,12 @@ def _check_float_files(folder: Path) -> None:
 def verify_checkpoint_folder(folder: str | Path) -> None:
     """Checks every file of one export folder (`fp/` or `w{b}/`) as loading it would, without loading the weights.
 
-    `w{b}/`: the checks `from_pretrained` makes (`validate_checkpoint_files`, with the model built on the meta device
-    from config.json, and every packed weight's codes). `fp/`: readable safetensors headers that fit their files (a
-    plain transformers checkpoint carries no checksum). Both: every JSON file parses.
+    `w{b}/` in hf_oscq's format: the checks `from_pretrained` makes (`validate_checkpoint_files`, with the model
+    built on the meta device from config.json, and every packed weight's codes); in the compressed-tensors format:
+    `compressed_tensors_folder.verify_compressed_tensors_folder` (its quantization_config, checksum and packed
+    tensors).
+    `fp/`: readable safetensors headers that fit their files (a plain transformers checkpoint carries no checksum).
+    All: every JSON file parses.
 
     Raises:
         ExportFolderError: naming the file and what is wrong with it.
@@ -239,6 +263,11 @@ def verify_checkpoint_folder(folder: str | Path) -> None:
             raise ExportFolderError(f"{path} is not valid JSON ({error}).") from None
     config = read_config(folder)
     quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == COMPRESSED_TENSORS_FORMAT:
+        from .compressed_tensors_folder import verify_compressed_tensors_folder
+
+        verify_compressed_tensors_folder(folder)
+        return
     if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
         _check_float_files(folder)
         return

@@ -53,6 +53,7 @@ from .checkpoint import (
     write_config,
 )
 from .folder import MANIFEST_NAME, WEIGHTS_NAME, weights_size
+from .formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT, check_export_format
 
 logger = logging.getLogger(__name__)
 
@@ -314,13 +315,15 @@ def export_quantized(
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     training: Mapping[str, Any] | None = None,
     comparisons: Mapping[str, Any] | None = None,
+    format: str = OSCQ_FORMAT,
 ) -> Path:
     """Writes the full-precision model and one bit-packed PTQ checkpoint per bit-width (layout: docs/EXPORT.md).
 
-    Each `OUT/w{b}/` loads with `from_pretrained` (the Auto class `auto_class_for` names) after `import hf_oscq` and
-    gives exactly `quantize_model(model, spec=spec.with_bits(b))`; without hf_oscq imported, loading it raises an
-    error naming it. The manifest `OUT/oscq_export.json`, every safetensors file's metadata and the model cards record
-    the hf_oscq, torch and transformers versions that wrote them.
+    Each `OUT/w{b}/` loads with `from_pretrained` (the Auto class `auto_class_for` names) and gives exactly
+    `quantize_model(model, spec=spec.with_bits(b))`: in hf_oscq's format (`format="oscq"`) after `import hf_oscq`
+    (without it, loading raises an error naming it); in the compressed-tensors format in transformers with the
+    compressed-tensors package, and in vLLM, without hf_oscq. The manifest `OUT/oscq_export.json`, every safetensors
+    file's metadata and the model cards record the library versions that wrote them.
 
     Args:
         model: a transformers model (anything with `save_pretrained`), e.g. a ViT or a TimmWrapper model.
@@ -345,15 +348,19 @@ def export_quantized(
         metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
         training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
         comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
+        format: how the `w{b}` folders store the weights: `"oscq"`, hf_oscq's bit-packed format (every layer type);
+            or `"compressed-tensors"`, compressed-tensors' pack-quantized format, for Linear layers only
+            (`hf_oscq/export/compressed_tensors.py` says what it holds). Recorded in the manifest.
 
     Returns:
         The export folder.
 
     Raises:
         OscqValueError: for invalid bit-widths, a non-JSON record, weights holding NaN, sharded weights, an output
-            folder that is a file or a foreign non-empty folder, or a BatchNorm model without calibration batches
-            or `plain_rounding`.
+            folder that is a file or a foreign non-empty folder, a BatchNorm model without calibration batches
+            or `plain_rounding`, an unknown `format`, or selected weights the compressed-tensors format cannot hold.
     """
+    check_export_format(format)
     bit_widths = sorted({validate_bits(b) for b in bits})
     if not bit_widths:
         raise OscqValueError("export_quantized needs at least one bit-width, e.g. bits=(2, 3, 4, 8).")
@@ -384,8 +391,14 @@ def export_quantized(
             "plain rounding, the paper's PTQ. Nothing was written."
         )
     versions = library_versions()
+    write_variant = _write_variant
+    if format == COMPRESSED_TENSORS_FORMAT:
+        from .compressed_tensors import compressed_tensors_versions, write_compressed_tensors_variant
+
+        versions, write_variant = compressed_tensors_versions(), write_compressed_tensors_variant
     manifest = {
         "format_version": FORMAT_VERSION,
+        "format": format,
         **spec.to_dict(),
         "bits": bit_widths,
         "has_batchnorm": batchnorm,
@@ -403,6 +416,10 @@ def export_quantized(
     weights = select_weights(model, spec=spec)
     for name, weight in weights.items():
         check_finite(weight, name)
+    if format == COMPRESSED_TENSORS_FORMAT:
+        from .compressed_tensors import check_compressed_tensors_model
+
+        check_compressed_tensors_model(model, weights)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     held = _lock(staging)
@@ -420,7 +437,7 @@ def export_quantized(
         _stage("fp_written")
         for b in bit_widths:
             start, name = time.perf_counter(), variant_name(b)
-            samples = _write_variant(
+            samples = write_variant(
                 model,
                 fp_dir,
                 staging / name,

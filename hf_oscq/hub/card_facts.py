@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from ..errors import OscqValueError
 from ..export.checkpoint import read_config
-from ..export.folder import folder_size, read_export_manifest, task_for, weight_files
+from ..export.folder import export_format, folder_size, read_export_manifest, task_for, weight_files
+from ..export.formats import COMPRESSED_TENSORS_FORMAT
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_name
 from ..training.methods import DEFAULT_METHOD, run_label
 
@@ -72,8 +73,14 @@ def histogram_bits(manifest: dict, variant: str) -> int:
 
 
 def quantized_modules(export_dir: Path, manifest: dict) -> list[str]:
-    config = read_config(export_dir / variant_name(manifest["bits"][0]))
-    return list(config["quantization_config"].get("modules") or [])
+    """The quantized modules of an export: its `quantization_config`'s `modules` in hf_oscq's format, the modules
+    stored packed in the compressed-tensors format (whose config names module types and ignored modules instead)."""
+    folder = export_dir / variant_name(manifest["bits"][0])
+    if export_format(manifest) == COMPRESSED_TENSORS_FORMAT:
+        from ..export.compressed_tensors_folder import packed_modules
+
+        return packed_modules(folder)
+    return list(read_config(folder)["quantization_config"].get("modules") or [])
 
 
 def histogram_layer(export_dir: str | Path, manifest: dict) -> tuple[str, Any]:

@@ -8,6 +8,7 @@ recipe, QAT / plain PTQ comparisons, sizes, versions), the variants' `config.jso
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import OscqValueError
-from ..export.folder import export_spec, read_export_manifest, variants
+from ..export.folder import export_format, export_spec, read_export_manifest, variants
+from ..export.formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT
 from ..paper import CITATION
 from ..paths import child_path
 from ..quantization.ptq import format_cross_bit_table
@@ -52,6 +54,14 @@ _SETTING_LABELS = {
     "train_batch_size": "batch size (all processes)",
     "per_device_train_batch_size": "batch size per device",
     "pretrained": "started from ImageNet weights",
+}
+# The card's "Format" row, by the export's format.
+FORMAT_TEXTS = {
+    OSCQ_FORMAT: "hf_oscq bit-packed codes and scales (loads in transformers after `import hf_oscq`)",
+    COMPRESSED_TENSORS_FORMAT: (
+        "compressed-tensors `pack-quantized` (loads in transformers with the compressed-tensors package, and in vLLM, "
+        "without hf_oscq)"
+    ),
 }
 # A Hub dataset id: ORG/NAME.
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -207,6 +217,25 @@ def rounding_sentence(manifest: dict) -> str:
     return "plain post-training rounding of the same full-precision weights"
 
 
+def _processor_needs_hf_oscq(folder: Path) -> bool:
+    """Whether the image processor saved in `folder` is hf_oscq's `OscqImageProcessor` (which `import hf_oscq`
+    registers with transformers)."""
+    try:
+        saved = json.loads((folder / IMAGE_PROCESSOR_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("image_processor_type") == "OscqImageProcessor"
+
+
+def _import_line(stored_as: str, processor_needs_hf_oscq: bool) -> str | None:
+    """The `import hf_oscq` line of the card's code, with why it is needed; `None` where nothing needs hf_oscq."""
+    if stored_as == OSCQ_FORMAT:
+        return 'import hf_oscq  # registers the "oscq" quantization format with transformers'
+    if processor_needs_hf_oscq:
+        return "import hf_oscq  # registers OscqImageProcessor, the image processor saved with this model"
+    return None
+
+
 def _size_text(export_dir: Path, manifest: dict, variant: str) -> str:
     size = variant_size(export_dir, manifest, variant)
     if variant == FULL_PRECISION:
@@ -254,7 +283,11 @@ def _render_model_card(
     spec = export_spec(manifest, histogram_bits(manifest, variant))
     own_id = repo_id and variant_repo_id(repo_id, variant)
     model_name = own_id.split("/")[-1] if own_id else f"{export_dir.name}-{variant}" if quantized else export_dir.name
+    stored_as = export_format(manifest)
+    compressed_tensors = quantized and stored_as == COMPRESSED_TENSORS_FORMAT
     tags = ["hf_oscq", "oscq", "quantization", f"{bits}-bit" if quantized else "full-precision"]
+    tags += [COMPRESSED_TENSORS_FORMAT] if compressed_tensors else []
+    processor_needs_hf_oscq = _processor_needs_hf_oscq(export_dir / variant)
     hub_id = hub_dataset_id(manifest)
     data = ModelCardData(
         library_name="transformers",
@@ -280,6 +313,13 @@ def _render_model_card(
         title=model_name,
         summary=_summary(manifest, variant, _link(repo_id, FULL_PRECISION)),
         is_quantized=quantized,
+        compressed_tensors=compressed_tensors,
+        quantized_format=stored_as,
+        format_text=FORMAT_TEXTS[stored_as],
+        import_line=_import_line(stored_as, processor_needs_hf_oscq),
+        processor_needs_hf_oscq=processor_needs_hf_oscq,
+        # vLLM's compressed-tensors weight-only kernels take 4 and 8 bits, per channel or group-wise
+        vllm=compressed_tensors and task == "text-generation" and bits in (4, 8) and not spec.per_tensor,
         parent=_link(repo_id, FULL_PRECISION),
         bits=bits,
         levels=2 * spec.max_code + 1 if quantized else None,

@@ -30,6 +30,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..errors import OscqValueError, configure_logging, exit_code
+from ..export.compressed_tensors import check_export_fits
+from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.spec import DEFAULT_EVAL_BITS
@@ -59,6 +61,10 @@ class LMRecipeArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub text dataset (implies --dataset hub)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. wikitext-2-raw-v1."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    corpus_file: str | None = field(
+        default=None,
+        metadata={"help": "kjv without Debian's bible-kjv: a file holding `bible -f Gen1:1-Rev22:21`'s output."},
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub model (or local folder) to fine-tune; default: a tiny model from scratch."},
@@ -73,6 +79,10 @@ class LMRecipeArguments:
     )
     export_bits: list[int] = field(default_factory=lambda: list(DEFAULT_EVAL_BITS), metadata={"help": "Bit-widths."})
     export: bool = field(default=True, metadata={"help": "Export every bit-width and write model cards."})
+    export_format: str = field(
+        default=OSCQ_FORMAT,
+        metadata={"help": f"Format of the w{{b}} folders: one of {EXPORT_FORMATS} (see hf-oscq export --help)."},
+    )
     prompt: str = field(default="And God said", metadata={"help": "Prompt of the generated samples."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample."})
     expected_world_size: int | None = field(
@@ -80,6 +90,7 @@ class LMRecipeArguments:
     )
 
     def __post_init__(self):
+        check_export_format(self.export_format)
         if self.dataset_name:
             self.dataset = "hub"
         if self.dataset not in (KJV, "hub") or (self.dataset == "hub" and not self.dataset_name):
@@ -149,7 +160,7 @@ def build_lm(recipe: LMRecipeArguments, tokenizer) -> torch.nn.Module:
 
 def load_corpus(recipe: LMRecipeArguments) -> TextCorpus:
     if recipe.dataset == KJV:
-        return load_kjv()
+        return load_kjv(recipe.corpus_file)
     return load_hub_text(recipe.dataset_name, recipe.dataset_config, recipe.text_column)
 
 
@@ -158,6 +169,8 @@ def train_one(method: str, recipe, training, tokenizer, train, evaluation, outpu
     args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_lm(recipe, tokenizer)
+    if recipe.export:  # a model the export format cannot hold is refused now, not after training
+        check_export_fits(model, args.quant_spec, recipe.export_format)
     trainer = OscillationTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer
     )
@@ -219,6 +232,7 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
             },
         },
         comparisons=comparisons,
+        format=recipe.export_format,
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)
     return export_dir

@@ -25,7 +25,9 @@ import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser
 
 from ..errors import OscqValueError, configure_logging, exit_code
+from ..export.compressed_tensors import check_export_fits
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
+from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..quantization.ptq import format_cross_bit_table
@@ -69,6 +71,10 @@ class RecipeArguments:
         default_factory=lambda: list(DEFAULT_EVAL_BITS), metadata={"help": "Bit-widths to export."}
     )
     export: bool = field(default=True, metadata={"help": "Export every bit-width and write model cards."})
+    export_format: str = field(
+        default=OSCQ_FORMAT,
+        metadata={"help": f"Format of the w{{b}} folders: one of {EXPORT_FORMATS} (see hf-oscq export --help)."},
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement of the best metric."}
     )
@@ -85,6 +91,7 @@ class RecipeArguments:
     )
 
     def __post_init__(self):
+        check_export_format(self.export_format)
         if self.dataset not in DATASETS:
             raise OscqValueError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}.")
         if self.model not in MODEL_NAMES:
@@ -130,6 +137,8 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
         cifar_stem=recipe.cifar_stem,
         pretrained=recipe.pretrained,
     )
+    if recipe.export:  # a model the export format cannot hold is refused now, not after training
+        check_export_fits(model, args.quant_spec, recipe.export_format)
     callbacks = []
     if recipe.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.early_stopping_patience))
@@ -221,6 +230,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         },
         training=_training_record(args, recipe, data),
         comparisons=comparisons,
+        format=recipe.export_format,
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)
     return export_dir

@@ -381,3 +381,39 @@ def test_peers_goal_rows_on_hand_made_means():
     table = aggregate_peers.table_markdown(groups, aggregate_peers.ordered(groups, "vit"), "plain")
     assert "| multi-bit QAT {2,4,8} | 2 | 80.0 ± 0.0 | **80.0 ± 0.0** | 80.0 ± 0.0 | **80.0 ± 0.0** |" in table
     assert table.index("regularizer @3") < table.index("KURE, lambda 0.1") < table.index("dampening @3")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian packages bible-kjv, bible-kjv-text")
+def test_serve_bench_dry_run_scores_each_variant_as_hf_oscq_does(tmp_path):
+    """bench/serve_vllm.py's path with transformers as the engine (float32, CPU): the perplexity it computes from
+    the engine's own log-probabilities equals hf_oscq's `quantize_model` perplexity of the same blocks, and the
+    tokens/s ratios are against the fp row."""
+    import subprocess
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from _export_models import tiny_llama
+
+    import hf_oscq
+    from hf_oscq.scripts.text import byte_tokenizer
+
+    spec = hf_oscq.QuantSpec(4, "group", group_size=16)
+    out = hf_oscq.export_quantized(
+        tiny_llama(),
+        tmp_path / "export",
+        bits=(4, 8),
+        spec=spec,
+        tokenizer=byte_tokenizer(),
+        format="compressed-tensors",
+    )
+    output = tmp_path / "serve.json"
+    command = [sys.executable, str(BENCH / "serve_vllm.py"), "--export", str(out), "--engine", "transformers"]
+    command += ["--device", "cpu", "--dry-run", "--block_size", "16", "--tolerance", "1e-6", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert list(record["variants"]) == ["fp", "w4", "w8"] and record["eval_blocks"] == 2
+    for row in record["variants"].values():
+        assert row["perplexity_check"] and row["perplexity"] == pytest.approx(row["perplexity_hf_oscq"], rel=1e-6)
+    assert record["variants"]["fp"]["speed_vs_fp"] == 1.0
+    assert record["versions"]["compressed_tensors"] and record["spec"]["group_size"] == 16

@@ -26,13 +26,71 @@ def test_cli_export_and_eval_digits(tmp_path, capsys):
     assert table_line == "| out | " + " | ".join(f"{100 * a:.1f}" for a in expected) + " |"
 
 
-def test_cli_export_refuses_a_quantized_checkpoint(tmp_path, capsys):
-    export = hf_oscq.export_quantized(tiny_vit(), tmp_path / "export", bits=(3,))
+@pytest.mark.parametrize("format", ["oscq", "compressed-tensors"])
+def test_cli_export_refuses_a_quantized_checkpoint(tmp_path, capsys, format):
+    """A w{b} folder of either format is refused as the input of an export, naming its quantization method."""
+    spec = hf_oscq.QuantSpec(3, exclude_modules=["projection"])
+    export = hf_oscq.export_quantized(tiny_vit(), tmp_path / "export", bits=(3,), spec=spec, format=format)
     capsys.readouterr()
     assert cli_main(["export", str(export / "w3"), "--output", str(tmp_path / "again")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("hf-oscq export: error: ") and "already a quantized export" in err and err.count("\n") == 1
+    assert err.startswith("hf-oscq export: error: ") and err.count("\n") == 1
+    assert f"is already a quantized checkpoint ({format}" in err and "export from the full-precision" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_cli_export_format_compressed_tensors(tmp_path, capsys):
+    """`--format compressed-tensors`: the export holds compressed-tensors folders whose loaded logits and perplexity
+    (`hf-oscq eval`) are those of hf_oscq's own format; a model it cannot hold fails with one line, before writing."""
+    import shutil
+
+    from _export_models import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from hf_oscq.scripts.text import byte_tokenizer
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt")
+    byte_tokenizer().save_pretrained(tmp_path / "ckpt")
+    outputs = {}
+    for format in ("oscq", "compressed-tensors"):
+        outputs[format] = tmp_path / format
+        argv = [
+            "export",
+            str(tmp_path / "ckpt"),
+            "--bits",
+            "4",
+            "--group_size",
+            "16",
+            "--output",
+            str(outputs[format]),
+        ]
+        assert cli_main([*argv, "--format", format]) == 0
+    manifest = json.loads((outputs["compressed-tensors"] / "oscq_export.json").read_text())
+    assert manifest["format"] == "compressed-tensors" and manifest["group_size"] == 16
+    config = json.loads((outputs["compressed-tensors"] / "w4" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    ids = torch.tensor([list(b"And God said")])
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(out / "w4")(ids).logits for out in outputs.values()]
+    assert torch.equal(*logits)
+    if shutil.which("bible") is not None:  # Debian's bible-kjv: the perplexity of both exports
+        tables = []
+        for out in outputs.values():
+            argv = ["eval", str(out), "--dataset", "kjv", "--block_size", "16", "--max_eval_samples", "2"]
+            assert cli_main([*argv, "--output_json", str(tmp_path / "table.json"), "--no_record"]) == 0
+            tables.append(json.loads((tmp_path / "table.json").read_text()))
+        assert tables[0] == tables[1]
+    capsys.readouterr()
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    argv = ["export", str(tmp_path / "vit"), "--bits", "3", "--output", str(tmp_path / "x")]
+    assert cli_main([*argv, "--format", "compressed-tensors"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("hf-oscq export: error: The compressed-tensors format holds quantized weights of Linear")
+    assert "--exclude_modules" in err and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        cli_main([*argv, "--format", "gguf"])
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
 
 
 def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):

@@ -94,3 +94,29 @@ def test_lm_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
     assert main(["--dataset", "bogus", "--output_dir", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "train_lm.py: error: --dataset is 'kjv', or 'hub' with --dataset_name NAME; got 'bogus'."
+
+
+@needs_kjv
+@pytest.mark.slow
+def test_lm_recipe_exports_compressed_tensors(tmp_path):
+    """`--export_format compressed-tensors`: the recipe's export holds compressed-tensors folders (loaded here by
+    transformers' own quantizer) with the trained model's `quantize_model` logits, and its samples come from them."""
+    arguments = [*TINY, "--max_steps", "2", "--export_bits", "4", "--export_format", "compressed-tensors"]
+    recipe, training = parse_arguments([*arguments, "--output_dir", str(tmp_path / "run")])
+    assert recipe.export_format == "compressed-tensors"
+    run_recipe(recipe, training)
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "oscq_export.json").read_text())["format"] == "compressed-tensors"
+    loaded = AutoModelForCausalLM.from_pretrained(export / "w4").eval()
+    assert loaded.config.quantization_config.quant_method == "compressed-tensors"
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "training" / "oscillation").eval()
+    ids = AutoTokenizer.from_pretrained(export / "w4")("And God said", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = quantize_model(trained, spec=training.quant_spec.with_bits(4))(ids).logits
+        assert torch.equal(loaded(ids).logits, expected)
+    assert "w4" in json.loads((tmp_path / "run" / "samples.json").read_text())
+
+
+def test_unknown_export_format_is_refused_when_parsing(tmp_path):
+    with pytest.raises(ValueError, match="Unknown export format 'gguf'"):
+        parse_arguments(["--export_format", "gguf", "--output_dir", str(tmp_path), "--use_cpu", "true"])
