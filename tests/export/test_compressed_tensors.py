@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTImageProcessor
 
 import hf_oscq
+
+pytest.importorskip("compressed_tensors", reason="compressed-tensors (Python >= 3.11, extra 'serve') is not installed")
 from hf_oscq.errors import OscqValueError
 from hf_oscq.export import compressed_tensors
 from hf_oscq.export.folder import ExportFolderError, read_export_manifest, verify_checkpoint_folder
