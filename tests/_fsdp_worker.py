@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from hf_oscq import fake_quantized_forward, fused_oscillation_penalty, quantized_weights, select_weights
+from hf_oscq import fake_quantized_forward, fused_oscillation_penalty, output_dim, quantized_weights, select_weights
 from hf_oscq.quantization.sharding import reshard
 
 BITS, STRENGTH = 3, 0.7
@@ -61,7 +61,14 @@ def functional(out: Path) -> None:
     results = {}
     for normalization, tag in (("layer_mean", ""), ("global_mean", "_global_mean")):
         for per_channel in (False, True):
-            penalty = fused_oscillation_penalty(select_weights(net), BITS, per_channel, normalization=normalization)
+            weights = select_weights(net)
+            penalty = fused_oscillation_penalty(
+                weights,
+                BITS,
+                per_channel,
+                normalization=normalization,
+                out_dims=[output_dim(net.get_submodule(name.rpartition(".")[0])) for name in weights],
+            )
             penalty.backward()
             values = [torch.zeros(1) for _ in range(dist.get_world_size())]
             dist.all_gather(values, penalty.detach().reshape(1))

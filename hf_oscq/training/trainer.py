@@ -100,7 +100,8 @@ class OscillationTrainer(Trainer):
         if self.model is not None:
             if is_causal_lm(self.model):
                 _compat.count_shifted_labels(self)
-            self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
+            # fail now, not at the first step, when the selection matches nothing or the group size fits no layer
+            self._quantized_weights()
             samples = args.osc_bn_recalibration_samples
             if samples not in (0, DEFAULT_BN_RECALIBRATION_SAMPLES) and not has_batchnorm(self.model):
                 warnings.warn(
@@ -114,7 +115,7 @@ class OscillationTrainer(Trainer):
         """The selected weights as registered now (FSDP2 swaps parameter objects; see `weight_owners`)."""
         model = self.model
         if self._osc_selected is None or self._osc_selected[0] is not model:
-            owners = weight_owners(model, spec=self.args.quant_spec)
+            owners = weight_owners(model, spec=self.args.quant_spec, group_size_source="osc_group_size")
             self._osc_selected = (model, owners)
         return current_weights(model, self._osc_selected[1])
 

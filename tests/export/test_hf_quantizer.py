@@ -19,7 +19,7 @@ from transformers import (
 )
 
 import hf_oscq
-from hf_oscq import OscqQuantizationConfig, QuantSpec
+from hf_oscq import OscqQuantizationConfig, OscqValueError, QuantSpec
 from hf_oscq.export.checkpoint import SCALE_SUFFIX, CheckpointFormatError, read_config, serialize_checkpoint
 from hf_oscq.quantization.packed_tensor import PackedWeight
 
@@ -45,15 +45,25 @@ def test_config_of_the_first_format_reads_as_a_spec():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"bits": 9}, "Invalid quantization_config in config.json: bits must be an integer between 2 and 8"),
+        ({"bits": 9}, "bits must be an integer between 2 and 8"),
         ({"granularity": "per_tensor", "per_channel": True}, "contradicts per_channel"),
+        ({"granularity": "group", "group_size": 0}, "needs group_size, a positive integer"),
         ({"modules": []}, "`modules` must be a non-empty list"),
-        ({"format_version": 3, "versions": {"hf_oscq": "9.0"}}, r"version 3.*wrote it \(9.0\)"),
     ],
 )
-def test_invalid_configs_are_refused(fields, message):
-    with pytest.raises(CheckpointFormatError, match=message):
+def test_invalid_configs_are_refused_naming_where_they_came_from(fields, message):
+    """A bad value read from a checkpoint's config.json names config.json (a `CheckpointFormatError`); the same value
+    passed as an argument names `OscqQuantizationConfig`, never config.json."""
+    with pytest.raises(CheckpointFormatError, match=f"Invalid quantization_config in config.json: .*{message}"):
+        OscqQuantizationConfig.from_dict({"quant_method": "oscq", "bits": 3, "modules": ["fc"], **fields})
+    with pytest.raises(OscqValueError, match=f"^OscqQuantizationConfig: .*{message}") as raised:
         OscqQuantizationConfig(**{"bits": 3, "modules": ["fc"], **fields})
+    assert not isinstance(raised.value, CheckpointFormatError) and "config.json" not in str(raised.value)
+
+
+def test_a_config_of_another_format_version_is_refused():
+    with pytest.raises(CheckpointFormatError, match=r"version 3.*wrote it \(9.0\)"):
+        OscqQuantizationConfig(bits=3, modules=["fc"], format_version=3, versions={"hf_oscq": "9.0"})
 
 
 # Loading exported folders through transformers: packed weights in memory, round trips, quantizing on load,

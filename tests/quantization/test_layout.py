@@ -46,14 +46,14 @@ def test_spec_group_size_is_validated_and_serialized():
 def test_linear_layout_group_codes_and_scales_match_hand_formula():
     torch.manual_seed(0)
     weight = torch.randn(5, 12, dtype=torch.float64)
-    codes, scale = quantize_codes(weight, spec=GROUP4)
+    codes, scale = quantize_codes(weight, spec=GROUP4, out_dim=0)
     want_codes, want_scales = hand_quantize(weight.numpy(), 4, 3)
     assert scale.shape == (5, 3) == scale_shape(weight.shape, GROUP4)
     np.testing.assert_allclose(scale.numpy(), want_scales, rtol=1e-15)
     np.testing.assert_array_equal(codes.numpy(), want_codes)
     want = want_codes * np.repeat(want_scales, 4, axis=1)
-    np.testing.assert_allclose(fake_quantize(weight, spec=GROUP4).numpy(), want, rtol=1e-15)
-    np.testing.assert_allclose(dequantize(codes, scale).numpy(), want, rtol=1e-15)
+    np.testing.assert_allclose(fake_quantize(weight, spec=GROUP4, out_dim=0).numpy(), want, rtol=1e-15)
+    np.testing.assert_allclose(dequantize(codes, scale, out_dim=0).numpy(), want, rtol=1e-15)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, "per_channel"), QuantSpec(4, "group", group_size=3)])
@@ -77,15 +77,15 @@ def test_conv2d_groups_cover_flattened_input_features():
     torch.manual_seed(2)
     weight = torch.randn(3, 2, 2, 2, dtype=torch.float64)  # fan_in 8 = in_channels * kernel
     want_codes, want_scales = hand_quantize(weight.reshape(3, 8).numpy(), 4, 3)
-    codes, scale = quantize_codes(weight, spec=GROUP4)
+    codes, scale = quantize_codes(weight, spec=GROUP4, out_dim=0)
     np.testing.assert_array_equal(codes.reshape(3, 8).numpy(), want_codes)
     np.testing.assert_allclose(scale.numpy(), want_scales, rtol=1e-15)
-    assert compute_scale(weight, spec=QuantSpec(3, "per_channel")).shape == (3, 1, 1, 1)
+    assert compute_scale(weight, spec=QuantSpec(3, "per_channel"), out_dim=0).shape == (3, 1, 1, 1)
 
 
 def test_group_size_that_does_not_divide_is_refused():
     with pytest.raises(OscqValueError, match="group_size=4 does not divide the 6 input features"):
-        quantize_codes(torch.randn(2, 6), spec=GROUP4)
+        quantize_codes(torch.randn(2, 6), spec=GROUP4, out_dim=0)
 
 
 def _hand_gradient(w: np.ndarray, upstream: np.ndarray, group: int, bits: int, penalty: bool) -> np.ndarray:
