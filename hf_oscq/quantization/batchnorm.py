@@ -42,10 +42,15 @@ def require_batchnorm_handling(
         OscqValueError: for a BatchNorm model with neither, with one message whatever the entry point.
     """
     if has_batchnorm(model) and not recalibrated and not plain_rounding:
-        raise OscqValueError(
-            f"{type(model).__name__} has BatchNorm layers, whose running statistics rounding invalidates (plain "
-            f"rounding can cost most of the accuracy at 2 or 3 bits, so it is never done silently): {ways_out}"
-        )
+        raise batchnorm_refusal(type(model).__name__, ways_out)
+
+
+def batchnorm_refusal(model_name: str, ways_out: str) -> OscqValueError:
+    """The error of `require_batchnorm_handling`, for a caller that has already seen the BatchNorm layers."""
+    return OscqValueError(
+        f"{model_name} has BatchNorm layers, whose running statistics rounding invalidates (plain rounding can cost "
+        f"most of the accuracy at 2 or 3 bits, so it is never done silently): {ways_out}"
+    )
 
 
 def calibration_batches(

@@ -35,6 +35,7 @@ from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
 from ..training.methods import NONE, OSC_METHODS, OSCILLATION, comparison_key, run_label
 from ..training.metrics import compute_accuracy, cross_bit_table
+from ..training.run_record import run_record
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, ImageDataset, load_image_dataset
@@ -175,11 +176,7 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: Ima
     """How a run was trained and on how many images its cross-bit table was measured: next to its weights
     (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the export's manifest (the cards say both counts)."""
     return {
-        "osc_method": args.osc_method,
-        "osc_bits": args.osc_bits,
-        "osc_lambda": args.osc_lambda,
-        "osc_penalty_normalization": args.osc_penalty_normalization,
-        "osc_bn_recalibration_samples": args.osc_bn_recalibration_samples,
+        **run_record(args),  # method and quantization spec, as the Trainer records them: `hf-oscq export` uses them
         "dataset": recipe.dataset,
         "dataset_id": DATASETS[recipe.dataset].hub_id,  # the Hub id of the dataset, None for scikit-learn's digits
         "model": _describe_model(recipe),

@@ -95,6 +95,14 @@ class OscillationConfig(TrainingArguments):
             (all of `train_dataset` when it is smaller), drawn with the run's `seed`, augmentation included, in
             batches of `per_device_eval_batch_size` (`quantization.batchnorm.calibration_batches`).
 
+        > Resuming
+
+        osc_allow_spec_change (`bool`, *optional*, defaults to `False`):
+            Resume a checkpoint trained with another `osc_method` or quantization spec (bits, granularity, group
+            size, target or exclude modules): training continues from its weights and optimizer state under the
+            current settings. Without it such a resume is refused (every checkpoint records its method and spec in
+            `oscq_training.json`), since it would silently continue another run.
+
     Raises:
         OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the
             quantizer cannot handle (FSDP1, DeepSpeed ZeRO-3, QAT with activation checkpointing).
@@ -158,6 +166,15 @@ class OscillationConfig(TrainingArguments):
         metadata={
             "help": "Training samples forwarded to re-estimate BatchNorm statistics after rounding, in cross-bit "
             "evaluation and export, for models with BatchNorm (0 = plain rounding, the paper's PTQ)."
+        },
+    )
+
+    osc_allow_spec_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint trained with another osc_method or quantization spec (bits, granularity, "
+            "group size, target/exclude modules), continuing from its weights and optimizer state under the current "
+            "settings; without it such a resume is refused."
         },
     )
 
