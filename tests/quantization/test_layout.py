@@ -175,3 +175,47 @@ def test_expand_scale_broadcasts_stored_scales():
     scale = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # (out=3, groups=2)
     assert expand_scale(scale, (3, 4)).tolist() == [[1, 1, 2, 2], [3, 3, 4, 4], [5, 5, 6, 6]]
     assert expand_scale(scale, (4, 3), out_dim=1).tolist() == [[1, 3, 5], [1, 3, 5], [2, 4, 6], [2, 4, 6]]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "per_channel"), QuantSpec(4, "group", group_size=4)])
+def test_hand_calls_on_a_conv1d_weight_need_out_dim_and_then_equal_the_model_path(spec):
+    """`quantize_codes(conv1d.weight, per_channel=True)` used to give one scale per input feature. A 2-D tensor cannot
+    say whether it is `(out, in)` (Linear) or `(in, out)` (GPT-2's Conv1D), so every hand-called function refuses
+    per-channel and group-wise scales of a weight of 2 or more dimensions without `out_dim`, naming
+    `hf_oscq.output_dim`: compute_scale, quantize_codes, fake_quantize, dequantize, fused_fake_quantize,
+    fused_oscillation_penalty, plot_weight_histogram. With `out_dim=hf_oscq.output_dim(layer)` the hand path equals
+    the model path (quantize_model, export) and the hand formula; per tensor and 1-D weights need no `out_dim`."""
+    import io
+
+    model = _gpt2()
+    layer = model.transformer.h[0].attn.c_attn
+    weight = layer.weight.detach()  # (in=8, out=24)
+    message = r"does not say which: pass out_dim=hf_oscq.output_dim\(layer\)"
+    calls = [
+        lambda: compute_scale(weight, spec=spec),
+        lambda: quantize_codes(weight, spec=spec),
+        lambda: fake_quantize(weight, spec=spec),
+        lambda: fused_fake_quantize(weight, spec=spec),
+        lambda: dequantize(torch.zeros(weight.shape, dtype=torch.int8), torch.ones(24, 1)),
+        lambda: fused_oscillation_penalty([weight], spec=spec),
+        lambda: hf_oscq.plot_weight_histogram(weight, spec=spec, path=io.BytesIO()),
+    ]
+    for call in calls:
+        with pytest.raises(OscqValueError, match=message):
+            call()
+    out_dim = hf_oscq.output_dim(layer)
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=out_dim)
+    assert scale.shape[0] == 24  # one row of scales per output feature, not per input feature
+    group = 8 if spec.per_channel else 4
+    want_codes, want_scales = hand_quantize(weight.numpy().T, group, 4)
+    np.testing.assert_array_equal(codes.numpy(), want_codes.T)
+    np.testing.assert_allclose(scale.reshape(24, -1).numpy(), want_scales, rtol=1e-15)
+    rounded = hf_oscq.quantize_model(model, spec=spec).transformer.h[0].attn.c_attn.weight.detach()
+    assert torch.equal(dequantize(codes, scale, out_dim=out_dim), rounded)
+    assert torch.equal(fake_quantize(weight, spec=spec, out_dim=out_dim), rounded)
+    assert torch.equal(fused_fake_quantize(weight, spec=spec, out_dim=out_dim), rounded)
+    per_tensor = quantize_codes(weight, 4)  # one scale: no output dimension involved
+    assert per_tensor[1].dim() == 0
+    assert quantize_codes(torch.randn(5), 4, per_channel=True)[1].shape == (5,)  # 1-D: one layout only
+    with pytest.raises(OscqValueError, match="out_dim=2 is not a dimension of a weight of shape"):
+        quantize_codes(weight, spec=spec, out_dim=2)
