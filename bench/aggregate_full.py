@@ -281,7 +281,9 @@ def write_block(text: str, document: Path) -> None:
     """Replaces this script's generated block of `document`, keeping everything around it."""
     old = document.read_text()
     if BEGIN not in old or END not in old:
-        raise ValueError(f"{document} lacks the markers {BEGIN!r} ... {END!r}: add them where the tables go.")
+        from hf_oscq.errors import OscqValueError  # one line at the script's boundary
+
+        raise OscqValueError(f"{document} lacks the markers {BEGIN!r} ... {END!r}: add them where the tables go.")
     head, rest = old.split(BEGIN, 1)
     document.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
 

@@ -380,9 +380,8 @@ def export_quantized(
             "from_pretrained(<that folder>) reloads, on one process."
         )
     output = Path(output_dir).resolve()
-    check_output_path(output, "output_dir")
-    clean_interrupted_exports(output)
     check_output_dir(output)
+    clean_interrupted_exports(output)
     batchnorm = has_batchnorm(model)
     # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
     recalibrate = batchnorm and not plain_rounding

@@ -34,6 +34,7 @@ from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.folder import TRAINING_INFO_NAME
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
+from ..paths import check_output_path
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
 from ..training.methods import OSC_METHODS, OSCILLATION, comparison_key
@@ -247,6 +248,7 @@ def training_record(args: OscillationConfig, recipe: LMRecipeArguments, corpus: 
 def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     """Runs the recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
+    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
     output_dir = Path(training.output_dir)
     tokenizer = load_tokenizer(recipe)
     corpus = load_corpus(recipe)

@@ -30,6 +30,7 @@ from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
+from ..paths import check_output_path
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import DEFAULT_OSC_LAMBDA, OscillationConfig
@@ -242,6 +243,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
 def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
     """Runs a recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
+    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
     output_dir = Path(training.output_dir)
     data = load_image_dataset(
         recipe.dataset,

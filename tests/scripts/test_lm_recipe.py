@@ -108,3 +108,7 @@ def test_lm_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
     assert main(["--dataset", "bogus", "--output_dir", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "train_lm.py: error: --dataset is 'kjv', or 'hub' with --dataset_name NAME; got 'bogus'."
+    (tmp_path / "FILE").write_text("")  # an output folder under a file: refused before the text or a model loads
+    assert main(["--output_dir", str(tmp_path / "FILE" / "run"), "--use_cpu", "true"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"train_lm.py: error: --output_dir '{tmp_path / 'FILE' / 'run'}': '{tmp_path / 'FILE'}' is")
