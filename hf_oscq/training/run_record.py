@@ -37,8 +37,16 @@ def run_record(args: Any) -> dict[str, Any]:
 
 
 def write_run_record(folder: str | Path, args: Any) -> None:
-    """Writes `run_record(args)` to `folder/oscq_training.json`."""
-    (Path(folder) / TRAINING_INFO_NAME).write_text(json.dumps(run_record(args), indent=2) + "\n")
+    """Writes `run_record(args)` to `folder/oscq_training.json`, keeping what a recipe added to a record of the same
+    run there (its dataset and hyperparameters), so that saving again (`push_to_hub`, a later `save_model`) loses
+    nothing `hf-oscq export` reads."""
+    record = run_record(args)
+    path = Path(folder) / TRAINING_INFO_NAME
+    previous = read_training_info(folder) if path.is_file() else {}
+    if previous.get("osc_method") == record["osc_method"] and previous.get(SPEC_KEY) == record[SPEC_KEY]:
+        settings = {**(previous.get("hyperparameters") or {}), **record["hyperparameters"]}
+        record = {**previous, **record, "hyperparameters": settings}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def recorded_spec(record: dict[str, Any]) -> QuantSpec | None:
