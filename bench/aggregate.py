@@ -362,7 +362,9 @@ def write_results(text: str, document: Path) -> None:
     """Replaces the generated block of `document` (between BEGIN and END), keeping the hand-written text around it."""
     old = document.read_text() if document.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in old or END not in old:
-        raise ValueError(f"{document} lacks the markers {BEGIN!r} ... {END!r}: add them where the tables go.")
+        from hf_oscq.errors import OscqValueError  # one line at the script's boundary
+
+        raise OscqValueError(f"{document} lacks the markers {BEGIN!r} ... {END!r}: add them where the tables go.")
     head, rest = old.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     document.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
@@ -386,4 +388,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("aggregate.py", main))

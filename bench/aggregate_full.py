@@ -282,7 +282,9 @@ def write_block(text: str, document: Path, begin: str = BEGIN, end: str = END) -
     keeping everything around it."""
     old = document.read_text()
     if begin not in old or end not in old:
-        raise ValueError(f"{document} lacks the markers {begin!r} ... {end!r}: add them where the tables go.")
+        from hf_oscq.errors import OscqValueError  # one line at the script's boundary
+
+        raise OscqValueError(f"{document} lacks the markers {begin!r} ... {end!r}: add them where the tables go.")
     head, rest = old.split(begin, 1)
     document.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
@@ -303,4 +305,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("aggregate_full.py", main))

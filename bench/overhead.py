@@ -37,6 +37,7 @@ from hf_oscq import (
     oscillation_penalty,
     select_weights,
 )
+from hf_oscq.quantization.selection import output_dims
 from hf_oscq.scripts.data import DATASETS
 from hf_oscq.scripts.models import build_vit
 
@@ -87,12 +88,17 @@ def make_step(mode: str, device: str, bits: int, osc_lambda: float, model_name: 
     # the language model quantizes its decoder projections group-wise, as LM quantizers do
     spec = QuantSpec(bits, "group", group_size=32) if model_name == "lm" else QuantSpec(bits)
     weights = select_weights(model, spec=spec)
+    out_dims = output_dims(model, weights)  # each layer's output-channel dimension, which the scales follow
     workspace = PenaltyWorkspace()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         # Computed before the forward pass, as OscillationTrainer does, so that autograd adds its gradient into the
         # task gradient in place.
-        penalty = fused_oscillation_penalty(weights, spec=spec, workspace=workspace) if mode == "oscillation" else 0.0
+        penalty = (
+            fused_oscillation_penalty(weights, spec=spec, workspace=workspace, out_dims=out_dims)
+            if mode == "oscillation"
+            else 0.0
+        )
         if mode == "qat":
             with fake_quantized_forward(model, weights, spec=spec):
                 loss = F.cross_entropy(forward(images), labels)
@@ -177,4 +183,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("overhead.py", main))

@@ -37,6 +37,7 @@ _PUBLIC = {
     "pack_codes": ".quantization.packing",
     "packed_size": ".quantization.packing",
     "unpack_codes": ".quantization.packing",
+    "output_dim": ".quantization.selection",
     "select_weights": ".quantization.selection",
     "recalibrate_batchnorm": ".quantization.batchnorm",
     "cross_bit_evaluate": ".quantization.ptq",
@@ -152,7 +153,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .quantization.primitives import compute_scale, dequantize, fake_quantize, quantize_codes
     from .quantization.ptq import cross_bit_evaluate, format_cross_bit_table, quantize_model, quantized_weights
     from .quantization.qat import fake_quantized_forward
-    from .quantization.selection import select_weights
+    from .quantization.selection import output_dim, select_weights
     from .quantization.spec import ALL_LAYERS, ALL_WEIGHTS, DEFAULT_EVAL_BITS, QuantSpec, max_code, validate_bits
     from .scripts.data import DATASETS, HubUnreachableError, ImageDataset, load_image_dataset
     from .scripts.models import (

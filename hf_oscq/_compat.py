@@ -168,6 +168,12 @@ def keys_loading_may_skip(model) -> tuple[set[str], set[str]]:
     return tied, set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
 
 
+def tied_weight_sources(model) -> dict[str, str]:
+    """`{tied copy: the parameter it is tied to}` (`all_tied_weights_keys`, transformers 5.24), known as soon as the
+    model is built, before `from_pretrained` ties the weights."""
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
 def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
     """Model-side tensor names -> the names `save_pretrained` writes (transformers' reverse weight conversion).
 

@@ -19,6 +19,10 @@ from .quantization.batchnorm import warn_if_stale_statistics
 
 logger = logging.getLogger(__name__)
 
+_LOCAL_FIX = (
+    "pass an imagefolder (one subfolder of images per class, optionally under train/ and test/), a folder written by "
+    "save_to_disk, or parquet files, holding at least one readable example."
+)
 # Split names tried in this order when none is given (the Hub's names for held-out data first).
 DEFAULT_SPLITS = ("test", "validation", "valid", "eval", "train")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -123,13 +127,16 @@ def load_eval_dataset(
         HubDatasetUnreachableError: when `source` is a Hub id that cannot be downloaded (offline, or unknown).
     """
     from .scripts.data import DATASETS, raw_splits
+    from .scripts.dataset_errors import dataset_errors
 
     if source in DATASETS and not Path(source).exists():
         if split is not None:
             raise OscqValueError(f"--split does not apply to {source!r}, whose test split is built in.")
         dataset = raw_splits(source, data_dir, seed)[1]
     elif Path(source).exists():
-        dataset = _pick_split(_local_dataset(Path(source)), split, source)
+        with dataset_errors(f"--dataset {source}", _LOCAL_FIX):
+            loaded = _local_dataset(Path(source))
+        dataset = _pick_split(loaded, split, source)
     else:
         dataset = _pick_split(_hub_dataset(source, split), split, source)
     image = _column(dataset, image_column, IMAGE_COLUMNS, "image", "Image")
@@ -160,9 +167,14 @@ def image_inputs(image_processor, images: list) -> Any:
 
 
 def _batches(dataset, image_processor, batch_size: int) -> Iterator[dict[str, Any]]:
+    from .scripts.dataset_errors import dataset_errors
+
     for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        yield {"pixel_values": image_inputs(image_processor, rows["image"]), "labels": rows["label"]}
+        rows = f"The dataset's rows {start} to {min(start + batch_size, len(dataset)) - 1}"
+        with dataset_errors(rows, "replace or remove the file that is not a readable image (PNG, JPEG, ...)."):
+            rows = dataset[start : start + batch_size]
+            pixel_values = image_inputs(image_processor, rows["image"])
+        yield {"pixel_values": pixel_values, "labels": rows["label"]}
 
 
 def load_image_processor(folder: str | Path, default=None):
@@ -204,6 +216,26 @@ def _labels_in_model_order(dataset, config):
     return dataset.map(renumber, input_columns="label", batched=True)
 
 
+def _check_label_range(dataset, config, path: Path) -> None:
+    """Refuses labels outside the model's class ids (a prediction can never match them, so they would count as
+    errors without a word).
+
+    Raises:
+        OscqValueError: naming the label range found and the model's number of classes.
+    """
+    classes = getattr(config, "num_labels", None)
+    labels = dataset["label"] if len(dataset) else []
+    if not classes or not labels:
+        return
+    low, high = min(labels), max(labels)
+    if low < 0 or high >= classes:
+        raise OscqValueError(
+            f"The dataset's labels run from {low} to {high}, but {path} classifies {classes} classes (label ids 0 to "
+            f"{classes - 1}): evaluate it on a dataset of its own classes, or pass --label_column NAME for the column "
+            "that holds them."
+        )
+
+
 def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> bool:
     """Checkpoints are evaluated as written; a quantized BatchNorm one whose statistics were not re-estimated after
     rounding is worth a warning, since that costs accuracy at low bit-widths. Returns whether the checkpoint's
@@ -241,6 +273,7 @@ def evaluate_folder(
         model = auto_class_for(path).from_pretrained(path).eval()
         recalibrated |= _warn_plain_rounded_batchnorm(name, path, model)
         dataset = _labels_in_model_order(dataset, model.config)
+        _check_label_range(dataset, model.config, path)
         processor = load_image_processor(path, default_processor)
         with torch.no_grad():
             table[name] = evaluate_model(model, _batches(dataset, processor, batch_size))

@@ -1,7 +1,9 @@
-"""Paths named after outside input (a Hub repository id, a module name): they stay inside the folder meant for them."""
+"""Paths named after outside input (a Hub repository id, a module name) stay inside the folder meant for them;
+output paths a user names are checked before any work starts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import OscqValueError
@@ -32,5 +34,36 @@ def child_path(folder: str | Path, name: str) -> Path:
     if path.resolve().parent != folder.resolve():
         raise OscqValueError(
             f"{str(path)!r} leads outside {str(folder)!r} (a symbolic link): remove it or choose another folder."
+        )
+    return path
+
+
+def check_output_path(path: str | Path, flag: str) -> Path:
+    """Checks, before any work starts, that `path` (a file or folder to write, or to replace) can be written: every
+    part of it that exists is a folder (the last part may be a file or a folder), and the nearest existing folder
+    above it is writable.
+
+    Args:
+        path: the output path.
+        flag: what named it, for the message (`--output`, `output_dir`).
+
+    Returns:
+        `path` as an absolute path.
+
+    Raises:
+        OscqValueError: naming the part of the path that is a file or the folder that cannot be written.
+    """
+    path = Path(path).absolute()
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise OscqValueError(
+                f"{flag} {str(path)!r}: {str(parent)!r} is a file, where a folder belongs. Pass a path whose "
+                "existing parts are folders."
+            )
+    existing = next(parent for parent in path.parents if parent.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OscqValueError(
+            f"{flag} {str(path)!r}: the folder {str(existing)!r} cannot be written (read-only file system or no "
+            "permission). Pass a path on a disk you can write to."
         )
     return path

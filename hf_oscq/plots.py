@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import OscqValueError
-from .quantization.layout import expand_scale
+from .quantization.layout import expand_scale, resolve_out_dim
 from .quantization.primitives import compute_scale, nonzero_scale
 from .quantization.spec import QuantSpec, max_code, resolve_spec
 from .quantization.variants import FULL_PRECISION, is_variant, variant_bits, variant_name
@@ -168,7 +168,7 @@ def plot_weight_histogram(
     spec: QuantSpec | None = None,
     show_levels: bool = False,
     dpi: int = 110,
-    out_dim: int = 0,
+    out_dim: int | None = None,
 ) -> Figure:
     """Histogram of one layer's full-precision weights with the `bits`-bit rounding thresholds drawn on it.
 
@@ -187,7 +187,8 @@ def plot_weight_histogram(
         spec: the `QuantSpec` whose grid is drawn.
         show_levels: also draw the quantization levels (the values the weights are rounded to).
         dpi: resolution of the PNG.
-        out_dim: the weight's output-channel dimension (1 for GPT-2's `Conv1D`), as in `compute_scale`.
+        out_dim: the weight's output-channel dimension (1 for GPT-2's `Conv1D`), as in `compute_scale` (needed for
+            per-channel and group-wise scales of a weight of 2 or more dimensions).
 
     Returns:
         The matplotlib `Figure` (already saved).
@@ -196,6 +197,7 @@ def plot_weight_histogram(
     if path is None:
         raise TypeError("plot_weight_histogram needs path=... (a file path or a binary file object).")
     weight = torch.as_tensor(weight).detach().float().cpu()
+    out_dim = resolve_out_dim("plot_weight_histogram", weight.shape, spec, out_dim)
     scale = compute_scale(weight, spec=spec, out_dim=out_dim)
     if not spec.per_tensor:
         values, unit = (weight / nonzero_scale(expand_scale(scale, weight.shape, out_dim))).flatten().numpy(), 1.0

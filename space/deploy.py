@@ -14,6 +14,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, SpaceCard
 from huggingface_hub.utils import validate_repo_id
 
+from hf_oscq.errors import OscqValueError
+
 SPACE_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = SPACE_DIR.parent / "hf_oscq"
 SPACE_FILES = ("app.py", "requirements.txt", "oscq_space/*.py", "examples/*.png", "examples/examples.json")
@@ -24,12 +26,17 @@ def plan_upload(models: list[str]) -> list[CommitOperationAdd]:
     """The files of the Space: the app, its README with `models` set, the examples and the hf_oscq source.
 
     Raises:
-        ValueError: for an invalid repo id in `models`, or no models.
+        OscqValueError: for an invalid repo id in `models`, or no models.
     """
     if not models:
-        raise ValueError("Pass the Hub repo ids of the parent models the Space shows: --models ORG/NAME[,ORG/NAME2].")
+        raise OscqValueError(
+            "Pass the Hub repo ids of the parent models the Space shows: --models ORG/NAME[,ORG/NAME2]."
+        )
     for repo_id in models:
-        validate_repo_id(repo_id)
+        try:
+            validate_repo_id(repo_id)
+        except ValueError as error:
+            raise OscqValueError(f"--models {repo_id!r} is not a Hub repo id (ORG/NAME): {error}") from None
     card = SpaceCard.load(SPACE_DIR / "README.md")
     card.data.models = list(models)
     operations = [CommitOperationAdd("README.md", str(card).encode())]
@@ -61,4 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("deploy.py", main))

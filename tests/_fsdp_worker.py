@@ -20,6 +20,7 @@ from hf_oscq import (
     fake_quantized_forward,
     fused_oscillation_penalty,
     kurtosis_penalty,
+    output_dim,
     quantized_weights,
     select_weights,
 )
@@ -69,7 +70,14 @@ def functional(out: Path) -> None:
     results = {}
     for normalization, tag in (("layer_mean", ""), ("global_mean", "_global_mean")):
         for per_channel in (False, True):
-            penalty = fused_oscillation_penalty(select_weights(net), BITS, per_channel, normalization=normalization)
+            weights = select_weights(net)
+            penalty = fused_oscillation_penalty(
+                weights,
+                BITS,
+                per_channel,
+                normalization=normalization,
+                out_dims=[output_dim(net.get_submodule(name.rpartition(".")[0])) for name in weights],
+            )
             penalty.backward()
             values = [torch.zeros(1) for _ in range(dist.get_world_size())]
             dist.all_gather(values, penalty.detach().reshape(1))

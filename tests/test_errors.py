@@ -1,6 +1,8 @@
+import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,70 @@ def test_an_interrupted_entry_point_prints_one_line_and_exits_130(capsys):
 
     assert exit_code("hf-oscq export", interrupted) == 130
     assert capsys.readouterr().err.strip() == "hf-oscq export: interrupted"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OSError(errno.EROFS, "Read-only file system", "/data/out"), "'/data/out' is on a read-only file system"),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/out"), "no space left on the device: free some"),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/x"), "'/data/x' cannot be accessed"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/FILE/sub"), "a file stands where a folder"),
+        (FileExistsError(errno.EEXIST, "File exists", "/data/FILE"), "'/data/FILE' already exists"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere"), "'/nowhere' does not exist"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "/data"), "'/data' is a folder where a file belongs"),
+    ],
+    ids=["read_only", "full", "unreadable", "file_in_path", "file_for_folder", "missing", "folder_for_file"],
+)
+def test_expected_os_errors_are_one_line_naming_the_path_and_exit_1(capsys, error, expected):
+    """The boundary of every entry point (hf-oscq, recipes, bench scripts): each kind of operating-system error a
+    user causes is one line naming the path and the fix, exit code 1."""
+    from hf_oscq.errors import exit_code
+
+    def fails():
+        raise error
+
+    assert exit_code("hf-oscq export", fails) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("hf-oscq export: error: ") and expected in line
+
+
+def test_unexpected_errors_keep_their_traceback():
+    from hf_oscq.errors import exit_code
+
+    for error in (OSError(errno.EIO, "Input/output error"), RuntimeError("a bug"), ValueError("a bug")):
+
+        def fails(error=error):
+            raise error
+
+        with pytest.raises(type(error)):
+            exit_code("hf-oscq export", fails)
+
+
+def test_os_errors_say_what_was_done_and_kept_and_stay_os_errors():
+    from hf_oscq.errors import OscqError, os_errors
+
+    with pytest.raises(
+        OSError, match=r"^Cannot write the export /out: '/out' is on a read-only .* Nothing was"
+    ) as raised:
+        with os_errors("write the export /out", "Nothing was written."):
+            raise OSError(errno.EROFS, "Read-only file system", "/out")
+    assert isinstance(raised.value, OscqError) and raised.value.errno == errno.EROFS
+    with pytest.raises(OSError) as raised:  # not a user's error: left as it is
+        with os_errors("write"):
+            raise OSError(errno.EIO, "Input/output error")
+    assert not isinstance(raised.value, OscqError)
+
+
+def test_entry_point_scripts_print_bad_input_as_one_line(tmp_path, capsys, monkeypatch):
+    """recipes/ and bench/ scripts run through the same boundary (here recipes/toy_model.py, writing under a file)."""
+    import runpy
+
+    (tmp_path / "FILE").write_text("")
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy_model.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--output_dir", str(tmp_path / "FILE" / "sub"), "--steps", "2"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("toy_model.py: error: ") and str(tmp_path / "FILE") in line

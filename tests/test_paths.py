@@ -21,3 +21,21 @@ def test_a_symlink_leading_outside_is_refused(tmp_path):
     os.symlink(tmp_path, tmp_path / "inside" / "escape")
     with pytest.raises(ValueError, match="leads outside"):
         child_path(tmp_path / "inside", "escape")
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
+    """`check_output_path`, which `hf-oscq export --output`, `hf-oscq eval --output_json` and `export_quantized`
+    call before loading anything: a file where a folder belongs (directly above, or higher up), and a folder that
+    cannot be written (read-only file system; tests run as root, so `os.access` is what reports it)."""
+    from hf_oscq.paths import check_output_path
+
+    (tmp_path / "FILE").write_text("")
+    assert check_output_path(tmp_path / "new" / "deeper", "--output") == tmp_path / "new" / "deeper"
+    for path in (tmp_path / "FILE" / "sub", tmp_path / "FILE" / "a" / "b"):
+        with pytest.raises(
+            ValueError, match=rf"^--output .*: '{tmp_path / 'FILE'}' is a file, where a folder belongs"
+        ):
+            check_output_path(path, "--output")
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # a read-only folder
+    with pytest.raises(ValueError, match=rf"the folder '{tmp_path}' cannot be written \(read-only file system"):
+        check_output_path(tmp_path / "out", "--output_json")

@@ -26,7 +26,7 @@ def test_weight_histogram_draws_thresholds_at_the_quantizer_bins(tmp_path):
     assert _threshold_positions(figure) == pytest.approx([k * step for k in (-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)])
     assert (tmp_path / "hist.png").read_bytes().startswith(PNG_MAGIC)
     # per channel: weights divided by their row's scale, thresholds shared at +-0.5 and +-1.5 ... in those units
-    figure = plot_weight_histogram(weight, 2, tmp_path / "hist_pc.png", per_channel=True)
+    figure = plot_weight_histogram(weight, 2, tmp_path / "hist_pc.png", per_channel=True, out_dim=0)
     assert _threshold_positions(figure) == [-0.5, 0.5]
     # w / s per row: [0.3, -0.9] / 0.9 and [0.1, 0.6] / 0.6, so the histogram spans exactly [-1, 1]
     (histogram,) = figure.axes[0].patches

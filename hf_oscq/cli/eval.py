@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import os_errors
+from ..paths import check_output_path
 from . import add_flag, check_counts
 
 
@@ -22,6 +24,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from ..export.folder import MANIFEST_NAME, read_training_info, recorded_split, task_for, variant_folders
 
     check_counts(args, batch_size=1, max_eval_samples=1, block_size=1)
+    if args.output_json:
+        check_output_path(args.output_json, "--output_json")  # before any checkpoint is evaluated
     folders = variant_folders(Path(args.folder))
     if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
         table, samples = _eval_language_model(args, folders)
@@ -50,8 +54,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "split": args.split,
             "samples": samples,
         }
-        record_evaluation(folder, table, evaluation)
-        write_model_cards(folder)
+        kept = "Pass --no_record to evaluate without writing into the export folder."
+        with os_errors(f"record the evaluation in {folder}", kept):
+            record_evaluation(folder, table, evaluation)
+            write_model_cards(folder)
     return table
 
 
@@ -137,7 +143,8 @@ def _main(args: argparse.Namespace) -> int:
 
     table = run_eval(args)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(table, indent=2) + "\n")
+        with os_errors(f"write --output_json {args.output_json}"):
+            Path(args.output_json).write_text(json.dumps(table, indent=2) + "\n")
     note = rounding_note(args.folder)
     if note:
         sys.stdout.write(f"Quantized checkpoints: {note}.\n")

@@ -44,29 +44,64 @@ def _load_image_processor(folder: Path):
     return AutoImageProcessor.from_pretrained(folder)
 
 
-def _spec(args: argparse.Namespace) -> QuantSpec:
-    """The spec of the export (each bit-width of `--bits` replaces its `bits`)."""
+def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str]:
+    """The spec of the export (each bit-width of `--bits` replaces its `bits`) and the argument its group size comes
+    from: the run's recorded spec (`oscq_training.json`, `run_record.recorded_spec`) for a run trained towards one
+    (`--per_channel`, `--group_size`, `--target_modules` and `--exclude_modules` may repeat it, not contradict it),
+    else the flags.
+
+    Raises:
+        OscqValueError: for invalid bit-widths, both `--per_channel` and `--group_size`, or a flag contradicting the
+            run's recorded spec (naming both).
+    """
+    from ..training.methods import NONE
+    from ..training.run_record import describe_run, recorded_spec
+
     if args.per_channel and args.group_size:
         raise OscqValueError("Pass --per_channel or --group_size, not both: group-wise scales are per channel too.")
     for bits in args.bits:  # every one, before anything is loaded
         validate_bits(bits)
-    granularity = GROUP if args.group_size else PER_CHANNEL if args.per_channel else PER_TENSOR
-    return QuantSpec(min(args.bits), granularity, args.target_modules, args.exclude_modules, args.group_size)
+    flagged = GROUP if args.group_size else PER_CHANNEL if args.per_channel else None
+    given = QuantSpec(
+        min(args.bits), flagged or PER_TENSOR, args.target_modules, args.exclude_modules, args.group_size
+    )
+    recorded = recorded_spec(trained)
+    # a plain (FP) run was trained towards no spec: its record is a default the flags may change
+    if recorded is None or trained.get("osc_method") == NONE:
+        if recorded is not None and flagged is None and args.target_modules is None and args.exclude_modules is None:
+            return recorded.with_bits(min(args.bits)), "the run's recorded osc_group_size"
+        return given, "--group_size"
+    conflicts = []
+    if flagged is not None and (given.granularity, given.group_size) != (recorded.granularity, recorded.group_size):
+        conflicts.append("--group_size" if args.group_size else "--per_channel")
+    for name in ("target_modules", "exclude_modules"):
+        if getattr(args, name) is not None and getattr(given, name) != getattr(recorded, name):
+            conflicts.append(f"--{name}")
+    if conflicts:
+        method = trained.get("osc_method")
+        raise OscqValueError(
+            f"{args.checkpoint} was trained with {describe_run(method, recorded)} (its oscq_training.json), but "
+            f"{' and '.join(conflicts)} asks for {describe_run(method, given)}: an export in another spec would not "
+            "be the model that training made robust. Drop the flag to export with the run's spec."
+        )
+    return recorded.with_bits(min(args.bits)), "the run's recorded osc_group_size"
 
 
 def run_export(args: argparse.Namespace) -> Path:
     """`hf-oscq export`: the export folder written.
 
     Raises:
-        OscqValueError: for an unknown `--dataset`, a missing folder or one without config.json, an already
-            quantized checkpoint, or a BatchNorm model whose re-estimation images are unknown (no `--dataset` and
-            none recorded with the checkpoint).
+        OscqValueError: for an unknown `--dataset`, a missing folder or one without config.json, an output that
+            cannot be written, an already quantized checkpoint, flags contradicting the run's recorded spec, a group
+            size that does not divide a layer's input features, or a BatchNorm model whose re-estimation images are
+            unknown (no `--dataset` and none recorded with the checkpoint).
     """
     from ..export.checkpoint import QUANT_METHOD
     from ..export.folder import read_training_info
     from ..export.formats import COMPRESSED_TENSORS_FORMAT
-    from ..export.writer import export_quantized
+    from ..export.writer import check_output_dir, export_quantized
     from ..quantization.batchnorm import has_batchnorm
+    from ..quantization.selection import select_weights
 
     check_counts(args, bn_recalibration_samples=0, batch_size=1)
     if args.dataset:
@@ -89,16 +124,19 @@ def run_export(args: argparse.Namespace) -> Path:
             f"{checkpoint} is already a quantized checkpoint ({method}{bits}): export from the full-precision "
             "checkpoint instead, e.g. the fp/ folder of the export."
         )
-    spec = _spec(args)
     if args.format == COMPRESSED_TENSORS_FORMAT:
         from ..export.compressed_tensors import require_compressed_tensors
 
         require_compressed_tensors()  # before the model loads
+    check_output_dir(args.output, "--output")  # before the model loads
+    trained = read_training_info(checkpoint)
+    spec, group_size_source = export_spec(args, trained)
     model = _load_model(checkpoint)
-    trained, batches, source = read_training_info(checkpoint), None, None
+    select_weights(model, spec=spec, group_size_source=group_size_source)  # every layer fits, before any work
+    batches, source = None, None
     args = with_recorded_defaults(args, trained)
     if args.bn_recalibration_samples and has_batchnorm(model):
-        batches, source = export_calibration_batches(args, trained)
+        batches, source = export_calibration_batches(args, trained, model)
     # the recorded recipe and hyperparameters go into the manifest and the cards; the local data path never does
     training = {key: value for key, value in trained.items() if key != "data_dir"} or None
     return export_quantized(
@@ -142,7 +180,7 @@ def with_recorded_defaults(args: argparse.Namespace, trained: dict) -> argparse.
 
 
 def export_calibration_batches(
-    args: argparse.Namespace, trained: dict | None = None
+    args: argparse.Namespace, trained: dict | None = None, model=None
 ) -> tuple[Iterable[dict] | None, dict | None]:
     """Training images for BatchNorm re-estimation after rounding: `--bn_recalibration_samples` images of
     `--dataset` (default: the dataset the checkpoint's training record names, with its local copy and the training
@@ -151,17 +189,21 @@ def export_calibration_batches(
     `{"dataset", "seed", "batch_size"}`); `(None, None)` without re-estimation.
 
     Raises:
-        OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset.
+        OscqValueError: when neither `--dataset` nor the checkpoint's training record names the dataset (the
+            BatchNorm rule of every rounding path, `batchnorm.require_batchnorm_handling`, for `model`).
     """
+    from ..quantization.batchnorm import batchnorm_refusal
+
     if not args.bn_recalibration_samples:
         return None, None
     trained = trained or {}
     dataset = args.dataset or trained.get("dataset")
     if not dataset:
-        raise OscqValueError(
-            f"{args.checkpoint} holds a model with BatchNorm layers, whose statistics rounding invalidates, and no "
-            "record of its training data: pass --dataset NAME (and --data_dir for a local copy) to re-estimate them "
-            "on its training images, or --bn_recalibration_samples 0 for plain rounding (the paper's PTQ)."
+        raise batchnorm_refusal(
+            type(model).__name__ if model is not None else "The model",
+            f"{args.checkpoint} records no training data to re-estimate them on: pass --dataset NAME (and "
+            "--data_dir for a local copy) to re-estimate them on its training images, or --bn_recalibration_samples "
+            "0 for plain rounding (the paper's PTQ).",
         )
     from ..export.folder import recorded_split
     from ..quantization.batchnorm import calibration_batches

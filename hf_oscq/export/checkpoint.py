@@ -21,6 +21,7 @@ from safetensors.torch import save as serialize
 
 from .._compat import checkpoint_to_model_names, keys_loading_may_skip
 from ..errors import OscqValueError
+from ..quantization.layout import grouped
 from ..quantization.layout import scale_shape as layout_scale_shape
 from ..quantization.packed_tensor import PackedWeight
 from ..quantization.packing import invalid_packed_codes, packed_size, unpack_unsigned
@@ -229,10 +230,12 @@ def _check_float16_scales(stored: StoredTensor, scale: torch.Tensor) -> None:
 
 
 def _check_scale(
-    stored: StoredTensor, codes: StoredTensor, numel: int, bits: int, version: int, out_dim: int = 0
+    stored: StoredTensor, codes: StoredTensor, shape: tuple[int, ...], spec: QuantSpec, version: int, out_dim: int = 0
 ) -> None:
     """A scale is what the writer produces: a float dtype of the format, finite, and positive, or 0 exactly where
-    every code it multiplies is 0 (an all-zero tensor or channel)."""
+    every code it multiplies is 0 (an all-zero tensor, channel or group), whatever the layout (`out_dim` 0 or 1, per
+    tensor, per channel or group-wise)."""
+    bits = spec.bits
     fix = "a faulty writer produced this file (its checksum matches): export the model again."
     if stored.dtype not in SCALE_DTYPES[version]:
         raise CheckpointFormatError(
@@ -248,10 +251,12 @@ def _check_scale(
         )
     if version == 1:
         _check_float16_scales(stored, scale)
-    zero = (scale == 0).reshape(-1)
-    if bool(zero.any()) and out_dim == 0:  # each scale covers consecutive codes (row-major)
-        unsigned = unpack_unsigned(codes.read().reshape(-1), bits, numel).reshape(zero.numel(), -1)
-        if bool((unsigned[zero] != max_code(bits)).any()):
+    zero = scale == 0
+    if bool(zero.any()):
+        unsigned = unpack_unsigned(codes.read().reshape(-1), bits, math.prod(shape)).reshape(shape)
+        groups = grouped(unsigned, spec, out_dim)  # (out, groups, group_len): one scale per (out, group)
+        zero = zero.reshape(groups.shape[:2])
+        if bool((groups[zero] != max_code(bits)).any()):
             raise CheckpointFormatError(
                 f"Scale {stored.key!r} in {stored.path} is 0 where its codes are not all 0, which would zero those "
                 f"weights: {fix}"
@@ -410,7 +415,7 @@ def validate_checkpoint_files(
                     f"weight of shape {list(weight_shape)} at bits={bits} ({spec.granularity}) needs "
                     f"{dtype or 'a float dtype'} and shape {list(shape)}: the codes do not match config.json."
                 )
-        _check_scale(entries[name + SCALE_SUFFIX], entries[name], math.prod(stored), bits, version, out_dim)
+        _check_scale(entries[name + SCALE_SUFFIX], entries[name], tuple(stored), spec, version, out_dim)
         listed[name] = stored  # a new head's shape: transformers reports the mismatch
     stray = sorted(
         key

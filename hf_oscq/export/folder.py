@@ -26,8 +26,10 @@ MANIFEST_NAME = "oscq_export.json"
 TRAINING_INFO_NAME = "oscq_training.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# Formats that are unpickled on load: never published.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Formats that are unpickled on load: never published, whatever the case of the name or the suffixes after them
+# (`model.PT`, `extra.pkl.gz`), nor inside an archive (`pickle_reason`).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_PICKLE_PROTOCOLS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))  # the first bytes of a pickle
 # (pipeline tag, Auto class, its architecture mapping in transformers.models.auto.modeling_auto, the architecture
 # suffix of models outside that mapping such as TimmWrapper). A new task is one more row.
 TASKS = (
@@ -88,6 +90,50 @@ def weights_size(folder: str | Path) -> int:
     return sum(path.stat().st_size for path in weight_files(Path(folder)))
 
 
+def _pickled_name(name: str) -> bool:
+    """Whether a file name carries a pickle suffix, in any case and anywhere in its suffixes (`model.PT`,
+    `extra.pkl.gz`, `weights.bin.zip`)."""
+    return any(suffix.lower() in PICKLE_SUFFIXES for suffix in Path(name).suffixes)
+
+
+def pickle_reason(path: str | Path) -> str | None:
+    """Why the file at `path` may hold a pickle, which loading would run as code; `None` when nothing says so.
+
+    Checked without unpickling anything: the name (`_pickled_name`), and for files other than `.safetensors`, the
+    first bytes (a pickle of protocol 2 to 5, also inside a gzip stream) and the member names of a zip (what
+    `torch.save` writes) or tar archive.
+    """
+    import gzip
+    import tarfile
+    import zipfile
+
+    path = Path(path)
+    if _pickled_name(path.name):
+        return "a pickle file name"
+    if path.suffix.lower() == ".safetensors":  # read by safetensors alone, whose length header may start 0x80 0x02
+        return None
+    try:
+        with path.open("rb") as file:
+            head = file.read(4)
+        if head[:2] == b"\x1f\x8b":  # gzip: look at the start of what it holds
+            with gzip.open(path, "rb") as file:
+                head = file.read(4)
+        if head[:2] in _PICKLE_PROTOCOLS:
+            return "pickle data"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path) as archive:
+                members = archive.getnames()
+        else:
+            return None
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
+        return None  # unreadable or truncated: other checks name it; this one only looks for pickles
+    inside = [member for member in members if _pickled_name(member)]
+    return f"an archive holding {inside[:3]}" if inside else None
+
+
 def export_format(manifest: dict[str, Any]) -> str:
     """The format of an export's `w{b}` folders: its manifest's `format`, `"oscq"` for exports that predate it."""
     return manifest.get("format") or OSCQ_FORMAT
@@ -97,7 +143,7 @@ def _check_variant(export_dir: Path, variant: str, bits: int | None, format: str
     folder = export_dir / variant
     if not folder.is_dir():
         raise _fail(export_dir, f"the folder {variant}/ is missing")
-    pickled = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    pickled = sorted(p.name for p in folder.rglob("*") if p.is_file() and pickle_reason(p))
     if pickled:
         raise ExportFolderError(
             f"{variant}/ in {str(export_dir)!r} holds pickle files {pickled}: only safetensors are published. "

@@ -26,8 +26,9 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._compat import allow_loading_attributes, conversion_ops_class
-from ..errors import OscqValueError
+from .._compat import allow_loading_attributes, conversion_ops_class, tied_weight_sources
+from ..errors import OscqError, OscqValueError
+from ..quantization.batchnorm import require_batchnorm_handling
 from ..quantization.packed_tensor import PackedWeight
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
@@ -47,6 +48,8 @@ from .checkpoint import (
 
 logger = logging.getLogger(__name__)
 OUTPUT_SCALE_AXIS = "output"
+LOADING_OPTIONS = ("dequantize", "plain_rounding")  # set for one load, never saved
+GROUP_SIZE_ARGUMENT = "from_pretrained(..., quantization_config=OscqQuantizationConfig(group_size={}))"
 
 
 class OscqQuantizationConfig(QuantizationConfigMixin):
@@ -56,7 +59,10 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
     Loading a `w{b}` folder reads this config from its config.json. Passed to `from_pretrained`, it sets how a packed
     checkpoint loads (`dequantize`), or quantizes a float checkpoint while it loads (`bits` and the other spec
     fields): `from_pretrained(fp_dir, quantization_config=OscqQuantizationConfig(bits=3))` gives the model that
-    exporting `fp_dir` at 3 bits and loading `w3` gives.
+    exporting `fp_dir` at 3 bits with plain rounding and loading `w3` gives. Every setting is checked before any
+    weight is read: invalid values, a group size that does not divide a selected layer's input features, and a model
+    with BatchNorm layers, whose statistics rounding invalidates and which loading cannot re-estimate (export it
+    with re-estimation instead, or pass `plain_rounding=True`).
 
     Args:
         bits: bit-width of the packed codes, in [2, 8]; needed to quantize on load.
@@ -78,9 +84,13 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         versions: the hf_oscq, torch and transformers versions that wrote the checkpoint (informational).
         dequantize: load plain float weights (`codes * scale`) instead of packed ones: float forward speed,
             fp32-sized memory, no quantization_config left on the model. A loading option, never saved.
+        plain_rounding: quantizing a float checkpoint of a model with BatchNorm layers on load, round it without
+            re-estimating their statistics (the paper's PTQ, which costs accuracy at low bit-widths); without it such
+            a model is refused. A loading option, never saved.
 
     Raises:
-        CheckpointFormatError: for another format version or invalid fields.
+        OscqValueError: for invalid arguments, naming them.
+        CheckpointFormatError: for another format version or invalid fields in a checkpoint's config.json.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         dequantize: bool = False,
         group_size: int | None = None,
         scale_axis: str | None = None,
+        plain_rounding: bool = False,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
@@ -114,7 +125,19 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
         self.guarded_fields = dict(guarded_fields or {})
         self.versions = dict(versions or {})
         self.dequantize = bool(dequantize)
+        self.plain_rounding = bool(plain_rounding)
         self.post_init()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """The config of a checkpoint's config.json (how transformers reads it): invalid fields are a
+        `CheckpointFormatError` naming config.json."""
+        try:
+            return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+        except CheckpointFormatError:
+            raise
+        except OscqValueError as error:
+            raise CheckpointFormatError(f"Invalid quantization_config in config.json: {error}") from None
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, modules: list[str] | None = None, **fields) -> OscqQuantizationConfig:
@@ -147,15 +170,14 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
                 f"versions {readable}. Install the hf_oscq version that wrote it{writer} (or a newer one), or export "
                 "it again."
             )
+        # As arguments these name OscqQuantizationConfig; `from_dict` (config.json) names the file instead.
         if self.bits is not None:  # a config passed only for its loading options has no spec
             try:
                 self.per_channel = self.spec.per_channel
             except ValueError as error:
-                raise CheckpointFormatError(f"Invalid quantization_config in config.json: {error}") from None
+                raise OscqValueError(f"OscqQuantizationConfig: {error}") from None
         if self.modules is not None and (not self.modules or not all(isinstance(m, str) for m in self.modules)):
-            raise CheckpointFormatError(
-                "Invalid quantization_config in config.json: `modules` must be a non-empty list of names."
-            )
+            raise OscqValueError("OscqQuantizationConfig: `modules` must be a non-empty list of names.")
 
     def get_loading_attributes(self) -> dict[str, Any]:
         """The options a config passed to `from_pretrained` sets on a checkpoint's own config."""
@@ -163,7 +185,8 @@ class OscqQuantizationConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        output.pop("dequantize", None)
+        for option in LOADING_OPTIONS:
+            output.pop(option, None)
         return output
 
 
@@ -186,6 +209,12 @@ class OscqDeserialize(conversion_ops_class()):
         return self
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, full_layer_name, model)
+        except OscqError as error:
+            return self.hf_quantizer.hold(error, {full_layer_name: model.get_parameter(full_layer_name)})
+
+    def _convert(self, input_dict: dict[str, Any], full_layer_name: str, model) -> dict[str, Any]:
         weight, scale = _single(input_dict["weight"]), _single(input_dict.get("weight" + SCALE_SUFFIX))
         target = model.get_parameter(full_layer_name)
         stored_shape = self.hf_quantizer.packed.get(full_layer_name)
@@ -215,6 +244,12 @@ class OscqQuantize(conversion_ops_class()):
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict: dict[str, Any], full_layer_name: str | None = None, model=None, **kwargs):
+        try:
+            return self._convert(input_dict, model)
+        except OscqError as error:
+            return self.hf_quantizer.hold(error, {name: _single(value) for name, value in input_dict.items()})
+
+    def _convert(self, input_dict: dict[str, Any], model) -> dict[str, Any]:
         config = self.hf_quantizer.quantization_config
         converted = {}
         for name, value in input_dict.items():
@@ -269,6 +304,14 @@ class OscqHfQuantizer(HfQuantizer):
         self.packed: dict[str, tuple[int, ...]] = {}  # parameter name -> shape of the stored weight
         self.to_quantize: set[str] = set()
         self.loaded: set[str] = set()
+        self.held: list[OscqError] = []  # raised while a weight loaded, raised again once loading is over
+
+    def hold(self, error: OscqError, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keeps an error raised while a weight loads and returns placeholders of its tensors' shapes: transformers
+        would turn the error into a generic one ("issues during automatic conversion") and its message into a log
+        record; `_process_model_after_weight_loading` raises it once loading is over, as it is."""
+        self.held.append(error)
+        return {name: torch.empty(tuple(tensor.shape), dtype=tensor.dtype) for name, tensor in tensors.items()}
 
     def update_attn_implementation(self, config):
         # The only hook that sees the model config before the weights file is resolved and the model is built:
@@ -283,10 +326,21 @@ class OscqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
-        if not self.pre_quantized:
-            weights = select_weights(model, spec=self.spec)
-            self.to_quantize = set(weights)
-            config.modules = [name.removesuffix(".weight") for name in weights]
+        if not self.pre_quantized:  # every setting is checked on the model built from config.json, before loading
+            weights = select_weights(model, spec=self.spec, group_size_source=GROUP_SIZE_ARGUMENT)
+            require_batchnorm_handling(
+                model,
+                plain_rounding=config.plain_rounding,
+                ways_out="export it with re-estimation (hf_oscq.export_quantized(model, OUT, bits=..., "
+                "calibration_batches=...) or `hf-oscq export FOLDER --dataset NAME`) and load its w{b} folder, or "
+                "pass OscqQuantizationConfig(..., plain_rounding=True) to round it plainly (the paper's PTQ).",
+            )
+            # A tied copy (lm_head of tied embeddings) is the weight it is tied to: the checkpoint, and the file
+            # save_pretrained writes, hold it once, under that weight's name.
+            tied = tied_weight_sources(model)
+            names = list(dict.fromkeys(tied.get(name, name) for name in weights))
+            self.to_quantize = set(names)
+            config.modules = [name.removesuffix(".weight") for name in names]
             config.scale_axis = OUTPUT_SCALE_AXIS
             return model
         if not checkpoint_files:
@@ -306,6 +360,8 @@ class OscqHfQuantizer(HfQuantizer):
         return {"deserialize": OscqDeserialize, "dequantize": OscqDeserialize}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.held:
+            raise self.held[0]
         missing = sorted(set(self.packed) - self.loaded)
         if missing:
             raise CheckpointFormatError(
@@ -325,6 +381,10 @@ class OscqHfQuantizer(HfQuantizer):
         # transformers has no hook after it writes a folder; the packed format also needs the checksum and the
         # guarded config.json fields there, so the model's own save_pretrained finishes the folder it wrote.
         model.save_pretrained = types.MethodType(_save_packed_pretrained, model)
+        # transformers refuses .half() and .float() on every quantized model; a packed weight casts its logical dtype
+        # like .to(dtype) and .bfloat16() do (the codes stay, the forward pass computes in the new dtype).
+        model.half = types.MethodType(torch.nn.Module.half, model)
+        model.float = types.MethodType(torch.nn.Module.float, model)
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -341,7 +401,8 @@ class OscqHfQuantizer(HfQuantizer):
                         values = parameter.dequantize(dtype if dtype is not None else parameter.dtype)
                         replaced[id(parameter)] = torch.nn.Parameter(values, requires_grad=True)
                     module._parameters[attribute] = replaced[id(parameter)]
-        model.__dict__.pop("save_pretrained", None)
+        for method in ("save_pretrained", "half", "float"):
+            model.__dict__.pop(method, None)
         return model
 
     def is_serializable(self) -> bool:

@@ -33,8 +33,9 @@ except ImportError:  # Windows: no advisory locks, leftovers are left for the us
     fcntl = None
 
 from .._compat import remove_tied_weights, revert_checkpoint_names
-from ..errors import OscqValueError
-from ..quantization.batchnorm import counted, has_batchnorm
+from ..errors import OscqValueError, os_errors
+from ..paths import check_output_path
+from ..quantization.batchnorm import counted, has_batchnorm, require_batchnorm_handling, reusable_batches
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
 from ..quantization.ptq import quantized_weights
@@ -58,7 +59,18 @@ from .formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT, check_export_format
 logger = logging.getLogger(__name__)
 
 
-def _check_output_dir(output: Path) -> None:
+def check_output_dir(output: str | os.PathLike, flag: str = "output_dir") -> Path:
+    """Checks, before anything is loaded or written, that `output` can take an export: a new folder on a writable
+    disk (no file where one of its folders belongs), an empty folder, or a previous export to replace.
+
+    Returns:
+        `output` as an absolute path.
+
+    Raises:
+        OscqValueError: naming `flag` (`output_dir`, `--output`), for a file, a foreign non-empty folder, or a path
+            that cannot be written.
+    """
+    output = check_output_path(output, flag)
     if output.exists() and not output.is_dir():
         raise OscqValueError(f"Export output {str(output)!r} is a file: pass a folder path.")
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
@@ -66,6 +78,7 @@ def _check_output_dir(output: Path) -> None:
             f"Export output {str(output)!r} is a non-empty folder that is not an hf_oscq export (no {MANIFEST_NAME}); "
             "it would be replaced. Pass a new or empty folder, or a previous export folder to overwrite."
         )
+    return output
 
 
 def _json_field(name: str, value: Any) -> Any:
@@ -75,10 +88,6 @@ def _json_field(name: str, value: Any) -> Any:
         raise OscqValueError(
             f"export_quantized({name}=...) must be JSON-serializable (plain dicts of numbers/strings): {error}"
         ) from None
-
-
-def _calibration(batches: Iterable | Callable[[], Iterable] | None) -> Iterable | None:
-    return batches() if callable(batches) else batches
 
 
 def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], packed_names: set[str]) -> dict:
@@ -111,7 +120,7 @@ def _write_variant(
     folder: Path,
     spec: QuantSpec,
     weights: Mapping[str, nn.Parameter],
-    calibration_batches: Iterable | Callable[[], Iterable] | None,
+    calibration_batches: Callable[[], Iterable] | None,
     bn_recalibrated: bool,
     versions: dict[str, str],
 ) -> int:
@@ -122,7 +131,7 @@ def _write_variant(
     folder.mkdir()
     counts = []
     if bn_recalibrated:
-        batches = counted(_calibration(calibration_batches), counts)
+        batches = counted(calibration_batches(), counts)
         with quantized_weights(model, calibration_batches=batches, spec=spec):
             # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
             state = {
@@ -337,9 +346,9 @@ def export_quantized(
         exclude_modules: modules left in float, see `select_weights` (shorthand for `spec`).
         per_channel: one scale per output channel (shorthand for `spec`).
         calibration_batches: model inputs (a re-iterable such as a list or DataLoader, or a callable returning
-            fresh ones) to re-estimate BatchNorm statistics at each bit-width, a few hundred training images; needed
-            for a model with BatchNorm (rounding invalidates its statistics) unless `plain_rounding`, ignored for
-            models without BatchNorm.
+            fresh ones; a one-shot generator is refused with several bit-widths) to re-estimate BatchNorm statistics
+            at each bit-width, a few hundred training images; needed for a model with BatchNorm (rounding
+            invalidates its statistics) unless `plain_rounding`, ignored for models without BatchNorm.
         plain_rounding: round a BatchNorm model without re-estimating its statistics (the paper's PTQ); the
             manifest and the cards say so.
         calibration_source: where `calibration_batches` come from, e.g. `{"dataset": "fashion_mnist", "seed": 42,
@@ -378,17 +387,20 @@ def export_quantized(
             "from_pretrained(<that folder>) reloads, on one process."
         )
     output = Path(output_dir).resolve()
+    check_output_dir(output)
     clean_interrupted_exports(output)
-    _check_output_dir(output)
     batchnorm = has_batchnorm(model)
     # A callable may decline by returning None, as OscillationTrainer.calibration_batches does with 0 samples.
     recalibrate = batchnorm and not plain_rounding
-    if recalibrate and _calibration(calibration_batches) is None:
-        raise OscqValueError(
-            f"{type(model).__name__} has BatchNorm layers, whose running statistics rounding invalidates: pass "
-            "calibration_batches=... (a few hundred training inputs; `hf-oscq export --dataset NAME`) to re-estimate "
-            "them at every bit-width, or plain_rounding=True (`hf-oscq export --bn_recalibration_samples 0`) for "
-            "plain rounding, the paper's PTQ. Nothing was written."
+    if recalibrate:  # a one-shot iterator is refused before anything is written
+        calibration_batches = reusable_batches(calibration_batches, "export_quantized", len(bit_widths))
+        require_batchnorm_handling(
+            model,
+            plain_rounding=False,
+            recalibrated=calibration_batches is not None and calibration_batches() is not None,
+            ways_out="pass calibration_batches=... (a few hundred training inputs; `hf-oscq export --dataset NAME`) "
+            "to re-estimate them at every bit-width, or plain_rounding=True (`hf-oscq export "
+            "--bn_recalibration_samples 0`) for plain rounding, the paper's PTQ. Nothing was written.",
         )
     versions = library_versions()
     write_variant = _write_variant
@@ -420,8 +432,10 @@ def export_quantized(
         from .compressed_tensors import check_compressed_tensors_model
 
         check_compressed_tensors_model(model, weights)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    kept = "Nothing was written" + (f"; the previous export in {output} is unchanged." if output.exists() else ".")
+    with os_errors(f"write the export {output}", kept):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     held = _lock(staging)
     umask = os.umask(0)
     os.umask(umask)
@@ -460,9 +474,10 @@ def export_quantized(
         _swap_into_place(staging, output)
         if replaced:
             logger.warning("Replaced the previous export in %s: %s.", output, replaced)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with os_errors(f"write the export {output}", kept):
+            raise error
     finally:
         if held is not None:
             os.close(held)

@@ -103,6 +103,7 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     rows = [(label, value) for label, value in rows if not (label == "max steps" and value in (-1, None))]
     # the split's plumbing (for `hf-oscq export`): the card already gives the training image count
     skip = set(_RECIPE_KEYS) | {"hyperparameters", "command", "dataset_id", "max_train_samples", "validation_fraction"}
+    skip.add("quant_spec")  # the run's spec, which `hf-oscq export` reads; the card states the export's own
     rows += [(key, value) for key, value in training.items() if key not in skip]
     rows = [(label, readable_setting(value)) for label, value in rows]
     table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {key} | {_cell(value)} |" for key, value in rows])

@@ -24,6 +24,35 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(module, _BATCHNORM_TYPES) for module in model.modules())
 
 
+def require_batchnorm_handling(
+    model: nn.Module, *, plain_rounding: bool, ways_out: str, recalibrated: bool = False
+) -> None:
+    """The rule every path that rounds a model follows (`export_quantized`, quantize-on-load, `hf-oscq export`):
+    a model with BatchNorm layers is rounded only with its statistics re-estimated after rounding (`recalibrated`)
+    or with plain rounding asked for explicitly (`plain_rounding`), never silently with stale statistics.
+
+    Args:
+        model: the model to round.
+        plain_rounding: whether plain rounding was asked for.
+        ways_out: the entry point's ways out, ending the message (e.g. "pass calibration_batches=... or
+            plain_rounding=True.").
+        recalibrated: whether the statistics will be re-estimated.
+
+    Raises:
+        OscqValueError: for a BatchNorm model with neither, with one message whatever the entry point.
+    """
+    if has_batchnorm(model) and not recalibrated and not plain_rounding:
+        raise batchnorm_refusal(type(model).__name__, ways_out)
+
+
+def batchnorm_refusal(model_name: str, ways_out: str) -> OscqValueError:
+    """The error of `require_batchnorm_handling`, for a caller that has already seen the BatchNorm layers."""
+    return OscqValueError(
+        f"{model_name} has BatchNorm layers, whose running statistics rounding invalidates (plain rounding can cost "
+        f"most of the accuracy at 2 or 3 bits, so it is never done silently): {ways_out}"
+    )
+
+
 def calibration_batches(
     dataset, samples: int, batch_size: int, seed: int, collate_fn: Callable | None = None
 ) -> Iterator:
@@ -56,6 +85,34 @@ def calibration_batches(
         raise OscqValueError(f"calibration_batches needs samples > 0 and batch_size > 0, got {samples}, {batch_size}.")
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
     return _seeded(DataLoader(dataset, batch_size=batch_size, sampler=chosen, collate_fn=collate_fn), seed)
+
+
+def reusable_batches(
+    batches: Iterable | Callable[[], Iterable | None] | None, caller: str, passes: int
+) -> Callable[[], Iterable | None] | None:
+    """Calibration batches that `passes` re-estimations (one per bit-width) can each read from the start: a callable
+    returning fresh batches as it is, a re-iterable (a list, a `DataLoader`) wrapped in one; `None` as it is.
+
+    Raises:
+        OscqValueError: for a one-shot iterator (a generator, `iter(...)`, `map(...)`) when `passes` > 1: the first
+            bit-width would consume it and the next ones would re-estimate on nothing.
+    """
+    if batches is None or callable(batches):
+        return batches
+    try:
+        one_shot = iter(batches) is batches
+    except TypeError:
+        raise OscqValueError(
+            f"{caller}: calibration_batches must be model inputs (a list or DataLoader of batches) or a callable "
+            f"returning them, got {type(batches).__name__}."
+        ) from None
+    if one_shot and passes > 1:
+        raise OscqValueError(
+            f"{caller}: calibration_batches is a one-shot iterator ({type(batches).__name__}), which the first of "
+            f"{passes} bit-widths would consume, leaving nothing to re-estimate BatchNorm on for the others: pass a "
+            "re-iterable (a list or a DataLoader) or a callable returning fresh batches (e.g. lambda: make_batches())."
+        )
+    return lambda: batches
 
 
 def _seeded(batches: Iterable, seed: int) -> Iterator:
@@ -144,5 +201,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch
             module.momentum = momentum
         model.train(was_training)
     if seen == 0:
-        raise OscqValueError("recalibrate_batchnorm got no batches: pass a few hundred training images.")
+        raise OscqValueError(
+            "recalibrate_batchnorm got no batches: pass a few hundred training images (a one-shot iterator that "
+            "an earlier re-estimation consumed is empty: pass a re-iterable or a callable returning fresh batches)."
+        )
     return seen

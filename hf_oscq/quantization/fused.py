@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ..errors import OscqValueError
+from .layout import resolve_out_dim
 from .penalty import DEFAULT_PENALTY_NORMALIZATION, penalty_divisors, validate_normalization
 from .primitives import check_finite, scale_dtype
 from .scale_groups import (
@@ -62,16 +63,17 @@ def fused_fake_quantize(
     per_channel: bool | None = None,
     *,
     spec: QuantSpec | None = None,
-    out_dim: int = 0,
+    out_dim: int | None = None,
 ) -> torch.Tensor:
     """Same value and gradient as `fake_quantize`, computed without an autograd graph through the quantizer.
 
     QAT uses it in every forward pass; `fake_quantize` stays the plain autograd formulation it is checked against.
 
     Args: as `fake_quantize` (`bits` / `per_channel` are shorthand for `spec`; `out_dim` is the output-channel
-    dimension).
+    dimension, needed where it matters).
     """
-    return _FusedFakeQuantize.apply(weight, resolve_spec("fused_fake_quantize", spec, bits, per_channel), out_dim)
+    spec = resolve_spec("fused_fake_quantize", spec, bits, per_channel)
+    return _FusedFakeQuantize.apply(weight, spec, resolve_out_dim("fused_fake_quantize", weight.shape, spec, out_dim))
 
 
 class PenaltyWorkspace:
@@ -232,7 +234,8 @@ def fused_oscillation_penalty(
             divisor is the size of all `weights` together (whole tensors, also when sharded): pass every selected
             weight of the model in one call.
         out_dims: each weight's output-channel dimension, in order (`selection.output_dims(model, weights)`: 1 for
-            GPT-2's `Conv1D`); all 0 by default. Per-channel and group-wise scales follow it.
+            GPT-2's `Conv1D`). Per-channel and group-wise scales follow it, so those need it for weights of 2 or
+            more dimensions (`layout.resolve_out_dim`).
 
     Returns:
         A scalar float32 tensor whose backward adds the penalty's gradient to the weights.
@@ -246,9 +249,13 @@ def fused_oscillation_penalty(
     named = dict(weights) if isinstance(weights, Mapping) else {str(i): w for i, w in enumerate(weights)}
     if not named:
         raise OscqValueError("fused_oscillation_penalty got no weights: select some with select_weights(model).")
-    out_dims = list(out_dims) if out_dims is not None else [0] * len(named)
+    out_dims = list(out_dims) if out_dims is not None else [None] * len(named)
     if len(out_dims) != len(named):
         raise OscqValueError(f"fused_oscillation_penalty got {len(named)} weights but {len(out_dims)} out_dims.")
+    out_dims = [
+        resolve_out_dim("fused_oscillation_penalty", weight.shape, spec, out_dim)
+        for weight, out_dim in zip(named.values(), out_dims)
+    ]
     shards = [local_shard(weight) for weight in named.values()]
     for name, shard, out_dim in zip(named, shards, out_dims):
         check_shard_layout(shard, spec, out_dim, name)

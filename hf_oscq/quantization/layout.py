@@ -23,6 +23,31 @@ from ..errors import OscqValueError
 from .spec import QuantSpec
 
 
+def resolve_out_dim(caller: str, shape: Sequence[int], spec: QuantSpec, out_dim: int | None) -> int:
+    """The output-channel dimension a hand call quantizes along: `out_dim` as given (checked against `shape`), or 0
+    where it cannot matter (one scale per tensor, a weight of fewer than 2 dimensions).
+
+    A 2-D weight is `(out, in)` in a Linear layer but `(in, out)` in GPT-2's `Conv1D`, and a transposed
+    convolution's output channels are dim 1 too: nothing in the tensor says which, so per-channel and group-wise
+    scales of a weight of 2 or more dimensions need `out_dim` (`selection.output_dim(module)` gives it).
+
+    Raises:
+        OscqValueError: for a missing `out_dim` where it matters, or one the weight does not have.
+    """
+    shape = tuple(shape)
+    if out_dim is None:
+        if spec.per_tensor or len(shape) < 2:
+            return 0
+        raise OscqValueError(
+            f"{caller}: {spec.granularity} scales follow a weight's output channels, dim 0 of Linear, Conv and "
+            f"Embedding weights but dim 1 of GPT-2's Conv1D and of transposed convolutions, and a tensor of shape "
+            f"{list(shape)} does not say which: pass out_dim=hf_oscq.output_dim(layer) (0 or 1)."
+        )
+    if isinstance(out_dim, bool) or not isinstance(out_dim, int) or not 0 <= out_dim < max(len(shape), 1):
+        raise OscqValueError(f"{caller}: out_dim={out_dim!r} is not a dimension of a weight of shape {list(shape)}.")
+    return out_dim
+
+
 def group_layout(shape: Sequence[int], spec: QuantSpec, out_dim: int = 0) -> tuple[int, int, int]:
     """`(out, groups, group_len)` of a weight of `shape` under `spec`'s granularity.
 

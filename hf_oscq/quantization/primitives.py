@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import OscqValueError
-from .layout import expand_scale, group_layout, grouped, scale_shape, ungrouped
+from .layout import expand_scale, group_layout, grouped, resolve_out_dim, scale_shape, ungrouped
 from .sharding import LocalShard, all_reduce, check_shard_layout, local_shard, scale_process_groups
-from .spec import QuantSpec, resolve_spec
+from .spec import PER_CHANNEL, PER_TENSOR, QuantSpec, resolve_spec
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +31,7 @@ def compute_scale(
     per_channel: bool | None = None,
     *,
     spec: QuantSpec | None = None,
-    out_dim: int = 0,
+    out_dim: int | None = None,
 ) -> torch.Tensor:
     """Scale `s = max|W| / (2**(bits-1) - 1)` of each scale group, differentiable through the max like the reference
     code.
@@ -45,13 +45,19 @@ def compute_scale(
         spec: the `QuantSpec` (its modules are not used here); `granularity="group"` gives one scale per
             `group_size` input features of each output channel.
         out_dim: the dimension of `weight` that indexes output channels: 0 for Linear, Conv and Embedding weights,
-            1 for GPT-2's `Conv1D` (`selection.output_dim(module)` says which).
+            1 for GPT-2's `Conv1D` and transposed convolutions (`hf_oscq.output_dim(module)` says which). Needed for
+            per-channel and group-wise scales of a weight of 2 or more dimensions, whose tensor cannot say it.
 
     Returns:
         A 0-d tensor per tensor; per channel `(out, 1, ..., 1)`; group-wise `(out, groups)` (output channel first
         whatever `out_dim`, see `layout.py`; `layout.expand_scale` broadcasts it against `weight`).
+
+    Raises:
+        OscqValueError: for per-channel or group-wise scales of a weight of 2 or more dimensions without `out_dim`
+            (`layout.resolve_out_dim`).
     """
     spec = resolve_spec("compute_scale", spec, bits, per_channel)
+    out_dim = resolve_out_dim("compute_scale", weight.shape, spec, out_dim)
     magnitude = grouped(weight, spec, out_dim).abs().amax(dim=2)
     magnitude = magnitude.reshape(scale_shape(weight.shape, spec, out_dim))
     return magnitude.to(scale_dtype(weight.dtype)) / spec.max_code
@@ -85,7 +91,7 @@ def fake_quantize(
     per_channel: bool | None = None,
     *,
     spec: QuantSpec | None = None,
-    out_dim: int = 0,
+    out_dim: int | None = None,
 ) -> torch.Tensor:
     """Quantizes and dequantizes `weight`: `q_b(W) = s * round(W / s)`, with the straight-through estimator.
 
@@ -98,12 +104,13 @@ def fake_quantize(
         bits: bit-width in [2, 8]; codes lie in [-(2**(bits-1) - 1), 2**(bits-1) - 1] (shorthand for `spec`).
         per_channel: one scale per output channel (shorthand for `spec`).
         spec: the `QuantSpec`.
-        out_dim: the output-channel dimension of `weight`, as in `compute_scale`.
+        out_dim: the output-channel dimension of `weight`, as in `compute_scale` (needed where it matters).
 
     Returns:
         A tensor of the same shape and dtype holding values on the quantization grid.
     """
     spec = resolve_spec("fake_quantize", spec, bits, per_channel)
+    out_dim = resolve_out_dim("fake_quantize", weight.shape, spec, out_dim)
     scale = nonzero_scale(compute_scale(weight, spec=spec, out_dim=out_dim))
     out, groups, _ = group_layout(weight.shape, spec, out_dim)
     scale = scale.reshape(out, groups, 1)
@@ -117,7 +124,7 @@ def quantize_codes(
     per_channel: bool | None = None,
     *,
     spec: QuantSpec | None = None,
-    out_dim: int = 0,
+    out_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes and scale(s) of `weight` (no gradient).
 
@@ -129,6 +136,7 @@ def quantize_codes(
         `dequantize(codes, scale, out_dim=out_dim)` gives the quantized weight.
     """
     spec = resolve_spec("quantize_codes", spec, bits, per_channel)
+    out_dim = resolve_out_dim("quantize_codes", weight.shape, spec, out_dim)
     with torch.no_grad():
         scale = compute_scale(weight, spec=spec, out_dim=out_dim)
         divisor = nonzero_scale(expand_scale(scale, weight.shape, out_dim))
@@ -173,14 +181,20 @@ def _codes(weight: torch.Tensor, scale: torch.Tensor, out_dim: int) -> torch.Ten
     return torch.round(weight.to(scale.dtype) / divisor).to(torch.int8)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, *, out_dim: int = 0) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, *, out_dim: int | None = None) -> torch.Tensor:
     """Float weights from integer codes: `codes * scale`, in the dtype of `scale`.
 
     Args:
         codes: integer codes shaped like the weight.
         scale: the scale(s) as `compute_scale` / `quantize_codes` return them.
-        out_dim: the output-channel dimension of the weight, as in `compute_scale`.
+        out_dim: the output-channel dimension of the weight, as in `compute_scale` (needed for per-channel and
+            group-wise scales of codes of 2 or more dimensions).
+
+    Raises:
+        OscqValueError: without `out_dim` where it matters.
     """
+    granularity = PER_TENSOR if scale.dim() == 0 else PER_CHANNEL  # which one does not change the rule
+    out_dim = resolve_out_dim("dequantize", codes.shape, QuantSpec(2, granularity), out_dim)
     return codes.to(scale.dtype) * expand_scale(scale, codes.shape, out_dim)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .batchnorm import recalibrate_batchnorm, warn_if_stale_statistics
+from .batchnorm import recalibrate_batchnorm, reusable_batches, warn_if_stale_statistics
 from .primitives import check_finite, dequantize, sharded_codes
 from .selection import output_dims, select_weights
 from .sharding import reshard
@@ -123,7 +123,7 @@ def cross_bit_evaluate(
     target_modules: Patterns = None,
     exclude_modules: Patterns = None,
     per_channel: bool | None = None,
-    calibration_batches: Callable[[], Iterable | None] | None = None,
+    calibration_batches: Iterable | Callable[[], Iterable | None] | None = None,
     include_full_precision: bool = True,
     *,
     spec: QuantSpec | None = None,
@@ -135,16 +135,22 @@ def cross_bit_evaluate(
         evaluate: called with the model, returns metrics (e.g. `{"accuracy": 0.91}`).
         bits: the bit-widths to evaluate.
         target_modules, exclude_modules, per_channel: shorthand for `spec`.
-        calibration_batches: a callable returning fresh model inputs for BatchNorm re-estimation (or `None` for
-            plain rounding), or `None`.
+        calibration_batches: model inputs for BatchNorm re-estimation at each bit-width: a re-iterable (a list, a
+            `DataLoader`) or a callable returning fresh ones (or `None` for plain rounding); `None` for plain
+            rounding.
         include_full_precision: also evaluate the unquantized model, under the key `"fp"`.
         spec: how and which weights are rounded; each bit-width `b` uses `spec.with_bits(b)`.
 
     Returns:
         `{"fp": metrics, "w2": metrics, ..., "w8": metrics}`. With BatchNorm re-estimated, a full precision far
         below 8 bits logs a warning (`batchnorm.warn_if_stale_statistics`).
+
+    Raises:
+        OscqValueError: for invalid bit-widths, or a one-shot iterator of calibration batches with several of them
+            (`batchnorm.reusable_batches`).
     """
     widths = [validate_bits(b) for b in bits]
+    calibration_batches = reusable_batches(calibration_batches, "cross_bit_evaluate", len(widths))
     shorthand_bits = None if spec is not None else (widths[0] if widths else DEFAULT_EVAL_BITS[0])
     spec = resolve_spec("cross_bit_evaluate", spec, shorthand_bits, per_channel, target_modules, exclude_modules)
     table, recalibrated = {}, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import OscqValueError
-from .spec import ALL_LAYERS, ALL_WEIGHTS, Patterns, QuantSpec
+from .spec import ALL_LAYERS, ALL_WEIGHTS, GROUP, Patterns, QuantSpec
 
 __all__ = ["ALL_LAYERS", "ALL_WEIGHTS", "output_dim", "output_dims", "select_weights", "weight_owners"]
 
@@ -58,6 +59,7 @@ def select_weights(
     exclude_modules: Patterns = None,
     *,
     spec: QuantSpec | None = None,
+    group_size_source: str = "group_size",
 ) -> dict[str, nn.Parameter]:
     """The weights to quantize, keyed by parameter name (`"layer1.0.conv1.weight"`).
 
@@ -71,13 +73,17 @@ def select_weights(
             module with a `.weight` (the paper's reference code); or module names / dotted suffixes / regular
             expressions matching whole module names.
         exclude_modules: patterns of the same kind; matching modules are left in float.
-        spec: a `QuantSpec` whose `target_modules` / `exclude_modules` are used instead.
+        spec: a `QuantSpec` whose `target_modules` / `exclude_modules` are used instead; a group-wise spec is also
+            checked against every selected weight (`check_group_size`).
+        group_size_source: the argument the spec's group size came from, named in that check's error
+            (`osc_group_size`, `--group_size`, or a template such as `OscqQuantizationConfig(group_size={})`).
 
     Returns:
         An ordered dict of distinct parameters (tied weights appear once, under their first name).
 
     Raises:
-        OscqValueError: when nothing is selected, with the module names that were available.
+        OscqValueError: when nothing is selected, with the module names that were available; or when a group-wise
+            spec's group size does not divide a selected layer's input features, naming the layer.
 
     Warns:
         UserWarning: for each target or exclude pattern that matches no module with a weight (a typo selects or
@@ -99,6 +105,7 @@ def select_weights(
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     owners: list[str] = []
+    modules: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         weight = module._parameters.get("weight")
         if not isinstance(weight, nn.Parameter) or id(weight) in seen:
@@ -113,6 +120,7 @@ def select_weights(
         if wanted and not any(_matches(module_name, pattern) for pattern in excludes):
             seen.add(id(weight))
             selected[f"{module_name}.weight" if module_name else "weight"] = weight
+            modules[module_name] = module
     if not selected:
         raise OscqValueError(
             f"No weights selected for quantization with target_modules={target_modules!r} and "
@@ -129,7 +137,43 @@ def select_weights(
                     UserWarning,
                     stacklevel=1,  # one location: Python's default filter shows it once, however many callers select
                 )
+    if spec is not None:
+        check_group_size(modules, spec, group_size_source)
     return selected
+
+
+def check_group_size(modules: Mapping[str, nn.Module], spec: QuantSpec, source: str = "group_size") -> None:
+    """Checks that a group-wise `spec`'s group size divides the input features (`weight.numel() / out channels`,
+    along `output_dim`) of every module's weight, as group-wise scales need; any other granularity fits every layer.
+
+    Args:
+        modules: the modules owning the selected weights, by module name.
+        spec: the `QuantSpec`.
+        source: the argument the group size came from, named in the error: a name (`osc_group_size`, shown as
+            `osc_group_size=16`) or a template with `{}` where the value goes.
+
+    Raises:
+        OscqValueError: naming the first layer it does not divide, its input features, `source`, and the largest group
+            size that divides every layer.
+    """
+    if spec.granularity != GROUP:
+        return
+    features = {}
+    for name, module in modules.items():
+        shape = tuple(module.weight.shape)
+        out = shape[output_dim(module)] if shape else 1
+        features[name] = (math.prod(shape) // out if out else 0, shape)
+    misfits = [(name, fan_in, shape) for name, (fan_in, shape) in features.items() if fan_in % spec.group_size]
+    if misfits:
+        name, fan_in, shape = misfits[0]
+        largest = math.gcd(*(fan_in for fan_in, _ in features.values()))
+        more = f" (and {len(misfits) - 1} more layers)" if len(misfits) > 1 else ""
+        named = source.format(spec.group_size) if "{}" in source else f"{source}={spec.group_size}"
+        raise OscqValueError(
+            f"{named} does not divide the {fan_in} input features of layer {name or 'the model'!r} "
+            f"(weight shape {list(shape)}){more}: group-wise scales need a group size dividing every selected layer's "
+            f"input features (the largest that does here is {largest}), or leave that layer out with exclude_modules."
+        )
 
 
 def weight_owners(
@@ -138,13 +182,14 @@ def weight_owners(
     exclude_modules: Patterns = None,
     *,
     spec: QuantSpec | None = None,
+    group_size_source: str = "group_size",
 ) -> dict[str, nn.Module]:
-    """The modules owning the weights `select_weights` picks, under the same names.
+    """The modules owning the weights `select_weights` picks, under the same names (arguments as `select_weights`).
 
     Code that reads the weights throughout a training run keeps their modules rather than the parameters: FSDP2
     replaces each module's parameter objects when it shards and gathers them (see `sharding.current_weights`).
     """
-    selected = select_weights(model, target_modules, exclude_modules, spec=spec)
+    selected = select_weights(model, target_modules, exclude_modules, spec=spec, group_size_source=group_size_source)
     return {name: model.get_submodule(name.rpartition(".")[0]) for name in selected}
 
 

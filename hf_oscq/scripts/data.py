@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from ..errors import OscqError, OscqValueError
 from ..image_processing import to_model_image
+from .dataset_errors import dataset_errors
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +297,10 @@ def _load_local(folder: Path) -> datasets.DatasetDict:
             f"--data_dir {folder} is not a folder: pass a folder holding the dataset (a save_to_disk folder or "
             "parquet files; for fashion_mnist, its four IDX files), or leave --data_dir out to use the default source."
         )
+    fix = "pass a save_to_disk folder or the dataset's parquet files, as the Hub holds them."
     if (folder / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(folder))
+        with dataset_errors(f"--data_dir {folder}", fix):
+            return datasets.load_from_disk(str(folder))
     parquet = sorted(folder.rglob("*.parquet"))
     if not parquet:
         raise OscqValueError(
@@ -308,7 +311,8 @@ def _load_local(folder: Path) -> datasets.DatasetDict:
     for path in parquet:
         split = path.stem.split("-")[0]
         files.setdefault(split, []).append(str(path))
-    return datasets.load_dataset("parquet", data_files=files)
+    with dataset_errors(f"--data_dir {folder}", fix):
+        return datasets.load_dataset("parquet", data_files=files)
 
 
 def _load_from_hub(info: DatasetInfo) -> datasets.DatasetDict:

@@ -31,13 +31,16 @@ from transformers import HfArgumentParser
 
 from ..errors import OscqValueError, configure_logging, exit_code
 from ..export.compressed_tensors import check_export_fits
+from ..export.folder import TRAINING_INFO_NAME
 from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
+from ..paths import check_output_path
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import OscillationConfig
 from ..training.methods import comparison_key, method_names
 from ..training.metrics import cross_bit_table
+from ..training.run_record import run_record
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
 from .launch import check_run_settings, resume_point
@@ -164,7 +167,7 @@ def load_corpus(recipe: LMRecipeArguments) -> TextCorpus:
     return load_hub_text(recipe.dataset_name, recipe.dataset_config, recipe.text_column)
 
 
-def train_one(method: str, recipe, training, tokenizer, train, evaluation, output_dir: Path):
+def train_one(method: str, recipe, training, tokenizer, train, evaluation, output_dir: Path, corpus: TextCorpus):
     """Trains one run and returns `(trainer, cross-bit table of loss and perplexity on the evaluation text)`."""
     args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
@@ -177,6 +180,9 @@ def train_one(method: str, recipe, training, tokenizer, train, evaluation, outpu
     trainer.train(resume_from_checkpoint=resume_point(args.resume_from_checkpoint, args.output_dir))
     trainer.save_model()
     trainer.save_state()
+    if trainer.is_world_process_zero():  # how it was trained, next to the weights (read by `hf-oscq export`)
+        record = json.dumps(training_record(args, recipe, corpus), indent=2)
+        (Path(args.output_dir) / TRAINING_INFO_NAME).write_text(record + "\n")
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
     return trainer, cross_bit_table(trainer.evaluate(evaluation, metric_key_prefix="test"))
 
@@ -215,22 +221,7 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
         spec=args.quant_spec,
         tokenizer=tokenizer,
         metrics=tables[args.osc_method],
-        training={
-            **args.method_settings(),
-            "dataset": corpus.name,
-            "dataset_license": corpus.license,
-            "model": recipe.model_name_or_path or f"Llama-style decoder from scratch ({recipe.lm_size!r})",
-            "hyperparameters": {
-                "learning_rate": args.learning_rate,
-                "max_steps": args.max_steps,
-                "num_train_epochs": args.num_train_epochs,
-                "train_batch_size": args.per_device_train_batch_size * args.world_size,
-                "block_size": recipe.block_size,
-                "optimizer": str(args.optim),
-                "weight_decay": args.weight_decay,
-                "seed": args.seed,
-            },
-        },
+        training=training_record(args, recipe, corpus),
         comparisons=comparisons,
         format=recipe.export_format,
     )
@@ -238,9 +229,32 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
     return export_dir
 
 
+def training_record(args: OscillationConfig, recipe: LMRecipeArguments, corpus: TextCorpus) -> dict:
+    """How a run was trained: next to its weights (`oscq_training.json`, read by `hf-oscq export`) and in the export's
+    manifest. The method and quantization spec (group size included) are the Trainer's record (`run_record`)."""
+    trained = {key: value for key, value in run_record(args).items() if key != "osc_bn_recalibration_samples"}
+    return {
+        **trained,  # no BatchNorm to re-estimate in these models
+        "dataset": corpus.name,
+        "dataset_license": corpus.license,
+        "model": recipe.model_name_or_path or f"Llama-style decoder from scratch ({recipe.lm_size!r})",
+        "hyperparameters": {
+            "learning_rate": args.learning_rate,
+            "max_steps": args.max_steps,
+            "num_train_epochs": args.num_train_epochs,
+            "train_batch_size": args.per_device_train_batch_size * args.world_size,
+            "block_size": recipe.block_size,
+            "optimizer": str(args.optim),
+            "weight_decay": args.weight_decay,
+            "seed": args.seed,
+        },
+    }
+
+
 def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     """Runs the recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
+    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
     output_dir = Path(training.output_dir)
     tokenizer = load_tokenizer(recipe)
     corpus = load_corpus(recipe)
@@ -248,7 +262,9 @@ def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     evaluation = TokenBlocks(corpus.eval, tokenizer, recipe.block_size, recipe.max_eval_blocks)
     tables, trainer = {}, None
     for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
-        run_trainer, tables[method] = train_one(method, recipe, training, tokenizer, train, evaluation, output_dir)
+        run_trainer, tables[method] = train_one(
+            method, recipe, training, tokenizer, train, evaluation, output_dir, corpus
+        )
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
     summary = {

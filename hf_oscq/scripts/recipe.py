@@ -30,11 +30,13 @@ from ..export.folder import TRAINING_INFO_NAME, auto_class_for
 from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
+from ..paths import check_output_path
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import OscillationConfig
 from ..training.methods import comparison_key, method_names
 from ..training.metrics import compute_accuracy, cross_bit_table
+from ..training.run_record import run_record
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, ImageDataset, load_image_dataset
@@ -171,8 +173,7 @@ def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: Ima
     """How a run was trained and on how many images its cross-bit table was measured: next to its weights
     (`TRAINING_INFO_NAME`, read by `hf-oscq export`) and in the export's manifest (the cards say both counts)."""
     return {
-        **args.method_settings(),
-        "osc_bn_recalibration_samples": args.osc_bn_recalibration_samples,
+        **run_record(args),  # method and quantization spec, as the Trainer records them: `hf-oscq export` uses them
         "dataset": recipe.dataset,
         "dataset_id": DATASETS[recipe.dataset].hub_id,  # the Hub id of the dataset, None for scikit-learn's digits
         "model": _describe_model(recipe),
@@ -239,6 +240,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
 def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
     """Runs a recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
+    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
     output_dir = Path(training.output_dir)
     data = load_image_dataset(
         recipe.dataset,

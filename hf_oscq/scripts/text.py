@@ -20,6 +20,7 @@ import torch
 
 from ..errors import OscqValueError
 from .data import HubUnreachableError
+from .dataset_errors import dataset_errors
 
 KJV = "kjv"
 KJV_COMMAND = ("bible", "-f", "Gen1:1-Rev22:21")  # -f: one verse a line, with its reference
@@ -82,9 +83,18 @@ def load_hub_text(name: str, config: str | None = None, column: str = "text") ->
     """
     import datasets
 
+    local = Path(name).exists()
+    fix = (
+        "a local folder needs train.txt and validation.txt (or test.txt), each holding text, one document a line."
+        if local
+        else "check the dataset id, its configuration and --text_column."
+    )
     try:
-        loaded = datasets.load_dataset(name, config)
+        with dataset_errors(f"The text dataset {name!r}", fix):
+            loaded = datasets.load_dataset(name, config)
     except (OSError, ConnectionError) as error:
+        if local:
+            raise
         raise HubUnreachableError(
             f"The text dataset {name!r} lives on the Hugging Face Hub, which could not be reached "
             f"({str(error).splitlines()[0] if str(error) else type(error).__name__}). Offline: --dataset kjv "
@@ -97,6 +107,9 @@ def load_hub_text(name: str, config: str | None = None, column: str = "text") ->
             f"has splits {list(loaded)} and columns {loaded[next(iter(loaded))].column_names}."
         )
     lines = {split: "\n".join(loaded[split][column]) for split in ("train", held_out)}
+    for split, text in lines.items():
+        if not text.strip():
+            raise OscqValueError(f"The text dataset {name!r} has an empty {split} split: {fix}")
     return TextCorpus(name, lines["train"], lines[held_out], "see the dataset card on the Hub")
 
 

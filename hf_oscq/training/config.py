@@ -114,6 +114,13 @@ class OscillationConfig(TrainingArguments):
         osc_dampening_schedule (`str`, *optional*, defaults to `"cosine"`):
             `"dampening"`: `"cosine"` (Nagel et al.'s: weight 0 for the first quarter of training, then a cosine
             rise to `osc_lambda`) or `"constant"` (`osc_lambda` throughout).
+        > Resuming
+
+        osc_allow_spec_change (`bool`, *optional*, defaults to `False`):
+            Resume a checkpoint trained with another `osc_method` or quantization spec (bits, granularity, group
+            size, target or exclude modules): training continues from its weights and optimizer state under the
+            current settings. Without it such a resume is refused (every checkpoint records its method and spec in
+            `oscq_training.json`), since it would silently continue another run.
 
     Raises:
         OscqValueError: for an unknown method, invalid bit-widths, patterns or numbers, and for sharding the
@@ -201,6 +208,14 @@ class OscillationConfig(TrainingArguments):
             "help": "osc_method='dampening': 'cosine' (0 for the first quarter of training, then a cosine rise to "
             "osc_lambda) or 'constant'.",
             "choices": list(DAMPENING_SCHEDULES),
+        },
+    )
+    osc_allow_spec_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint trained with another osc_method or quantization spec (bits, granularity, "
+            "group size, target/exclude modules), continuing from its weights and optimizer state under the current "
+            "settings; without it such a resume is refused."
         },
     )
 

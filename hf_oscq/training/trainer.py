@@ -28,6 +28,7 @@ from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
 from .methods import TrainingStep, get_method
 from .metrics import compute_accuracy, cross_bit_table
+from .run_record import check_resume, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class OscillationTrainer(Trainer):
         if self.model is not None:
             if is_causal_lm(self.model):
                 _compat.count_shifted_labels(self)
-            self._quantized_weights()  # fail now, not at the first step, when the selection matches nothing
+            # fail now, not at the first step, when the selection matches nothing or the group size fits no layer
+            self._quantized_weights()
             samples = args.osc_bn_recalibration_samples
             if samples not in (0, DEFAULT_BN_RECALIBRATION_SAMPLES) and not has_batchnorm(self.model):
                 warnings.warn(
@@ -120,7 +122,7 @@ class OscillationTrainer(Trainer):
         """The selected weights as registered now (FSDP2 swaps parameter objects; see `weight_owners`)."""
         model = self.model
         if self._osc_selected is None or self._osc_selected[0] is not model:
-            owners = weight_owners(model, spec=self.args.quant_spec)
+            owners = weight_owners(model, spec=self.args.quant_spec, group_size_source="osc_group_size")
             self._osc_selected = (model, owners)
         return current_weights(model, self._osc_selected[1])
 
@@ -194,6 +196,28 @@ class OscillationTrainer(Trainer):
                 logs[key] = self.accelerator.reduce(mean, reduction="mean").item()
             self._osc_metrics.clear()
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; resuming first checks that the checkpoint was trained with this run's `osc_method` and
+        quantization spec (`run_record.check_resume`; `osc_allow_spec_change=True` resumes it anyway)."""
+        if resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if isinstance(checkpoint, bool):
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if checkpoint is not None:
+                check_resume(checkpoint, self.args)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus the run's method and spec in `oscq_training.json` beside the weights (in every
+        checkpoint too), which resuming and `hf-oscq export` read."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            folder = output_dir or self.args.output_dir
+            os.makedirs(folder, exist_ok=True)
+            write_run_record(folder, self.args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._load_pretrained_weights(model or self.model, resume_from_checkpoint):

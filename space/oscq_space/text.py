@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .boundary import on_page
 from .families import Family
 
 TEXT_HEADERS = ["checkpoint", "bits", "continuation", "prompt perplexity"]
@@ -29,6 +30,7 @@ def prompt_perplexity(model, ids: torch.Tensor) -> float | None:
     return math.exp(float(loss))
 
 
+@on_page(lambda message: (message, []))
 def generate_view(
     families: dict[str, Family], family_name: str | None, prompt: str | None, max_new_tokens: int | float | None
 ) -> tuple[str, list[list]]:

@@ -12,7 +12,8 @@ from PIL import Image
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 from hf_oscq.hub.card_facts import format_size
 
-from .classify import LATENCY_REPEATS, LATENCY_WARMUP, InputError, Prediction, classify, image_mode, load_image
+from .boundary import on_page, warning
+from .classify import LATENCY_REPEATS, LATENCY_WARMUP, Prediction, classify, image_mode, load_image
 from .examples import Example, find_example
 from .families import Family
 from .figures import (
@@ -32,8 +33,7 @@ ACCURACY_HEADERS = ["run", "full precision"] + [f"{bits} bits" for bits in range
 LEVEL_HEADERS = ["code", "level value", "weights"]
 
 
-def _warning(message: str) -> str:
-    return f"**⚠️ {message}**"
+_warning = warning
 
 
 def _size(size_bytes: int | None) -> str:
@@ -64,6 +64,7 @@ def predictions_html(predictions: list[Prediction], true_label: str | None = Non
     return f'<div class="oscq-grid">{"".join(cards)}</div>'
 
 
+@on_page(lambda message: (message, "", []))
 def classify_view(
     families: dict[str, Family],
     family_name: str | None,
@@ -78,14 +79,8 @@ def classify_view(
     family = families.get(family_name or "")
     if family is None:
         return _warning(f"No model family named {family_name!r} is loaded; pick one from the list."), "", []
-    try:
-        image, notes = load_image(image_path, *image_mode(family.image_processor))
-        predictions = classify(family, image)
-    except InputError as error:
-        return _warning(str(error)), "", []
-    except Exception as error:  # the page must stay up whatever a checkpoint does
-        logger.exception("Classification failed")
-        return _warning(f"Classification failed ({type(error).__name__}: {error})."), "", []
+    image, notes = load_image(image_path, *image_mode(family.image_processor))
+    predictions = classify(family, image)
     rows = [
         [
             p.variant,
@@ -131,6 +126,7 @@ def _png_image(draw: Callable[[io.BytesIO], None]) -> Image.Image:
     return image
 
 
+@on_page(lambda message: (None, {"headers": ACCURACY_HEADERS, "data": []}, message))
 def accuracy_view(families: list[Family]) -> tuple[Image.Image | None, dict, str]:
     """The Accuracy tab: `(plot PNG image or None, table {"headers", "data"}: one row per run, one column per
     bit-width, message)`."""
@@ -164,6 +160,7 @@ def weight_choices(family: Family | None) -> tuple[list[str], list[int], int | N
     return list(family.quantizable_layers), widths, target if target in widths else min(widths, default=None)
 
 
+@on_page(lambda message: (None, [], message))
 def weights_view(
     families: dict[str, Family], family_name: str | None, layer: str | None, bits: int | str | None
 ) -> tuple[str | None, list, str]:

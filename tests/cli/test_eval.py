@@ -2,6 +2,7 @@
 saved image processor; the table lands in the manifest and the cards. Expected accuracies are computed here from the
 image files with numpy (rescale, normalise) and the models, not through the image processor or `evaluate`."""
 
+import errno
 import json
 import shutil
 
@@ -142,3 +143,117 @@ def test_eval_needs_a_saved_image_processor_for_other_datasets(tmp_path, capsys)
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / name / "0.png")
     assert cli_main(["eval", str(tmp_path / "bare"), "--dataset", str(tmp_path / "images")]) == 1
     assert "has no preprocessor_config.json" in capsys.readouterr().err
+
+
+def _last_error_line(err: str) -> str:
+    """The error line after any progress bars; no traceback before it."""
+    assert "Traceback" not in err and "automatic conversion" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_eval_of_unusable_image_data_is_one_line(export, tmp_path, capsys):
+    """Every kind of unusable dataset ends in one line naming it and what to pass, exit 1: an empty folder, an image
+    that does not decode, a file that is not parquet, labels outside the model's classes (which no prediction could
+    match)."""
+    _, root, images = export
+    (tmp_path / "empty").mkdir()
+    broken = shutil.copytree(root / "images", tmp_path / "broken")
+    (broken / "test" / "dog" / "0.png").write_bytes(b"not an image")
+    (tmp_path / "rows.parquet").write_bytes(b"not parquet")
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p, _ in images], "label": [7] + [0] * (len(images) - 1)},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    rows.save_to_disk(tmp_path / "labels")
+    cases = [
+        (tmp_path / "empty", "cannot be used (EmptyDatasetError: "),
+        (broken, "rows 0 to 23 cannot be used (UnidentifiedImageError: "),
+        (tmp_path / "rows.parquet", "cannot be used (ArrowInvalid: "),
+        (tmp_path / "labels", "The dataset's labels run from 0 to 7, but "),
+    ]
+    for source, message in cases:
+        capsys.readouterr()
+        assert cli_main(["eval", str(root / "export"), "--dataset", str(source), "--no_record"]) == 1, source
+        line = _last_error_line(capsys.readouterr().err)
+        assert line.startswith("hf-oscq eval: error: ") and message in line, line
+    assert "classifies 3 classes (label ids 0 to 2)" in line
+
+
+def test_eval_of_corrupted_packed_codes_is_the_loaders_error_in_one_line(export, tmp_path, capsys):
+    """Codes no export writes, in a file whose checksum was recomputed (a faulty writer): the loader's own error,
+    once, instead of transformers' "issues during automatic conversion" after a report and two tracebacks."""
+    from safetensors.torch import load_file
+
+    from hf_oscq.export.checkpoint import read_config, serialize_checkpoint
+
+    _, root, _ = export
+    folder = shutil.copytree(root / "export", tmp_path / "export")
+    path = folder / "w3" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["classifier.weight"] = torch.full_like(tensors["classifier.weight"], 0xFF)
+    path.write_bytes(serialize_checkpoint(tensors, 3, read_config(path.parent)))
+    capsys.readouterr()
+    assert cli_main(["eval", str(folder), "--dataset", str(root / "images"), "--no_record"]) == 1
+    assert _last_error_line(capsys.readouterr().err) == (
+        "hf-oscq eval: error: The packed codes of 'classifier.weight' hold the value 7, which no 3-bit code produces "
+        "(valid: 0..6): the file is corrupted or was packed at another bit-width. Export the model again."
+    )
+
+
+def test_eval_outputs_that_cannot_be_written_are_one_line(export, tmp_path, capsys, monkeypatch):
+    """`--output_json` under a file fails before anything is evaluated; a manifest that cannot be written (a
+    read-only export folder) says how to evaluate without writing."""
+    _, root, _ = export
+    (tmp_path / "FILE").write_text("")
+    arguments = ["eval", str(root / "export"), "--dataset", str(root / "images")]
+    assert cli_main([*arguments, "--output_json", str(tmp_path / "FILE" / "t.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"hf-oscq eval: error: --output_json '{tmp_path / 'FILE' / 't.json'}': '{tmp_path / 'FILE'}' is a file, where "
+        "a folder belongs. Pass a path whose existing parts are folders.\n"
+    )
+    folder = shutil.copytree(root / "export", tmp_path / "export")
+    manifest = (folder / "oscq_export.json").read_bytes()
+
+    def read_only(export_dir, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(export_dir / "oscq_export.json"))
+
+    monkeypatch.setattr("hf_oscq.evaluation.record_evaluation", read_only)
+    capsys.readouterr()
+    assert cli_main(["eval", str(folder), "--dataset", str(root / "images")]) == 1
+    assert _last_error_line(capsys.readouterr().err) == (
+        f"hf-oscq eval: error: Cannot record the evaluation in {folder}: '{folder / 'oscq_export.json'}' is on a "
+        "read-only file system: write to a folder on a writable disk. Pass --no_record to evaluate without writing "
+        "into the export folder."
+    )
+    assert (folder / "oscq_export.json").read_bytes() == manifest
+
+
+def test_eval_of_a_language_model_on_unusable_text_is_one_line(tmp_path, capsys):
+    """A local text dataset with an empty validation.txt, or one that is not UTF-8 text: one line, exit 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_oscq.scripts.text import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    hf_oscq.export_quantized(LlamaForCausalLM(config), tmp_path / "lm", bits=(3,), tokenizer=tokenizer)
+    for name, validation, message in (
+        ("empty", b"", 'cannot be used (ValueError: Instruction "validation" corresponds to no data!)'),
+        ("binary", b"\xff\xfe\xfa text \xc3\x28\n", "cannot be used (DatasetGenerationError: "),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt").write_text("In the beginning God created the heaven and the earth.\n")
+        (tmp_path / name / "validation.txt").write_bytes(validation)
+        capsys.readouterr()
+        arguments = ["eval", str(tmp_path / "lm"), "--dataset", str(tmp_path / name), "--no_record"]
+        assert cli_main(arguments) == 1
+        line = _last_error_line(capsys.readouterr().err)
+        assert line.startswith(f"hf-oscq eval: error: The text dataset '{tmp_path / name}' {message}"), line
+        assert line.endswith(
+            "a local folder needs train.txt and validation.txt (or test.txt), each holding text, one document a line."
+        )

@@ -1,5 +1,7 @@
+import errno
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -121,7 +123,8 @@ def test_cli_export_with_batchnorm_recalibration(tmp_path, capsys):
         == 1
     )
     err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading progress bar
-    assert err.startswith(f"hf-oscq export: error: {tmp_path / 'ckpt'} holds a model with BatchNorm layers")
+    assert err.startswith("hf-oscq export: error: TimmWrapperForImageClassification has BatchNorm layers")
+    assert f"{tmp_path / 'ckpt'} records no training data" in err
     assert "--dataset NAME" in err and "--bn_recalibration_samples 0" in err
     assert not (tmp_path / "x").exists()
     arguments = ["--bn_recalibration_samples", "40", "--dataset", "digits", "--batch_size", "16"]
@@ -266,10 +269,11 @@ def test_cli_export_of_a_batchnorm_model_without_data_fails_and_plain_rounding_i
     assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading progress bar
     assert err == (
-        f"hf-oscq export: error: {tmp_path / 'ckpt'} holds a model with BatchNorm layers, whose statistics rounding "
-        "invalidates, and no record of its training data: pass --dataset NAME (and --data_dir for a local copy) to "
-        "re-estimate them on its training images, or --bn_recalibration_samples 0 for plain rounding (the paper's "
-        "PTQ)."
+        "hf-oscq export: error: TimmWrapperForImageClassification has BatchNorm layers, whose running statistics "
+        "rounding invalidates (plain rounding can cost most of the accuracy at 2 or 3 bits, so it is never done "
+        f"silently): {tmp_path / 'ckpt'} records no training data to re-estimate them on: pass --dataset NAME (and "
+        "--data_dir for a local copy) to re-estimate them on its training images, or --bn_recalibration_samples 0 for "
+        "plain rounding (the paper's PTQ)."
     )
     assert not (tmp_path / "out").exists()
     plain = ["--bn_recalibration_samples", "0"]
@@ -395,3 +399,137 @@ def test_negative_or_zero_counts_fail_before_anything_is_loaded(tmp_path, capsys
     err = capsys.readouterr().err
     assert err == f"hf-oscq {command}: error: --{flag} must be at least {minimum}, got {value}.\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_output_problems_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """`--output` under a file (directly or higher up) and on a folder that cannot be written (tests run as root:
+    `os.access` reports a read-only file system) fail before the model loads: one line, exit 1, nothing written."""
+    tiny_vit().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "FILE").write_text("")
+    for output, message in (
+        (tmp_path / "FILE" / "sub", f"'{tmp_path / 'FILE'}' is a file, where a folder belongs"),
+        (tmp_path / "FILE" / "a" / "b", f"'{tmp_path / 'FILE'}' is a file, where a folder belongs"),
+    ):
+        capsys.readouterr()
+        assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hf-oscq export: error: --output ") and message in err and err.count("\n") == 1, err
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))
+    assert cli_main(["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"the folder '{tmp_path}' cannot be written (read-only file system" in err and err.count("\n") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["FILE", "ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("failing", "error", "message"),
+    [
+        ("tempfile.mkdtemp", errno.EROFS, "is on a read-only file system: write to a folder on a writable disk"),
+        ("hf_oscq.export.writer.serialize_checkpoint", errno.ENOSPC, "no space left on the device"),
+    ],
+    ids=["read_only", "disk_full"],
+)
+def test_cli_export_failing_to_write_is_one_line_and_keeps_the_previous_export(
+    tmp_path, capsys, monkeypatch, failing, error, message
+):
+    """A write that fails after the model has loaded (the staging folder on a read-only file system, a full disk
+    while writing a variant) is one line naming the path, exit 1; the previous export is left as it was and nothing
+    is left beside it."""
+    tiny_vit().save_pretrained(tmp_path / "ckpt")
+    arguments = ["export", str(tmp_path / "ckpt"), "--bits", "3", "--output", str(tmp_path / "out")]
+    assert cli_main(arguments) == 0
+    before = {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()}
+
+    def fail(*args, **kwargs):
+        raise OSError(error, os.strerror(error), str(tmp_path / "out"))
+
+    monkeypatch.setattr(failing, fail)
+    capsys.readouterr()
+    assert cli_main(arguments) == 1
+    (line,) = capsys.readouterr().err.splitlines()[-1:]  # after the weights' loading progress bar
+    assert line.startswith(f"hf-oscq export: error: Cannot write the export {tmp_path / 'out'}: ") and message in line
+    assert line.endswith(f"Nothing was written; the previous export in {tmp_path / 'out'} is unchanged.")
+    assert {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt", "out"]
+
+
+def test_cli_export_names_the_layer_a_group_size_does_not_fit(tmp_path, capsys):
+    """`--group_size` is checked against every selected layer before anything is written, naming the first layer it
+    does not divide, its input features and the flag (the same check as the Trainer, export_quantized and
+    quantize-on-load, each naming its own argument)."""
+    tiny_vit().save_pretrained(tmp_path / "ckpt")  # intermediate size 37: fc2 has 37 input features
+    capsys.readouterr()
+    arguments = [
+        "export",
+        str(tmp_path / "ckpt"),
+        "--bits",
+        "3",
+        "--group_size",
+        "16",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert cli_main(arguments) == 1
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(
+        "hf-oscq export: error: --group_size=16 does not divide the 37 input features of layer "
+        "'vit.layers.0.mlp.fc2' (weight shape [32, 37]) (and 1 more layers)"
+    )
+    assert "the largest that does here is 1" in line and not (tmp_path / "o").exists()
+
+
+def _group_trained_run(tmp_path):
+    """A tiny ViT trained 2 steps by OscillationTrainer with group-wise scales of 16 at 4 bits, saved with
+    `save_model`, and its evaluation (eval_w4_loss) on 16 images."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    model = ViTForImageClassification(config)
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"pixel_values": torch.randn(1, 8, 8, generator=generator), "labels": int(label)}
+        for label in torch.randint(0, 3, (32,), generator=generator)
+    ]
+    args = hf_oscq.OscillationConfig(
+        output_dir=str(tmp_path / "run"), osc_bits=4, osc_group_size=16, osc_eval_bits=[4], max_steps=2,
+        per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=1e-2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = hf_oscq.OscillationTrainer(model=model, args=args, train_dataset=rows[:16], eval_dataset=rows[16:])
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    return rows[16:], metrics
+
+
+def test_cli_export_of_a_run_uses_its_recorded_spec_and_gives_the_trainers_loss(tmp_path, capsys):
+    """A run trained with `osc_group_size=16` and exported with `hf-oscq export RUN --bits 4` (no spec flags) is
+    exported group-wise as it was trained (its oscq_training.json, written by `save_model`): the exported w4
+    checkpoint's loss on the evaluation images is the Trainer's `eval_w4_loss`. A flag repeating the recorded spec is
+    accepted; one contradicting it (`--per_channel`, another `--group_size`, `--target_modules`) is one line naming
+    both."""
+    evaluation, metrics = _group_trained_run(tmp_path)
+    record = json.loads((tmp_path / "run" / "oscq_training.json").read_text())
+    assert record["quant_spec"]["granularity"] == "group" and record["quant_spec"]["group_size"] == 16
+    assert cli_main(["export", str(tmp_path / "run"), "--bits", "4", "--output", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "oscq_export.json").read_text())
+    assert (manifest["granularity"], manifest["group_size"]) == ("group", 16)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "w4").eval()
+    pixel_values = torch.stack([row["pixel_values"] for row in evaluation])
+    labels = torch.tensor([row["labels"] for row in evaluation])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(loaded(pixel_values=pixel_values).logits, labels).item()
+    assert loss == pytest.approx(metrics["eval_w4_loss"], rel=1e-5, abs=1e-6)
+    repeated = ["--group_size", "16", "--output", str(tmp_path / "again")]
+    assert cli_main(["export", str(tmp_path / "run"), "--bits", "4", *repeated]) == 0
+    for flags in (["--per_channel"], ["--group_size", "32"], ["--target_modules", "classifier"]):
+        capsys.readouterr()
+        assert cli_main(["export", str(tmp_path / "run"), "--bits", "4", *flags, "--output", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "asks for osc_method='oscillation', osc_bits=4" in err, err
+        assert "was trained with osc_method='oscillation', osc_bits=4, group_size=16" in err and flags[0] in err
+        assert not (tmp_path / "x").exists()

@@ -336,3 +336,40 @@ def test_every_tensor_the_model_expects_is_present_with_its_dtype(vit_export, tm
     _rewrite_tensors(folder, change)
     with pytest.raises(CheckpointFormatError, match=message):
         AutoModelForImageClassification.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [hf_oscq.QuantSpec(3, "per_channel"), hf_oscq.QuantSpec(3, "group", group_size=4)],
+    ids=["channel", "group"],
+)
+def test_zero_scales_are_checked_in_every_layout(tmp_path, spec):
+    """The zero-scale rule (a scale is 0 only over all-zero codes) holds for every layout, GPT-2's Conv1D (output
+    channels in dim 1) included, where it was skipped: an all-zero output column loads, a zero scale over non-zero
+    codes is refused instead of zeroing those weights."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from hf_oscq.export.checkpoint import SCALE_SUFFIX, read_config
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=12, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight[:, 3] = 0  # output feature 3: every input feature 0
+    out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(3,), spec=spec)
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(model, spec=spec)(ids).logits
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(out / "w3")(ids).logits, expected, rtol=0, atol=0
+        )
+    folder = _copy_variant(out, tmp_path)
+    key = "h.0.attn.c_attn.weight" + SCALE_SUFFIX
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    key = next(name for name in tensors if name.endswith(key))
+    assert tensors[key][3].eq(0).all() and tensors[key][4].gt(0).all()  # one scale row per output feature
+    tensors[key][4] = 0
+    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3, read_config(folder)))
+    with pytest.raises(CheckpointFormatError, match="is 0 where its codes are not all 0"):
+        AutoModelForCausalLM.from_pretrained(folder)

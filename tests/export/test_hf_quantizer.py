@@ -19,7 +19,7 @@ from transformers import (
 )
 
 import hf_oscq
-from hf_oscq import OscqQuantizationConfig, QuantSpec
+from hf_oscq import OscqQuantizationConfig, OscqValueError, QuantSpec
 from hf_oscq.export.checkpoint import SCALE_SUFFIX, CheckpointFormatError, read_config, serialize_checkpoint
 from hf_oscq.quantization.packed_tensor import PackedWeight
 
@@ -45,15 +45,25 @@ def test_config_of_the_first_format_reads_as_a_spec():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"bits": 9}, "Invalid quantization_config in config.json: bits must be an integer between 2 and 8"),
+        ({"bits": 9}, "bits must be an integer between 2 and 8"),
         ({"granularity": "per_tensor", "per_channel": True}, "contradicts per_channel"),
+        ({"granularity": "group", "group_size": 0}, "needs group_size, a positive integer"),
         ({"modules": []}, "`modules` must be a non-empty list"),
-        ({"format_version": 3, "versions": {"hf_oscq": "9.0"}}, r"version 3.*wrote it \(9.0\)"),
     ],
 )
-def test_invalid_configs_are_refused(fields, message):
-    with pytest.raises(CheckpointFormatError, match=message):
+def test_invalid_configs_are_refused_naming_where_they_came_from(fields, message):
+    """A bad value read from a checkpoint's config.json names config.json (a `CheckpointFormatError`); the same value
+    passed as an argument names `OscqQuantizationConfig`, never config.json."""
+    with pytest.raises(CheckpointFormatError, match=f"Invalid quantization_config in config.json: .*{message}"):
+        OscqQuantizationConfig.from_dict({"quant_method": "oscq", "bits": 3, "modules": ["fc"], **fields})
+    with pytest.raises(OscqValueError, match=f"^OscqQuantizationConfig: .*{message}") as raised:
         OscqQuantizationConfig(**{"bits": 3, "modules": ["fc"], **fields})
+    assert not isinstance(raised.value, CheckpointFormatError) and "config.json" not in str(raised.value)
+
+
+def test_a_config_of_another_format_version_is_refused():
+    with pytest.raises(CheckpointFormatError, match=r"version 3.*wrote it \(9.0\)"):
+        OscqQuantizationConfig(bits=3, modules=["fc"], format_version=3, versions={"hf_oscq": "9.0"})
 
 
 # Loading exported folders through transformers: packed weights in memory, round trips, quantizing on load,
@@ -254,6 +264,51 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     assert on_load.lm_head.weight is on_load.transformer.wte.weight
     with torch.no_grad():
         torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+    on_load.save_pretrained(tmp_path / "on_load")  # lists the tied weight once, as the file holds it
+    assert (
+        read_config(tmp_path / "on_load")["quantization_config"]["modules"]
+        == read_config(out / "w3")["quantization_config"]["modules"]
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "on_load")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+
+
+def test_a_tied_llama_quantized_on_load_reloads_after_save_pretrained_from_every_save_path(tmp_path):
+    """A Llama with `tie_word_embeddings=True` and `all-layers` (embedding and lm_head both selected, one tensor):
+    every save path (export_quantized; save_pretrained of the exported model loaded; save_pretrained of the model
+    quantized on load) writes a config listing what the file holds, and reloads to the same logits as
+    `quantize_model`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    out = hf_oscq.export_quantized(model, tmp_path / "export", bits=(3,), target_modules="all-layers")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf_oscq.quantize_model(model, 3, target_modules="all-layers")(ids).logits
+    on_load = AutoModelForCausalLM.from_pretrained(
+        out / "fp", quantization_config=OscqQuantizationConfig(bits=3, target_modules="all-layers")
+    )
+    for name, saved in (("export", out / "w3"), ("exported_resaved", None), ("on_load", None)):
+        if name == "exported_resaved":
+            saved = tmp_path / name
+            AutoModelForCausalLM.from_pretrained(out / "w3").save_pretrained(saved)
+        elif name == "on_load":
+            saved = tmp_path / name
+            on_load.save_pretrained(saved)
+        modules = read_config(saved)["quantization_config"]["modules"]
+        packed = {key.removesuffix(".weight" + SCALE_SUFFIX) for key in _file_tensors(saved / "model.safetensors")[0]
+                  if key.endswith(SCALE_SUFFIX)}  # fmt: skip
+        assert set(modules) == packed and "lm_head" not in modules, name
+        reloaded = AutoModelForCausalLM.from_pretrained(saved)
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight, name
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0, msg=name)
 
 
 def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
@@ -340,3 +395,95 @@ def test_gpt2_group_and_channel_scales_follow_conv1d_columns_through_export_and_
     (variant / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointFormatError, match="ran along its input features"):
         AutoModelForCausalLM.from_pretrained(variant)
+
+
+@pytest.mark.parametrize(
+    ("cast", "dtype"),
+    [
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.float(), torch.float32),
+        (lambda m: m.bfloat16(), torch.bfloat16),
+        (lambda m: m.double(), torch.float64),
+        (lambda m: m.to(torch.float16), torch.float16),
+        (lambda m: m.to(dtype=torch.bfloat16), torch.bfloat16),
+        (lambda m: m.type(torch.float16), torch.float16),
+    ],
+    ids=["half", "float", "bfloat16", "double", "to", "to_dtype", "type"],
+)
+def test_every_cast_method_casts_a_packed_model(vit_export, cast, dtype):
+    """The dtype rule holds for every cast method (transformers refuses .half() and .float() on quantized models):
+    the packed weights keep their codes and take the new logical dtype, each equal to quantize_model's weight in that
+    dtype; the forward pass runs in it."""
+    model, out = vit_export
+    loaded = AutoModelForImageClassification.from_pretrained(out / "w3").to(torch.float16)  # casting back too
+    cast(loaded)
+    expected = hf_oscq.quantize_model(model, 3)
+    packed = _packed_parameters(loaded)
+    assert packed and {p.dtype for p in loaded.parameters()} == {dtype}
+    for name, weight in packed.items():
+        assert torch.equal(weight.dequantize(), expected.get_parameter(name).to(dtype)), name
+    assert logits_of(loaded, PIXELS.to(dtype)).dtype == dtype
+
+
+def test_quantize_on_load_checks_every_setting_before_loading_and_names_the_argument(vit_export, tmp_path):
+    """Quantize-on-load refuses before any weight is read, naming the argument: a group size that does not divide a
+    layer's input features (the layer and its features named; transformers' generic conversion error before), and a
+    weight holding NaN (named, raised as itself once loading is over)."""
+    model, out = vit_export
+    config = OscqQuantizationConfig(bits=3, granularity="group", group_size=16)
+    with pytest.raises(OscqValueError) as raised:
+        AutoModelForImageClassification.from_pretrained(out / "fp", quantization_config=config)
+    assert str(raised.value).startswith(
+        "from_pretrained(..., quantization_config=OscqQuantizationConfig(group_size=16)) does not divide the 37 input "
+        "features of layer 'vit.layers.0.mlp.fc2' (weight shape [32, 37])"
+    )
+    broken = tiny_vit()
+    with torch.no_grad():
+        broken.get_parameter("vit.layers.1.mlp.fc1.weight")[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path / "nan")
+    with pytest.raises(OscqValueError, match=r"Weight 'vit.(encoder.layer|layers).1.*' contains NaN or Inf"):
+        AutoModelForImageClassification.from_pretrained(
+            tmp_path / "nan", quantization_config=OscqQuantizationConfig(bits=3)
+        )
+
+
+def test_corrupted_codes_raise_the_loaders_error_from_from_pretrained(vit_export, tmp_path):
+    """A packed weight whose codes no export writes fails `from_pretrained` with the loader's own
+    `CheckpointFormatError` naming the weight, not transformers' generic "issues during automatic conversion"."""
+    _, out = vit_export
+    folder = tmp_path / "w3"
+    folder.mkdir()
+    for path in (out / "w3").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    tensors["classifier.weight"] = torch.full_like(tensors["classifier.weight"], 0xFF)
+    (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3, read_config(folder)))
+    with pytest.raises(CheckpointFormatError, match="^The packed codes of 'classifier.weight' hold the value 7"):
+        AutoModelForImageClassification.from_pretrained(folder)
+
+
+def test_quantize_on_load_of_a_batchnorm_model_follows_the_export_rule(tmp_path):
+    """A BatchNorm model quantized on load is refused with the rule and message export uses (its statistics would be
+    stale), naming the ways out; `plain_rounding=True` asks for plain rounding explicitly and gives
+    `quantize_model`'s model, and the option is not saved."""
+    from hf_oscq.quantization.batchnorm import batchnorm_refusal
+
+    model = tiny_resnet18()
+    model.save_pretrained(tmp_path / "fp")
+    with pytest.raises(OscqValueError) as on_load:
+        AutoModelForImageClassification.from_pretrained(
+            tmp_path / "fp", quantization_config=OscqQuantizationConfig(bits=2)
+        )
+    with pytest.raises(OscqValueError) as exported:
+        hf_oscq.export_quantized(model, tmp_path / "out", bits=(2,))
+    rule = str(batchnorm_refusal("TimmWrapperForImageClassification", "")).rstrip()
+    assert str(on_load.value).startswith(rule) and str(exported.value).startswith(rule)
+    assert "plain_rounding=True" in str(on_load.value) and "hf-oscq export FOLDER --dataset NAME" in str(on_load.value)
+    plain = AutoModelForImageClassification.from_pretrained(
+        tmp_path / "fp", quantization_config=OscqQuantizationConfig(bits=2, plain_rounding=True)
+    )
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        logits_of(plain, pixels), logits_of(hf_oscq.quantize_model(model, 2), pixels), rtol=0, atol=0
+    )
+    assert "plain_rounding" not in plain.config.quantization_config.to_dict()

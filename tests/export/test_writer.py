@@ -350,3 +350,18 @@ def test_a_checkpoint_is_the_same_bytes_in_every_process():
     header = json.loads(blobs[0][8 : 8 + int.from_bytes(blobs[0][:8], "little")])
     assert len(header["__metadata__"]) >= 7  # format, version, bits, three library versions, config, checksum
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_a_one_shot_generator_of_calibration_batches_is_refused_before_writing(tmp_path):
+    """export_quantized re-estimates BatchNorm at each bit-width: a generator would be empty from the second on, so
+    it is refused up front, saying what to pass; nothing is written. One bit-width may take a generator."""
+
+    model = tiny_resnet18()
+    batches = [
+        {"pixel_values": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
+    with pytest.raises(hf_oscq.OscqValueError, match="re-iterable .* or a callable returning fresh batches"):
+        hf_oscq.export_quantized(model, tmp_path / "out", bits=(2, 3), calibration_batches=(b for b in batches))
+    assert not (tmp_path / "out").exists()
+    hf_oscq.export_quantized(model, tmp_path / "one", bits=(3,), calibration_batches=(b for b in batches))
+    assert json.loads((tmp_path / "one" / "oscq_export.json").read_text())["bn_recalibration"]["samples"] == 8

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -12,9 +13,10 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import Response
 from huggingface_hub.utils import hf_raise_for_status
 
+import hf_oscq
 from hf_oscq import cli
 from hf_oscq.hub import ACCURACY_PLOT, HISTOGRAM_PLOT
-from hf_oscq.hub.push import NO_TOKEN_MESSAGE, HubPushError, push_to_hub
+from hf_oscq.hub.push import NO_TOKEN_MESSAGE, HubPushError, plan_push, push_to_hub
 
 REPO = "acme/tiny-resnet"
 REPOS = [REPO] + [f"{REPO}-w{b}" for b in BITS]
@@ -378,3 +380,75 @@ def test_push_refuses_any_corrupted_file_and_sends_nothing(small_export, tmp_pat
     assert hub.calls == []
     with pytest.raises(HubPushError, match=message):
         push_to_hub(damaged, REPO, dry_run=True)
+
+
+def _torch_save(path):
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, path)  # a zip archive holding data.pkl
+
+
+def _pickle_bytes(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"w": [0.0]}, protocol=4))
+
+
+def _gzip_pickle(path):
+    import gzip
+    import pickle
+
+    path.write_bytes(gzip.compress(pickle.dumps([1], protocol=2)))
+
+
+def _tar_of_pickles(path):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        data = b"\x80\x04N."
+        info = tarfile.TarInfo("inner/state.pkl")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("model.PT", lambda path: path.write_bytes(b"x")),
+        ("weights.Bin", lambda path: path.write_bytes(b"x")),
+        ("extra.pkl.gz", lambda path: path.write_bytes(b"x")),
+        ("optimizer.CKPT.zip", lambda path: path.write_bytes(b"x")),
+        ("state.zip", _torch_save),
+        ("weights.data", _pickle_bytes),
+        ("extra.gz", _gzip_pickle),
+        ("states.tar", _tar_of_pickles),
+    ],
+    ids=["upper_pt", "mixed_bin", "pkl_gz", "compound", "torch_save_zip", "renamed_pickle", "gzip", "tar"],
+)
+def test_push_plan_refuses_pickles_in_any_spelling_and_sends_nothing(small_export, tmp_path, name, write):
+    """The pickle rule (`folder.pickle_reason`) at every place an export folder is checked: the push plan (dry run
+    and real push) and `read_export_manifest`. Names in any case and with compound suffixes, pickle bytes under
+    another name, and zip / gzip / tar archives holding pickles; never by unpickling."""
+    from hf_oscq.export.folder import read_export_manifest
+
+    folder = shutil.copytree(small_export, tmp_path / "export")
+    write(folder / "w3" / name)
+    for attempt in (lambda: push_to_hub(folder, REPO, dry_run=True), lambda: push_to_hub(folder, REPO, api=FakeHub())):
+        with pytest.raises(HubPushError, match=rf"w3/ in .* holds pickle files \['{re.escape(name)}'\]"):
+            attempt()
+    with pytest.raises(hf_oscq.ExportFolderError, match="only safetensors are published"):
+        read_export_manifest(folder)
+
+
+def test_files_that_only_look_like_pickles_are_published(small_export, tmp_path):
+    """A safetensors file whose header length starts with the bytes of a pickle protocol, and a zip without pickles,
+    are not refused."""
+    import zipfile
+
+    folder = shutil.copytree(small_export, tmp_path / "export")
+    (folder / "w3" / "extra.safetensors").write_bytes((0x0380).to_bytes(8, "little") + b"{}" + b" " * 894)
+    with zipfile.ZipFile(folder / "w3" / "examples.zip", "w") as archive:
+        archive.writestr("image.png", b"png")
+    files = {planned.path_in_repo for repo in plan_push(folder, REPO).repos for planned in repo.files}
+    assert {"extra.safetensors", "examples.zip"} <= files

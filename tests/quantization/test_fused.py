@@ -23,8 +23,8 @@ def test_fused_fake_quantize_equals_autograd_reference(bits, per_channel):
         weight[1, 0, 0], weight[4, 2, 2] = 4.0, -4.0  # ties at the peak, on both signs
     upstream = torch.randn(6, 5, 3, dtype=torch.float64)
     reference, fused = weight.clone().requires_grad_(), weight.clone().requires_grad_()
-    reference_out = fake_quantize(reference, bits, per_channel)
-    fused_out = fused_fake_quantize(fused, bits, per_channel)
+    reference_out = fake_quantize(reference, bits, per_channel, out_dim=0)
+    fused_out = fused_fake_quantize(fused, bits, per_channel, out_dim=0)
     (reference_out * upstream).sum().backward()
     (fused_out * upstream).sum().backward()
     assert torch.equal(fused_out, reference_out.detach())

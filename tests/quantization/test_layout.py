@@ -46,14 +46,14 @@ def test_spec_group_size_is_validated_and_serialized():
 def test_linear_layout_group_codes_and_scales_match_hand_formula():
     torch.manual_seed(0)
     weight = torch.randn(5, 12, dtype=torch.float64)
-    codes, scale = quantize_codes(weight, spec=GROUP4)
+    codes, scale = quantize_codes(weight, spec=GROUP4, out_dim=0)
     want_codes, want_scales = hand_quantize(weight.numpy(), 4, 3)
     assert scale.shape == (5, 3) == scale_shape(weight.shape, GROUP4)
     np.testing.assert_allclose(scale.numpy(), want_scales, rtol=1e-15)
     np.testing.assert_array_equal(codes.numpy(), want_codes)
     want = want_codes * np.repeat(want_scales, 4, axis=1)
-    np.testing.assert_allclose(fake_quantize(weight, spec=GROUP4).numpy(), want, rtol=1e-15)
-    np.testing.assert_allclose(dequantize(codes, scale).numpy(), want, rtol=1e-15)
+    np.testing.assert_allclose(fake_quantize(weight, spec=GROUP4, out_dim=0).numpy(), want, rtol=1e-15)
+    np.testing.assert_allclose(dequantize(codes, scale, out_dim=0).numpy(), want, rtol=1e-15)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, "per_channel"), QuantSpec(4, "group", group_size=3)])
@@ -77,15 +77,15 @@ def test_conv2d_groups_cover_flattened_input_features():
     torch.manual_seed(2)
     weight = torch.randn(3, 2, 2, 2, dtype=torch.float64)  # fan_in 8 = in_channels * kernel
     want_codes, want_scales = hand_quantize(weight.reshape(3, 8).numpy(), 4, 3)
-    codes, scale = quantize_codes(weight, spec=GROUP4)
+    codes, scale = quantize_codes(weight, spec=GROUP4, out_dim=0)
     np.testing.assert_array_equal(codes.reshape(3, 8).numpy(), want_codes)
     np.testing.assert_allclose(scale.numpy(), want_scales, rtol=1e-15)
-    assert compute_scale(weight, spec=QuantSpec(3, "per_channel")).shape == (3, 1, 1, 1)
+    assert compute_scale(weight, spec=QuantSpec(3, "per_channel"), out_dim=0).shape == (3, 1, 1, 1)
 
 
 def test_group_size_that_does_not_divide_is_refused():
     with pytest.raises(OscqValueError, match="group_size=4 does not divide the 6 input features"):
-        quantize_codes(torch.randn(2, 6), spec=GROUP4)
+        quantize_codes(torch.randn(2, 6), spec=GROUP4, out_dim=0)
 
 
 def _hand_gradient(w: np.ndarray, upstream: np.ndarray, group: int, bits: int, penalty: bool) -> np.ndarray:
@@ -185,3 +185,47 @@ def test_expand_scale_of_a_weight_without_output_channels(shape, scale_shape, ou
     """An FSDP2 process may hold no row of a weight: per-channel and group-wise scales then have no row either, in
     every layout (output channels in dim 0 or 1, Linear or Conv)."""
     assert expand_scale(torch.zeros(scale_shape), shape, out_dim).shape == shape
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "per_channel"), QuantSpec(4, "group", group_size=4)])
+def test_hand_calls_on_a_conv1d_weight_need_out_dim_and_then_equal_the_model_path(spec):
+    """`quantize_codes(conv1d.weight, per_channel=True)` used to give one scale per input feature. A 2-D tensor cannot
+    say whether it is `(out, in)` (Linear) or `(in, out)` (GPT-2's Conv1D), so every hand-called function refuses
+    per-channel and group-wise scales of a weight of 2 or more dimensions without `out_dim`, naming
+    `hf_oscq.output_dim`: compute_scale, quantize_codes, fake_quantize, dequantize, fused_fake_quantize,
+    fused_oscillation_penalty, plot_weight_histogram. With `out_dim=hf_oscq.output_dim(layer)` the hand path equals
+    the model path (quantize_model, export) and the hand formula; per tensor and 1-D weights need no `out_dim`."""
+    import io
+
+    model = _gpt2()
+    layer = model.transformer.h[0].attn.c_attn
+    weight = layer.weight.detach()  # (in=8, out=24)
+    message = r"does not say which: pass out_dim=hf_oscq.output_dim\(layer\)"
+    calls = [
+        lambda: compute_scale(weight, spec=spec),
+        lambda: quantize_codes(weight, spec=spec),
+        lambda: fake_quantize(weight, spec=spec),
+        lambda: fused_fake_quantize(weight, spec=spec),
+        lambda: dequantize(torch.zeros(weight.shape, dtype=torch.int8), torch.ones(24, 1)),
+        lambda: fused_oscillation_penalty([weight], spec=spec),
+        lambda: hf_oscq.plot_weight_histogram(weight, spec=spec, path=io.BytesIO()),
+    ]
+    for call in calls:
+        with pytest.raises(OscqValueError, match=message):
+            call()
+    out_dim = hf_oscq.output_dim(layer)
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=out_dim)
+    assert scale.shape[0] == 24  # one row of scales per output feature, not per input feature
+    group = 8 if spec.per_channel else 4
+    want_codes, want_scales = hand_quantize(weight.numpy().T, group, 4)
+    np.testing.assert_array_equal(codes.numpy(), want_codes.T)
+    np.testing.assert_allclose(scale.reshape(24, -1).numpy(), want_scales, rtol=1e-15)
+    rounded = hf_oscq.quantize_model(model, spec=spec).transformer.h[0].attn.c_attn.weight.detach()
+    assert torch.equal(dequantize(codes, scale, out_dim=out_dim), rounded)
+    assert torch.equal(fake_quantize(weight, spec=spec, out_dim=out_dim), rounded)
+    assert torch.equal(fused_fake_quantize(weight, spec=spec, out_dim=out_dim), rounded)
+    per_tensor = quantize_codes(weight, 4)  # one scale: no output dimension involved
+    assert per_tensor[1].dim() == 0
+    assert quantize_codes(torch.randn(5), 4, per_channel=True)[1].shape == (5,)  # 1-D: one layout only
+    with pytest.raises(OscqValueError, match="out_dim=2 is not a dimension of a weight of shape"):
+        quantize_codes(weight, spec=spec, out_dim=2)

@@ -24,10 +24,10 @@ def _modules_and_inputs():
 def _pack(module: torch.nn.Module, bits: int, per_channel: bool) -> torch.Tensor:
     """Replaces the module's weight by its packed codes; returns the float weight `codes * scale`."""
     weight = module.weight.detach()
-    codes, scale = quantize_codes(weight, bits, per_channel)
+    codes, scale = quantize_codes(weight, bits, per_channel, out_dim=0)
     packed = PackedWeight(pack_codes(codes, bits), scale, bits, weight.shape, weight.dtype)
     module.weight = torch.nn.Parameter(packed, requires_grad=False)
-    return dequantize(codes, scale)
+    return dequantize(codes, scale, out_dim=0)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

@@ -22,7 +22,9 @@ def test_reference_and_fused_match_hand_formula(bits, per_channel, normalization
 
     reference = oscillation_penalty(model, bits, per_channel=per_channel, normalization=normalization)
     reference_grads = torch.autograd.grad(reference, list(weights.values()))
-    fused = fused_oscillation_penalty(weights, bits, per_channel, normalization=normalization)
+    fused = fused_oscillation_penalty(
+        weights, bits, per_channel, normalization=normalization, out_dims=[0] * len(weights)
+    )
     fused_grads = torch.autograd.grad(fused, list(weights.values()))
 
     assert float(reference.detach()) == pytest.approx(expected_value, rel=1e-12)

@@ -124,3 +124,26 @@ def test_full_precision_far_below_8_bits_warns_of_stale_batchnorm_statistics(cap
     assert table["w8"]["accuracy"] == 1.0
     assert (table["fp"]["accuracy"] < 0.6) is warned
     assert ("BatchNorm running statistics training left do not fit the weights" in caplog.text) is warned
+
+
+def test_calibration_batches_for_several_bit_widths_are_re_iterable_or_a_callable():
+    """A one-shot generator consumed by the first bit-width left the next ones with "no batches". The rule
+    (`batchnorm.reusable_batches`) is applied wherever batches serve several bit-widths: cross_bit_evaluate and
+    export_quantized (tests/export/test_writer.py); the Trainer and `hf-oscq export` pass a callable and a re-iterable.
+    A list, a callable and a generator for a single bit-width all give the same statistics."""
+    from hf_oscq import OscqValueError
+
+    model = small_net()
+    batches = [torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    probe = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+
+    def evaluate(net):
+        with torch.no_grad():
+            return {"logit_sum": float(net.eval()(probe).sum())}
+
+    with pytest.raises(OscqValueError, match=r"one-shot iterator \(generator\), which the first of 2 bit-widths"):
+        cross_bit_evaluate(model, evaluate, bits=[2, 3], calibration_batches=(b for b in batches))
+    from_list = cross_bit_evaluate(model, evaluate, bits=[2, 3], calibration_batches=batches)
+    assert from_list == cross_bit_evaluate(model, evaluate, bits=[2, 3], calibration_batches=lambda: iter(batches))
+    single = cross_bit_evaluate(model, evaluate, bits=[3], calibration_batches=(b for b in batches))
+    assert single["w3"] == from_list["w3"] and from_list["w2"] != from_list["fp"]

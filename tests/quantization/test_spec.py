@@ -64,8 +64,10 @@ def test_functions_give_the_same_result_with_the_spec_or_the_shorthand():
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     spec = QuantSpec(3, "per_channel", exclude_modules=("2",))
     weight = model[0].weight
-    assert torch.equal(fake_quantize(weight, spec=spec), fake_quantize(weight, 3, per_channel=True))
-    codes, scale = quantize_codes(weight, spec=spec)
+    assert torch.equal(
+        fake_quantize(weight, spec=spec, out_dim=0), fake_quantize(weight, 3, per_channel=True, out_dim=0)
+    )
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=0)
     expected_scale = weight.detach().abs().amax(dim=1, keepdim=True) / 3  # per output channel, top code 3
     torch.testing.assert_close(scale, expected_scale, rtol=0, atol=0)
     assert torch.equal(codes, torch.round(weight.detach() / expected_scale).to(torch.int8))

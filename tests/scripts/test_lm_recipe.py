@@ -11,9 +11,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_oscq import quantize_model
+from hf_oscq.cli import main as cli_main
 from hf_oscq.quantization.packed_tensor import PackedWeight
 from hf_oscq.scripts.data import HubUnreachableError
 from hf_oscq.scripts.lm_recipe import parse_arguments, run_recipe
+from hf_oscq.scripts.text import TokenBlocks, load_kjv
 
 CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 needs_kjv = pytest.mark.skipif(shutil.which("bible") is None, reason="Debian packages bible-kjv, bible-kjv-text")
@@ -70,6 +72,18 @@ def test_tiny_lm_recipe_trains_exports_loads_and_generates_offline(tmp_path):
     assert f"| Test perplexity at 4 bits | {table['w4']['perplexity']:.2f} |" in card
     assert 'pipeline("text-generation"' in card and "group of 32 input features" in card
     assert (export / "w4" / "tokenizer.json").is_file() and (export / "w4" / "oscq_accuracy_vs_bits.png").is_file()
+    # The run records its spec (group size included) next to its weights, so `hf-oscq export RUN --bits 4` exports it
+    # group-wise as trained: the exported w4 loss is the Trainer's.
+    record = json.loads((run / "training" / "oscillation" / "oscq_training.json").read_text())
+    assert record["quant_spec"] == spec.to_dict() and record["quant_spec"]["group_size"] == 32
+    assert json.loads((export / "oscq_export.json").read_text())["training"]["quant_spec"] == spec.to_dict()
+    arguments = ["export", str(run / "training" / "oscillation"), "--bits", "4", "--output", str(tmp_path / "cli")]
+    assert cli_main(arguments) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "cli" / "w4").eval()
+    blocks = TokenBlocks(load_kjv().eval, tokenizer, 32, 4).blocks
+    with torch.no_grad():
+        loss = exported(input_ids=blocks, labels=blocks).loss.item()
+    assert loss == pytest.approx(table["w4"]["loss"], rel=1e-5)
 
 
 def test_hub_model_offline_fails_with_the_clear_message(tmp_path):
@@ -94,6 +108,10 @@ def test_lm_recipe_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
     assert main(["--dataset", "bogus", "--output_dir", str(tmp_path)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "train_lm.py: error: --dataset is 'kjv', or 'hub' with --dataset_name NAME; got 'bogus'."
+    (tmp_path / "FILE").write_text("")  # an output folder under a file: refused before the text or a model loads
+    assert main(["--output_dir", str(tmp_path / "FILE" / "run"), "--use_cpu", "true"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"train_lm.py: error: --output_dir '{tmp_path / 'FILE' / 'run'}': '{tmp_path / 'FILE'}' is")
 
 
 @needs_kjv

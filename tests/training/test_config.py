@@ -103,7 +103,7 @@ def test_every_osc_field_is_documented_under_parameters():
     import re
 
     fields = [field.name for field in dataclasses.fields(OscillationConfig) if field.name.startswith("osc_")]
-    assert len(fields) == 14  # 11 + the peers: osc_kurtosis_target, osc_multibit_bits, osc_dampening_schedule
+    assert len(fields) == 15  # 12 + the peers: osc_kurtosis_target, osc_multibit_bits, osc_dampening_schedule
     parameters = OscillationConfig.__doc__.split("Parameters:")[1]
     documented = re.findall(r"^ {8}(osc_\w+) \(`[^`]+`", parameters, flags=re.MULTILINE)
     assert sorted(documented) == sorted(fields)

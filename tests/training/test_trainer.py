@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -226,11 +228,47 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     make_trainer(full, tmp_path / "full", max_steps=4).train()
     interrupted = make_trainer(tiny_vit(), tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2)
     interrupted.train()
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2"
+    record = json.loads((checkpoint / "oscq_training.json").read_text())
+    assert (record["osc_method"], record["quant_spec"]["bits"]) == ("oscillation", 3)
     resumed_model = tiny_vit()
     resumed = make_trainer(resumed_model, tmp_path / "resumed", max_steps=4)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     for name, tensor in full.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+# (change, as the record describes the checkpoint, as it describes the new run)
+SPEC_CHANGES = [
+    ({"osc_bits": 4}, "osc_bits=3", "osc_bits=4"),
+    ({"osc_method": "qat"}, "osc_method='oscillation'", "osc_method='qat'"),
+    ({"osc_per_channel": True}, "osc_bits=3, per_tensor", "osc_bits=3, per_channel"),
+    ({"osc_group_size": 1}, "osc_bits=3, per_tensor", "osc_bits=3, group_size=1"),
+    ({"osc_target_modules": ["classifier"]}, "target_modules=None", "target_modules=['classifier']"),
+    ({"osc_exclude_modules": ["classifier"]}, "exclude_modules=None", "exclude_modules=['classifier']"),
+]
+
+
+def test_resuming_a_checkpoint_of_another_method_or_spec_is_refused(tmp_path, caplog):
+    """Every checkpoint records the method and spec it was trained with (oscq_training.json, written on save);
+    resuming it under another one (bits, method, granularity, group size, target or exclude modules), by path or with
+    `resume_from_checkpoint=True`, is refused naming both, before anything is loaded; `osc_allow_spec_change=True`
+    resumes it anyway, saying so."""
+    settings = {"output_dir": str(tmp_path / "run"), "max_steps": 1, "save_strategy": "steps", "save_steps": 1}
+    make_trainer(tiny_vit(), tmp_path, **settings).train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    for change, recorded, current in SPEC_CHANGES:
+        for resume in (str(checkpoint), True):
+            with pytest.raises(OscqValueError) as raised:
+                make_trainer(tiny_vit(), tmp_path, **settings, **change).train(resume_from_checkpoint=resume)
+            message = str(raised.value)
+            assert message.startswith(f"The checkpoint '{checkpoint}' was trained with "), message
+            assert message.index(recorded) < message.index("but this run is set to") < message.index(current), message
+            assert "osc_allow_spec_change=True" in message
+    allowed = make_trainer(tiny_vit(), tmp_path, **settings, osc_bits=4, osc_allow_spec_change=True)
+    with caplog.at_level("WARNING", logger="hf_oscq.training.run_record"):
+        allowed.train(resume_from_checkpoint=str(checkpoint))
+    assert f"Resuming {checkpoint}, trained with osc_method='oscillation', osc_bits=3" in caplog.text
 
 
 def test_bf16_autocast_trains(tmp_path):
@@ -257,6 +295,17 @@ def test_bad_arguments(tmp_path):
         OscillationTrainer(model=tiny_vit(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
     with pytest.raises(ValueError, match="No weights selected"):
         make_trainer(tiny_vit(), tmp_path, osc_target_modules=["nothing_like_this"])
+
+
+def test_a_group_size_that_does_not_fit_a_layer_fails_at_construction_naming_it(tmp_path):
+    """Not at the first evaluation with "a weight of shape [4, 37]": the Trainer checks the group size against every
+    selected layer when it is built, naming the layer, its input features and `osc_group_size`."""
+    with pytest.raises(OscqValueError) as raised:
+        make_trainer(tiny_vit(), tmp_path, osc_group_size=8)
+    assert str(raised.value).startswith(
+        "osc_group_size=8 does not divide the 37 input features of layer 'vit.layers.0.mlp.fc2' (weight shape "
+        "[32, 37])"
+    )
 
 
 def test_nan_weights_stop_training_with_the_parameter_name(tmp_path):
