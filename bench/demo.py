@@ -75,6 +75,20 @@ def checks(tables: dict, target: int) -> list[dict]:
     return rows
 
 
+def dependency_versions(python: str) -> dict[str, str]:
+    """The versions of the libraries the recipe ran on (asked of `python`, the interpreter that ran it)."""
+    names = ("hf_oscq", "torch", "transformers", "accelerate", "datasets", "timm", "numpy")
+    script = (
+        "import importlib.metadata as m, json, platform\n"
+        "def version(name):\n"
+        "    try:\n        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n        return None\n"
+        f"print(json.dumps({{'python': platform.python_version(), **{{n: version(n) for n in {names!r}}}}}))"
+    )
+    output = subprocess.run([python, "-c", script], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(output)
+
+
 def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONFIG) -> dict:
     """Runs the demo's recipe (`recipes/train_<model>.py`, the config's `model`, ViT by default) for one seed."""
     output_dir = output_root / f"seed{seed}"
@@ -104,6 +118,7 @@ def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONF
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "versions": dependency_versions(python),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
