@@ -119,6 +119,8 @@ def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONF
         "load_average_after": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": dependency_versions(python),
+        # the arithmetic (and so the last digits) depends on the number of threads: make demo leaves torch's default
+        "torch_threads": os.environ.get("OMP_NUM_THREADS") or f"torch's default ({os.cpu_count()} CPUs)",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
