@@ -4,7 +4,8 @@ per seed and checks what its table must show, writing one JSON per seed to `benc
     python bench/demo.py --seeds 0 1 2
     python bench/demo.py --config recipes/configs/digits_demo.yaml --results bench/results/demo_digits
 
-The checks, on the demo's test images (every number from the run's own `cross_bit.json`):
+The checks, on the demo's test images (every number from the run's own `cross_bit.json`, whose tables the record
+keeps with what they were measured on):
 (a) the regularizer at its target bit-width is within 2 points of QAT there;
 (b) at the bit-width below the target it beats both FP + PTQ and QAT by at least 20 points;
 (c) at 5-8 bits it stays within 1 point of its own full-precision accuracy (rounding costs at most 1 point);
@@ -107,12 +108,15 @@ def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONF
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    tables = json.loads((output_dir / "cross_bit.json").read_text())
+    measured = json.loads((output_dir / "cross_bit.json").read_text())
+    tables = measured["runs"]
     return {
         "seed": seed,
         "command": shlex.join(command),
         "config": config,
         "tables": tables,
+        # what every table was measured on (dataset, split, number of images, BatchNorm handling)
+        "provenance": measured["provenance"],
         "checks": checks(tables, config.get("osc_bits", 3)),
         "seconds": seconds,
         "load_average_before": load_before,

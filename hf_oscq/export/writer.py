@@ -34,6 +34,7 @@ except ImportError:  # Windows: no advisory locks, leftovers are left for the us
 
 from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
+from ..provenance import Provenance
 from ..quantization.batchnorm import counted, has_batchnorm
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
@@ -52,7 +53,7 @@ from .checkpoint import (
     serialize_checkpoint,
     write_config,
 )
-from .folder import MANIFEST_NAME, WEIGHTS_NAME, weights_size
+from .folder import MANIFEST_NAME, WEIGHTS_NAME, manifest_provenance, weights_size
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def export_quantized(
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     training: Mapping[str, Any] | None = None,
     comparisons: Mapping[str, Any] | None = None,
+    provenance: Provenance | Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes the full-precision model and one bit-packed PTQ checkpoint per bit-width (layout: docs/EXPORT.md).
 
@@ -345,6 +347,9 @@ def export_quantized(
         metrics: the cross-bit table (`cross_bit_evaluate` output) stored in `oscq_export.json`.
         training: how the model was trained (`osc_method`, `osc_bits`, ...), stored in `oscq_export.json`.
         comparisons: cross-bit tables of baselines (`{"qat": ..., "fp_ptq": ...}`), stored in `oscq_export.json`.
+        provenance: what `metrics` and `comparisons` were measured on (one `hf_oscq.Provenance`: the same
+            evaluation for all of them, as the recipes run it), stored in `oscq_export.json`; without it the cards
+            show the tables as measured on something not recorded, each in its own table.
 
     Returns:
         The export folder.
@@ -398,6 +403,7 @@ def export_quantized(
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),
         "comparisons": _json_field("comparisons", comparisons),
+        "provenance": manifest_provenance(provenance, metrics, comparisons),
         "versions": versions,
     }
     weights = select_weights(model, spec=spec)

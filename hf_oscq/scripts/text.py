@@ -37,6 +37,7 @@ class TextCorpus:
     train: str
     eval: str
     license: str
+    eval_split: str = "held-out"  # which part of the source the evaluation text is, as a `Provenance` names it
 
 
 def load_kjv(listing_file: str | Path | None = None) -> TextCorpus:
@@ -70,7 +71,8 @@ def _split_kjv(listing: str) -> TextCorpus:
         (held_out if index % EVAL_EVERY_CHAPTERS == EVAL_EVERY_CHAPTERS - 1 else train).append(verse["text"])
     if not train or not held_out:
         raise OscqValueError(f"`{' '.join(KJV_COMMAND)}` printed no verses: reinstall bible-kjv-text.")
-    return TextCorpus(KJV, "\n".join(train) + "\n", "\n".join(held_out) + "\n", KJV_LICENSE)
+    every = f"every-{EVAL_EVERY_CHAPTERS}th-chapter"
+    return TextCorpus(KJV, "\n".join(train) + "\n", "\n".join(held_out) + "\n", KJV_LICENSE, every)
 
 
 def load_hub_text(name: str, config: str | None = None, column: str = "text") -> TextCorpus:
@@ -97,7 +99,7 @@ def load_hub_text(name: str, config: str | None = None, column: str = "text") ->
             f"has splits {list(loaded)} and columns {loaded[next(iter(loaded))].column_names}."
         )
     lines = {split: "\n".join(loaded[split][column]) for split in ("train", held_out)}
-    return TextCorpus(name, lines["train"], lines[held_out], "see the dataset card on the Hub")
+    return TextCorpus(name, lines["train"], lines[held_out], "see the dataset card on the Hub", held_out)
 
 
 def byte_tokenizer():
