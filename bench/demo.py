@@ -110,9 +110,11 @@ def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONF
     seconds = time.perf_counter() - start
     measured = json.loads((output_dir / "cross_bit.json").read_text())
     tables = measured["runs"]
+    shown = ["python", *command[1:]]  # as a user types it: no interpreter path, folders relative to the clone
+    shown[-1] = str(output_dir.relative_to(ROOT)) if output_dir.is_relative_to(ROOT) else str(output_dir)
     return {
         "seed": seed,
-        "command": shlex.join(command),
+        "command": shlex.join(shown),
         "config": config,
         "tables": tables,
         # what every table was measured on (dataset, split, number of images, BatchNorm handling)
