@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 from hf_oscq import fake_quantized_forward, fused_oscillation_penalty, quantized_weights, select_weights
 from hf_oscq.quantization.sharding import reshard
+from hf_oscq.scripts.launch import end_processes
 
 BITS, STRENGTH = 3, 0.7
 
@@ -188,4 +189,4 @@ if __name__ == "__main__":
         recipe(folder)
     else:
         trainer(folder, scenario)
-    dist.destroy_process_group()
+    end_processes()  # every process got here: no process group left for the interpreter's exit to abort

@@ -41,7 +41,7 @@ from ..training.methods import OSC_METHODS, OSCILLATION
 from ..training.metrics import cross_bit_table
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
-from .launch import check_run_settings, resume_point
+from .launch import check_run_settings, resume_point, run_and_end_processes
 from .tables import comparable_runs, cross_bit_markdown
 from .text import KJV, TextCorpus, TokenBlocks, byte_tokenizer, load_hub_text, load_kjv
 
@@ -303,4 +303,4 @@ def main(argv: list[str] | None = None) -> int:
         if summary["export_dir"] is not None:
             sys.stdout.write(f"{summary['table']}\n\nExported to {summary['export_dir']}\n")
 
-    return exit_code("train_lm.py", run)
+    return exit_code("train_lm.py", run_and_end_processes(run))

@@ -39,7 +39,7 @@ from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
 from .data import DATASETS, ImageDataset, load_image_dataset, split_name
-from .launch import check_run_settings, resume_point
+from .launch import check_run_settings, resume_point, run_and_end_processes
 from .models import MODEL_NAMES, build_image_processor, build_model
 from .tables import comparable_runs, cross_bit_markdown
 
@@ -304,4 +304,4 @@ def main(model: str, argv: list[str] | None = None) -> int:
         if summary["export_dir"] is not None:
             sys.stdout.write(f"{summary['table']}\n\nExported to {summary['export_dir']}\n")
 
-    return exit_code(f"train_{model}.py", run)
+    return exit_code(f"train_{model}.py", run_and_end_processes(run))
