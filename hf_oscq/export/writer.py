@@ -265,8 +265,9 @@ def _what_is_replaced(output: Path, manifest: dict) -> str | None:
         return None
     lost = [name for name in previous.get("sizes_bytes") or {} if name not in manifest["sizes_bytes"]]
     parts = [f"its {', '.join(sort_variants(lost))} checkpoints are gone"] if lost else []
-    if previous.get("evaluation"):
-        parts.append(f"its evaluation on {previous['evaluation'].get('dataset')!r} is dropped")
+    if previous.get("evaluation"):  # an `hf-oscq eval` table: what it was measured on, where recorded
+        measured = ((previous.get("provenance") or {}).get("metrics") or {}).get("dataset")
+        parts.append(f"its evaluation on {measured or previous['evaluation'].get('dataset')!r} is dropped")
     return "; ".join(parts) or None
 
 

@@ -199,3 +199,34 @@ def test_eval_refuses_classes_it_cannot_match_and_takes_an_explicit_label_map(ex
         capsys.readouterr()
         assert cli_main(["eval", str(root / "export"), *extra, "--no_record"]) == 1
         assert message in _error_line(capsys.readouterr().err)
+
+
+def test_recipe_datasets_carry_their_class_names_and_are_matched_by_them():
+    """A recipe dataset (digits; Fashion-MNIST from Debian's IDX files, whose labels are bare ids) is evaluated with
+    its class names, so a model whose classes are named otherwise (the Hub's copy of Fashion-MNIST spells the first
+    class `T - shirt / top`) is refused by name, with the mapping that would match them, instead of trusting ids."""
+    from transformers import PretrainedConfig
+
+    from hf_oscq.evaluation import _labels_in_model_order, load_eval_split
+    from hf_oscq.label_map import LabelMismatchError
+    from hf_oscq.scripts.data import FASHION_MNIST_LABELS, _idx_dir
+
+    digits, split = load_eval_split("digits", max_samples=5, seed=3)
+    assert digits.features["label"].names == [str(i) for i in range(10)] and split == "test (80/20 split, seed 3)"
+    if _idx_dir(None) is None:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    fashion, split = load_eval_split("fashion_mnist", max_samples=20)
+    assert fashion.features["label"].names == list(FASHION_MNIST_LABELS) and split == "test"
+
+    def config(names):
+        return PretrainedConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+    same = config(FASHION_MNIST_LABELS)
+    assert _labels_in_model_order(fashion, same)["label"] == fashion["label"]
+    hub_names = ["T - shirt / top", *FASHION_MNIST_LABELS[1:]]
+    other = config(hub_names)
+    with pytest.raises(LabelMismatchError, match=r"\['T-shirt/top'\] are not classes of the model") as refused:
+        _labels_in_model_order(fashion, other)
+    assert """--label_map '{"T-shirt/top": "T - shirt / top"}'""" in str(refused.value)
+    renumbered = _labels_in_model_order(fashion, other, {"T-shirt/top": "T - shirt / top"})
+    assert renumbered["label"] == fashion["label"]
