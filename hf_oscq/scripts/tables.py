@@ -47,8 +47,8 @@ def cross_bit_markdown(tables: dict, provenances: dict, training) -> str:
     for provenance, rows in group_by_provenance(labelled):
         metric = provenance.metric if provenance is not None else ACCURACY
         caption = (
-            f"{sentence(describe(provenance, metric))}: full precision (fp) and post-training rounded to each "
-            "bit-width (w2 = 2 bits, ...)."
+            f"{sentence(describe(provenance, metric))}. Columns: full precision (fp) and post-training rounded to "
+            "each bit-width (w2 = 2 bits, ...)."
         )
         blocks.append(f"{caption}\n\n{format_cross_bit_table(rows, metric)}")
     return "\n\n".join(blocks)

@@ -251,8 +251,8 @@ def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_
     arguments += ["--per_device_eval_batch_size", "16", "--report_to", "none"]
     summary = run_recipe(*parse_arguments([*arguments, "--output_dir", str(output), "--use_cpu"], model="resnet18"))
     assert summary["table"].startswith(
-        "Test accuracy (%) on 32 test images: full precision (fp) and post-training rounded to each bit-width (w2 = 2 "
-        f"bits), BatchNorm statistics re-estimated on {forwarded} training images after rounding."
+        "Top-1 accuracy (%) on 32 examples of the test split of zalando-datasets/fashion_mnist; BatchNorm statistics "
+        f"re-estimated after rounding on {forwarded} training images. Columns: full precision (fp)"
     )
     again = tmp_path / "again"
     assert cli_main(["export", str(output / "training" / "oscillation"), "--bits", "2", "--output", str(again)]) == 0
@@ -266,8 +266,10 @@ def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_
         torch.testing.assert_close(rewritten[name], tensor, rtol=0, atol=1e-6, msg=name)
     capsys.readouterr()
     command = ["eval", str(output / "export"), "--dataset", "fashion_mnist", "--data_dir", str(data_dir)]
-    assert cli_main([*command, "--no_record"]) == 0
+    assert cli_main([*command, "--no_record", "--output_json", str(tmp_path / "eval.json")]) == 0
     manifest = json.loads((output / "export" / "oscq_export.json").read_text())
+    # measured as the recipe measured it: the same provenance, so the cards may set both side by side
+    assert json.loads((tmp_path / "eval.json").read_text())["provenance"] == manifest["provenance"]["metrics"]
     expected = [100 * manifest["metrics"][variant]["accuracy"] for variant in ("fp", "w2")]
     assert (
         capsys.readouterr().out.strip().splitlines()[-1]
