@@ -80,11 +80,25 @@ def _measured_on(record: dict) -> str:
 def _settings(records: list[dict]) -> str:
     first = records[0]
     seconds = [record["seconds"] for record in records]
+    load = [
+        value for record in records for value in (record["load_average_before"][0], record["load_average_after"][0])
+    ]
     threads = first.get("torch_threads", "not recorded")
     return (
-        f"{_versions(first)}; {min(seconds):.0f}-{max(seconds):.0f} s a seed on {first['machine']} (torch threads: "
-        f"{threads}), each table {_measured_on(first)}"
+        f"{_versions(first)}; {_span_of(seconds, '.0f')} s a seed on {first['machine']}, torch threads: {threads}, "
+        f"load average {_span_of(load, '.1f')} (the machine shared with other jobs); each table "
+        f"{_measured_on(first)}"
     )
+
+
+def _span_of(values: list[float], spec: str) -> str:
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}-{high}"
+
+
+def _seeds(records: list[dict]) -> str:
+    seeds = [str(record["seed"]) for record in records]
+    return seeds[0] if len(seeds) == 1 else f"{', '.join(seeds[:-1])} and {seeds[-1]}"
 
 
 _RUNS = (("oscillation", "regularizer @3 (defaults)"), ("qat", "QAT @3"), ("none", "FP + PTQ"))
@@ -111,10 +125,9 @@ def _gaps(records: list[dict]) -> dict[str, list[float]]:
 def render_demo(results: Path) -> str:
     """README: the 3-seed ranges of the demo's table and what they show."""
     records = demo_records(results)
-    seeds = ", ".join(str(record["seed"]) for record in records)
     lines = [
-        f"What the demo's table shows, for seeds {seeds} (`python bench/demo.py --seeds 0 1 2` runs and checks them; "
-        f"records in `bench/results/demo/`: {_settings(records)}):",
+        f"What the demo's table shows, for seeds {_seeds(records)} (`python bench/demo.py --seeds 0 1 2` runs and "
+        f"checks them; records in `bench/results/demo/`: {_settings(records)}):",
         "",
         f"| top-1 accuracy (%), lowest-highest of the {len(records)} seeds | fp | w2 | w3 | w5..w8 |",
         "|---|---|---|---|---|",
@@ -127,7 +140,9 @@ def render_demo(results: Path) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     gaps = _gaps(records)
     under = -min(gaps["w3_qat"])
-    qat = f"the regularizer {under:.1f} under QAT at worst" if under > 0 else "the regularizer never under QAT"
+    qat = f"the regularizer {under:.1f} under QAT at worst" if under > 0 else "the regularizer at or above QAT"
+    below = max(gaps["fp_run"])
+    plain = f"at most {below:.1f} point under the plain run's" if below > 0 else "at or above the plain run's"
     checks = [row["holds"] for record in records for row in record["checks"]]
     fp = [_accuracy(r, "none", "fp") / 100 for r in records]
     examples = records[0]["config"].get("max_eval_samples")
@@ -135,9 +150,10 @@ def render_demo(results: Path) -> str:
     lines += [
         "",
         f"At 2 bits, the bit-width below its target, the regularized model keeps {_span(gaps['w2'])} points more than "
-        f"the better baseline; at 3 bits the three runs are within {max(gaps['w3_spread']):.1f} points of each other "
-        f"({qat}); at 5-8 bits it stays within {max(gaps['own']):.1f} point of its own full precision and at most "
-        f"{max(max(gaps['fp_run']), 0):.1f} point under the plain run's. `bench/demo.py`'s checks: "
+        f"the better of the two baselines; at 3 bits the three runs are within {max(gaps['w3_spread']):.1f} points of "
+        "each other "
+        f"({qat}); at 5-8 bits it stays within {max(gaps['own']):.1f} point of its own full precision and {plain}. "
+        "`bench/demo.py`'s checks: "
         f"{sum(checks)} of {len(checks)} hold."
         + (
             f" Every model here is far from trained (64 steps), and {examples:,} test images put about {noise:.1f} "
@@ -160,7 +176,7 @@ def render_demo_seeds(results: Path) -> str:
     columns = ["fp"] + [f"w{b}" for b in range(2, 9)]
     seeds = ",".join(str(record["seed"]) for record in records)
     lines = [
-        f"Records in `bench/results/demo/seed{{{seeds}}}.json` ({_settings(records)}):",
+        f"Records in `bench/results/demo/seed{{{seeds}}}.json`: {_settings(records)}.",
         "",
         "| seed | seconds | run | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
@@ -195,7 +211,8 @@ def render_demo_digits(results: Path) -> str:
     )
     return (
         f"`make demo-digits` (micro ViT on scikit-learn's digits, seed {record['seed']}, "
-        f"`bench/results/demo_digits/seed{record['seed']}.json`, {_versions(record)}) shows the 2-bit gain "
+        f"`bench/results/demo_digits/seed{record['seed']}.json`; {_versions(record) or 'versions not recorded'}) "
+        "shows the 2-bit gain "
         f"({value('oscillation', 'w2'):.1f} % against {value('none', 'w2'):.1f} % for FP + PTQ and "
         f"{value('qat', 'w2'):.1f} % for QAT @3) {three}."
     )

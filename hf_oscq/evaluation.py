@@ -104,6 +104,19 @@ def load_eval_dataset(
     max_samples: int | None = None,
     seed: int = 0,
 ):
+    """`load_eval_split(...)` without the split's name: the dataset alone."""
+    return load_eval_split(source, split, image_column, label_column, data_dir, max_samples, seed)[0]
+
+
+def load_eval_split(
+    source: str,
+    split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    data_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+):
     """The evaluation images and labels of a dataset, as stored (no transform), with columns `image` and `label`.
 
     Args:
@@ -119,25 +132,13 @@ def load_eval_dataset(
             split with their run's seed, so scoring a run on its own test images needs that seed.
 
     Returns:
-        A `datasets.Dataset` with the columns `image` and `label` (a `ClassLabel` where the class names are known).
+        `(dataset, split)`: a `datasets.Dataset` with the columns `image` and `label` (a `ClassLabel` where the class
+        names are known), and the split's name as a `Provenance` records it.
 
     Raises:
         OscqValueError: for a missing split or column.
         HubDatasetUnreachableError: when `source` is a Hub id that cannot be downloaded (offline, or unknown).
     """
-    return load_eval_split(source, split, image_column, label_column, data_dir, max_samples, seed)[0]
-
-
-def load_eval_split(
-    source: str,
-    split: str | None = None,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    data_dir: str | Path | None = None,
-    max_samples: int | None = None,
-    seed: int = 0,
-):
-    """`(load_eval_dataset(...), the split's name as a provenance records it)`; same arguments."""
     import datasets
 
     from .scripts.data import DATASETS, raw_splits, split_name

@@ -19,6 +19,8 @@ from typing import Any
 ACCURACY, PERPLEXITY = "accuracy", "perplexity"
 # The metric's name and unit as every printed table and caption states them.
 METRIC_LABELS = {ACCURACY: "top-1 accuracy (%)", PERPLEXITY: "perplexity (token-level, lower is better)"}
+# The metric's name where its value is stored as it is (an accuracy as a fraction): the cards' model index.
+METRIC_NAMES = {ACCURACY: "top-1 accuracy", PERPLEXITY: "token-level perplexity"}
 # The dataset of a local copy (an imagefolder, parquet files, a save_to_disk folder): never its path.
 LOCAL = "local"
 # How BatchNorm statistics were handled after rounding.

@@ -19,7 +19,7 @@ from ..errors import OscqValueError
 from ..export.folder import export_spec, read_export_manifest, table_provenance, variants
 from ..paper import CITATION, PAPER
 from ..paths import child_path
-from ..provenance import describe, metric_label, sentence
+from ..provenance import METRIC_NAMES, describe, metric_label, sentence
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
 from ..training.methods import NONE, OSCILLATION, QAT, method_sentence
@@ -207,13 +207,14 @@ def _eval_results(manifest: dict, variant: str, task: str | None, model_name: st
             dataset_split=recorded.split or "unrecorded",
             metric_type=metric,
             metric_value=float(value),
-            metric_name=f"{metric_label(metric)} ({name})",
+            metric_name=f"{sentence(METRIC_NAMES.get(metric, metric))} ({name})",
         )
     ]
 
 
 def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str | None) -> str:
-    lines = [f"| model | weights | {metric_label(headline_metric(manifest))} | size on disk |", "|---|---|---|---|"]
+    metric = headline_metric(manifest)
+    lines = [f"| model | weights | {METRIC_NAMES.get(metric, metric)} | size on disk |", "|---|---|---|---|"]
     for other in variants(manifest):
         name = _link(repo_id and variant_repo_id(repo_id, other), other) + (" (this page)" if other == variant else "")
         size = format_size(variant_size(export_dir, manifest, other))
@@ -319,6 +320,7 @@ def _render_model_card(
         modules=shown or "(none recorded)",
         metric=metric,
         metric_label=metric_label(metric),
+        metric_name=METRIC_NAMES.get(metric, metric),
         own_accuracy=metric_text(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),
         variants_table=_variants_table(export_dir, manifest, variant, repo_id),

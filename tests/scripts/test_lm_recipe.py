@@ -74,7 +74,7 @@ def test_tiny_lm_recipe_trains_exports_loads_and_generates_offline(tmp_path):
     assert metadata["pipeline_tag"] == "text-generation"
     result = metadata["model-index"][0]["results"][0]["metrics"][0]
     assert result["type"] == "perplexity" and result["value"] == pytest.approx(table["w4"]["perplexity"])
-    assert f"| Perplexity (token-level, lower is better) at 4 bits | {table['w4']['perplexity']:.2f} |" in card
+    assert f"| Token-level perplexity at 4 bits | {table['w4']['perplexity']:.2f} |" in card
     # a language model's card speaks of text, and of steps where the run was set by max_steps
     assert "image" not in card.lower() and "| epochs |" not in card and "| max steps | 4 |" in card
     assert 'pipeline("text-generation"' in card and "group of 32 input features" in card
