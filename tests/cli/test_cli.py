@@ -134,4 +134,7 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
         assert cli_main(shlex.split(command)[1:]) == 0, (source, command, capsys.readouterr().err[-2000:])
     manifest = json.loads((tmp_path / "outputs" / "my_export" / "oscq_export.json").read_text())
     assert set(manifest["metrics"]) == {"fp", "w2", "w3", "w4", "w8"}
-    assert manifest["evaluation"]["dataset"] == "path/to/images"
+    # the last eval of the README: a local imagefolder, recorded as "local" (never its path), its split and size
+    measured = manifest["provenance"]["metrics"]
+    images = len(list((tmp_path / "path" / "to" / "images" / "test").rglob("*.png")))
+    assert (measured["dataset"], measured["split"], measured["examples"]) == ("local", "test", images)
