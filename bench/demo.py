@@ -4,7 +4,8 @@ per seed and checks what its table must show, writing one JSON per seed to `benc
     python bench/demo.py --seeds 0 1 2
     python bench/demo.py --config recipes/configs/digits_demo.yaml --results bench/results/demo_digits
 
-The checks, on the demo's test images (every number from the run's own `cross_bit.json`):
+The checks, on the demo's test images (every number from the run's own `cross_bit.json`, whose tables the record
+keeps with what they were measured on):
 (a) the regularizer at its target bit-width is within 2 points of QAT there;
 (b) at the bit-width below the target it beats both FP + PTQ and QAT by at least 20 points;
 (c) at 5-8 bits it stays within 1 point of its own full-precision accuracy (rounding costs at most 1 point);
@@ -75,6 +76,20 @@ def checks(tables: dict, target: int) -> list[dict]:
     return rows
 
 
+def dependency_versions(python: str) -> dict[str, str]:
+    """The versions of the libraries the recipe ran on (asked of `python`, the interpreter that ran it)."""
+    names = ("hf_oscq", "torch", "transformers", "accelerate", "datasets", "timm", "numpy")
+    script = (
+        "import importlib.metadata as m, json, platform\n"
+        "def version(name):\n"
+        "    try:\n        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n        return None\n"
+        f"print(json.dumps({{'python': platform.python_version(), **{{n: version(n) for n in {names!r}}}}}))"
+    )
+    output = subprocess.run([python, "-c", script], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(output)
+
+
 def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONFIG) -> dict:
     """Runs the demo's recipe (`recipes/train_<model>.py`, the config's `model`, ViT by default) for one seed."""
     output_dir = output_root / f"seed{seed}"
@@ -93,17 +108,25 @@ def run_seed(seed: int, output_root: Path, python: str, config_path: Path = CONF
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    tables = json.loads((output_dir / "cross_bit.json").read_text())
+    measured = json.loads((output_dir / "cross_bit.json").read_text())
+    tables = measured["runs"]
+    shown = ["python", *command[1:]]  # as a user types it: no interpreter path, folders relative to the clone
+    shown[-1] = str(output_dir.relative_to(ROOT)) if output_dir.is_relative_to(ROOT) else str(output_dir)
     return {
         "seed": seed,
-        "command": shlex.join(command),
+        "command": shlex.join(shown),
         "config": config,
         "tables": tables,
+        # what every table was measured on (dataset, split, number of images, BatchNorm handling)
+        "provenance": measured["provenance"],
         "checks": checks(tables, config.get("osc_bits", 3)),
         "seconds": seconds,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "versions": dependency_versions(python),
+        # the arithmetic (and so the last digits) depends on the number of threads: make demo leaves torch's default
+        "torch_threads": os.environ.get("OMP_NUM_THREADS") or f"torch's default ({os.cpu_count()} CPUs)",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -80,6 +80,8 @@ _PUBLIC = {
     "write_model_cards": ".hub.model_card",
     "plot_accuracy_vs_bits": ".plots",
     "plot_weight_histogram": ".plots",
+    # what a recorded number was measured on
+    "Provenance": ".provenance",
     # errors
     "OscqError": ".errors",
     "OscqValueError": ".errors",
@@ -144,6 +146,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time every name comes fr
     from .hub.push import HubPushError, PushPlan, plan_push, push_to_hub
     from .image_processing import OscqImageProcessor, to_model_image
     from .plots import plot_accuracy_vs_bits, plot_weight_histogram
+    from .provenance import Provenance
     from .quantization.batchnorm import recalibrate_batchnorm
     from .quantization.dampening import dampening_penalty
     from .quantization.fused import PenaltyWorkspace, fused_fake_quantize, fused_oscillation_penalty

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OscqError, OscqValueError
-from .export.folder import MANIFEST_NAME, auto_class_for, read_manifest, variant_folders
+from .export.folder import MANIFEST_NAME, auto_class_for, manifest_provenance, read_manifest, variant_folders
+from .label_map import model_class_ids
+from .provenance import Provenance
 from .quantization.batchnorm import warn_if_stale_statistics
 
 logger = logging.getLogger(__name__)
@@ -67,20 +69,21 @@ def _local_dataset(path: Path):
 
 
 def _pick_split(loaded, split: str | None, source: str):
+    """`(dataset, split name)` of a loaded dataset or dataset dict."""
     import datasets
 
     if isinstance(loaded, datasets.Dataset):
-        return loaded
+        return loaded, split or (str(loaded.split) if loaded.split is not None else "train")
     names = list(loaded)
     if split is not None:
         if split not in loaded:
             raise OscqValueError(f"{source} has no split {split!r}; its splits are {names}. Pass --split NAME.")
-        return loaded[split]
+        return loaded[split], split
     chosen = next((name for name in DEFAULT_SPLITS if name in loaded), names[0] if len(names) == 1 else None)
     if chosen is None:
         raise OscqValueError(f"{source} has the splits {names}: choose one with --split NAME.")
     logger.info("Evaluating on the %r split of %s", chosen, source)
-    return loaded[chosen]
+    return loaded[chosen], chosen
 
 
 def _column(dataset, given: str | None, candidates: tuple[str, ...], kind: str, feature_type: str) -> str:
@@ -105,6 +108,19 @@ def load_eval_dataset(
     max_samples: int | None = None,
     seed: int = 0,
 ):
+    """`load_eval_split(...)` without the split's name: the dataset alone."""
+    return load_eval_split(source, split, image_column, label_column, data_dir, max_samples, seed)[0]
+
+
+def load_eval_split(
+    source: str,
+    split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    data_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+):
     """The evaluation images and labels of a dataset, as stored (no transform), with columns `image` and `label`.
 
     Args:
@@ -120,31 +136,37 @@ def load_eval_dataset(
             split with their run's seed, so scoring a run on its own test images needs that seed.
 
     Returns:
-        A `datasets.Dataset` with the columns `image` and `label`.
+        `(dataset, split)`: a `datasets.Dataset` with the columns `image` and `label` (a `ClassLabel` where the class
+        names are known), and the split's name as a `Provenance` records it.
 
     Raises:
         OscqValueError: for a missing split or column.
         HubDatasetUnreachableError: when `source` is a Hub id that cannot be downloaded (offline, or unknown).
     """
-    from .scripts.data import DATASETS, raw_splits
+    import datasets
+
+    from .scripts.data import DATASETS, raw_splits, split_name
     from .scripts.dataset_errors import dataset_errors
 
     if source in DATASETS and not Path(source).exists():
         if split is not None:
             raise OscqValueError(f"--split does not apply to {source!r}, whose test split is built in.")
-        dataset = raw_splits(source, data_dir, seed)[1]
+        _, dataset, names = raw_splits(source, data_dir, seed)
+        if not isinstance(dataset.features["labels"], datasets.ClassLabel):  # IDX files, digits: ids in name order
+            dataset = dataset.cast_column("labels", datasets.ClassLabel(names=names))
+        split = split_name(DATASETS[source], seed)
     elif Path(source).exists():
         with dataset_errors(f"--dataset {source}", _LOCAL_FIX):
             loaded = _local_dataset(Path(source))
-        dataset = _pick_split(loaded, split, source)
+        dataset, split = _pick_split(loaded, split, source)
     else:
-        dataset = _pick_split(_hub_dataset(source, split), split, source)
+        dataset, split = _pick_split(_hub_dataset(source, split), split, source)
     image = _column(dataset, image_column, IMAGE_COLUMNS, "image", "Image")
     label = _column(dataset, label_column, LABEL_COLUMNS, "label", "ClassLabel")
     dataset = dataset.select_columns([image, label]).rename_columns({image: "image", label: "label"})
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
-    return dataset
+    return dataset, split
 
 
 def _as_image(value: Any):
@@ -198,19 +220,34 @@ def load_image_processor(folder: str | Path, default=None):
     return AutoImageProcessor.from_pretrained(folder)
 
 
-def _labels_in_model_order(dataset, config):
-    """The dataset with its labels renumbered to the model's `label2id` where its class names are the model's (an
-    imagefolder numbers its classes in the sorted order of the folder names)."""
-    names = getattr(dataset.features["label"], "names", None)
-    label2id = getattr(config, "label2id", None) or {}
-    if not names or not set(names) <= set(label2id):
+def _labels_in_model_order(dataset, config, label_map: dict[str, str | int] | None = None):
+    """The dataset with its labels renumbered to the model's class ids: matched by class name to the model's
+    `label2id`, or through `label_map` (`label_map.model_class_ids`); never by position alone (an imagefolder numbers
+    its classes in the sorted order of the folder names).
+
+    Raises:
+        LabelMismatchError: for a dataset class that matches no model class, naming it.
+        OscqValueError: for integer labels without names that are not class ids of the model.
+    """
+    feature = dataset.features["label"]
+    names = list(feature.names) if getattr(feature, "names", None) else None
+    num_labels = int(getattr(config, "num_labels", 0) or len(getattr(config, "id2label", None) or {}))
+    order = model_class_ids(names, getattr(config, "label2id", None), num_labels, label_map)
+    if order is None:
+        labels = dataset["label"]
+        if labels and not 0 <= min(labels) <= max(labels) < num_labels:
+            raise OscqValueError(
+                f"The dataset's labels run from {min(labels)} to {max(labels)}, but the model has {num_labels} "
+                "classes, and without class names they cannot be matched: use a dataset with a ClassLabel column, "
+                "or pass --label_map."
+            )
+        logger.warning("The dataset's labels have no class names: they are taken as the model's class ids.")
         return dataset
-    order = [int(label2id[name]) for name in names]
-    if order == list(range(len(names))):
+    if order == list(range(len(order))):
         return dataset
     import datasets
 
-    logger.info("Labels renumbered to the model's label2id by class name")
+    logger.info("Labels renumbered to the model's class ids by class name")
     dataset = dataset.cast_column("label", datasets.Value("int64"))
     renumber = lambda labels: {"label": [order[label] for label in labels]}  # noqa: E731
     return dataset.map(renumber, input_columns="label", batched=True)
@@ -255,11 +292,16 @@ def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> bool:
 
 
 def evaluate_folder(
-    folder: str | Path, dataset, batch_size: int = 256, default_processor=None
+    folder: str | Path,
+    dataset,
+    batch_size: int = 256,
+    default_processor=None,
+    label_map: dict[str, str | int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """`{variant: {"accuracy": ...}}` of every checkpoint of an export folder (or of one checkpoint folder), each
     with its own saved image processor (`default_processor` for a checkpoint without one), on a dataset from
-    `load_eval_dataset`.
+    `load_eval_dataset`, its labels matched to each model's classes by name or through `label_map`
+    (`_labels_in_model_order`).
 
     Each checkpoint is evaluated as it was written: the BatchNorm statistics of a quantized checkpoint are the ones
     its export stored, so the table is what a user of the files gets (a plain-rounded BatchNorm checkpoint warns).
@@ -272,7 +314,7 @@ def evaluate_folder(
     for name, path in variant_folders(folder).items():
         model = auto_class_for(path).from_pretrained(path).eval()
         recalibrated |= _warn_plain_rounded_batchnorm(name, path, model)
-        dataset = _labels_in_model_order(dataset, model.config)
+        dataset = _labels_in_model_order(dataset, model.config, label_map)
         _check_label_range(dataset, model.config, path)
         processor = load_image_processor(path, default_processor)
         with torch.no_grad():
@@ -283,9 +325,12 @@ def evaluate_folder(
     return table
 
 
-def record_evaluation(export_dir: str | Path, table: dict[str, dict[str, float]], evaluation: dict[str, Any]) -> None:
-    """Writes a cross-bit table into an export's `oscq_export.json` (`metrics`, and what was evaluated under
-    `evaluation`), replacing the file atomically; the model cards render from it.
+def record_evaluation(
+    export_dir: str | Path, table: dict[str, dict[str, float]], provenance: Provenance | dict[str, Any]
+) -> None:
+    """Writes a cross-bit table into an export's `oscq_export.json` (`metrics`, and what it was measured on under
+    `provenance.metrics`; the comparisons keep theirs), replacing the file atomically; the model cards render from
+    it.
 
     Raises:
         ExportFolderError: when `export_dir` is not an export folder.
@@ -294,9 +339,43 @@ def record_evaluation(export_dir: str | Path, table: dict[str, dict[str, float]]
     manifest = json.loads((export_dir / MANIFEST_NAME).read_text())
     read_manifest(export_dir)  # checks it
     manifest["metrics"] = table
-    manifest["evaluation"] = evaluation
+    recorded = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
+    manifest["provenance"] = {
+        "metrics": manifest_provenance(provenance, table)["metrics"],
+        "comparisons": recorded.get("comparisons"),
+    }
+    manifest["evaluation"] = {"by": "hf-oscq eval"}  # the cards say how the table was measured
     handle, staging = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=export_dir)
     with os.fdopen(handle, "w") as file:
         file.write(json.dumps(manifest, indent=2) + "\n")
     os.chmod(staging, 0o644)
     os.replace(staging, export_dir / MANIFEST_NAME)
+
+
+def checkpoint_batchnorm(folder: str | Path) -> tuple[str, int | None]:
+    """`(batchnorm, bn_samples)` of a `Provenance` for the checkpoints of an export folder (or one checkpoint) as
+    written: from the manifest, else from the checkpoint's `quantization_config` and its model."""
+    from .export.checkpoint import read_config
+    from .export.folder import ExportFolderError
+    from .quantization.batchnorm import has_batchnorm
+
+    try:
+        manifest = read_manifest(folder)
+    except ExportFolderError:
+        manifest = None
+    if manifest is not None:
+        if not manifest.get("has_batchnorm"):
+            return "none", None
+        if manifest.get("bn_recalibrated"):
+            return "re-estimated", (manifest.get("bn_recalibration") or {}).get("samples")
+        return "plain", None
+    import torch
+    from transformers import AutoConfig
+
+    path = next(iter(variant_folders(folder).values()))
+    with torch.device("meta"):
+        model = auto_class_for(path).from_config(AutoConfig.from_pretrained(path))
+    if not has_batchnorm(model):
+        return "none", None
+    recalibrated = (read_config(path).get("quantization_config") or {}).get("bn_recalibrated")
+    return ("re-estimated", None) if recalibrated else ("plain", None)

@@ -14,6 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from hf_oscq.errors import configure_logging
+from hf_oscq.export.folder import table_provenance
+from hf_oscq.quantization.variants import sort_variants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,17 +69,16 @@ def upload_box(**kwargs) -> gr.Image:
 
 
 def _intro(families: list[Family], problems: list[str]) -> str:
+    """The page's header. Its numbers come from the loaded exports' own records (the ones the Accuracy tab plots),
+    each with what it was measured on; measurements of other runs live in docs/RESULTS.md."""
     lines = [
         "# Oscillations make neural networks robust to quantization",
         "The same network at full precision and rounded to 8 ... 2 bits after training, side by side, with the "
         "accuracy each export measured. Where the regularizer helps, it is at the bit-width below the one it was "
-        "trained for: in hf_oscq's measurements on Fashion-MNIST (60,000 training images, 3 epochs) a ResNet-18 "
-        "trained at 3 bits keeps 85 % at 2 bits of its 90 % at full precision (BatchNorm re-estimated, two seeds; "
-        "FP + PTQ: 14-26 %, QAT: 67-81 %), and a small ViT 32-67 % of about 79 %, depending on the seed (FP + "
-        "PTQ: 10-12 %, QAT: 18-22 %; 10 % is chance).",
+        "trained for; hf_oscq's measurements of where that holds, and where it does not, are in its docs/RESULTS.md.",
     ]
     if families:
-        lines.append("Loaded: " + "; ".join(f"**{f.name}** ({len(f.loaded)} checkpoints)" for f in families) + ".")
+        lines.append("Loaded: " + "; ".join(_family_line(family) for family in families) + ".")
     else:
         lines.append(
             f"**⚠️ No model family could be loaded.** Set `{MODELS_ENV}` to export folders or Hub repo ids "
@@ -85,6 +86,25 @@ def _intro(families: list[Family], problems: list[str]) -> str:
         )
     lines += [f"* ⚠️ {problem}" for problem in problems]
     return "\n\n".join(lines)
+
+
+def _family_line(family: Family) -> str:
+    """`**name** (8 checkpoints)`, with the family's full-precision and lowest-bit numbers from its own record and
+    what they were measured on, where it records them."""
+    line = f"**{family.name}** ({len(family.loaded)} checkpoints"
+    metrics = family.record.get("metrics") or {}
+    measured = table_provenance(family.record, "metrics")
+    quantized = sort_variants(name for name in metrics if name != "fp")
+    if measured is None or "fp" not in metrics or not quantized:
+        return line + ")"
+    lowest = quantized[0]
+    metric = measured.metric
+
+    def shown(name: str) -> str:
+        value = metrics[name].get(metric)
+        return "-" if value is None else f"{100 * value:.1f} %" if metric == "accuracy" else f"{value:.2f}"
+
+    return f"{line}: {shown('fp')} at full precision, {shown(lowest)} at {lowest[1:]} bits; {measured.describe()})"
 
 
 def build_demo(families: list[Family], problems: list[str]) -> gr.Blocks:

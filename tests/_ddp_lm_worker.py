@@ -14,6 +14,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_oscq import OscillationConfig, OscillationTrainer
+from hf_oscq.scripts.launch import end_processes
 
 STEPS, GLOBAL_BATCH, LENGTH, VOCAB = 3, 8, 12, 24
 
@@ -77,3 +78,4 @@ def main(out: Path, per_device_batch: int) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    end_processes()  # no process group left for the interpreter's exit to abort

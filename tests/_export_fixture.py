@@ -11,6 +11,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 import hf_oscq
 
 BITS = (2, 3, 4)
+# what the fixture's metrics are measured on: 64 random images, plain rounding
+PROVENANCE = hf_oscq.Provenance("accuracy", "digits", "test", examples=64, batchnorm="plain")
 TRAINING = {
     "osc_method": "oscillation",
     "osc_bits": 3,
@@ -88,7 +90,14 @@ def build_export(root: Path, with_results: bool = True, bits: tuple[int, ...] = 
     if hasattr(hf_oscq, "export_quantized"):
         # plain rounding, like the metrics above (the model has BatchNorm)
         hf_oscq.export_quantized(
-            model, root, bits=bits, metrics=metrics, training=training, comparisons=comparisons, plain_rounding=True
+            model,
+            root,
+            bits=bits,
+            metrics=metrics,
+            training=training,
+            comparisons=comparisons,
+            plain_rounding=True,
+            provenance=PROVENANCE if with_results else None,
         )
     else:
         _write_by_contract(model, root, bits, metrics, training, comparisons)

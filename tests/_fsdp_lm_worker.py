@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_oscq import OscillationConfig, OscillationTrainer
 from hf_oscq.quantization.sharding import is_sharded
+from hf_oscq.scripts.launch import end_processes
 
 STEPS, LENGTH, VOCAB = 3, 12, 24
 
@@ -100,3 +101,4 @@ def main(out: Path, per_device_batch: int, mode: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    end_processes()  # no process group left for the interpreter's exit to abort

@@ -26,6 +26,7 @@ from hf_oscq import (
 )
 from hf_oscq.quantization.dampening import weights_dampening_penalty
 from hf_oscq.quantization.sharding import reshard
+from hf_oscq.scripts.launch import end_processes
 
 BITS, STRENGTH = 3, 0.7
 
@@ -217,4 +218,4 @@ if __name__ == "__main__":
         recipe(folder)
     else:
         trainer(folder, scenario)
-    dist.destroy_process_group()
+    end_processes()  # every process got here: no process group left for the interpreter's exit to abort

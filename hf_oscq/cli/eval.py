@@ -12,25 +12,35 @@ from pathlib import Path
 
 from ..errors import os_errors
 from ..paths import check_output_path
+from ..provenance import ACCURACY, PERPLEXITY, Provenance, dataset_id
 from . import add_flag, check_counts
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder, or for a causal language
     model `{variant: {"loss": ..., "perplexity": ...}}` on the held-out text of `--dataset` (`kjv` or a Hub text
-    dataset); recorded in the export's manifest and cards unless `--no_record`."""
-    from ..evaluation import evaluate_folder, load_eval_dataset, record_evaluation
+    dataset); recorded in the export's manifest and cards with what it was measured on unless `--no_record`."""
+    return measure(args)[0]
+
+
+def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Provenance]:
+    """`(run_eval's table, what it was measured on)`."""
+    from ..evaluation import checkpoint_batchnorm, evaluate_folder, load_eval_split, record_evaluation
     from ..export.checkpoint import read_config
     from ..export.folder import MANIFEST_NAME, read_training_info, recorded_split, task_for, variant_folders
+    from ..label_map import parse_label_map
+    from ..scripts.data import DATASETS
 
     check_counts(args, batch_size=1, max_eval_samples=1, block_size=1)
     if args.output_json:
         check_output_path(args.output_json, "--output_json")  # before any checkpoint is evaluated
+    label_map = parse_label_map(args.label_map)
     folders = variant_folders(Path(args.folder))
+    recipe_dataset = DATASETS.get(args.dataset) if not Path(args.dataset).exists() else None
     if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
-        table, samples = _eval_language_model(args, folders)
+        table, provenance = _eval_language_model(args, folders)
     else:
-        dataset = load_eval_dataset(
+        dataset, split = load_eval_split(
             args.dataset,
             split=args.split,
             image_column=args.image_column,
@@ -40,42 +50,52 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             # the run's own test images: the digits split depends on the recorded seed
             seed=recorded_split(args.dataset, read_training_info(next(iter(folders.values()))))["seed"],
         )
-        table = evaluate_folder(args.folder, dataset, args.batch_size, _recipe_processor(args.dataset))
-        samples = len(dataset)
+        table = evaluate_folder(args.folder, dataset, args.batch_size, _recipe_processor(args.dataset), label_map)
+        batchnorm, bn_samples = checkpoint_batchnorm(args.folder)
+        provenance = Provenance(
+            ACCURACY,
+            dataset_id(args.dataset, recipe_dataset and (recipe_dataset.hub_id or recipe_dataset.name)),
+            split,
+            examples=len(dataset),
+            batchnorm=batchnorm,
+            bn_samples=bn_samples,
+        )
     folder = Path(args.folder)
     if not args.no_record and (folder / MANIFEST_NAME).is_file():
         from ..hub.model_card import write_model_cards
-        from ..scripts.data import DATASETS
 
-        recipe_dataset = DATASETS.get(args.dataset)
-        evaluation = {
-            "dataset": args.dataset,
-            "dataset_id": recipe_dataset.hub_id if recipe_dataset else None,  # as the training record names it
-            "split": args.split,
-            "samples": samples,
-        }
         kept = "Pass --no_record to evaluate without writing into the export folder."
         with os_errors(f"record the evaluation in {folder}", kept):
-            record_evaluation(folder, table, evaluation)
+            record_evaluation(folder, table, provenance)
             write_model_cards(folder)
-    return table
+    return table, provenance
 
 
-def _eval_language_model(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[dict, int]:
+def _eval_language_model(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[dict, Provenance]:
     """Loss and perplexity of every checkpoint on `--block_size`-token blocks of the held-out text (at most
-    `--max_eval_samples` blocks), each tokenized with the checkpoint's saved tokenizer; and the number of blocks."""
+    `--max_eval_samples` blocks), each tokenized with the checkpoint's saved tokenizer; and what they were measured
+    on (the blocks and predicted tokens of the first checkpoint's tokenizer: one family shares it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..scripts.text import KJV, TokenBlocks, load_hub_text, load_kjv
     from ..training.metrics import evaluate_perplexity
 
     corpus = load_kjv() if args.dataset == KJV else load_hub_text(args.dataset, args.dataset_config)
-    table, blocks = {}, 0
+    table, provenance = {}, None
     for name, path in folders.items():
         text = TokenBlocks(corpus.eval, AutoTokenizer.from_pretrained(path), args.block_size, args.max_eval_samples)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
-        table[name], blocks = evaluate_perplexity(model, text, args.batch_size), len(text)
-    return table, blocks
+        table[name] = evaluate_perplexity(model, text, args.batch_size)
+        blocks = len(text)
+        provenance = provenance or Provenance(
+            PERPLEXITY,
+            dataset_id(args.dataset),
+            corpus.eval_split,
+            examples=blocks,
+            tokens=blocks * (args.block_size - 1),
+            batchnorm="none",
+        )
+    return table, provenance
 
 
 def _recipe_processor(dataset: str):
@@ -123,6 +143,13 @@ def add_parser(subparsers) -> None:
     add_flag(parser, "split", default=None, help="split to evaluate (default: test, else validation, else train)")
     add_flag(parser, "image_column", default=None, help="column of the images (default: the Image-typed column)")
     add_flag(parser, "label_column", default=None, help="column of the labels (default: the ClassLabel column)")
+    add_flag(
+        parser,
+        "label_map",
+        default=None,
+        help="JSON object (or .json file) from dataset class names to the model's class names or ids, for classes "
+        "whose names differ; by default every class must match a model class by name",
+    )
     add_flag(parser, "data_dir", default=None, help="local copy of a recipe dataset (see hf_oscq.scripts.data)")
     add_flag(
         parser, "max_eval_samples", type=int, default=None, help="evaluate the first N samples (text: blocks) only"
@@ -139,15 +166,18 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from ..provenance import sentence
     from ..quantization.ptq import format_cross_bit_table
 
-    table = run_eval(args)
+    table, provenance = measure(args)
     if args.output_json:
         with os_errors(f"write --output_json {args.output_json}"):
-            Path(args.output_json).write_text(json.dumps(table, indent=2) + "\n")
+            Path(args.output_json).write_text(
+                json.dumps({"provenance": provenance.to_dict(), "table": table}, indent=2) + "\n"
+            )
     note = rounding_note(args.folder)
     if note:
         sys.stdout.write(f"Quantized checkpoints: {note}.\n")
-    metric = "perplexity" if any("perplexity" in row for row in table.values()) else "accuracy"
-    sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}, metric) + "\n")
+    sys.stdout.write(f"{sentence(provenance.describe())}.\n")
+    sys.stdout.write(format_cross_bit_table({Path(args.folder).name: table}, provenance.metric) + "\n")
     return 0

@@ -54,7 +54,7 @@ def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str
         OscqValueError: for invalid bit-widths, both `--per_channel` and `--group_size`, or a flag contradicting the
             run's recorded spec (naming both).
     """
-    from ..training.methods import NONE
+    from ..training.methods import find_method
     from ..training.run_record import describe_run, recorded_spec
 
     if args.per_channel and args.group_size:
@@ -66,8 +66,9 @@ def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str
         min(args.bits), flagged or PER_TENSOR, args.target_modules, args.exclude_modules, args.group_size
     )
     recorded = recorded_spec(trained)
-    # a plain (FP) run was trained towards no spec: its record is a default the flags may change
-    if recorded is None or trained.get("osc_method") == NONE:
+    # a run trained towards no grid (plain training, KURE) has a record that is a default the flags may change
+    method = find_method(trained.get("osc_method"))
+    if recorded is None or (method is not None and not method.trains_towards_grid):
         if recorded is not None and flagged is None and args.target_modules is None and args.exclude_modules is None:
             return recorded.with_bits(min(args.bits)), "the run's recorded osc_group_size"
         return given, "--group_size"

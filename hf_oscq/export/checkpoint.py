@@ -47,7 +47,8 @@ VERSION_KEY = "{library}_version"  # safetensors metadata: "hf_oscq_version", "t
 # .safetensors, quoting it; timm's `local-dir:` loader rejects an unknown `architecture`, quoting it.
 TRANSFORMERS_GUARD = (
     "model.safetensors holds bit-packed hf_oscq weights: run `import hf_oscq` before from_pretrained (to install "
-    f"hf_oscq: {INSTALL_HINT})"
+    f"hf_oscq: {INSTALL_HINT}). If your script did import hf_oscq, a folder named hf_oscq next to it shadows the "
+    "installed package: run the script from another folder"
 )
 TIMM_GUARD = (
     "{architecture} with bit-packed hf_oscq weights: run `import hf_oscq` and load the folder with transformers' "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OscqValueError
+from ..provenance import Provenance
 from ..quantization.spec import QuantSpec, validate_bits
 from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
 from .checkpoint import QUANT_METHOD, READABLE_FORMAT_VERSIONS, read_config
@@ -238,10 +239,40 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     manifest["bits"] = bits
     if manifest.setdefault("format", OSCQ_FORMAT) not in EXPORT_FORMATS:
         raise _fail(export_dir, f"{MANIFEST_NAME} names the unknown format {manifest['format']!r}")
-    for key in ("metrics", "training", "comparisons", "versions"):
+    for key in ("metrics", "training", "comparisons", "provenance", "versions"):
         if not isinstance(manifest.setdefault(key, None), dict | None):
             raise _fail(export_dir, f"{MANIFEST_NAME} field {key!r} must be an object or null")
     return manifest
+
+
+def manifest_provenance(
+    provenance: Provenance | dict[str, Any] | None, metrics: Any = None, comparisons: Any = None
+) -> dict[str, Any] | None:
+    """The manifest's `provenance` record, `{"metrics": ..., "comparisons": ...}`: what the stored `metrics` and
+    `comparisons` tables were measured on (`None` for a table that is not stored), or `None` without any.
+
+    Raises:
+        OscqValueError: for a `provenance` that is not a `Provenance` (or its `to_dict()`).
+    """
+    if provenance is None:
+        return None
+    value = Provenance.from_dict(provenance)
+    if value is None:
+        raise OscqValueError(
+            f"provenance must be an hf_oscq.Provenance (or its to_dict()), got {provenance!r}: say what the metrics "
+            "were measured on, e.g. Provenance('accuracy', 'uoft-cs/cifar10', 'test', examples=10000, "
+            "batchnorm='none')."
+        )
+    return {
+        "metrics": value.to_dict() if metrics else None,
+        "comparisons": value.to_dict() if comparisons else None,
+    }
+
+
+def table_provenance(manifest: dict[str, Any], table: str) -> Provenance | None:
+    """What the manifest's `table` (`"metrics"` or `"comparisons"`) was measured on; `None` where it was not
+    recorded (exports written before provenance was, or tables passed without it)."""
+    return Provenance.from_dict((manifest.get("provenance") or {}).get(table))
 
 
 def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ except ImportError:  # Windows: no advisory locks, leftovers are left for the us
 from .._compat import remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError, os_errors
 from ..paths import check_output_path
+from ..provenance import Provenance
 from ..quantization.batchnorm import counted, has_batchnorm, require_batchnorm_handling, reusable_batches
 from ..quantization.packing import pack_codes
 from ..quantization.primitives import check_finite, quantize_codes
@@ -53,7 +54,7 @@ from .checkpoint import (
     serialize_checkpoint,
     write_config,
 )
-from .folder import MANIFEST_NAME, WEIGHTS_NAME, weights_size
+from .folder import MANIFEST_NAME, WEIGHTS_NAME, manifest_provenance, weights_size
 from .formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT, check_export_format
 
 logger = logging.getLogger(__name__)
@@ -274,8 +275,9 @@ def _what_is_replaced(output: Path, manifest: dict) -> str | None:
         return None
     lost = [name for name in previous.get("sizes_bytes") or {} if name not in manifest["sizes_bytes"]]
     parts = [f"its {', '.join(sort_variants(lost))} checkpoints are gone"] if lost else []
-    if previous.get("evaluation"):
-        parts.append(f"its evaluation on {previous['evaluation'].get('dataset')!r} is dropped")
+    if previous.get("evaluation"):  # an `hf-oscq eval` table: what it was measured on, where recorded
+        measured = ((previous.get("provenance") or {}).get("metrics") or {}).get("dataset")
+        parts.append(f"its evaluation on {measured or previous['evaluation'].get('dataset')!r} is dropped")
     return "; ".join(parts) or None
 
 
@@ -325,6 +327,7 @@ def export_quantized(
     training: Mapping[str, Any] | None = None,
     comparisons: Mapping[str, Any] | None = None,
     format: str = OSCQ_FORMAT,
+    provenance: Provenance | Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes the full-precision model and one bit-packed PTQ checkpoint per bit-width (layout: docs/EXPORT.md).
 
@@ -360,6 +363,9 @@ def export_quantized(
         format: how the `w{b}` folders store the weights: `"oscq"`, hf_oscq's bit-packed format (every layer type);
             or `"compressed-tensors"`, compressed-tensors' pack-quantized format, for Linear layers only
             (`hf_oscq/export/compressed_tensors.py` says what it holds). Recorded in the manifest.
+        provenance: what `metrics` and `comparisons` were measured on (one `hf_oscq.Provenance`: the same
+            evaluation for all of them, as the recipes run it), stored in `oscq_export.json`; without it the cards
+            show the tables as measured on something not recorded, each in its own table.
 
     Returns:
         The export folder.
@@ -423,6 +429,7 @@ def export_quantized(
         "metrics": _json_field("metrics", metrics),
         "training": _json_field("training", training),
         "comparisons": _json_field("comparisons", comparisons),
+        "provenance": manifest_provenance(provenance, metrics, comparisons),
         "versions": versions,
     }
     weights = select_weights(model, spec=spec)

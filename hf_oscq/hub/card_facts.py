@@ -10,8 +10,9 @@ from safetensors import safe_open
 
 from ..errors import OscqValueError
 from ..export.checkpoint import read_config
-from ..export.folder import export_format, folder_size, read_export_manifest, task_for, weight_files
+from ..export.folder import export_format, folder_size, read_export_manifest, table_provenance, task_for, weight_files
 from ..export.formats import COMPRESSED_TENSORS_FORMAT
+from ..provenance import Provenance, group_by_provenance, metric_of
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_name
 from ..training.methods import DEFAULT_METHOD, run_label
 
@@ -38,8 +39,8 @@ def percent(manifest: dict, variant: str) -> str:
 
 def headline_metric(manifest: dict) -> str:
     """The metric the cards report: `"perplexity"` for a language model's export, else `"accuracy"`."""
-    rows = (manifest["metrics"] or {}).values()
-    return "perplexity" if any("perplexity" in row for row in rows) else "accuracy"
+    recorded = table_provenance(manifest, "metrics")
+    return recorded.metric if recorded is not None else metric_of(manifest["metrics"] or {})
 
 
 def metric_text(manifest: dict, variant: str) -> str:
@@ -54,14 +55,25 @@ def variant_size(export_dir: Path, manifest: dict, variant: str) -> int:
     return int((manifest.get("sizes_bytes") or {}).get(variant) or folder_size(export_dir / variant))
 
 
-def comparison_tables(manifest: dict) -> dict[str, dict]:
-    """`{row label: cross-bit table}`: this export's model first, then its QAT / plain PTQ comparisons."""
+def measured_groups(manifest: dict) -> list[tuple[Provenance | None, dict[str, dict]]]:
+    """The export's tables grouped by what they were measured on (`provenance.group_by_provenance`): `[(provenance,
+    {row label: cross-bit table}), ...]`, this export's model first; a table whose provenance was not recorded, or
+    differs, is a group of its own."""
     method = (manifest["training"] or {}).get("osc_method", DEFAULT_METHOD)
-    tables = {f"{run_label(method)} (this model)": manifest["metrics"]} if manifest["metrics"] else {}
-    for key, table in (manifest["comparisons"] or {}).items():
-        if table:
-            tables[run_label(key)] = table
-    return tables
+    entries = []
+    if manifest["metrics"]:
+        own = table_provenance(manifest, "metrics")
+        entries.append((f"{run_label(method)} (this model)", manifest["metrics"], own))
+    measured = table_provenance(manifest, "comparisons")
+    entries += [(run_label(key), table, measured) for key, table in (manifest["comparisons"] or {}).items() if table]
+    return group_by_provenance(entries)
+
+
+def comparison_tables(manifest: dict) -> dict[str, dict]:
+    """`{row label: cross-bit table}`: this export's model first, then the QAT / plain PTQ comparisons measured as it
+    was (the ones a table or plot may set next to it)."""
+    groups = measured_groups(manifest)
+    return groups[0][1] if groups and manifest["metrics"] else {}
 
 
 def histogram_bits(manifest: dict, variant: str) -> int:

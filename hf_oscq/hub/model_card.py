@@ -17,14 +17,15 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import OscqValueError
-from ..export.folder import export_format, export_spec, read_export_manifest, variants
+from ..export.folder import export_format, export_spec, read_export_manifest, table_provenance, variants
 from ..export.formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT
 from ..paper import CITATION
 from ..paths import child_path
+from ..provenance import METRIC_NAMES, describe, metric_label, sentence
 from ..quantization.ptq import format_cross_bit_table
 from ..quantization.variants import FULL_PRECISION, variant_bits, variant_repo_id, variant_title
 from ..training.methods import method_sentence, trained_how
-from ..versions import INSTALL_COMMAND, INSTALL_FROM_CLONE
+from ..versions import BUILD_WHEEL, INSTALL_COMMAND, INSTALL_FROM_CLONE
 from . import ACCURACY_PLOT, DEFAULT_LICENSE, HISTOGRAM_PLOT
 from .card_facts import (
     ExportFacts,
@@ -33,6 +34,7 @@ from .card_facts import (
     format_size,
     headline_metric,
     histogram_bits,
+    measured_groups,
     metric_text,
     variant_size,
 )
@@ -100,7 +102,14 @@ def _recipe(manifest: dict) -> tuple[str, str, str | None]:
     rows = [(label, training[key]) for key, label in _RECIPE_KEYS.items() if key in training]
     settings = training.get("hyperparameters") or {}
     rows += [(_SETTING_LABELS.get(key, key.replace("_", " ")), value) for key, value in settings.items()]
-    rows = [(label, value) for label, value in rows if not (label == "max steps" and value in (-1, None))]
+    # the epochs only where they set the length of the run: a positive max_steps overrides them
+    steps = settings.get("max_steps")
+    by_steps = isinstance(steps, int) and steps > 0
+    rows = [
+        (label, value)
+        for label, value in rows
+        if not (label == "max steps" and not by_steps) and not (label == "epochs" and by_steps)
+    ]
     # the split's plumbing (for `hf-oscq export`): the card already gives the training image count
     skip = set(_RECIPE_KEYS) | {"hyperparameters", "command", "dataset_id", "max_train_samples", "validation_fraction"}
     skip.add("quant_spec")  # the run's spec, which `hf-oscq export` reads; the card states the export's own
@@ -132,18 +141,37 @@ def _count(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _evaluated_on(manifest: dict) -> str:
-    evaluation = manifest.get("evaluation")
-    if isinstance(evaluation, dict) and evaluation.get("dataset"):
-        split = f"the {evaluation['split']!r} split" if evaluation.get("split") else "the default split"
-        samples = _count(evaluation.get("samples"))
+def _evaluated_on(manifest: dict, text_generation: bool) -> str:
+    """What the card's cross-bit table was measured on, as a sentence (its provenance, and how it was measured)."""
+    recorded = table_provenance(manifest, "metrics")
+    if recorded is None:
         return (
-            f"Measured with `hf-oscq eval` on {split} of `{evaluation['dataset']}` ({samples} images), each "
-            "checkpoint preparing the images with its own saved image processor."
+            "What these numbers were measured on (dataset, split, number of examples, BatchNorm handling) was not "
+            "recorded with this export."
         )
-    dataset, samples = _dataset_text(manifest), (manifest["training"] or {}).get("eval_samples")
-    images = f"{_count(samples)} images of " if samples else ""
-    return f"Measured on {images}" + (f"the test split of {dataset}." if dataset else "a held-out test set.")
+    how = ""
+    if (manifest.get("evaluation") or {}).get("by") == "hf-oscq eval":
+        prepared = (
+            "tokenizing the text with its own saved tokenizer"
+            if text_generation
+            else ("preparing the images with its own saved image processor")
+        )
+        how = f" Measured with `hf-oscq eval`, each checkpoint {prepared}."
+    return f"{sentence(recorded.describe())}.{how}"
+
+
+def _other_tables(manifest: dict) -> list[dict[str, str]]:
+    """The tables measured otherwise than this model's (`measured_groups` after the first), each with its caption."""
+    groups = measured_groups(manifest)
+    others = groups[1:] if manifest["metrics"] else groups
+    return [
+        {
+            "caption": f"{sentence(describe(provenance, headline_metric(manifest)))}. Not the evaluation of the "
+            "table above, so not set next to it.",
+            "table": format_cross_bit_table(tables, provenance.metric if provenance else headline_metric(manifest)),
+        }
+        for provenance, tables in others
+    ]
 
 
 def _summary(manifest: dict, variant: str, parent: str) -> str:
@@ -168,32 +196,27 @@ def _summary(manifest: dict, variant: str, parent: str) -> str:
 def _eval_results(manifest: dict, variant: str, task: str | None, model_name: str) -> list[EvalResult]:
     metric = headline_metric(manifest)
     value = ((manifest["metrics"] or {}).get(variant) or {}).get(metric)
-    if value is None:
+    recorded = table_provenance(manifest, "metrics")
+    if value is None or recorded is None:  # the model index only carries numbers whose data is recorded
         return []
-    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else {}
-    if evaluation.get("dataset"):
-        source = str(evaluation.get("dataset_id") or evaluation["dataset"])
-        dataset = source if _HUB_ID.fullmatch(source) else Path(source).name or source
-        split = evaluation.get("split") or "test"
-    else:
-        dataset = hub_dataset_id(manifest) or (manifest["training"] or {}).get("dataset") or "held-out test set"
-        split = "test"
+    dataset = recorded.dataset or "unnamed"
     name = "full precision" if variant == FULL_PRECISION else f"{variant_bits(variant)}-bit PTQ"
     return [
         EvalResult(
             task_type=task or "other",
             dataset_type=dataset,
             dataset_name=dataset,
-            dataset_split=split,
+            dataset_split=recorded.split or "unrecorded",
             metric_type=metric,
             metric_value=float(value),
-            metric_name=f"Test {metric} ({name})",
+            metric_name=f"{sentence(METRIC_NAMES.get(metric, metric))} ({name})",
         )
     ]
 
 
 def _variants_table(export_dir: Path, manifest: dict, variant: str, repo_id: str | None) -> str:
-    lines = [f"| model | weights | test {headline_metric(manifest)} | size on disk |", "|---|---|---|---|"]
+    metric = headline_metric(manifest)
+    lines = [f"| model | weights | {METRIC_NAMES.get(metric, metric)} | size on disk |", "|---|---|---|---|"]
     for other in variants(manifest):
         name = _link(repo_id and variant_repo_id(repo_id, other), other) + (" (this page)" if other == variant else "")
         size = format_size(variant_size(export_dir, manifest, other))
@@ -328,6 +351,8 @@ def _render_model_card(
         rounding=rounding_sentence(manifest),
         modules=shown or "(none recorded)",
         metric=metric,
+        metric_label=metric_label(metric),
+        metric_name=METRIC_NAMES.get(metric, metric),
         own_accuracy=metric_text(manifest, variant),
         own_size=_size_text(export_dir, manifest, variant),
         variants_table=_variants_table(export_dir, manifest, variant, repo_id),
@@ -335,6 +360,7 @@ def _render_model_card(
         if manifest["metrics"]
         else "No evaluation was recorded with this export.",
         comparison_table=format_cross_bit_table(tables, metric) if len(tables) > 1 else None,
+        other_tables=_other_tables(manifest),
         text_generation=task == "text-generation",
         osc_bits=training.get("osc_bits", "the target"),
         accuracy_plot=ACCURACY_PLOT if manifest["metrics"] else None,
@@ -351,9 +377,10 @@ def _render_model_card(
         command=command,
         versions=_versions(manifest),
         install=INSTALL_COMMAND,
-        evaluated_on=_evaluated_on(manifest),
+        evaluated_on=_evaluated_on(manifest, task == "text-generation"),
         image_mode=facts.image_mode,
         install_from_clone=INSTALL_FROM_CLONE,
+        build_wheel=BUILD_WHEEL,
         citation=CITATION,
     )
 

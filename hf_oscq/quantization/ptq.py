@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..provenance import metric_label
 from .batchnorm import recalibrate_batchnorm, reusable_batches, warn_if_stale_statistics
 from .primitives import check_finite, dequantize, sharded_codes
 from .selection import output_dims, select_weights
@@ -168,13 +169,14 @@ def cross_bit_evaluate(
 
 
 def format_cross_bit_table(tables: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "accuracy") -> str:
-    """Renders `{run_name: cross_bit_evaluate(...)}` as a Markdown table, one row per run, one column per bit:
-    accuracy in %, perplexity (or any other metric) as it is, with two decimals."""
+    """Renders `{run_name: cross_bit_evaluate(...)}` as a Markdown table, one row per run, one column per bit, the
+    metric and its unit in the corner cell: accuracy as top-1 accuracy in %, perplexity (or any other metric) as it
+    is, with two decimals."""
     columns: list[str] = []
     for table in tables.values():
         columns += [key for key in table if key not in columns]
     columns = sort_variants(columns)
-    header = "| run | " + " | ".join(columns) + " |"
+    header = f"| {metric_label(metric)} | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for run, table in tables.items():
         cells = [_cell(table[c][metric], metric) if c in table and metric in table[c] else "-" for c in columns]

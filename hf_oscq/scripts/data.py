@@ -168,6 +168,12 @@ def load_image_dataset(
     return ImageDataset(train, test, label_names, info, validation)
 
 
+def split_name(info: DatasetInfo, seed: int = 0) -> str:
+    """The name of a recipe dataset's evaluation split as a `Provenance` records it: the Hub's (`test`, `valid`), or
+    for a dataset split here by seed (`digits`), the seed too."""
+    return info.eval_split if info.hub_id else f"{info.eval_split} (80/20 split, seed {seed})"
+
+
 def check_dataset_name(name: str) -> None:
     """Raises `OscqValueError` naming the choices when `name` is not one of `DATASETS`."""
     if name not in DATASETS:

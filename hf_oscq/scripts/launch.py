@@ -1,4 +1,4 @@
-"""Checks that a run has the processes its launcher asked for.
+"""Checks that a run has the processes its launcher asked for, and ends them cleanly.
 
 Two launcher traps (accelerate 1.15, see docs/DISTRIBUTED.md): `accelerate launch --cpu --num_processes 2` (or a
 `MULTI_CPU` config) starts ONE process; and processes started without `use_cpu` on a machine without GPU each train
@@ -140,3 +140,34 @@ def resume_point(requested: str | bool | None, run_dir: str | Path) -> str | Non
     if last is None:
         logger.info("No checkpoint in %s: this run trains from the start.", run_dir)
     return last
+
+
+def end_processes(completed: bool = True) -> None:
+    """Tears down the process group a launcher (`torchrun`, `accelerate launch`) started, before the interpreter
+    exits: with the group alive at exit, its communication threads are destroyed while still running and a process
+    aborts (`terminate called without an active exception`, SIGABRT) after all its work is done, more often on a
+    busy machine. `completed`: every process got here (wait for the others first); after an error, only this
+    process's group is destroyed. Nothing happens in a single process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_and_end_processes(run):
+    """`run()`, then `end_processes` (a wrapper for the recipes' entry points)."""
+
+    def wrapped():
+        try:
+            result = run()
+        except BaseException:
+            end_processes(completed=False)
+            raise
+        end_processes()
+        return result
+
+    return wrapped

@@ -11,7 +11,8 @@ Output folder:
 OUTPUT_DIR/
   training/<method>/   the Trainer's folder per run (model and tokenizer)
   export/              fp/, w2/ ... w8/ (each with the tokenizer), oscq_export.json, model cards
-  cross_bit.json       {run: {variant: {"loss": ..., "perplexity": ...}}}, cross_bit.md the perplexity table
+  cross_bit.json       {"runs": {run: {variant: {"loss": ..., "perplexity": ...}}}, "provenance": {run: ...}};
+                       cross_bit.md the perplexity tables, each with what it was measured on as caption
   samples.json         {variant: greedy continuation of --prompt}
   run_info.json        dataset, model, world size, where things went
 ```
@@ -36,15 +37,17 @@ from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..paths import check_output_path
+from ..provenance import trainer_provenance
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import OscillationConfig
-from ..training.methods import comparison_key, method_names
+from ..training.methods import method_names
 from ..training.metrics import cross_bit_table
 from ..training.run_record import run_record
 from ..training.trainer import OscillationTrainer
 from .data import HubUnreachableError
-from .launch import check_run_settings, resume_point
+from .launch import check_run_settings, resume_point, run_and_end_processes
 from .runs import check_baselines, run_arguments
+from .tables import comparable_runs, cross_bit_markdown
 from .text import KJV, TextCorpus, TokenBlocks, byte_tokenizer, load_hub_text, load_kjv
 
 logger = logging.getLogger(__name__)
@@ -168,7 +171,8 @@ def load_corpus(recipe: LMRecipeArguments) -> TextCorpus:
 
 
 def train_one(method: str, recipe, training, tokenizer, train, evaluation, output_dir: Path, corpus: TextCorpus):
-    """Trains one run and returns `(trainer, cross-bit table of loss and perplexity on the evaluation text)`."""
+    """Trains one run and returns `(trainer, cross-bit table of loss and perplexity on the evaluation text, what it
+    was measured on)`."""
     args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_lm(recipe, tokenizer)
@@ -184,7 +188,9 @@ def train_one(method: str, recipe, training, tokenizer, train, evaluation, outpu
         record = json.dumps(training_record(args, recipe, corpus), indent=2)
         (Path(args.output_dir) / TRAINING_INFO_NAME).write_text(record + "\n")
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
-    return trainer, cross_bit_table(trainer.evaluate(evaluation, metric_key_prefix="test"))
+    metrics = trainer.evaluate(evaluation, metric_key_prefix="test")
+    measured_on = trainer_provenance(trainer, metrics, "test", dataset=corpus.name, split=corpus.eval_split)
+    return trainer, cross_bit_table(metrics), measured_on
 
 
 def generate_samples(export_dir: Path, prompt: str, max_new_tokens: int) -> dict[str, str]:
@@ -206,9 +212,17 @@ def generate_samples(export_dir: Path, prompt: str, max_new_tokens: int) -> dict
     return samples
 
 
-def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, tables: dict, output_dir: Path) -> Path:
+def _export(
+    trainer,
+    recipe: LMRecipeArguments,
+    corpus: TextCorpus,
+    tokenizer,
+    tables: dict,
+    provenances: dict,
+    output_dir: Path,
+) -> Path:
     args = trainer.args
-    comparisons = {comparison_key(m): table for m, table in tables.items() if m != args.osc_method} or None
+    comparisons = comparable_runs(tables, provenances, args.osc_method) or None
     model = trainer.model
     if trainer.is_fsdp_enabled:  # sharded weights: export the whole model that save_model gathered
         from transformers import AutoModelForCausalLM
@@ -224,6 +238,7 @@ def _export(trainer, recipe: LMRecipeArguments, corpus: TextCorpus, tokenizer, t
         training=training_record(args, recipe, corpus),
         comparisons=comparisons,
         format=recipe.export_format,
+        provenance=provenances[args.osc_method],
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)
     return export_dir
@@ -260,9 +275,9 @@ def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     corpus = load_corpus(recipe)
     train = TokenBlocks(corpus.train, tokenizer, recipe.block_size, recipe.max_train_blocks)
     evaluation = TokenBlocks(corpus.eval, tokenizer, recipe.block_size, recipe.max_eval_blocks)
-    tables, trainer = {}, None
+    tables, provenances, trainer = {}, {}, None
     for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
-        run_trainer, tables[method] = train_one(
+        run_trainer, tables[method], provenances[method] = train_one(
             method, recipe, training, tokenizer, train, evaluation, output_dir, corpus
         )
         trainer = trainer or run_trainer
@@ -272,14 +287,17 @@ def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
         "model": recipe.model_name_or_path or f"scratch-{recipe.lm_size}",
         "world_size": trainer.args.world_size,
         "tables": tables,
+        "provenance": {method: provenance.to_dict() for method, provenance in provenances.items()},
+        "table": cross_bit_markdown(tables, provenances, training),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "cross_bit.json").write_text(json.dumps(tables, indent=2))
-        (output_dir / "cross_bit.md").write_text(perplexity_table(tables) + "\n")
+        record = {"runs": tables, "provenance": summary["provenance"]}
+        (output_dir / "cross_bit.json").write_text(json.dumps(record, indent=2))
+        (output_dir / "cross_bit.md").write_text(summary["table"] + "\n")
         if recipe.export:
-            export_dir = _export(trainer, recipe, corpus, tokenizer, tables, output_dir)
+            export_dir = _export(trainer, recipe, corpus, tokenizer, tables, provenances, output_dir)
             summary["export_dir"] = str(export_dir)
             samples = generate_samples(export_dir, recipe.prompt, recipe.max_new_tokens)
             (output_dir / "samples.json").write_text(json.dumps({"prompt": recipe.prompt, **samples}, indent=2))
@@ -287,21 +305,10 @@ def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
                 from ..hub.push import push_to_hub
 
                 push_to_hub(export_dir, training.hub_model_id, private=bool(training.hub_private_repo))
-        (output_dir / "run_info.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "tables"}))
+        info = {key: value for key, value in summary.items() if key not in ("tables", "table", "provenance")}
+        (output_dir / "run_info.json").write_text(json.dumps(info))
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def perplexity_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:
-    """`{run: cross-bit table}` as a Markdown table of perplexities, one row per run, one column per variant."""
-    from ..quantization.variants import sort_variants
-
-    columns = sort_variants({name for table in tables.values() for name in table})
-    lines = ["| run | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for run, table in tables.items():
-        cells = [f"{table[c]['perplexity']:.2f}" if "perplexity" in table.get(c, {}) else "-" for c in columns]
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         summary = run_recipe(*parse_arguments(argv))
         if summary["export_dir"] is not None:
-            sys.stdout.write(f"{perplexity_table(summary['tables'])}\n\nExported to {summary['export_dir']}\n")
+            sys.stdout.write(f"{summary['table']}\n\nExported to {summary['export_dir']}\n")
 
-    return exit_code("train_lm.py", run)
+    return exit_code("train_lm.py", run_and_end_processes(run))

@@ -7,7 +7,8 @@ Output folder:
 OUTPUT_DIR/
   training/<method>/   the Trainer's folder per run: checkpoints, TensorBoard logs, oscillation figures
   export/              export_quantized: fp/, w2/ ... w8/, oscq_export.json, model cards
-  cross_bit.json       {run: cross-bit test table}, cross_bit.md the same as a Markdown table
+  cross_bit.json       {"runs": {run: cross-bit test table}, "provenance": {run: what it was measured on}};
+                       cross_bit.md the same as Markdown tables, each with its provenance as caption
   run_info.json        dataset, model, world size, where things went
 ```
 """
@@ -31,18 +32,19 @@ from ..export.formats import EXPORT_FORMATS, OSCQ_FORMAT, check_export_format
 from ..export.writer import export_quantized
 from ..hub.model_card import write_model_cards
 from ..paths import check_output_path
-from ..quantization.ptq import format_cross_bit_table
+from ..provenance import trainer_provenance
 from ..quantization.spec import DEFAULT_EVAL_BITS
 from ..training.config import OscillationConfig
-from ..training.methods import comparison_key, method_names
+from ..training.methods import method_names
 from ..training.metrics import compute_accuracy, cross_bit_table
 from ..training.run_record import run_record
 from ..training.tracking import OscillationTracker, add_oscillation_tracker
 from ..training.trainer import OscillationTrainer
-from .data import DATASETS, ImageDataset, load_image_dataset
-from .launch import check_run_settings, resume_point
+from .data import DATASETS, ImageDataset, load_image_dataset, split_name
+from .launch import check_run_settings, resume_point, run_and_end_processes
 from .models import MODEL_NAMES, build_image_processor, build_model
 from .runs import check_baselines, run_arguments, run_tag
+from .tables import comparable_runs, cross_bit_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def parse_arguments(
 
 
 def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig, data, output_dir: Path):
-    """Trains one run and returns `(trainer, cross-bit test table)`."""
+    """Trains one run and returns `(trainer, cross-bit test table, what it was measured on)`."""
     args = run_arguments(training, output_dir, method)
     torch.manual_seed(args.seed)
     model = build_model(
@@ -165,8 +167,11 @@ def train_one(method: str, recipe: RecipeArguments, training: OscillationConfig,
         record = _training_record(args, recipe, data) | {"data_dir": recipe.data_dir}
         (Path(args.output_dir) / TRAINING_INFO_NAME).write_text(json.dumps(record, indent=2) + "\n")
     trainer.args.osc_eval_bits = sorted(set(args.osc_eval_bits) | set(recipe.export_bits))
-    table = cross_bit_table(trainer.evaluate(data.eval, metric_key_prefix="test"))
-    return trainer, table
+    metrics = trainer.evaluate(data.eval, metric_key_prefix="test")
+    measured_on = trainer_provenance(
+        trainer, metrics, "test", dataset=data.info.hub_id or data.info.name, split=split_name(data.info, args.seed)
+    )
+    return trainer, cross_bit_table(metrics), measured_on
 
 
 def _training_record(args: OscillationConfig, recipe: RecipeArguments, data: ImageDataset) -> dict:
@@ -205,12 +210,10 @@ def _describe_model(recipe: RecipeArguments) -> str:
     return f"ResNet-18 ({', '.join(details + (['ImageNet-pretrained'] if recipe.pretrained else []))})"
 
 
-def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Path):
+def _export(trainer, recipe: RecipeArguments, data, tables: dict, provenances: dict, output_dir: Path):
     export_dir = output_dir / "export"
     args = trainer.args
-    comparisons = {
-        comparison_key(method): table for method, table in tables.items() if method != args.osc_method
-    } or None
+    comparisons = comparable_runs(tables, provenances, args.osc_method) or None
     model = trainer.model
     if trainer.is_fsdp_enabled:  # FSDP2 shards the weights: export the whole model that save_model gathered
         model = auto_class_for(args.output_dir).from_pretrained(args.output_dir).to(args.device)
@@ -232,6 +235,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, output_dir: Pa
         training=_training_record(args, recipe, data),
         comparisons=comparisons,
         format=recipe.export_format,
+        provenance=provenances[args.osc_method],
     )
     write_model_cards(export_dir, repo_id=args.hub_model_id)
     return export_dir
@@ -250,9 +254,9 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         max_eval_samples=recipe.max_eval_samples,
         validation_fraction=recipe.validation_fraction,
     )
-    tables, tags, trainer = {}, {}, None
+    tables, provenances, tags, trainer = {}, {}, {}, None
     for method in [training.osc_method, *[m for m in recipe.baselines if m != training.osc_method]]:
-        run_trainer, tables[method] = train_one(method, recipe, training, data, output_dir)
+        run_trainer, tables[method], provenances[method] = train_one(method, recipe, training, data, output_dir)
         tags[method] = run_tag(run_trainer.args)
         trainer = trainer or run_trainer
         logger.info("%s: %s", method, tables[method])
@@ -261,16 +265,17 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
         "model": recipe.model,
         "world_size": trainer.args.world_size,
         "tables": tables,
-        # the images the evaluation's re-estimation forwarded: all of the training split when it holds fewer
-        "table": cross_bit_markdown(tables, training, len(data.eval), trainer.bn_recalibration_samples, tags),
+        "provenance": {method: provenance.to_dict() for method, provenance in provenances.items()},
+        "table": cross_bit_markdown(tables, provenances, training, tags),
         "export_dir": None,
     }
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "cross_bit.json").write_text(json.dumps(tables, indent=2))
+        record = {"runs": tables, "provenance": summary["provenance"]}
+        (output_dir / "cross_bit.json").write_text(json.dumps(record, indent=2))
         (output_dir / "cross_bit.md").write_text(summary["table"] + "\n")
         if recipe.export:
-            summary["export_dir"] = str(_export(trainer, recipe, data, tables, output_dir))
+            summary["export_dir"] = str(_export(trainer, recipe, data, tables, provenances, output_dir))
             if training.push_to_hub:
                 from ..hub.push import push_to_hub
 
@@ -280,39 +285,10 @@ def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
                     private=bool(training.hub_private_repo),
                     token=training.hub_token,
                 )
-        info = {key: value for key, value in summary.items() if key not in ("tables", "table")}
+        info = {key: value for key, value in summary.items() if key not in ("tables", "table", "provenance")}
         (output_dir / "run_info.json").write_text(json.dumps(info))
     trainer.accelerator.wait_for_everyone()
     return summary
-
-
-def cross_bit_markdown(
-    tables: dict,
-    training: OscillationConfig,
-    eval_samples: int,
-    recalibration_samples: int,
-    tags: dict[str, str] | None = None,
-) -> str:
-    """The recipe's table as it prints it and writes it to `cross_bit.md`: a caption saying what was measured (on
-    how many test images, and BatchNorm re-estimated on `recalibration_samples` training images or plain rounding
-    when 0), then one row per run, labelled as in the docs (`oscillation regularizer @3`, `QAT @3`, `FP + PTQ`):
-    `tags[method]`, by default the tag of `training.for_method(method)`."""
-    tags = tags or {}
-    rows = {
-        tags.get(method) or run_tag(run_arguments(training, Path(training.output_dir), method)): table
-        for method, table in tables.items()
-    }
-    rounding = (
-        f"BatchNorm statistics re-estimated on {recalibration_samples:,} training images after rounding"
-        if recalibration_samples
-        else "plain rounding"
-    )
-    bits = min(training.osc_eval_bits)  # the example names a column the table has
-    caption = (
-        f"Test accuracy (%) on {eval_samples:,} test images: full precision (fp) and post-training rounded to "
-        f"each bit-width (w{bits} = {bits} bits), {rounding}."
-    )
-    return f"{caption}\n\n{format_cross_bit_table(rows)}"
 
 
 def main(model: str, argv: list[str] | None = None) -> int:
@@ -325,4 +301,4 @@ def main(model: str, argv: list[str] | None = None) -> int:
         if summary["export_dir"] is not None:
             sys.stdout.write(f"{summary['table']}\n\nExported to {summary['export_dir']}\n")
 
-    return exit_code(f"train_{model}.py", run)
+    return exit_code(f"train_{model}.py", run_and_end_processes(run))

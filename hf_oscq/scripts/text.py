@@ -38,6 +38,7 @@ class TextCorpus:
     train: str
     eval: str
     license: str
+    eval_split: str = "held-out"  # which part of the source the evaluation text is, as a `Provenance` names it
 
 
 def load_kjv(listing_file: str | Path | None = None) -> TextCorpus:
@@ -71,7 +72,8 @@ def _split_kjv(listing: str) -> TextCorpus:
         (held_out if index % EVAL_EVERY_CHAPTERS == EVAL_EVERY_CHAPTERS - 1 else train).append(verse["text"])
     if not train or not held_out:
         raise OscqValueError(f"`{' '.join(KJV_COMMAND)}` printed no verses: reinstall bible-kjv-text.")
-    return TextCorpus(KJV, "\n".join(train) + "\n", "\n".join(held_out) + "\n", KJV_LICENSE)
+    every = f"every-{EVAL_EVERY_CHAPTERS}th-chapter"
+    return TextCorpus(KJV, "\n".join(train) + "\n", "\n".join(held_out) + "\n", KJV_LICENSE, every)
 
 
 def load_hub_text(name: str, config: str | None = None, column: str = "text") -> TextCorpus:
@@ -110,7 +112,7 @@ def load_hub_text(name: str, config: str | None = None, column: str = "text") ->
     for split, text in lines.items():
         if not text.strip():
             raise OscqValueError(f"The text dataset {name!r} has an empty {split} split: {fix}")
-    return TextCorpus(name, lines["train"], lines[held_out], "see the dataset card on the Hub")
+    return TextCorpus(name, lines["train"], lines[held_out], "see the dataset card on the Hub", held_out)
 
 
 def byte_tokenizer():

@@ -87,8 +87,9 @@ def classification_metrics(
             "macro"})`. None means accuracy (hf_oscq's offline module).
 
     Returns:
-        A function of an `EvalPrediction` returning `{"accuracy": ..., ...}`; the Trainer prefixes the keys
-        (`eval_accuracy`, and `eval_w3_accuracy` in cross-bit evaluation).
+        A `ClassificationMetrics`: a function of an `EvalPrediction` returning `{"accuracy": ..., ...}` (the
+        Trainer prefixes the keys: `eval_accuracy`, and `eval_w3_accuracy` in cross-bit evaluation); it also takes
+        `batch_eval_metrics=True`'s per-batch calls.
 
     Example:
         ```python
@@ -100,8 +101,25 @@ def classification_metrics(
         ```
     """
     modules = [metric if isinstance(metric, tuple) else (metric, {}) for metric in metrics or (ACCURACY_METRIC,)]
+    return ClassificationMetrics(modules)
 
-    def compute_metrics(eval_prediction) -> dict[str, float]:
+
+class ClassificationMetrics:
+    """The `compute_metrics` `classification_metrics` returns: called with a whole evaluation's `EvalPrediction`, or,
+    with `batch_eval_metrics=True`, once per batch with `compute_result` (the Trainer's protocol: the batches are
+    accumulated and the result returned at the last one). `reset()` drops accumulated batches; the
+    `OscillationTrainer` calls it before every evaluation pass, so each bit-width starts from clean state.
+    """
+
+    def __init__(self, modules: list[tuple[Any, dict[str, Any]]]):
+        self.modules = modules
+        self.reset()
+
+    def reset(self) -> None:
+        self._predictions: list[np.ndarray] = []
+        self._references: list[np.ndarray] = []
+
+    def __call__(self, eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
         if eval_prediction.label_ids is None:
             raise OscqValueError(
                 "No labels reached compute_metrics: name the evaluation dataset's label column `labels` (or "
@@ -110,17 +128,32 @@ def classification_metrics(
             )
         predictions = predicted_labels(_logits(eval_prediction.predictions))
         references = _as_array(eval_prediction.label_ids)
+        if compute_result is None:  # the whole evaluation at once
+            return self._compute(predictions, references)
+        self._predictions.append(predictions)
+        self._references.append(references.reshape(-1))
+        if not compute_result:
+            return {}
+        predictions, references = np.concatenate(self._predictions), np.concatenate(self._references)
+        self.reset()
+        return self._compute(predictions, references)
+
+    def _compute(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
         results: dict[str, float] = {}
-        for metric, options in modules:
+        for metric, options in self.modules:
             results.update(_module(metric).compute(predictions=predictions, references=references, **options))
         return results
 
-    return compute_metrics
 
-
-def compute_accuracy(eval_prediction) -> dict[str, float]:
+def compute_accuracy(eval_prediction, compute_result: bool | None = None) -> dict[str, float]:
     """`compute_metrics` for the Trainer: `{"accuracy": top-1 accuracy}` of an `EvalPrediction` (the default of
-    `OscillationTrainer` for classifiers)."""
+    `OscillationTrainer` for classifiers). With `batch_eval_metrics=True` the `OscillationTrainer` uses a fresh
+    `classification_metrics()` instead, which accumulates the batches."""
+    if compute_result is not None:
+        raise OscqValueError(
+            "compute_accuracy scores a whole evaluation; with batch_eval_metrics=True pass "
+            "compute_metrics=classification_metrics() (which accumulates the batches), or leave compute_metrics unset."
+        )
     return classification_metrics()(eval_prediction)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -27,8 +26,9 @@ from .config import OscillationConfig
 from .guards import check_finite_loss
 from .input_hints import guard_transform, missing_labels_hint
 from .methods import TrainingStep, get_method
-from .metrics import compute_accuracy, cross_bit_table
+from .metrics import classification_metrics, compute_accuracy, cross_bit_table
 from .run_record import check_resume, write_run_record
+from .token_loss import TokenLoss, shifted_labels
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,11 @@ class OscillationTrainer(Trainer):
 
     Every evaluation also evaluates the model PTQ'd at each bit of `osc_eval_bits` and reports `eval_w{b}_<metric>`,
     so `metric_for_best_model="eval_w3_accuracy"` selects checkpoints by 3-bit accuracy, as the paper does. For a
-    causal language model every loss also comes as a perplexity, `exp(loss)` (`eval_perplexity`,
-    `eval_w{b}_perplexity`). Training logs carry `task_loss` and each method's penalty under its own name
+    causal language model every evaluation loss is token-level, the sum of the token losses over the number of
+    predicted tokens (as `hf-oscq eval` computes it, whatever the evaluation batch size and padding), and also comes
+    as a perplexity, `exp(loss)` (`eval_perplexity`, `eval_w{b}_perplexity`). Every evaluation reports the number of
+    examples it scored (`eval_samples`; for a causal LM `eval_tokens` too), what its numbers were measured on
+    (`hf_oscq.provenance`). Training logs carry `task_loss` and each method's penalty under its own name
     (`osc_penalty`, `kurtosis_penalty`, `dampening_penalty`; multi-bit QAT's task loss at each bit-width as
     `task_loss_w2`, ...), averaged over each logging interval.
 
@@ -69,8 +72,9 @@ class OscillationTrainer(Trainer):
     gets exactly its penalty gradient instead of DDP stopping with "Expected to mark a variable ready only once".
 
     Metrics: `compute_metrics` defaults to top-1 accuracy (`compute_accuracy`, an `evaluate` module shipped with
-    hf_oscq) for image and sequence classifiers; pass `classification_metrics(...)` of any `evaluate` modules, or
-    any function of an `EvalPrediction`, to report others.
+    hf_oscq) for image and sequence classifiers, also under `batch_eval_metrics=True`; pass
+    `classification_metrics(...)` of any `evaluate` modules, or any function of an `EvalPrediction`, to report
+    others. Every evaluation pass (full precision and each bit-width) starts from clean metric state.
 
     Args:
         model: any model whose forward returns a loss (transformers models, `TimmWrapperForImageClassification`, or
@@ -93,8 +97,9 @@ class OscillationTrainer(Trainer):
                 "takes every TrainingArguments field plus the osc_* settings."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        if self.compute_metrics is None and _is_classifier(self.model):
-            self.compute_metrics = compute_accuracy
+        if self.compute_metrics is compute_accuracy or (self.compute_metrics is None and _is_classifier(self.model)):
+            # per-batch calls (batch_eval_metrics) need a metric that accumulates; one per Trainer, never shared
+            self.compute_metrics = classification_metrics() if args.batch_eval_metrics else compute_accuracy
         self._osc_selected: tuple[nn.Module, dict[str, nn.Module]] | None = None
         self._osc_workspace = PenaltyWorkspace()
         self._osc_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -104,9 +109,12 @@ class OscillationTrainer(Trainer):
         self._osc_hooked: nn.Module | None = None
         # images the last evaluation re-estimated BatchNorm on, at each bit-width (0: plain rounding or none)
         self.bn_recalibration_samples = 0
+        # a causal LM's token-level evaluation loss (None for other models)
+        self._osc_token_loss: TokenLoss | None = None
         if self.model is not None:
             if is_causal_lm(self.model):
                 _compat.count_shifted_labels(self)
+                self._osc_token_loss = TokenLoss(self.accelerator.gather_for_metrics)
             # fail now, not at the first step, when the selection matches nothing or the group size fits no layer
             self._quantized_weights()
             samples = args.osc_bn_recalibration_samples
@@ -151,7 +159,7 @@ class OscillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
-            return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self._evaluation_loss(model, inputs, return_outputs, num_items_in_batch)
         step = TrainingStep(self, model, inputs, return_outputs, num_items_in_batch)
         result = get_method(self.args.osc_method).loss(step)
         loss = result.task_loss
@@ -170,6 +178,16 @@ class OscillationTrainer(Trainer):
             self._osc_metrics[name].append(penalty.detach() / accumulation)
             loss = loss + (weight if trainer_divides else weight / accumulation) * penalty.to(loss.dtype)
         return (loss, result.outputs) if return_outputs else loss
+
+    def _evaluation_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The task loss of an evaluation batch; a causal LM's token losses are also added to the pass's
+        token-level loss (labels read first: a label smoother pops them)."""
+        if self._osc_token_loss is None:
+            return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = shifted_labels(inputs)
+        loss, outputs = self._task_loss(model, inputs, True, num_items_in_batch)
+        self._osc_token_loss.add(outputs, labels)
+        return (loss, outputs) if return_outputs else loss
 
     def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """`Trainer.compute_loss`; a failure for want of labels says how to name them."""
@@ -286,11 +304,17 @@ class OscillationTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """The usual evaluation, then the same at every bit of `cross_bit_widths()` (PTQ'd weights, restored
-        afterwards). The progress bar counts the batches of all of these passes."""
+        afterwards). The progress bar counts the batches of all of these passes.
+
+        The metrics also hold `{metric_key_prefix}_samples`, the number of examples evaluated, and for a causal
+        language model `{metric_key_prefix}_tokens`, the number of predicted tokens; its `_loss` and `_perplexity`
+        at every bit-width are token-level (`training.token_loss`), whatever the batch size and padding.
+        """
         bit_widths = self.cross_bit_widths()
         _compat.start_prediction_progress(self, dataloader, passes=1 + len(bit_widths))
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        bit_prefixes = [f"{metric_key_prefix}_{variant_name(bits)}" for bits in bit_widths]
+        args = (prediction_loss_only, ignore_keys)
+        output = self._evaluation_pass(dataloader, description, *args, metric_key_prefix, count_tokens=True)
+        output.metrics[f"{metric_key_prefix}_samples"] = output.num_samples
         spec = self.args.quant_spec
         self.bn_recalibration_samples = 0
         for bits in bit_widths:
@@ -298,23 +322,39 @@ class OscillationTrainer(Trainer):
             if batches is not None:
                 batches = counted(batches, counts)
             with quantized_weights(self.model, calibration_batches=batches, spec=spec.with_bits(bits)):
-                quantized = super().evaluation_loop(
-                    dataloader,
-                    f"{description} at {bits} bits",
-                    prediction_loss_only,
-                    ignore_keys,
-                    f"{metric_key_prefix}_{variant_name(bits)}",
+                quantized = self._evaluation_pass(
+                    dataloader, f"{description} at {bits} bits", *args, f"{metric_key_prefix}_{variant_name(bits)}"
                 )
             output.metrics.update(quantized.metrics)
             self.bn_recalibration_samples = sum(counts)  # the same at every bit-width: the same seeded draw
         if self.bn_recalibration_samples and self.is_world_process_zero():
             warn_if_stale_statistics(cross_bit_table(output.metrics, prefix=metric_key_prefix))
-        if is_causal_lm(self.model):
-            for prefix in [metric_key_prefix, *bit_prefixes]:
-                loss = output.metrics.get(f"{prefix}_loss")
-                if loss is not None:
-                    # exp overflows float64 past ~709: a diverged model reports an infinite perplexity
-                    output.metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        return output
+
+    def _evaluation_pass(
+        self, dataloader, description, prediction_loss_only, ignore_keys, prefix: str, count_tokens: bool = False
+    ):
+        """One `Trainer.evaluation_loop` from clean metric state: the token-level loss and a batch-accumulating
+        `compute_metrics` (one with a `reset()`, as `classification_metrics` returns) start empty, so a pass never
+        sees the batches of an earlier, interrupted one."""
+        reset = getattr(self.compute_metrics, "reset", None)
+        if callable(reset):
+            reset()
+        if self._osc_token_loss is not None:
+            self._osc_token_loss.reset()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, prefix)
+        if self._osc_token_loss is not None:
+            token_metrics = self._osc_token_loss.metrics(prefix)
+            if not token_metrics:
+                logger.warning(
+                    "%s: the model returned no logits with labels, so no token-level loss and perplexity are "
+                    "reported (the Trainer's %s_loss is a mean of batch means).",
+                    description,
+                    prefix,
+                )
+            if not count_tokens:
+                token_metrics.pop(f"{prefix}_tokens", None)
+            output.metrics.update(token_metrics)
         return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -340,13 +380,20 @@ class OscillationTrainer(Trainer):
         dataset_args: str | list[str] | None = None,
     ) -> None:
         """Writes `output_dir/README.md`: the method and its settings, the paper's citation, and the cross-bit
-        table of the last evaluation (what `push_to_hub` uploads). Same arguments as `Trainer.create_model_card`
-        (`tasks` and `dataset_args` are not used). Nothing is sent anywhere.
+        table of the last evaluation with what it was measured on (what `push_to_hub` uploads). Same arguments as
+        `Trainer.create_model_card` (`tasks` and `dataset_args` are not used; a single Hub id in `dataset_tags` /
+        `dataset` names the evaluation dataset). Nothing is sent anywhere.
         """
         if not self.is_world_process_zero():
             return
-        from .card import render_trainer_card
+        from ..provenance import dataset_id, trainer_provenance
+        from .card import last_evaluation, render_trainer_card
 
+        named = [dataset_tags or dataset] if isinstance(dataset_tags or dataset, str) else dataset_tags or dataset
+        # the card names the evaluation dataset when one Hub dataset is given (the Trainer holds no dataset id)
+        source = dataset_id(named[0]) if named and len(named) == 1 else None
+        evaluation = last_evaluation(self.state.log_history)
+        provenance = trainer_provenance(self, evaluation, "eval", dataset=source) if evaluation else None
         card = render_trainer_card(
             self.args,
             self.state.log_history,
@@ -358,6 +405,7 @@ class OscillationTrainer(Trainer):
             language=language,
             model_has_batchnorm=has_batchnorm(self.model),
             bn_recalibration_samples=self.bn_recalibration_samples or None,
+            provenance=provenance,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))

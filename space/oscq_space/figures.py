@@ -8,8 +8,9 @@ from typing import BinaryIO
 import torch
 
 from hf_oscq import QuantSpec, max_code, quantize_codes
-from hf_oscq.export.folder import export_spec
+from hf_oscq.export.folder import export_spec, table_provenance
 from hf_oscq.plots import plot_weight_histogram
+from hf_oscq.provenance import Provenance, group_by_provenance
 from hf_oscq.quantization.selection import output_dim
 from hf_oscq.quantization.variants import is_variant, sort_variants, variant_title
 from hf_oscq.training.methods import run_label
@@ -31,34 +32,41 @@ def _card_accuracy(folder: Path) -> float | None:
     return None
 
 
-def family_tables(family: Family, qualify: bool = True) -> dict[str, dict[str, dict[str, float]]]:
-    """Cross-bit accuracy tables of a family: its own, then the baselines it was exported with.
+def family_curves(family: Family, qualify: bool = True) -> list[tuple[str, dict, Provenance | None]]:
+    """Every accuracy table of a family with what it was measured on: `[(curve name, cross-bit table,
+    provenance), ...]`, its own first, then the baselines it was exported with.
 
-    The family's own table comes from the `metrics` of `oscq_export.json`, or else from its model cards' eval results.
+    The family's own table comes from the `metrics` of `oscq_export.json` (its provenance from the manifest), or
+    else from its model cards' eval results (provenance not recorded).
 
     Args:
         family: a loaded family.
         qualify: name the curves after the family (`"QAT (Oscillation · run)"`), not just the method (`"QAT"`);
             needed when several families are plotted together.
-
-    Returns:
-        `{curve_name: {"fp": {"accuracy": ...}, "w2": {...}, ...}}`; empty when the export carries no accuracy.
     """
-    tables = {}
-    own = family.record.get("metrics")
+    curves = []
+    own, measured = family.record.get("metrics"), table_provenance(family.record, "metrics")
     if not own:
-        own = {}
+        own, measured = {}, None
         for variant in family.variants.values():
             accuracy = _card_accuracy(variant.path)
             if accuracy is not None:
                 own[variant.name] = {"accuracy": accuracy}
     if own:
-        tables[family.name if qualify else family.method] = own
+        curves.append((family.name if qualify else family.method, own, measured))
+    baselines = table_provenance(family.record, "comparisons")
     for key, table in (family.record.get("comparisons") or {}).items():
         if table:
             label = run_label(key, short=True)
-            tables[f"{label} ({family.name})" if qualify else label] = table
-    return tables
+            curves.append((f"{label} ({family.name})" if qualify else label, table, baselines))
+    return curves
+
+
+def family_tables(family: Family, qualify: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """The family's accuracy tables that may be plotted together (`family_curves` measured as its own table was):
+    `{curve_name: {"fp": {"accuracy": ...}, "w2": {...}, ...}}`; empty when the export carries no accuracy."""
+    groups = group_by_provenance(family_curves(family, qualify))
+    return groups[0][1] if groups else {}
 
 
 def accuracy_table(tables: dict[str, dict[str, dict[str, float]]]) -> tuple[list[str], list[list]]:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from hf_oscq import plot_accuracy_vs_bits, quantize_codes
 from hf_oscq.hub.card_facts import format_size
+from hf_oscq.provenance import describe, group_by_provenance, sentence
 
 from .boundary import on_page, warning
 from .classify import LATENCY_REPEATS, LATENCY_WARMUP, Prediction, classify, image_mode, load_image
@@ -19,8 +20,8 @@ from .families import Family
 from .figures import (
     accuracy_table,
     code_counts,
+    family_curves,
     family_spec,
-    family_tables,
     layer_output_dim,
     layer_weight,
     write_weight_plot,
@@ -97,10 +98,17 @@ def classify_view(
     message += f" ({'; '.join(notes)})." if notes else "."
     example = find_example(examples or {}, image_path)
     true_label = None
-    if example is not None and example.dataset == family.dataset:
+    classes = set(getattr(family.reference_model.config, "label2id", None) or {})
+    if example is not None and example.dataset == family.dataset and example.label in classes:
         true_label = example.label
         right = sum(p.top[0][0] == true_label for p in predictions)
         message += f" True label: **{true_label}** ({right} of {len(predictions)} checkpoints right)."
+    elif example is not None and example.dataset == family.dataset:
+        # a class name the model does not use (a copy of the dataset whose classes are named otherwise): no verdict
+        message += "\n\n" + _warning(
+            f"This example's label, {example.label!r}, is not one of {family.name}'s class names, so its answers "
+            "are not marked right or wrong."
+        )
     elif example is not None:
         message += "\n\n" + _warning(
             f"This is a {example.dataset} example ({example.label}); {family.name} was trained on {family.dataset}, "
@@ -129,21 +137,26 @@ def _png_image(draw: Callable[[io.BytesIO], None]) -> Image.Image:
 @on_page(lambda message: (None, {"headers": ACCURACY_HEADERS, "data": []}, message))
 def accuracy_view(families: list[Family]) -> tuple[Image.Image | None, dict, str]:
     """The Accuracy tab: `(plot PNG image or None, table {"headers", "data"}: one row per run, one column per
-    bit-width, message)`."""
-    tables = {}
+    bit-width, message)`. Only curves measured alike (`hf_oscq.provenance`) share the plot and the table: those of
+    the first family's own evaluation; the message says what they were measured on and names the curves left out."""
+    curves = []
     for family in families:
-        tables.update(family_tables(family, qualify=len(families) > 1))
+        curves += family_curves(family, qualify=len(families) > 1)
     # language-model families report perplexity (the Text tab), not accuracy
-    tables = {curve: table for curve, table in tables.items() if any("accuracy" in row for row in table.values())}
-    if not tables:
+    curves = [curve for curve in curves if any("accuracy" in row for row in curve[1].values())]
+    if not curves:
         message = _warning("None of the loaded exports records an accuracy (no metrics, no card eval results).")
         return None, {"headers": ACCURACY_HEADERS, "data": []}, message
+    (provenance, tables), *others = group_by_provenance(curves)
     # the hub's card figure, so both always agree
     image = _png_image(
-        lambda buffer: plot_accuracy_vs_bits(tables, buffer, title="Test accuracy after post-training quantization")
+        lambda buffer: plot_accuracy_vs_bits(tables, buffer, title="Accuracy after post-training quantization")
     )
     headers, rows = accuracy_table(tables)
-    message = f"{len(tables)} accuracy curves from the exports' records and cards: test accuracy in %."
+    message = f"{len(tables)} accuracy curves from the exports' records and cards. {sentence(describe(provenance))}."
+    if others:
+        left_out = "; ".join(f"{', '.join(group)} ({describe(measured)})" for measured, group in others)
+        message += f"\n\nNot shown, since measured otherwise: {left_out}."
     # shown with one decimal throughout (76.0, not 76), so the columns line up; the data stay numbers for sorting
     shown = [[row[0]] + ["" if value is None else f"{value:.1f}" for value in row[1:]] for row in rows]
     metadata = {"display_value": shown, "styling": [[""] * len(row) for row in rows]}

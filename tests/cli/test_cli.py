@@ -65,9 +65,25 @@ def test_version_flag_prints_the_installed_version():
 
 
 def test_install_instructions_are_the_same_everywhere():
+    """Every install instruction is a real one: the package and version of pyproject.toml, from a clone or the wheel
+    built there; no placeholder URL and no install from the package index, which does not have hf_oscq. Places:
+    README, docs, the cards' templates, the rendered cards in model_cards/, the Space, the library's messages."""
+    import re
+
+    from hf_oscq.versions import BUILD_WHEEL, INSTALL_HINT, WHEEL
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    name, version = (re.search(rf'(?m)^{key} = "([^"]+)"', pyproject)[1] for key in ("name", "version"))
+    assert WHEEL == f"{name}-{version}-py3-none-any.whl"
     readme = (ROOT / "README.md").read_text()
-    assert INSTALL_COMMAND in readme and f"{INSTALL_FROM_CLONE[:-1]}" in readme
-    assert "pip install hf_oscq" not in readme.replace("pip install hf_oscq[", "")
+    assert INSTALL_COMMAND in readme and BUILD_WHEEL in readme and f"{INSTALL_FROM_CLONE[:-1]}" in readme
+    assert INSTALL_COMMAND in INSTALL_HINT and BUILD_WHEEL in INSTALL_HINT and INSTALL_FROM_CLONE in INSTALL_HINT
+    texts = ["README.md", "docs", "hf_oscq", "model_cards", "space"]
+    files = [p for name in texts for p in ([ROOT / name] if name.endswith(".md") else (ROOT / name).rglob("*"))]
+    for path in [p for p in files if p.suffix in (".md", ".py", ".txt")]:
+        text = path.read_text()
+        assert "<URL" not in text, path
+        assert not re.search(r"pip install [\"']?hf_oscq(?:\[[\w,]+\])?[\"']?(?:\s|$)", text), path
 
 
 def _documented_commands() -> list[tuple[str, str]]:
@@ -118,4 +134,7 @@ def test_documented_commands_run_as_written(tmp_path, monkeypatch, capsys):
         assert cli_main(shlex.split(command)[1:]) == 0, (source, command, capsys.readouterr().err[-2000:])
     manifest = json.loads((tmp_path / "outputs" / "my_export" / "oscq_export.json").read_text())
     assert set(manifest["metrics"]) == {"fp", "w2", "w3", "w4", "w8"}
-    assert manifest["evaluation"]["dataset"] == "path/to/images"
+    # the last eval of the README: a local imagefolder, recorded as "local" (never its path), its split and size
+    measured = manifest["provenance"]["metrics"]
+    images = len(list((tmp_path / "path" / "to" / "images" / "test").rglob("*.png")))
+    assert (measured["dataset"], measured["split"], measured["examples"]) == ("local", "test", images)

@@ -73,7 +73,7 @@ def _expected(model, images) -> dict[str, float]:
 
 
 def _accuracies(path) -> dict[str, float]:
-    return {name: row["accuracy"] for name, row in json.loads(path.read_text()).items()}
+    return {name: row["accuracy"] for name, row in json.loads(path.read_text())["table"].items()}
 
 
 def test_eval_on_an_imagefolder_equals_the_accuracy_by_hand_and_reaches_manifest_and_cards(export, tmp_path, capsys):
@@ -88,17 +88,19 @@ def test_eval_on_an_imagefolder_equals_the_accuracy_by_hand_and_reaches_manifest
     assert len(set(expected.values())) > 1 or expected["fp"] not in (0.0, 1.0)  # a table that can tell errors apart
     manifest = json.loads((folder / "oscq_export.json").read_text())
     assert {name: row["accuracy"] for name, row in manifest["metrics"].items()} == expected
-    assert manifest["evaluation"] == {
-        "dataset": str(root / "images"),
-        "dataset_id": None,
-        "split": "test",
-        "samples": 24,
-    }
+    provenance = {"metric": "accuracy", "dataset": "local", "split": "test", "examples": 24, "tokens": None}
+    assert manifest["provenance"]["metrics"] == {**provenance, "batchnorm": "none", "bn_samples": None}
+    assert json.loads(result.read_text())["provenance"] == manifest["provenance"]["metrics"]
+    assert str(root) not in json.dumps(manifest)  # a local dataset is "local", never its path
     card = (folder / "w3" / "README.md").read_text()
     assert f"| {100 * expected['w3']:.1f} %" in card
+    assert "Top-1 accuracy (%) on 24 examples of the test split of a local copy of a dataset" in card
+    assert str(root) not in card
     assert (folder / "w3" / "oscq_accuracy_vs_bits.png").is_file()
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    assert printed == "| export | " + " | ".join(f"{100 * expected[v]:.1f}" for v in ("fp", "w2", "w3")) + " |"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == "| export | " + " | ".join(f"{100 * expected[v]:.1f}" for v in ("fp", "w2", "w3")) + " |"
+    assert printed[-3] == "| top-1 accuracy (%) | fp | w2 | w3 |"  # the metric and its unit
+    assert printed[-4].startswith("Top-1 accuracy (%) on 24 examples of the test split of a local copy")
 
 
 def test_eval_on_save_to_disk_and_parquet_with_named_columns(export, tmp_path):
@@ -257,3 +259,89 @@ def test_eval_of_a_language_model_on_unusable_text_is_one_line(tmp_path, capsys)
         assert line.endswith(
             "a local folder needs train.txt and validation.txt (or test.txt), each holding text, one document a line."
         )
+
+
+def _error_line(err: str) -> str:
+    """The one error line of a failed command (progress bars of dataset loading may precede it)."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("hf-oscq eval: error: "), err
+    return lines[0]
+
+
+def _renamed_imagefolder(root, target, names: dict[str, str]):
+    """The fixture's images under other class folder names (`names`: model class -> folder name)."""
+    for folder in (root / "images" / "test").iterdir():
+        shutil.copytree(folder, target / "test" / names.get(folder.name, folder.name))
+    return target
+
+
+def test_eval_refuses_classes_it_cannot_match_and_takes_an_explicit_label_map(export, tmp_path, capsys):
+    """A class folder that is no class of the model (`T-shirt/top` cannot be a folder name, so a Fashion-MNIST
+    imagefolder names it otherwise) is refused by name instead of numbering the classes alphabetically; the user's
+    `--label_map` (inline JSON or a .json file, by model class name or id) gives the accuracy by hand. Places: an
+    imagefolder, a save_to_disk ClassLabel with other names, integer labels beyond the model's classes, a mapping
+    naming no dataset class, two classes sent to one."""
+    model, root, images = export
+    folder = _renamed_imagefolder(root, tmp_path / "renamed", {"dog": "Dog_"})
+    argv = ["eval", str(root / "export"), "--dataset", str(folder), "--no_record"]
+    assert cli_main(argv) == 1
+    err = _error_line(capsys.readouterr().err)
+    assert "The dataset's classes ['Dog_'] are not classes of the model" in err
+    assert "model classes without a match: ['dog']" in err and """--label_map '{"Dog_": "dog"}'""" in err
+    expected = _expected(model, images)
+    (tmp_path / "map.json").write_text(json.dumps({"Dog_": 0}))
+    for mapping in ('{"Dog_": "dog"}', str(tmp_path / "map.json")):
+        result = tmp_path / "table.json"
+        assert cli_main([*argv, "--label_map", mapping, "--output_json", str(result)]) == 0, capsys.readouterr().err
+        assert _accuracies(result) == expected
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p, _ in images], "label": [CLASSES.index(n) for _, n in images]},
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["hound", "bird", "cat"])}
+        ),
+    )
+    rows.save_to_disk(tmp_path / "disk")
+    ids = rows.cast_column("label", datasets.Value("int64")).map(lambda row: {"label": row["label"] + 1})
+    ids.to_parquet(str(tmp_path / "ids.parquet"))
+    cases = [
+        (["--dataset", str(tmp_path / "disk")], "The dataset's classes ['hound'] are not classes of the model"),
+        (["--dataset", str(tmp_path / "ids.parquet")], "labels run from 1 to 3, but the model has 3 classes"),
+        (["--dataset", str(folder), "--label_map", '{"dgo": "dog"}'], "names ['dgo'], which are not classes"),
+        (["--dataset", str(folder), "--label_map", '{"Dog_": "cat"}'], "map to the model's class ids [2]"),
+        (["--dataset", str(folder), "--label_map", "[1]"], "--label_map must be a JSON object"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert cli_main(["eval", str(root / "export"), *extra, "--no_record"]) == 1
+        assert message in _error_line(capsys.readouterr().err)
+
+
+def test_recipe_datasets_carry_their_class_names_and_are_matched_by_them():
+    """A recipe dataset (digits; Fashion-MNIST from Debian's IDX files, whose labels are bare ids) is evaluated with
+    its class names, so a model whose classes are named otherwise (the Hub's copy of Fashion-MNIST spells the first
+    class `T - shirt / top`) is refused by name, with the mapping that would match them, instead of trusting ids."""
+    from transformers import PretrainedConfig
+
+    from hf_oscq.evaluation import _labels_in_model_order, load_eval_split
+    from hf_oscq.label_map import LabelMismatchError
+    from hf_oscq.scripts.data import FASHION_MNIST_LABELS, _idx_dir
+
+    digits, split = load_eval_split("digits", max_samples=5, seed=3)
+    assert digits.features["label"].names == [str(i) for i in range(10)] and split == "test (80/20 split, seed 3)"
+    if _idx_dir(None) is None:
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    fashion, split = load_eval_split("fashion_mnist", max_samples=20)
+    assert fashion.features["label"].names == list(FASHION_MNIST_LABELS) and split == "test"
+
+    def config(names):
+        return PretrainedConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+    same = config(FASHION_MNIST_LABELS)
+    assert _labels_in_model_order(fashion, same)["label"] == fashion["label"]
+    hub_names = ["T - shirt / top", *FASHION_MNIST_LABELS[1:]]
+    other = config(hub_names)
+    with pytest.raises(LabelMismatchError, match=r"\['T-shirt/top'\] are not classes of the model") as refused:
+        _labels_in_model_order(fashion, other)
+    assert """--label_map '{"T-shirt/top": "T - shirt / top"}'""" in str(refused.value)
+    renumbered = _labels_in_model_order(fashion, other, {"T-shirt/top": "T - shirt / top"})
+    assert renumbered["label"] == fashion["label"]

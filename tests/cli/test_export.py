@@ -335,7 +335,13 @@ def test_cli_export_eval_and_push_plan_of_a_causal_lm(tmp_path, capsys):
     capsys.readouterr()
     argv = ["eval", str(out), "--dataset", "kjv", "--block_size", "16", "--max_eval_samples", "4"]
     assert cli_main([*argv, "--output_json", str(tmp_path / "table.json")]) == 0
-    table = json.loads((tmp_path / "table.json").read_text())
+    recorded = json.loads((tmp_path / "table.json").read_text())
+    table = recorded["table"]
+    # 4 blocks of 16 bytes of the held-out chapters, 15 predicted tokens each
+    assert recorded["provenance"] == {
+        "metric": "perplexity", "dataset": "kjv", "split": "every-20th-chapter", "examples": 4, "tokens": 60,
+        "batchnorm": "none", "bn_samples": None,
+    }  # fmt: skip
     blocks = TokenBlocks(load_kjv().eval, tokenizer, 16, 4).blocks
     for name, reference in (("fp", model), ("w3", expected)):
         with torch.no_grad():  # mean next-token cross-entropy over the 4 x 15 predicted tokens, by hand
@@ -344,7 +350,12 @@ def test_cli_export_eval_and_push_plan_of_a_causal_lm(tmp_path, capsys):
             loss = -log_probs.gather(-1, blocks[:, 1:, None]).mean().item()
         assert table[name]["loss"] == pytest.approx(loss, rel=1e-5)
         assert table[name]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-    assert f"| {table['w3']['perplexity']:.2f} |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        f"| {table['w3']['perplexity']:.2f} |" in printed
+        and "| perplexity (token-level, lower is better) |" in printed
+    )
+    assert "Perplexity (token-level, lower is better) on 4 examples (60 predicted tokens)" in printed
     plan = plan_push(out, "someone/tiny-gpt2")
     for repo in plan.repos:
         assert {"tokenizer.json", "tokenizer_config.json", "README.md"} <= {f.path_in_repo for f in repo.files}

@@ -158,7 +158,8 @@ def test_an_export_written_before_quant_spec_still_loads_and_renders(tmp_path):
         torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, expected, rtol=0, atol=1e-6)
     shutil.copytree(FORMAT1_EXPORT, tmp_path / "export")
     readme = render_card_files(tmp_path / "export", "w3")["README.md"].decode()
-    assert "Test accuracy at 3 bits | 25.0 %" in readme and "Framework versions" not in readme
+    assert "Top-1 accuracy at 3 bits | 25.0 %" in readme and "Framework versions" not in readme
+    assert "was not recorded with this export" in readme  # written before provenance was: its data unknown
 
 
 def test_versions_are_recorded_in_manifest_metadata_config_and_cards(vit_export):

@@ -185,7 +185,9 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
 def test_replacing_an_export_names_what_the_previous_one_held_that_the_new_one_lacks(tmp_path, caplog):
     model = tiny_vit()
     out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(2, 3, 4, 8))
-    record_evaluation(out, {"fp": {"accuracy": 0.5}}, {"dataset": "digits", "split": "test", "samples": 8})
+    record_evaluation(
+        out, {"fp": {"accuracy": 0.5}}, hf_oscq.Provenance("accuracy", "digits", "test", 8, batchnorm="none")
+    )
     with caplog.at_level("WARNING", logger="hf_oscq.export.writer"):
         hf_oscq.export_quantized(model, out, bits=(2, 3))
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fp", "w2", "w3"]

@@ -238,7 +238,7 @@ def test_card_readme_has_no_unrendered_template_syntax(cards):
 
 
 def test_card_settings_datasets_install_line_and_evaluation_source(tmp_path):
-    from hf_oscq.versions import INSTALL_COMMAND
+    from hf_oscq.versions import BUILD_WHEEL, INSTALL_COMMAND, INSTALL_FROM_CLONE
 
     export_dir = build_export(tmp_path / "fashion")
     manifest_path = export_dir / "oscq_export.json"
@@ -252,34 +252,72 @@ def test_card_settings_datasets_install_line_and_evaluation_source(tmp_path):
     assert "trained on [fashion_mnist](https://huggingface.co/datasets/zalando-datasets/fashion_mnist)" in card.text
     assert "| optimizer | adamw_torch |" in card.text and "OptimizerNames" not in card.text
     assert "max steps" not in card.text  # -1: not set
-    assert f"{INSTALL_COMMAND}   # hf_oscq is not on PyPI yet" in card.text
-    assert "Measured on the test split of [fashion_mnist]" in card.text
+    assert f"{INSTALL_COMMAND}   # hf_oscq is not on PyPI: `{BUILD_WHEEL}` in a clone" in card.text
+    assert f"`{INSTALL_FROM_CLONE}` there installs the clone itself" in card.text and "<URL" not in card.text
+    assert "Top-1 accuracy (%) on 64 examples of the test split of digits; plain rounding" in card.text
     (result,) = card.data.eval_results
-    assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
-    # a recipe run on part of the data says how much of it (training and test images)
-    manifest["training"].update({"train_samples": 4096, "eval_samples": 1000})
+    assert (result.dataset_type, result.dataset_split) == ("digits", "test")
+    # a recipe run on part of the data says how much of it
+    manifest["training"].update({"train_samples": 4096})
+    manifest["provenance"]["metrics"].update(
+        {"dataset": "zalando-datasets/fashion_mnist", "examples": 1000, "batchnorm": "re-estimated", "bn_samples": 256}
+    )
     manifest_path.write_text(json.dumps(manifest))
     card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
     assert "fashion_mnist) (4,096 training images) with" in card.text
-    assert "Measured on 1,000 images of the test split of [fashion_mnist]" in card.text
-    manifest["evaluation"] = {"dataset": "org/other-set", "split": "validation", "samples": 50}
-    manifest_path.write_text(json.dumps(manifest))
-    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
-    (result,) = card.data.eval_results
-    assert (result.dataset_type, result.dataset_split) == ("org/other-set", "validation")
-    assert "Measured with `hf-oscq eval` on the 'validation' split of `org/other-set` (50 images)" in card.text
-    # `hf-oscq eval --dataset fashion_mnist` names the recipe dataset; the card's metadata names its Hub id
-    manifest["evaluation"] = {
-        "dataset": "fashion_mnist",
-        "dataset_id": "zalando-datasets/fashion_mnist",
-        "split": None,
-        "samples": 1000,
-    }
-    manifest_path.write_text(json.dumps(manifest))
-    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    assert (
+        "Top-1 accuracy (%) on 1,000 examples of the test split of zalando-datasets/fashion_mnist; BatchNorm "
+        "statistics re-estimated after rounding on 256 training images."
+    ) in card.text
     (result,) = card.data.eval_results
     assert (result.dataset_type, result.dataset_split) == ("zalando-datasets/fashion_mnist", "test")
-    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert result.metric_name == "Top-1 accuracy (3-bit PTQ)"  # its value a fraction, as the model index stores it
+
+
+def _section(body: str, heading: str) -> str:
+    start = body.index(heading)
+    end = body.find("\n#", start + len(heading))
+    return body[start : end if end != -1 else None]
+
+
+def test_tables_of_different_evaluations_are_never_merged(tmp_path):
+    """A card sets side by side only tables of the same provenance. Places: the comparison table, the accuracy
+    plot (`comparison_tables`), an export re-evaluated on other data (`hf-oscq eval`, `record_evaluation`), an export
+    written without provenance and one written before provenance was recorded (shown as not recorded, alone)."""
+    from hf_oscq.evaluation import record_evaluation
+    from hf_oscq.hub.card_facts import comparison_tables
+
+    export_dir = build_export(tmp_path / "tiny-vit")
+    manifest = read_export_manifest(export_dir)
+    body = render_card_files(export_dir, "w3", REPO)["README.md"].decode()
+    together = _section(body, "### Compared with QAT and plain PTQ")
+    assert "| QAT |" in together and "| oscillation regularizer (this model) |" in together
+    assert "### Measured otherwise" not in body
+    assert set(comparison_tables(manifest)) == {"oscillation regularizer (this model)", "QAT", "FP + PTQ"}
+
+    # re-evaluated on 10 images of a local imagefolder: the comparisons (64 images) get their own labelled table
+    local = hf_oscq.Provenance("accuracy", "local", "test", examples=10, batchnorm="plain")
+    record_evaluation(export_dir, {key: {"accuracy": 0.5} for key in manifest["metrics"]}, local)
+    manifest = read_export_manifest(export_dir)
+    body = render_card_files(export_dir, "w3", REPO)["README.md"].decode()
+    assert "### Compared with QAT and plain PTQ" not in body
+    assert "Top-1 accuracy (%) on 10 examples of the test split of a local copy of a dataset" in body
+    other = _section(body, "### Measured otherwise")
+    assert "on 64 examples of the test split of digits" in other and "| QAT |" in other and "| FP + PTQ |" in other
+    assert "(this model)" not in other
+    assert set(comparison_tables(manifest)) == {"oscillation regularizer (this model)"}
+    assert str(tmp_path) not in body
+
+    # written before provenance was recorded, by an hf-oscq eval that stored the folder's path
+    raw = json.loads((export_dir / "oscq_export.json").read_text())
+    raw.pop("provenance")
+    raw["evaluation"] = {"dataset": str(tmp_path / "images"), "split": "test", "samples": 10}
+    (export_dir / "oscq_export.json").write_text(json.dumps(raw))
+    card = ModelCard(render_card_files(export_dir, "w3", REPO)["README.md"].decode())
+    assert "was not recorded with this export" in card.text and str(tmp_path) not in card.text
+    assert card.data.eval_results is None  # the model index carries only numbers whose data is known
+    assert _section(card.text, "### Measured otherwise").count("not recorded") == 1
+    assert "### Compared with QAT" not in card.text
 
 
 def test_card_loading_example_runs_and_classifies_like_the_model(tmp_path, monkeypatch):

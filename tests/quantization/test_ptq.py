@@ -75,7 +75,7 @@ def test_cross_bit_evaluate_and_table():
     expected_w2 = evaluate(quantize_model(model, 2))["accuracy"]
     assert table["w2"]["accuracy"] == expected_w2
     rendered = format_cross_bit_table({"osc": table, "qat": {"w2": {"accuracy": 0.5}}})
-    assert rendered.splitlines()[0] == "| run | fp | w2 | w8 |"
+    assert rendered.splitlines()[0] == "| top-1 accuracy (%) | fp | w2 | w8 |"
     assert rendered.splitlines()[3] == "| qat | - | 50.0 | - |"
     assert f"{100 * expected_w2:.1f}" in rendered.splitlines()[2]
 

@@ -171,7 +171,7 @@ def test_recipe_with_fsdp2_exports_the_whole_model(tmp_path):
     _torchrun("recipe", tmp_path)
     run = tmp_path / "run"
     assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
-    table = json.loads((run / "cross_bit.json").read_text())["oscillation"]  # measured on the sharded model
+    table = json.loads((run / "cross_bit.json").read_text())["runs"]["oscillation"]  # measured on the sharded model
     digits = load_image_dataset("digits", max_eval_samples=64)
     pixels = torch.stack([digits.eval[i]["pixel_values"] for i in range(len(digits.eval))])
     labels = torch.tensor(digits.eval["labels"])

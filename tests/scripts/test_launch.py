@@ -145,3 +145,40 @@ def test_resume_point_finds_each_runs_own_last_checkpoint(tmp_path):
     assert resume_point(str(main / "checkpoint-9"), baseline) == str(baseline / "checkpoint-4")
     with pytest.raises(OscqValueError, match="no such folder.*or true to resume every run"):
         resume_point(str(tmp_path / "nowhere"), main)
+
+
+def test_recipe_entry_points_destroy_the_process_group_they_ran_in(tmp_path):
+    """A recipe's entry point ends the process group its launcher started, after success and after an error, so that
+    no communication thread is left for the interpreter's exit to abort (SIGABRT, `terminate called without an active
+    exception`). Places: `recipes/train_{vit,resnet18}.py` and `recipes/train_lm.py` through
+    `run_and_end_processes`, the test workers through `end_processes` (a one-process gloo group here)."""
+    import torch.distributed as dist
+
+    from hf_oscq.scripts import lm_recipe, recipe
+    from hf_oscq.scripts.launch import end_processes, run_and_end_processes
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    for outcome in ("returns", "raises"):
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+        def run(outcome=outcome):
+            dist.barrier()
+            if outcome == "raises":
+                raise ValueError("bad input")
+            return 0
+
+        if outcome == "raises":
+            with pytest.raises(ValueError, match="bad input"):
+                run_and_end_processes(run)()
+        else:
+            assert run_and_end_processes(run)() == 0
+        assert not dist.is_initialized(), outcome
+    end_processes()  # without a group: nothing to do
+    # the recipes' entry points go through it (a bad argument fails before any training)
+    for main, argv in (
+        (lambda a: recipe.main("vit", a), ["--dataset", "bogus"]),
+        (lm_recipe.main, ["--dataset", "x"]),
+    ):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"{argv[1]}"), 1), rank=0, world_size=1)
+        assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 1
+        assert not dist.is_initialized()

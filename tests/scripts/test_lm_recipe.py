@@ -35,10 +35,17 @@ def test_tiny_lm_recipe_trains_exports_loads_and_generates_offline(tmp_path):
     recipe, training = parse_arguments([*TINY, "--output_dir", str(tmp_path / "run")])
     summary = run_recipe(recipe, training)
     run, export = tmp_path / "run", tmp_path / "run" / "export"
-    table = json.loads((run / "cross_bit.json").read_text())["oscillation"]
+    record = json.loads((run / "cross_bit.json").read_text())
+    table = record["runs"]["oscillation"]
     assert list(table) == ["fp", "w3", "w4"]
     for row in table.values():
         assert row["perplexity"] == pytest.approx(math.exp(row["loss"]), rel=1e-9)
+    # 4 blocks of 32 bytes, 31 predicted tokens each, from the held-out chapters
+    measured = {"metric": "perplexity", "dataset": "kjv", "split": "every-20th-chapter", "examples": 4}
+    assert record["provenance"]["oscillation"] == {**measured, "tokens": 124, "batchnorm": "none", "bn_samples": None}
+    printed = (run / "cross_bit.md").read_text()
+    assert printed.startswith("Perplexity (token-level, lower is better) on 4 examples (124 predicted tokens)")
+    assert "| perplexity (token-level, lower is better) | fp | w3 | w4 |" in printed
     assert summary["export_dir"] == str(export)
     trained = AutoModelForCausalLM.from_pretrained(run / "training" / "oscillation").eval()
     spec = training.quant_spec
@@ -69,7 +76,9 @@ def test_tiny_lm_recipe_trains_exports_loads_and_generates_offline(tmp_path):
     assert metadata["pipeline_tag"] == "text-generation"
     result = metadata["model-index"][0]["results"][0]["metrics"][0]
     assert result["type"] == "perplexity" and result["value"] == pytest.approx(table["w4"]["perplexity"])
-    assert f"| Test perplexity at 4 bits | {table['w4']['perplexity']:.2f} |" in card
+    assert f"| Token-level perplexity at 4 bits | {table['w4']['perplexity']:.2f} |" in card
+    # a language model's card speaks of text, and of steps where the run was set by max_steps
+    assert "image" not in card.lower() and "| epochs |" not in card and "| max steps | 4 |" in card
     assert 'pipeline("text-generation"' in card and "group of 32 input features" in card
     assert (export / "w4" / "tokenizer.json").is_file() and (export / "w4" / "oscq_accuracy_vs_bits.png").is_file()
     # The run records its spec (group size included) next to its weights, so `hf-oscq export RUN --bits 4` exports it

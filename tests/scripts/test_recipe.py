@@ -94,13 +94,19 @@ def test_digits_recipe_end_to_end(tmp_path):
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    tables = json.loads((output / "cross_bit.json").read_text())
+    record = json.loads((output / "cross_bit.json").read_text())
+    tables = record["runs"]
     assert list(tables) == ["oscillation", "qat", "none"]
     assert all(list(table) == ["fp"] + [f"w{b}" for b in range(2, 9)] for table in tables.values())
-    # what it prints: a caption saying what was measured (digits: 360 test images, a ViT without BatchNorm), then
-    # one row per run in the docs' words
-    assert "Test accuracy (%) on 360 test images: full precision (fp) and post-training rounded" in result.stdout
-    assert "plain rounding" in result.stdout
+    # what was measured, with every run's table: digits' 360 test images of the seed-42 split, no BatchNorm
+    provenance = {"metric": "accuracy", "dataset": "digits", "split": "test (80/20 split, seed 0)", "examples": 360}
+    provenance |= {"tokens": None, "batchnorm": "none", "bn_samples": None}
+    assert record["provenance"] == dict.fromkeys(tables, provenance)
+    # what it prints: that caption over one table (the runs were measured alike), one row per run in the docs' words
+    caption = (
+        "Top-1 accuracy (%) on 360 examples of the test (80/20 split, seed 0) split of digits; no BatchNorm layer"
+    )
+    assert result.stdout.count(caption) == 1 and result.stdout.count("| top-1 accuracy (%) | fp | w2 |") == 1
     for row in ("| oscillation regularizer @3 |", "| QAT @3 |", "| FP + PTQ |"):
         assert row in result.stdout and row in (output / "cross_bit.md").read_text()
     info = json.loads((output / "run_info.json").read_text())
@@ -116,6 +122,7 @@ def test_digits_recipe_end_to_end(tmp_path):
     # scikit-learn's 1,797 digits, split 80/20 by `digits_splits`: 1,437 training and 360 test images
     assert (manifest["training"]["train_samples"], manifest["training"]["eval_samples"]) == (1437, 360)
     assert set(manifest["comparisons"]) == {"qat", "fp_ptq"}
+    assert manifest["provenance"] == {"metrics": provenance, "comparisons": provenance}
     # Every exported variant loads and reproduces the accuracy measured before export.
     digits = load_image_dataset("digits")
     pixels = torch.stack([digits.eval[i]["pixel_values"] for i in range(len(digits.eval))])
@@ -244,8 +251,8 @@ def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_
     arguments += ["--per_device_eval_batch_size", "16", "--report_to", "none"]
     summary = run_recipe(*parse_arguments([*arguments, "--output_dir", str(output), "--use_cpu"], model="resnet18"))
     assert summary["table"].startswith(
-        "Test accuracy (%) on 32 test images: full precision (fp) and post-training rounded to each bit-width (w2 = 2 "
-        f"bits), BatchNorm statistics re-estimated on {forwarded} training images after rounding."
+        "Top-1 accuracy (%) on 32 examples of the test split of zalando-datasets/fashion_mnist; BatchNorm statistics "
+        f"re-estimated after rounding on {forwarded} training images. Columns: full precision (fp)"
     )
     again = tmp_path / "again"
     assert cli_main(["export", str(output / "training" / "oscillation"), "--bits", "2", "--output", str(again)]) == 0
@@ -259,8 +266,10 @@ def test_a_batchnorm_recipe_its_export_and_hf_oscq_export_re_estimate_alike(tmp_
         torch.testing.assert_close(rewritten[name], tensor, rtol=0, atol=1e-6, msg=name)
     capsys.readouterr()
     command = ["eval", str(output / "export"), "--dataset", "fashion_mnist", "--data_dir", str(data_dir)]
-    assert cli_main([*command, "--no_record"]) == 0
+    assert cli_main([*command, "--no_record", "--output_json", str(tmp_path / "eval.json")]) == 0
     manifest = json.loads((output / "export" / "oscq_export.json").read_text())
+    # measured as the recipe measured it: the same provenance, so the cards may set both side by side
+    assert json.loads((tmp_path / "eval.json").read_text())["provenance"] == manifest["provenance"]["metrics"]
     expected = [100 * manifest["metrics"][variant]["accuracy"] for variant in ("fp", "w2")]
     assert (
         capsys.readouterr().out.strip().splitlines()[-1]

@@ -82,8 +82,9 @@ def export_dir(tmp_path_factory) -> Path:
         "comparisons": {"qat": {k: {"accuracy": v["accuracy"] / 2} for k, v in metrics.items()}},
     }
     out = tmp_path_factory.mktemp("export") / "digits-oscillation"
+    measured = hf_oscq.Provenance("accuracy", "digits", "test (80/20 split, seed 0)", len(labels), batchnorm="none")
     if hasattr(hf_oscq, "export_quantized"):
-        hf_oscq.export_quantized(model, out, bits=BITS, image_processor=processor, **record)
+        hf_oscq.export_quantized(model, out, bits=BITS, image_processor=processor, provenance=measured, **record)
     else:
         _contract_export(model, out, processor, record)
     return out
@@ -324,7 +325,10 @@ def test_accuracy_endpoint(client, export_dir):
         for curve, table_ in [("Oscillation", record["metrics"]), ("QAT", record["comparisons"]["qat"])]
     ]
     assert table["data"] == expected
-    assert message == "2 accuracy curves from the exports' records and cards: test accuracy in %."
+    assert message == (
+        "2 accuracy curves from the exports' records and cards. Top-1 accuracy (%) on 360 examples of the test "
+        "(80/20 split, seed 0) split of digits; no BatchNorm layer."
+    )
     with Image.open(_local_file(plot)) as image:
         assert image.format == "PNG" and image.size[0] > 300
 
@@ -403,6 +407,37 @@ def test_examples_are_test_images_with_their_true_labels(families, tmp_path):
     assert "True label" not in message and len(rows) == 8
     message, _, _ = classify_view(by_name, name, str(copy))  # without the examples: no label claimed
     assert "True label" not in message
+
+
+def test_numbers_on_the_page_come_from_the_records_they_are_plotted_from(export_dir, families, tmp_path):
+    """The intro quotes each family's own record with what it was measured on (no number of another run); the
+    Accuracy tab plots only curves measured alike and names the ones it leaves out; an example whose label is none of
+    the model's class names gets no right / wrong verdict."""
+    from app import _intro
+    from oscq_space.examples import Example
+    from oscq_space.views import accuracy_view, classify_view
+
+    record = json.loads((export_dir / EXPORT_FILE).read_text())
+    intro = _intro(families, [])
+    fp, w2 = (100 * record["metrics"][name]["accuracy"] for name in ("fp", "w2"))
+    assert f"{fp:.1f} % at full precision, {w2:.1f} % at 2 bits; top-1 accuracy (%) on 360 examples" in intro
+    assert not re.search(r"\d %", intro.replace(f"{fp:.1f} %", "").replace(f"{w2:.1f} %", ""))
+
+    other = tmp_path / "digits-other"
+    shutil.copytree(export_dir, other)
+    record["provenance"]["comparisons"]["examples"] = 100  # the baselines scored on another subset
+    (other / EXPORT_FILE).write_text(json.dumps(record))
+    (family,), _ = load_families([str(other)])
+    _, table, message = accuracy_view([family])
+    assert [row[0] for row in table["data"]] == ["Oscillation"]
+    assert "Not shown, since measured otherwise: QAT (top-1 accuracy (%) on 100 examples" in message
+
+    relabelled = Example(DIGIT_EXAMPLE, "three", "digits")  # the dataset's copy names its classes otherwise
+    copy = tmp_path / "upload.png"
+    shutil.copy(DIGIT_EXAMPLE, copy)
+    message, _, rows = classify_view({family.name: family}, family.name, str(copy), {"digits": [relabelled]})
+    assert "True label" not in message and "'three', is not one of" in message and len(rows) == 8
+    assert "✓" not in classify_view({family.name: family}, family.name, str(copy), {"digits": [relabelled]})[1]
 
 
 def test_accuracy_table_is_pivoted():
@@ -605,7 +640,7 @@ def test_python_space_app_py_serves_the_page(export_dir, tmp_path):
             pytest.fail("space/app.py did not serve within 60 s:\n" + (tmp_path / "app.log").read_text())
         api_names = {dependency.get("api_name") for dependency in config["dependencies"]}
         assert {"classify", "accuracy", "weights", "weight_choices"} <= api_names
-        assert "**Oscillation · digits-oscillation** (8 checkpoints)" in json.dumps(config, ensure_ascii=False)
+        assert "**Oscillation · digits-oscillation** (8 checkpoints: " in json.dumps(config, ensure_ascii=False)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -189,3 +189,81 @@ def test_fsdp2_matches_one_process_with_the_same_global_batch(tmp_path):
         assert metrics[f"eval_w{bits}_perplexity"] == pytest.approx(math.exp(metrics[f"eval_w{bits}_loss"]), rel=1e-12)
         assert metrics[f"eval_w{bits}_loss"] == pytest.approx(single["metrics"][f"eval_w{bits}_loss"], rel=1e-4)
     assert metrics["eval_w2_loss"] != metrics["eval_w3_loss"]
+
+
+class PaddedWindows(torch.utils.data.Dataset):
+    """Sequences of 3 to 12 tokens, right-padded to 12 (attention mask 0, label -100 on the padding)."""
+
+    def __init__(self, lengths: list[int], seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.sequences = [torch.randint(1, VOCAB, (n,), generator=generator) for n in lengths]
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, i):
+        ids = self.sequences[i]
+        pad = LENGTH - len(ids)
+        mask = torch.cat([torch.ones(len(ids), dtype=torch.long), torch.zeros(pad, dtype=torch.long)])
+        labels = torch.cat([ids, torch.full((pad,), -100)])
+        return {
+            "input_ids": torch.cat([ids, torch.zeros(pad, dtype=torch.long)]),
+            "attention_mask": mask,
+            "labels": labels,
+        }
+
+
+def _token_level_perplexity(model, sequences: list[torch.Tensor]) -> tuple[float, int]:
+    """Independent reference: each sequence alone, unpadded; exp(sum of next-token losses / number of tokens)."""
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for ids in sequences:
+            logits = model(input_ids=ids[None]).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            tokens += len(ids) - 1
+    return math.exp(total / tokens), tokens
+
+
+def test_perplexity_is_token_level_whatever_the_batch_size_and_padding(tmp_path):
+    """`eval_perplexity` and `eval_w{b}_perplexity` are exp(sum of token losses / tokens) at evaluation batch sizes
+    1, 2 and 3 over padded sequences of different lengths (a mean of batch means moves with the batch size), from
+    clean state at every pass; `eval_tokens` and `eval_samples` count what was scored."""
+    model = tiny_lm("llama")
+    evaluation = PaddedWindows([12, 3, 9, 4, 12, 5, 7], seed=2)
+    rounded = quantize_model(model, spec=QuantSpec(2))
+    expected_fp, tokens = _token_level_perplexity(model, evaluation.sequences)
+    expected_w2, _ = _token_level_perplexity(rounded, evaluation.sequences)
+    for batch in (1, 2, 3):
+        args = OscillationConfig(
+            output_dir=str(tmp_path), osc_eval_bits=[2], per_device_eval_batch_size=batch, report_to=[],
+            use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        metrics = OscillationTrainer(model=model, args=args, eval_dataset=evaluation).evaluate()
+        assert metrics["eval_perplexity"] == pytest.approx(expected_fp, rel=1e-5), batch
+        assert metrics["eval_w2_perplexity"] == pytest.approx(expected_w2, rel=1e-5), batch
+        assert metrics["eval_loss"] == pytest.approx(math.log(expected_fp), rel=1e-5)
+        assert (metrics["eval_tokens"], metrics["eval_samples"]) == (tokens, len(evaluation))
+        assert "eval_w2_tokens" not in metrics
+
+
+def test_trainer_card_of_a_language_model_reports_perplexity_with_what_it_was_measured_on(tmp_path):
+    """The card `create_model_card` writes for a causal LM: a perplexity table (not "no accuracy"), captioned with
+    the examples and tokens of the last evaluation; a run set by `max_steps` lists its steps, not the epochs."""
+    model = tiny_lm("llama")
+    evaluation = PaddedWindows([12, 3, 9], seed=2)
+    args = OscillationConfig(
+        output_dir=str(tmp_path), osc_eval_bits=[2], max_steps=5, report_to=[], use_cpu=True, disable_tqdm=True
+    )
+    trainer = OscillationTrainer(model=model, args=args, eval_dataset=evaluation)
+    metrics = trainer.evaluate()
+    trainer.create_model_card(dataset="acme/texts")
+    card = (tmp_path / "README.md").read_text()
+    assert "## Perplexity at every bit-width" in card
+    assert (
+        "Perplexity (token-level, lower is better) on 3 examples (21 predicted tokens) of an unrecorded split of "
+        "acme/texts; no BatchNorm layer" in card
+    )
+    row = f"| {tmp_path.name} | {metrics['eval_perplexity']:.2f} | {metrics['eval_w2_perplexity']:.2f} |"
+    assert "| perplexity (token-level, lower is better) | fp | w2 |" in card and row in card
+    assert "| max_steps | `5` |" in card and "num_train_epochs" not in card

@@ -396,6 +396,39 @@ def test_batchnorm_samples_for_a_model_without_batchnorm_warn(tmp_path):
         make_trainer(tiny_vit(), tmp_path, osc_bn_recalibration_samples=16)
 
 
+def _independent_accuracy(model, dataset: RandomImages) -> float:
+    with torch.no_grad():
+        predicted = model.eval()(pixel_values=dataset.x).logits.argmax(-1)
+    return sum(int(p == y) for p, y in zip(predicted.tolist(), dataset.y.tolist())) / len(dataset)
+
+
+@pytest.mark.parametrize("given", [None, "compute_accuracy", "classification_metrics"])
+def test_batch_eval_metrics_work_with_cross_bit_evaluation_from_clean_state(given, tmp_path):
+    """`batch_eval_metrics=True` with the default metric, `compute_accuracy` passed by hand and
+    `classification_metrics()`: every bit-width's accuracy is a count over the whole set (an uneven last batch of
+    10 images in batches of 3), also when a batch of an interrupted evaluation was left in the metric's state."""
+    from hf_oscq import classification_metrics
+
+    model = tiny_vit()
+    args = OscillationConfig(
+        output_dir=str(tmp_path), osc_eval_bits=[2, 4], batch_eval_metrics=True, per_device_eval_batch_size=3,
+        report_to="none", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    dataset = RandomImages(10, seed=1)
+    metric = {None: None, "compute_accuracy": compute_accuracy, "classification_metrics": classification_metrics()}
+    trainer = OscillationTrainer(model=model, args=args, eval_dataset=dataset, compute_metrics=metric[given])
+    # an evaluation interrupted after its first batch: 4 wrong predictions left behind
+    from transformers import EvalPrediction
+
+    leftover = EvalPrediction(predictions=np.eye(4)[[0, 0, 0, 0]], label_ids=np.array([1, 1, 1, 1]))
+    trainer.compute_metrics(leftover, compute_result=False)
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] == _independent_accuracy(model, dataset)
+    for bits in (2, 4):
+        assert metrics[f"eval_w{bits}_accuracy"] == _independent_accuracy(quantize_model(model, bits), dataset)
+    assert metrics["eval_samples"] == 10
+
+
 def test_push_to_hub_writes_a_card_with_method_citation_and_cross_bit_table(tmp_path, monkeypatch):
     """`trainer.push_to_hub()` up to the network: only the Hub calls themselves are stubbed."""
     from huggingface_hub import HfApi, ModelCard

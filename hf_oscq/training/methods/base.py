@@ -113,6 +113,8 @@ class TrainingMethod(ABC):
         quantized_forward: whether forward passes see fake-quantized weights (activation checkpointing would then
             recompute them in full precision, so it is refused).
         sharding_aware: whether the method handles FSDP2-sharded weights (scales and sums over whole tensors).
+        trains_towards_grid: whether training depends on the quantization grid (bit-width and scale granularity):
+            exporting such a run with another spec than it trained with is refused (`hf-oscq export`).
         selects_on_full_precision: whether checkpoints of this method are selected on full-precision accuracy (the
             FP + PTQ baseline, PAPER.md section 4) rather than the metric at the target bit-width.
         comparison_key: the key of its runs in an export's `comparisons`.
@@ -126,6 +128,7 @@ class TrainingMethod(ABC):
     settings: ClassVar[tuple[str, ...]] = ()
     quantized_forward: ClassVar[bool] = False
     sharding_aware: ClassVar[bool] = True
+    trains_towards_grid: ClassVar[bool] = True
     selects_on_full_precision: ClassVar[bool] = False
 
     @property

@@ -21,6 +21,7 @@ class KurtosisRegularization(TrainingMethod):
     trained_how = f"with the kurtosis regularizer {KURE_PAPER}, a peer of the regularizer of {{paper}}"
     default_lambda = 1.0  # the reference runs' (their script's default is 1e-2)
     settings = ("osc_kurtosis_target",)
+    trains_towards_grid = False  # no quantization grid in its loss
 
     def validate(self, args) -> None:
         try:

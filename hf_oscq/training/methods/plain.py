@@ -18,6 +18,7 @@ class PlainTraining(TrainingMethod):
     short_label = "FP + PTQ"
     trained_how = "in full precision without any quantization term (the FP baseline of {paper})"
     selects_on_full_precision = True
+    trains_towards_grid = False
 
     @property
     def comparison_key(self) -> str:
