@@ -22,8 +22,8 @@ from aggregate import BITS, COLUMNS, MODES, ROOT, format_cell, load_records, mea
 from aggregate_full import MODEL_TITLES, write_block
 
 BEGIN, END = "<!-- BEGIN GENERATED: bench/aggregate_peers.py -->", "<!-- END GENERATED: bench/aggregate_peers.py -->"
-LM_BEGIN = "<!-- BEGIN GENERATED: bench/aggregate_peers.py, language model -->"
-LM_END = "<!-- END GENERATED: bench/aggregate_peers.py, language model -->"
+LM_BEGIN = "<!-- BEGIN GENERATED: bench/aggregate_peers.py/language-model -->"
+LM_END = "<!-- END GENERATED: bench/aggregate_peers.py/language-model -->"
 # Rows in this order; KURE once per lambda.
 METHOD_ORDER = ("none", "qat", "oscillation", "kure", "dampening", "multibit_qat")
 STYLES = {
