@@ -206,7 +206,7 @@ def compress_weight(weight: torch.Tensor, spec: QuantSpec, scheme: Any) -> dict[
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    codes, scale = quantize_codes(weight, spec=spec)
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=0)  # Linear weights only: (out, in)
     stored = nonzero_scale(scale).reshape((1,) if spec.per_tensor else scale_shape(weight.shape, spec))
     compressed = PackedQuantizationCompressor.compress(
         {"weight": weight.detach().to(scale.dtype), "weight_scale": stored}, scheme
