@@ -120,6 +120,8 @@ KURE_LAMBDAS = (0.1, 1.0)
 MULTIBIT_BITS = (2, 4, 8)
 DAMPENING_LAMBDA = 10.0
 PEER_MODELS = ("vit", "resnet18in")
+# Full-data cells of the peer closest to the regularizer at the same cost (same training step, rounding after it).
+FULL_PEERS = (("kure", 1.0),)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def grid() -> list[Cell]:
 def full_grid(models: tuple[str, ...] = FULL_MODELS) -> list[Cell]:
     """The `full` profile, most important first: FP, QAT @3 and the regularizer @3 with each normalization at its
     chosen lambda for seeds 0 and 1 (the ViT and the ImageNet-stem ResNet-18, then the CIFAR-stem one), then the 3-bit
-    lambda sweeps (seed 0, then seed 1)."""
+    lambda sweeps (seed 0, then seed 1), then the peer that comes closest to the regularizer on the peers profile at
+    its cost (KURE, lambda 1; docs/RESULTS.md "Peers") on the ImageNet-stem ResNet-18, seeds 0 and 1."""
     cells: list[Cell] = []
     cheap = [model for model in models if model != "resnet18"]
     for group in (cheap, [model for model in models if model == "resnet18"]):
@@ -206,6 +209,10 @@ def full_grid(models: tuple[str, ...] = FULL_MODELS) -> list[Cell]:
                     for osc_lambda in lambdas
                     if osc_lambda != FULL_LAMBDA[norm]
                 ]
+    if "resnet18in" in models:
+        cells += [
+            Cell("resnet18in", method, None, osc_lambda, seed) for method, osc_lambda in FULL_PEERS for seed in (0, 1)
+        ]
     return cells
 
 

@@ -206,13 +206,16 @@ def test_full_grid_priority_names_and_normalizations():
     main = [
         cell
         for cell in cells
-        if cell.method != "oscillation" or cell.osc_lambda == quality.FULL_LAMBDA[cell.normalization]
+        if cell.method in ("none", "qat")
+        or (cell.method == "oscillation" and cell.osc_lambda == quality.FULL_LAMBDA[cell.normalization])
     ]
     assert len(main) == 3 * 2 * 4  # 3 models, 2 seeds, FP + QAT + both regularizers
     assert cells[: len(main)] == main  # the main cells first, the CIFAR-stem ResNet-18 last among them
     assert {cell.model for cell in cells[len(main) - 8 : len(main)]} == {"resnet18"}
-    sweep = cells[len(main) :]
+    peers = len(quality.FULL_PEERS) * 2  # the closest peer last, on the ImageNet-stem ResNet-18, seeds 0 and 1
+    sweep, last = cells[len(main) : -peers], cells[-peers:]
     assert all(cell.method == "oscillation" and cell.bits == 3 and cell.model != "resnet18" for cell in sweep)
+    assert [cell.name for cell in last] == ["resnet18in_kure_lam1_s0", "resnet18in_kure_lam1_s1"]
     assert [cell.seed for cell in sweep] == sorted(cell.seed for cell in sweep)  # seed 0 first
     assert quality.Cell("vit", "oscillation", 3, 30.0, 1, normalization="global_mean").name == "vit_osc3gm_lam30_s1"
     assert [cell.name for cell in quality.pilot_grid(("vit",))][:2] == ["vit_fp_s0", "vit_qat3_s0"]

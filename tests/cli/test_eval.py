@@ -178,7 +178,7 @@ def test_eval_of_unusable_image_data_is_one_line(export, tmp_path, capsys):
         assert cli_main(["eval", str(root / "export"), "--dataset", str(source), "--no_record"]) == 1, source
         line = _last_error_line(capsys.readouterr().err)
         assert line.startswith("hf-oscq eval: error: ") and message in line, line
-    assert "classifies 3 classes (label ids 0 to 2)" in line
+    assert "but the model has 3 classes, and without class names they cannot be matched" in line
 
 
 def test_eval_of_corrupted_packed_codes_is_the_loaders_error_in_one_line(export, tmp_path, capsys):

@@ -278,7 +278,13 @@ def test_cards_and_the_space_show_a_curve_for_every_method():
 
     table = {"fp": {"accuracy": 0.9}, "w2": {"accuracy": 0.5}}
     comparisons = {get_method(name).comparison_key: table for name in OSC_METHODS if name != "oscillation"}
-    manifest = {"metrics": table, "training": {"osc_method": "oscillation"}, "comparisons": comparisons}
+    measured = {"metric": "accuracy", "dataset": "local", "split": "test", "examples": 10, "batchnorm": "none"}
+    manifest = {
+        "metrics": table,
+        "training": {"osc_method": "oscillation"},
+        "comparisons": comparisons,
+        "provenance": {"metrics": measured, "comparisons": measured},  # measured alike: one table, one plot
+    }
     assert list(comparison_tables(manifest)) == [
         "oscillation regularizer (this model)",
         "QAT",
