@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import _export_digests as export_digests
 import pytest
 import torch
 from _export_models import ALL_BITS, logits_of, tiny_resnet18, tiny_vit
@@ -18,6 +19,7 @@ from transformers import AutoModelForImageClassification, TimmWrapperForImageCla
 import hf_oscq
 from hf_oscq.evaluation import record_evaluation
 from hf_oscq.export import writer as export_module
+from hf_oscq.versions import library_versions
 
 WEIGHTS = "model.safetensors"
 
@@ -350,3 +352,34 @@ def test_a_checkpoint_is_the_same_bytes_in_every_process():
     header = json.loads(blobs[0][8 : 8 + int.from_bytes(blobs[0][:8], "little")])
     assert len(header["__metadata__"]) >= 7  # format, version, bits, three library versions, config, checksum
     assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+@pytest.mark.parametrize("case", sorted(export_digests.CASES))
+def test_exports_are_the_bytes_pinned_before_the_codec(tmp_path, case):
+    """Every tensor, the tensor order and offsets, the format metadata and the quantization_config of seeded tiny
+    exports are the ones the writer at 33cd5f5 produced (tests/_export_digests.py says what is pinned and why).
+
+    Covered: per-tensor, per-channel and group-wise scales; Linear, Conv2d and Embedding weights (out_dim 0) and
+    GPT-2's Conv1D (out_dim 1); tied embeddings stored once; BatchNorm statistics re-estimated at each bit-width;
+    bit-widths 2 to 8. The whole file's bytes are compared too where the same library versions run (the header's
+    checksum covers the versions).
+    """
+    pinned = json.loads(export_digests.DIGESTS.read_text())
+    out = export_digests.export_case(case, tmp_path)
+    found = export_digests.export_digest(out)
+    assert found.keys() == pinned["cases"][case].keys()
+    fp_config = json.loads((out / "fp" / "config.json").read_text())
+    same_versions = pinned["versions"] == library_versions()
+    for variant, expected in pinned["cases"][case].items():
+        actual = found[variant]
+        assert actual["files"] == expected["files"], variant
+        assert actual["tensors"] == expected["tensors"], variant
+        for key in ("header_sha256", "data_sha256", "metadata", "quantization_config"):
+            assert actual[key] == expected[key], (variant, key)
+        if same_versions:
+            assert actual["file_sha256"] == expected["file_sha256"], variant
+        config = json.loads((out / variant / "config.json").read_text())
+        guarded = config.pop("quantization_config")["guarded_fields"]
+        for field, value in guarded.items():
+            config.pop(field) if value is None else config.update({field: value})
+        assert config == fp_config, variant
