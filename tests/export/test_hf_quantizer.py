@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _export_models import logits_of, tiny_resnet18, tiny_vit
+from _export_models import assert_packed_close, logits_of, tiny_resnet18, tiny_vit
 from _format1 import write_format1_checkpoint
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import EntryNotFoundError
@@ -104,9 +104,7 @@ def test_loaded_weights_stay_packed_and_take_b_over_32_of_fp32(vit_export):
         assert sum(weight.storage_bytes for weight in packed.values()) == expected
         fp32 = sum(4 * w.numel() for w in selected.values())
         assert expected <= fp32 * bits / 32 * 1.03
-        torch.testing.assert_close(
-            logits_of(loaded, PIXELS), logits_of(hf_oscq.quantize_model(model, bits), PIXELS), rtol=0, atol=0
-        )
+        assert_packed_close(logits_of(loaded, PIXELS), logits_of(hf_oscq.quantize_model(model, bits), PIXELS))
 
 
 def test_save_pretrained_writes_the_same_tensors_and_config(vit_export, tmp_path):
@@ -243,7 +241,7 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
     expected = hf_oscq.quantize_model(model, 3, target_modules="all-layers")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(loaded(ids).logits, expected(ids).logits)
         generated = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, expected.generate(ids[:1], max_new_tokens=4, do_sample=False))
     loaded.save_pretrained(tmp_path / "saved")
@@ -253,7 +251,7 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     )
     assert on_load.lm_head.weight is on_load.transformer.wte.weight
     with torch.no_grad():
-        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(on_load(ids).logits, expected(ids).logits)
 
 
 def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
@@ -263,11 +261,8 @@ def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
     assert isinstance(backbone, ViTModel)
     assert isinstance(backbone.get_parameter("layers.0.mlp.fc1.weight"), PackedWeight)
     with torch.no_grad():
-        torch.testing.assert_close(
-            backbone(pixel_values=PIXELS).last_hidden_state,
-            expected.vit(pixel_values=PIXELS).last_hidden_state,
-            rtol=0,
-            atol=0,
+        assert_packed_close(
+            backbone(pixel_values=PIXELS).last_hidden_state, expected.vit(pixel_values=PIXELS).last_hidden_state
         )
     new_head = AutoModelForImageClassification.from_pretrained(out / "w3", num_labels=5, ignore_mismatched_sizes=True)
     assert type(new_head.classifier.weight) is torch.nn.Parameter and new_head.classifier.weight.shape == (5, 32)
@@ -328,12 +323,12 @@ def test_gpt2_group_and_channel_scales_follow_conv1d_columns_through_export_and_
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
     expected = hf_oscq.quantize_model(model, spec=spec)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(loaded(ids).logits, expected(ids).logits)
     on_load = AutoModelForCausalLM.from_pretrained(
         out / "fp", quantization_config=OscqQuantizationConfig.from_spec(spec)
     )
     with torch.no_grad():
-        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(on_load(ids).logits, expected(ids).logits)
     # a checkpoint written before scales followed Conv1D's output columns is refused, not misread
     config = json.loads((variant / "config.json").read_text())
     del config["quantization_config"]["scale_axis"]

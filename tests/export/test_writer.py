@@ -18,6 +18,7 @@ from transformers import AutoModelForImageClassification, TimmWrapperForImageCla
 
 import hf_oscq
 from hf_oscq.evaluation import record_evaluation
+from hf_oscq.export import checkpoint as checkpoint_module
 from hf_oscq.export import writer as export_module
 from hf_oscq.versions import library_versions
 
@@ -164,21 +165,21 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     model = tiny_vit()
     out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(2, 5))
     before = _tree_digest(out)
-    original = export_module.serialize_checkpoint
+    original = checkpoint_module.serialize_checkpoint  # what the packed save path writes each file with
 
     def fail_at_five_bits(tensors, bits, *config):
         if bits == 5:
             raise OSError("disk full")
         return original(tensors, bits, *config)
 
-    monkeypatch.setattr(export_module, "serialize_checkpoint", fail_at_five_bits)
+    monkeypatch.setattr(checkpoint_module, "serialize_checkpoint", fail_at_five_bits)
     with torch.no_grad():
         model.classifier.weight.mul_(-1)  # the new export would differ from the old one
     with pytest.raises(OSError, match="disk full"):
         hf_oscq.export_quantized(model, out, bits=(2, 5))
     assert _tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
-    monkeypatch.setattr(export_module, "serialize_checkpoint", original)
+    monkeypatch.setattr(checkpoint_module, "serialize_checkpoint", original)
     hf_oscq.export_quantized(model, out, bits=(2, 5))  # a successful export replaces the previous one
     after = _tree_digest(out)
     assert after.keys() == before.keys() and after["w5/model.safetensors"] != before["w5/model.safetensors"]
@@ -287,17 +288,17 @@ def test_export_killed_at_every_stage_leaves_a_complete_export_at_out(tmp_path, 
     # The next export into OUT puts a previous export aside back and removes every leftover before it writes:
     # made to fail here, it leaves the previous export (restored) exactly as it was, and nothing else.
     expected = _tree_digest(out) if out.exists() else before
-    original = export_module.serialize_checkpoint
+    original = checkpoint_module.serialize_checkpoint
 
     def disk_full(*args):
         raise OSError("disk full")
 
-    export_module.serialize_checkpoint = disk_full
+    checkpoint_module.serialize_checkpoint = disk_full
     try:
         with pytest.raises(OSError, match="disk full"):
             hf_oscq.export_quantized(tiny_vit(), out, bits=(2, 5))
     finally:
-        export_module.serialize_checkpoint = original
+        checkpoint_module.serialize_checkpoint = original
     assert _tree_digest(out) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     AutoModelForImageClassification.from_pretrained(out / "w5")
