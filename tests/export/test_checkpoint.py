@@ -318,6 +318,37 @@ def test_zero_scales_of_all_zero_weights_and_channels_load(tmp_path):
             assert_packed_close(loaded(pixel_values=pixel_values).logits, expected(pixel_values=pixel_values).logits)
 
 
+@pytest.mark.parametrize("granularity", ["per_channel", "group"])
+def test_a_zero_scale_over_codes_is_refused_for_gpt2_conv1d_columns_too(tmp_path, granularity):
+    """The zero-scale check covers every layout: GPT-2's Conv1D (output channels in dim 1) per channel and
+    group-wise, as Linear weights; an all-zero output column (scale 0 over zero codes) still loads."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=40, n_positions=16)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, 5] = 0.0  # output column 5 of a Conv1D (in=32, out=128)
+    spec = hf_oscq.QuantSpec(3, granularity, group_size=8 if granularity == "group" else None)
+    out = hf_oscq.export_quantized(model, tmp_path / "export", spec=spec)
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_packed_close(
+            AutoModelForCausalLM.from_pretrained(out / "w3")(ids).logits,
+            hf_oscq.quantize_model(model, spec=spec)(ids).logits,
+        )
+    folder = _copy_variant(out, tmp_path)
+    key = "transformer.h.0.attn.c_attn.weight_scale"
+
+    def zero_column(tensors):
+        scale = tensors[key].clone()
+        scale.reshape(96, -1)[7] = 0.0  # every scale of output column 7, whose codes are not all 0
+        tensors[key] = scale
+
+    _rewrite_tensors(folder, zero_column)
+    with pytest.raises(CheckpointFormatError, match=rf"Scale '{key}' in .* is 0 where its codes are not all 0"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
