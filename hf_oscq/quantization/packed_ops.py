@@ -12,11 +12,16 @@ CPU kernels (kernel_build.py) where they apply and torch operations otherwise.
 
 The torch path (`HF_OSCQ_DISABLE_KERNELS=1`, no compiler, CUDA and other devices, float64 scales, inputs that need
 gradients) gives the values of `quantize_model`'s weights through torch's own operations.
+
+What a kernel needs of a weight (its sizes, float32 scales, which kernels apply) is worked out once per weight and
+kept beside it (`_plan`), since every tensor attribute read on a packed weight costs a Python dispatch.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -24,61 +29,87 @@ from torch.nn import functional as F
 from .kernel_build import MAX_ROWS, load_kernels
 from .packing import dequantize_packed, invalid_packed_codes, packed_size
 
-# id(scale tensor) -> (a weak reference to it, its transposed float32 copy); entries leave with their tensor
-_TRANSPOSED_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+class _Plan(NamedTuple):
+    reference: weakref.ref  # the weight the plan is for (ids are reused once it is gone)
+    shape: tuple[int, ...]
+    numel: int
+    bits: int
+    dtype: torch.dtype
+    out_dim: int
+    cpu: bool  # codes and scales on the CPU, scales in float32 or narrower: the kernels apply
+    scale: torch.Tensor  # float32 scales as the kernel reads them: flat (out_dim 0), (groups, out) for Conv1D
+    block: int  # codes a scale covers (out_dim 0), rows of an input group (Conv1D)
+    fused: bool  # the fused product applies (rows and scale blocks start on whole words of codes)
+
+
+_PLANS: dict[int, _Plan] = {}
 
 
 def _codes_per_word(bits: int) -> int:
     return 16 if bits == 2 else 8 if bits <= 4 else 4
 
 
-def _kernels_for(weight, *tensors: torch.Tensor):
-    """The compiled kernels if they apply to `weight` (and the inputs), else None."""
-    if weight.device.type != "cpu" or weight.scale.dtype == torch.float64:
-        return None
-    if any(t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()) for t in tensors):
+def _make_plan(weight) -> _Plan:
+    shape, bits, out_dim = tuple(weight.shape), weight.bits, weight.out_dim
+    numel = math.prod(shape)
+    scale = weight.scale
+    cpu = weight.packed.device.type == "cpu" and scale.device.type == "cpu" and scale.dtype != torch.float64
+    word = _codes_per_word(bits)
+    flat = scale.reshape(-1).to(torch.float32).contiguous() if cpu else scale
+    block, fused = 1, False
+    if cpu and out_dim == 1 and len(shape) == 2:  # GPT-2's Conv1D, stored (in, out)
+        rows, cols = shape
+        transposed = flat.expand(cols) if flat.numel() == 1 else flat.reshape(cols, -1).T
+        flat = transposed.reshape(-1, cols).contiguous()
+        block = rows // flat.shape[0]
+        fused = cols % word == 0
+    elif cpu and out_dim == 0:
+        block = numel // max(flat.numel(), 1)
+        cols = numel // shape[0] if shape and shape[0] else 0
+        span = min(block, cols)
+        fused = len(shape) == 2 and cols > 0 and cols % word == 0 and span % word == 0 and cols % span == 0
+    else:
+        cpu = False  # other layouts (transposed convolutions) dequantize through torch
+    return _Plan(weakref.ref(weight), shape, numel, bits, weight.dtype, out_dim, cpu, flat, block, fused)
+
+
+def _plan(weight) -> _Plan:
+    key = id(weight)
+    plan = _PLANS.get(key)
+    if plan is None or plan.reference() is not weight:
+        plan = _make_plan(weight)
+        _PLANS[key] = plan
+        weakref.finalize(weight, _PLANS.pop, key, None)
+    return plan
+
+
+def forget(weight) -> None:
+    """Drops what was worked out for `weight` (its codes or scales were overwritten)."""
+    _PLANS.pop(id(weight), None)
+
+
+def _kernels(plan: _Plan, x: torch.Tensor | None = None):
+    """The compiled kernels if they apply to the weight of `plan` (and the input `x`), else None."""
+    if not plan.cpu or (x is not None and (x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()))):
         return None
     return load_kernels()
-
-
-def _float_scale(weight) -> torch.Tensor:
-    return weight.scale.reshape(-1).to(torch.float32).contiguous()
-
-
-def _conv1d_scale(weight) -> torch.Tensor:
-    """The scales of a `(in, out)` weight (out_dim 1) as `(groups, out)`, row g holding input group g's: cached per
-    scale tensor, so a forward pass does not transpose them again."""
-    key = id(weight.scale)
-    entry = _TRANSPOSED_SCALES.get(key)
-    if entry is not None and entry[0]() is weight.scale:
-        return entry[1]
-    out = weight.shape[1]
-    scale = _float_scale(weight)
-    transposed = (scale.expand(out) if scale.numel() == 1 else scale.reshape(out, -1).T).reshape(-1, out).contiguous()
-    _TRANSPOSED_SCALES[key] = (weakref.ref(weight.scale), transposed)
-    weakref.finalize(weight.scale, _TRANSPOSED_SCALES.pop, key, None)
-    return transposed
 
 
 def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     """`codes * scale` of a `PackedWeight`, computed in float32 and returned in `dtype` (contiguous, the weight's
     shape)."""
-    kernels = _kernels_for(weight)
-    two_dimensional_conv1d = weight.out_dim == 1 and weight.dim() == 2
-    if kernels is None or (weight.out_dim and not two_dimensional_conv1d):
-        return dequantize_packed(weight.packed, weight.bits, weight.scale, weight.shape, dtype, weight.out_dim)
-    out = torch.empty(weight.shape, dtype=torch.float32)
-    if two_dimensional_conv1d:
-        scale, cols_out = _conv1d_scale(weight), weight.shape[1]
-        block = weight.shape[0] // scale.shape[0]
-    else:
-        scale, cols_out = _float_scale(weight), 0
-        block = weight.numel() // max(scale.numel(), 1)
-    if weight.numel():
+    plan = _plan(weight)
+    kernels = _kernels(plan)
+    if kernels is None:
+        return dequantize_packed(weight.packed, plan.bits, weight.scale, plan.shape, dtype, plan.out_dim)
+    out = torch.empty(plan.shape, dtype=torch.float32)
+    if plan.numel:
+        packed = weight.packed
         _check(
             kernels.oscq_dequantize(
-                weight.packed.data_ptr(), weight.packed.numel(), weight.bits, weight.numel(), scale.data_ptr(),
-                block, cols_out, out.data_ptr(), torch.get_num_threads(),
+                packed.data_ptr(), packed.numel(), plan.bits, plan.numel, plan.scale.data_ptr(), plan.block,
+                plan.shape[1] if plan.out_dim else 0, out.data_ptr(), torch.get_num_threads(),
             )
         )  # fmt: skip
     return out if dtype == torch.float32 else out.to(dtype)
@@ -105,43 +136,25 @@ def _check(code: int) -> None:
         raise RuntimeError(f"hf_oscq's packed-weight kernel refused its arguments (code {code}): a bug, please report")
 
 
-def _fused_rows(x: torch.Tensor, weight) -> bool:
-    """Whether the fused kernel takes `x @ weight.T` (rows and scale blocks start on whole words of codes)."""
-    rows, cols = weight.shape[0], weight.numel() // max(weight.shape[0], 1)
-    scales = weight.scale.numel()
-    block = weight.numel() // scales if scales else 0
-    span = min(block, cols)
-    word = _codes_per_word(weight.bits)
-    return (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
-        and 0 < x.numel() // cols <= MAX_ROWS
-        and rows > 0
-        and cols % word == 0
-        and span > 0
-        and span % word == 0
-        and cols % span == 0
-    )
-
-
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a `PackedWeight` whose output channels are dim 0."""
-    kernels = _kernels_for(weight, x) if weight.out_dim == 0 else None
+    plan = _plan(weight)
+    kernels = _kernels(plan, x) if plan.out_dim == 0 else None
     if kernels is None:
         return F.linear(x, weight.dequantize(), bias)
-    if not _fused_rows(x, weight):
-        return F.linear(x, dequantize(weight, weight.dtype), bias)
-    rows, cols = weight.shape
-    flat = x.reshape(-1, cols).contiguous()
-    scale = _float_scale(weight)
-    out = torch.empty(flat.shape[0], rows, dtype=torch.float32)
+    rows = plan.shape[0]
+    cols = plan.numel // rows
+    count = x.numel() // cols if cols else 0
+    if not (plan.fused and x.dtype == torch.float32 and plan.dtype == torch.float32 and 0 < count <= MAX_ROWS):
+        return F.linear(x, dequantize(weight, plan.dtype), bias)
+    flat = x.reshape(count, cols).contiguous()
+    out = torch.empty(count, rows, dtype=torch.float32)
     planes = torch.empty_like(flat)
+    packed = weight.packed
     _check(
         kernels.oscq_matmul_rows(
-            weight.packed.data_ptr(), weight.packed.numel(), weight.bits, rows, cols, scale.data_ptr(),
-            weight.numel() // scale.numel(), flat.data_ptr(), flat.shape[0], planes.data_ptr(), out.data_ptr(),
-            torch.get_num_threads(),
+            packed.data_ptr(), packed.numel(), plan.bits, rows, cols, plan.scale.data_ptr(), plan.block,
+            flat.data_ptr(), count, planes.data_ptr(), out.data_ptr(), torch.get_num_threads(),
         )
     )  # fmt: skip
     if bias is not None:
@@ -151,25 +164,21 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, weight) -> torch.Tensor:
     """`x @ weight` for a 2-D `PackedWeight` stored `(in, out)` with output channels in dim 1 (GPT-2's `Conv1D`)."""
-    kernels = _kernels_for(weight, x) if weight.out_dim == 1 and weight.dim() == 2 else None
+    plan = _plan(weight)
+    kernels = _kernels(plan, x) if plan.out_dim == 1 else None
     if kernels is None:
         return torch.matmul(x, weight.dequantize())
-    rows, cols = weight.shape
-    fused = (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and 0 < x.numel() // rows <= MAX_ROWS
-        and cols % _codes_per_word(weight.bits) == 0
-    )
-    if not fused:
-        return torch.matmul(x, dequantize(weight, weight.dtype))
-    flat = x.reshape(-1, rows).contiguous()
-    scale = _conv1d_scale(weight)
-    out = torch.empty(flat.shape[0], cols, dtype=torch.float32)
+    rows, cols = plan.shape
+    count = x.numel() // rows if rows else 0
+    if not (plan.fused and x.dtype == torch.float32 and plan.dtype == torch.float32 and 0 < count <= MAX_ROWS):
+        return torch.matmul(x, dequantize(weight, plan.dtype))
+    flat = x.reshape(count, rows).contiguous()
+    out = torch.empty(count, cols, dtype=torch.float32)
+    packed = weight.packed
     _check(
         kernels.oscq_matmul_cols(
-            weight.packed.data_ptr(), weight.packed.numel(), weight.bits, rows, cols, scale.data_ptr(),
-            rows // scale.shape[0], flat.data_ptr(), flat.shape[0], out.data_ptr(), torch.get_num_threads(),
+            packed.data_ptr(), packed.numel(), plan.bits, rows, cols, plan.scale.data_ptr(), plan.block,
+            flat.data_ptr(), count, out.data_ptr(), torch.get_num_threads(),
         )
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], cols)

@@ -244,6 +244,7 @@ class PackedWeight(torch.Tensor):
         if func is _aten.copy_.default and isinstance(weight, PackedWeight) and _same_format(weight, args[1]):
             weight.packed.copy_(args[1].packed)  # load_state_dict of a packed state dict into a packed model
             weight.scale.copy_(args[1].scale)
+            packed_ops.forget(weight)
             return weight
         if func._schema.is_mutable and _writes_packed(func, args, kwargs):
             raise RuntimeError(

@@ -36,9 +36,20 @@ static void load_words(const uint8_t *stream, int64_t nbytes, int bits, int64_t 
     safe = safe < 0 ? 0 : safe > count ? count : safe;
     if (word_bits == 32) { /* 2, 4 and 8 bits: the stream is the words (little-endian hosts: the loader checks) */
         memcpy(words, stream + 4 * first, (size_t)(4 * safe));
-    } else if (word_bits == 24) { /* 3 and 6 bits: three bytes a word */
+    } else if (word_bits == 24) { /* 3 and 6 bits: three bytes a word, four words in three 32-bit loads */
         const uint8_t *bytes = stream + 3 * first;
-        for (int64_t h = 0; h < safe; h++) memcpy(&words[h], bytes + 3 * h, 4);
+        int64_t h = 0;
+        for (; h + 4 <= safe; h += 4) {
+            uint32_t a, b, c;
+            memcpy(&a, bytes + 3 * h, 4);
+            memcpy(&b, bytes + 3 * h + 4, 4);
+            memcpy(&c, bytes + 3 * h + 8, 4);
+            words[h] = a & 0xFFFFFFu;
+            words[h + 1] = (a >> 24) | ((b & 0xFFFFu) << 8);
+            words[h + 2] = (b >> 16) | ((c & 0xFFu) << 16);
+            words[h + 3] = c >> 8;
+        }
+        for (; h < safe; h++) memcpy(&words[h], bytes + 3 * h, 4);
     } else { /* 5 and 7 bits: two words fill `bits` bytes; the second starts half a byte in */
         int64_t h = 0;
         if (first % 2) {
@@ -47,10 +58,15 @@ static void load_words(const uint8_t *stream, int64_t nbytes, int bits, int64_t 
             memcpy(&word, stream + ((first * word_bits) >> 3), 4);
             words[0] = word >> 4;
         }
-        for (; h + 1 < safe && ((first + h) * word_bits >> 3) + 8 <= nbytes; h += 2) {
+        /* pairs (words first + h, first + h + 1) start at byte (first + h) / 2 * bits; eight bytes must be there */
+        const int64_t pairs = nbytes >= 8 ? (nbytes - 8) / bits + 1 : 0, last = 2 * pairs - first;
+        const int64_t stop = safe < last ? safe : last;
+        const uint8_t *base = stream + (first + h) / 2 * bits;
+        const uint32_t low = (1u << word_bits) - 1u;
+        for (; h + 1 < stop; h += 2, base += bits) {
             uint64_t pair;
-            memcpy(&pair, stream + ((first + h) * word_bits >> 3), 8);
-            words[h] = (uint32_t)pair & ((1u << word_bits) - 1u);
+            memcpy(&pair, base, 8);
+            words[h] = (uint32_t)pair & low;
             words[h + 1] = (uint32_t)(pair >> word_bits);
         }
         safe = h; /* the rest one by one below */
