@@ -22,7 +22,11 @@ Measured, for every torch thread count of `--threads`, variants interleaved with
 The goals (`GOALS`) are evaluated on the measures and marked met or not in the JSON and the printed table:
 
     python bench/runtime_memory.py [--threads 1 2] [--repeats 5] [--loads 3] [--models lm1024 lm_recipe ...]
-        [--document docs/RESULTS.md]
+        [--device cuda] [--document docs/RESULTS.md]
+
+On CUDA (`bench/gpu.sh --runtime`), packed weights are dequantized in each forward pass by torch operations (no
+GPU weight-only kernel holds hf_oscq's grid exactly: torchao's int4 kernels take bfloat16 scales), and load measures
+are skipped (they read the CPU's memory).
 
 Writes bench/results/runtime_memory.json (with the dependency versions), prints the tables, and with `--document`
 replaces the generated block of that Markdown file.
@@ -184,18 +188,22 @@ def measure_loads(export_dir: Path, loads: int) -> dict[str, dict]:
     }
 
 
-def _timed(run, model) -> float:
+def _timed(run, model, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     run(model)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def _workloads(name: str, new_tokens: int) -> dict[str, tuple]:
-    """`{measure: (inputs, how to run a model on them, unit)}` of model `name`."""
+def _workloads(name: str, new_tokens: int, device: str) -> dict:
+    """`{measure: how to run a model on its inputs}` of model `name`."""
     generator = torch.Generator().manual_seed(0)
     if name in LANGUAGE_MODELS:
-        prompt = torch.randint(3, 250, (1, 16), generator=generator)
-        prefill = torch.randint(3, 250, (1, 256), generator=generator)
+        prompt = torch.randint(3, 250, (1, 16), generator=generator).to(device)
+        prefill = torch.randint(3, 250, (1, 256), generator=generator).to(device)
 
         def decode(model):
             model.generate(
@@ -203,31 +211,31 @@ def _workloads(name: str, new_tokens: int) -> dict[str, tuple]:
             )
 
         return {"decode_b1": decode, "prefill_256": lambda model: model(input_ids=prefill)}
-    images = {batch: torch.randn(batch, 3, 32, 32, generator=generator) for batch in (1, 64)}
+    images = {batch: torch.randn(batch, 3, 32, 32, generator=generator).to(device) for batch in (1, 64)}
     return {
         f"forward_b{batch}": (lambda model, pixels=pixels: model(pixel_values=pixels.to(model.dtype)))
         for batch, pixels in images.items()
     }
 
 
-def measure_speed(name: str, models: dict, threads: int, repeats: int, new_tokens: int) -> dict[str, dict]:
+def measure_speed(name: str, models: dict, threads: int, args) -> dict[str, dict]:
     """Median seconds of each workload per variant, variants interleaved in every repeat."""
     torch.set_num_threads(threads)
-    workloads = _workloads(name, new_tokens)
+    workloads = _workloads(name, args.new_tokens, args.device)
     times = {variant: {measure: [] for measure in workloads} for variant in models}
     with torch.inference_mode():
         for model in models.values():  # warm-up: first-call costs (kernel build, allocations)
             for run in workloads.values():
                 run(model)
-        for _ in range(repeats):
+        for _ in range(args.repeats):
             for measure, run in workloads.items():
                 for variant, model in models.items():
-                    times[variant][measure].append(_timed(run, model))
+                    times[variant][measure].append(_timed(run, model, args.device))
     rows = {}
     for variant, measures in times.items():
         row = {f"{measure}_ms": 1000 * statistics.median(values) for measure, values in measures.items()}
         if "decode_b1_ms" in row:
-            row["decode_tokens_per_s"] = new_tokens / (row["decode_b1_ms"] / 1000)
+            row["decode_tokens_per_s"] = args.new_tokens / (row["decode_b1_ms"] / 1000)
         rows[variant] = row
     fp = rows["fp32"]
     for row in rows.values():
@@ -246,12 +254,10 @@ def run_model(name: str, workdir: Path, args) -> dict:
         "load_average_1min": {"before": os.getloadavg()[0]},
     }
     loads = measure_loads(export_dir, args.loads) if args.loads else {}
-    models = {variant: load_variant(export_dir, variant) for variant in VARIANTS}
+    models = {variant: load_variant(export_dir, variant).to(args.device) for variant in VARIANTS}
     result["memory"] = {variant: weight_bytes(loaded, quantized_names) for variant, loaded in models.items()}
     result["load"] = loads
-    result["speed"] = {
-        str(threads): measure_speed(name, models, threads, args.repeats, args.new_tokens) for threads in args.threads
-    }
+    result["speed"] = {str(threads): measure_speed(name, models, threads, args) for threads in args.threads}
     result["load_average_1min"]["after"] = os.getloadavg()[0]
     return result
 
@@ -368,9 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated per decode run")
     parser.add_argument("--models", nargs="+", default=[*LANGUAGE_MODELS, "resnet18", "vit"],
                         choices=[*LANGUAGE_MODELS, "resnet18", "vit"])  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (packed weights dequantize there)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--document", type=Path, help="Markdown file whose generated block gets the tables")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        report_device = torch.cuda.get_device_name()  # fails here, before any work, without a GPU
+    else:
+        report_device = platform.processor() or platform.machine()
     import torchao
     import transformers
 
@@ -380,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "loads": args.loads,
         "new_tokens": args.new_tokens,
+        "device": f"{args.device}: {report_device}",
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "versions": {
             "hf_oscq": hf_oscq.__version__,

@@ -327,3 +327,55 @@ def test_overhead_lm_workload_times_every_mode_on_the_decoder_projections_group_
     medians = result["median_step_seconds"]
     assert set(medians) == set(overhead.MODES) and all(value > 0 for value in medians.values())
     assert result["ratio_to_fp"] == {mode: medians[mode] / medians["fp"] for mode in overhead.MODES}
+
+
+def test_runtime_memory_marks_each_goal_from_the_measures():
+    """The goal rows of bench/runtime_memory.py: the worst ratio over bit-widths and thread counts decides, against
+    the thresholds of the goals (decode >= 1.0x fp32 at every bit-width and >= 1.5x at 2-4 bits; image batch 1 <= 1.2x,
+    batch 64 <= 1.05x; quantized tensors <= b/32 of fp32 + 3 %; load <= 1.2x)."""
+    runtime_memory = _load("runtime_memory")
+    bits = runtime_memory.BITS
+
+    def speed(ratios):  # {variant: {measure: ratio}} at 1 thread, and 1.1 times each ratio at 2 threads
+        return {
+            threads: {
+                variant: {"vs_fp32": {m: r * factor for m, r in measures.items()}}
+                for variant, measures in ratios.items()
+            }
+            for threads, factor in (("1", 1.0), ("2", 1.1))
+        }
+
+    lm = {
+        "speed": speed(
+            {f"w{b}": {"decode_tokens_per_s": 1.6 if b <= 4 else 1.02} for b in bits}
+            | {"w3": {"decode_tokens_per_s": 1.4}}
+        ),
+        "memory": {f"w{b}": {"quantized_vs_fp32": b / 32 + 1 / 32} for b in bits},  # group-wise 32: a bit more
+        "load": {"fp32": {"load_seconds": 1.0}} | {f"w{b}": {"load_seconds": 1.1} for b in bits},
+    }
+    image = {
+        "speed": speed(
+            {f"w{b}": {"forward_b1_ms": 1.1, "forward_b64_ms": 1.0} for b in bits}
+            | {"w8": {"forward_b1_ms": 1.3, "forward_b64_ms": 1.04}}
+        ),
+        "memory": {f"w{b}": {"quantized_vs_fp32": b / 32 * 1.001} for b in bits},
+        "load": {},
+    }
+    rows = runtime_memory.evaluate_goals({"models": {"lm1024": lm, "resnet18": image}})
+    decode = [row for row in rows if row["goal"].startswith("LM decode")]
+    assert [(row["met"], round(row["worst"], 4), row["where"]) for row in decode] == [
+        (True, 1.02, "w5, 1 thread(s)"),  # every bit-width: the worst is 1.02x (w5..w8 at 1 thread)
+        (False, 1.4, "w3, 1 thread(s)"),  # 2-4 bits: w3 below 1.5x
+    ]
+    others = {(row["goal"], row["model"]): row for row in rows if not row["goal"].startswith("LM decode")}
+    b1 = others[("batch 1 forward <= 1.2x fp32 time at every bit-width", "resnet18")]
+    assert (b1["met"], round(b1["worst"], 4), b1["where"]) == (False, 1.43, "w8, 2 thread(s)")
+    b64 = others[("batch 64 forward <= 1.05x fp32 time at every bit-width", "resnet18")]
+    assert (b64["met"], round(b64["worst"], 4), b64["where"]) == (False, 1.144, "w8, 2 thread(s)")
+    memory_lm = others[("quantized weights in memory <= b/32 of fp32 + 3 %", "lm1024")]
+    assert (memory_lm["met"], round(memory_lm["worst"], 4)) == (False, 1.5)  # w2: 3/32 against 2/32
+    memory_image = others[("quantized weights in memory <= b/32 of fp32 + 3 %", "resnet18")]
+    assert memory_image["met"] and round(memory_image["worst"], 4) == 1.001
+    load_lm = others[("load time <= 1.2x fp32", "lm1024")]
+    assert load_lm["met"] and round(load_lm["worst"], 4) == 1.1
+    assert not others[("load time <= 1.2x fp32", "resnet18")]["met"]  # not measured is not met
