@@ -88,8 +88,10 @@ def _run(command: list[str]) -> str | None:
     return lines[0] if lines else f"exit code {completed.returncode}"
 
 
-def _compile(compiler: str, target: Path) -> str | None:
-    """Compiles the source into `target`, trying the fastest flags first; None on success, else the last error."""
+def _compile(compiler: str, target: Path, defines: tuple[str, ...] = (), native: bool = True) -> str | None:
+    """Compiles the source into `target`, trying the fastest flags first (`-march=native` unless `native` is False,
+    OpenMP); None on success, else the last error. `defines` are extra `-D` flags (`-DOSCQ_PLAIN_C` builds the plain C
+    loops without the compiler's vector extensions)."""
     openmp = _torch_openmp()
     # OpenMP through torch's own runtime (one thread pool), through the compiler's, or none (one thread)
     linkings = ([["-fopenmp"], [str(openmp), f"-Wl,-rpath,{openmp.parent}"]],) if openmp else ()
@@ -97,9 +99,9 @@ def _compile(compiler: str, target: Path) -> str | None:
     error = None
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         obj, library = Path(scratch) / "packed_kernels.o", Path(scratch) / target.name
-        for isa in (["-march=native"], []):
+        for isa in (["-march=native"], []) if native else ([],):
             for compile_flags, link_flags in linkings:
-                base = [compiler, "-O3", "-fPIC", "-std=gnu99", *isa, *compile_flags]
+                base = [compiler, "-O3", "-fPIC", "-std=gnu99", *isa, *compile_flags, *defines]
                 error = _run([*base, "-c", str(SOURCE), "-o", str(obj)]) or _run(
                     [compiler, "-shared", str(obj), *link_flags, "-o", str(library)]
                 )

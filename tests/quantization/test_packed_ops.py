@@ -297,3 +297,20 @@ def test_invalid_codes_are_found_as_the_reference_finds_them():
         if codes.numel() * bits % 8:
             assert "padding" in packed_ops.invalid_codes(padded, bits, codes.numel())
     assert math.prod((5, 7)) == codes.numel()
+
+
+def test_the_plain_c_build_computes_the_same(monkeypatch, tmp_path):
+    """The kernels built without the compiler's vector extensions and without -march=native (what a compiler other
+    than GCC or Clang, or another processor, builds) pass the same checks."""
+    import ctypes
+
+    compiler = kernel_build._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler here: the plain C build cannot be tested")
+    target = tmp_path / "packed_kernels_plain.so"
+    assert kernel_build._compile(compiler, target, ("-DOSCQ_PLAIN_C",), native=False) is None
+    library = ctypes.CDLL(str(target))
+    kernel_build._declare(library)
+    monkeypatch.setitem(kernel_build._state, "library", library)
+    for bits, granularity in ((2, "group16"), (3, "group8"), (5, "per_channel"), (8, "per_tensor")):
+        test_fused_products_and_dequantization_match_the_reference(bits, granularity)

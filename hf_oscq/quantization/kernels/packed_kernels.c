@@ -52,7 +52,7 @@ static void load_words(const uint8_t *stream, int64_t nbytes, int bits, int64_t 
         for (; h < safe; h++) memcpy(&words[h], bytes + 3 * h, 4);
     } else { /* 5 and 7 bits: two words fill `bits` bytes; the second starts half a byte in */
         int64_t h = 0;
-        if (first % 2) {
+        if (first % 2 && safe > 0) { /* a second half: then whole pairs */
             h = 1;
             uint32_t word = 0;
             memcpy(&word, stream + ((first * word_bits) >> 3), 4);
@@ -82,9 +82,10 @@ static void load_words(const uint8_t *stream, int64_t nbytes, int bits, int64_t 
 /* One code as a float: (word >> shift) & mask, minus the offset max_code(bits). */
 #define CODE(word, B, j) ((float)((int32_t)(((word) >> ((B) * (j))) & ((1u << (B)) - 1u)) - ((1 << ((B) - 1)) - 1)))
 
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(OSCQ_PLAIN_C)
 /* GCC and Clang vector extensions: eight 32-bit lanes, lowered to whatever SIMD the target has (two 128-bit
- * registers on SSE2 or NEON, one 256-bit register on AVX2 and AVX-512). */
+ * registers on SSE2 or NEON, one 256-bit register on AVX2 and AVX-512). Other compilers (or -DOSCQ_PLAIN_C) run the
+ * plain C loops below, which they may vectorize themselves. */
 #define VECTORS 1
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
