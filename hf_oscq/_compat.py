@@ -32,8 +32,9 @@ HF_QUANTIZER_HOOKS = (
     "get_state_dict_and_metadata",
     "_dequantize",
 )
-# Private transformers names the packed-weight loader and the export use (export/hf_quantizer.py, export/writer.py):
-# the config types whose loading attributes `from_pretrained` merges, and the removal of tied weights before saving.
+# Private transformers names the packed-weight loader and the save path use (export/hf_quantizer.py, export/writer.py,
+# export/checkpoint.py): the config types whose loading attributes `from_pretrained` merges, and the removal of tied
+# weights before saving.
 LOADING_APIS = {
     "transformers.quantizers.auto": ("LOADING_ATTRIBUTES_CONFIG_TYPES",),
     "transformers.modeling_utils": ("remove_tied_weights_from_state_dict",),

@@ -229,13 +229,13 @@ class OscqQuantize(conversion_ops_class()):
         return converted
 
 
-def save_packed_pretrained(model, save_directory, **kwargs) -> None:
+def save_packed_pretrained(model, save_directory, *args, **kwargs) -> None:
     """The one save path of a model holding packed weights (`model.config.quantization_config` saying which), for a
     loaded model's `save_pretrained` and for `export_quantized`: transformers writes the folder (config, the tensors
     of `checkpoint_state_dict` under the checkpoint names of the model's class, tied weights once), then the weights
     files get the format metadata and checksum and config.json the guarded fields (`finish_saved_folder`)."""
     with checkpoint_naming(model):
-        type(model).save_pretrained(model, save_directory, **kwargs)
+        type(model).save_pretrained(model, save_directory, *args, **kwargs)
     finish_saved_folder(save_directory, model.config.quantization_config)
 
 
