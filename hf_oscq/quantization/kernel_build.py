@@ -126,12 +126,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     ).hexdigest()[:16]
     target = cache_dir() / f"packed_kernels-{key}.so"
     if not target.is_file():
+        logger.info("Compiling hf_oscq's CPU kernels for packed weights into %s (once per machine)", target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return None, f"cannot create the kernel cache {target.parent} ({error}; set {CACHE_ENV})"
-        logger.info("Compiling hf_oscq's CPU kernels for packed weights into %s (once per machine)", target)
-        error = _compile(compiler, target)
+            error = _compile(compiler, target)
+        except OSError as error:  # an unwritable cache folder
+            return None, f"cannot write the kernel cache {target.parent} ({error}; set {CACHE_ENV} to another folder)"
         if error is not None:
             return None, f"{compiler} failed: {error}"
     try:
@@ -145,8 +145,20 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 def _declare(library: ctypes.CDLL) -> None:
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.oscq_dequantize.argtypes = [pointer, size, integer, size, pointer, size, size, pointer, integer]
-    library.oscq_matmul_rows.argtypes = [pointer, size, integer, size, size, pointer, size, pointer, size, pointer,
-                                         pointer, integer]  # fmt: skip
+    library.oscq_matmul_rows.argtypes = [
+        pointer,
+        size,
+        integer,
+        size,
+        size,
+        pointer,
+        size,
+        pointer,
+        size,
+        pointer,
+        pointer,
+        integer,
+    ]  # fmt: skip (the tenth: the bias, or None)
     library.oscq_matmul_cols.argtypes = [pointer, size, integer, size, size, pointer, size, pointer, size, pointer,
                                          integer]  # fmt: skip
     library.oscq_codes_valid.argtypes = [pointer, size, integer, size, integer]

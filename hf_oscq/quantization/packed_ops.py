@@ -41,6 +41,7 @@ class _Plan(NamedTuple):
     scale: torch.Tensor  # float32 scales as the kernel reads them: flat (out_dim 0), (groups, out) for Conv1D
     block: int  # codes a scale covers (out_dim 0), rows of an input group (Conv1D)
     fused: bool  # the fused product applies (rows and scale blocks start on whole words of codes)
+    codes: tuple[int, int]  # address and bytes of the packed codes (their storage stays; `forget` after a copy)
 
 
 _PLANS: dict[int, _Plan] = {}
@@ -71,7 +72,8 @@ def _make_plan(weight) -> _Plan:
         fused = len(shape) == 2 and cols > 0 and cols % word == 0 and span % word == 0 and cols % span == 0
     else:
         cpu = False  # other layouts (transposed convolutions) dequantize through torch
-    return _Plan(weakref.ref(weight), shape, numel, bits, weight.dtype, out_dim, cpu, flat, block, fused)
+    codes = (weight.packed.data_ptr(), weight.packed.numel())
+    return _Plan(weakref.ref(weight), shape, numel, bits, weight.dtype, out_dim, cpu, flat, block, fused, codes)
 
 
 def _plan(weight) -> _Plan:
@@ -105,10 +107,9 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_packed(weight.packed, plan.bits, weight.scale, plan.shape, dtype, plan.out_dim)
     out = torch.empty(plan.shape, dtype=torch.float32)
     if plan.numel:
-        packed = weight.packed
         _check(
             kernels.oscq_dequantize(
-                packed.data_ptr(), packed.numel(), plan.bits, plan.numel, plan.scale.data_ptr(), plan.block,
+                *plan.codes, plan.bits, plan.numel, plan.scale.data_ptr(), plan.block,
                 plan.shape[1] if plan.out_dim else 0, out.data_ptr(), torch.get_num_threads(),
             )
         )  # fmt: skip
@@ -147,18 +148,17 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     count = x.numel() // cols if cols else 0
     if not (plan.fused and x.dtype == torch.float32 and plan.dtype == torch.float32 and 0 < count <= MAX_ROWS):
         return F.linear(x, dequantize(weight, plan.dtype), bias)
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.shape != (rows,)):
+        return F.linear(x, dequantize(weight, plan.dtype), bias)
+    bias = bias.contiguous() if bias is not None else None
     flat = x.reshape(count, cols).contiguous()
     out = torch.empty(count, rows, dtype=torch.float32)
-    planes = torch.empty_like(flat)
-    packed = weight.packed
     _check(
         kernels.oscq_matmul_rows(
-            packed.data_ptr(), packed.numel(), plan.bits, rows, cols, plan.scale.data_ptr(), plan.block,
-            flat.data_ptr(), count, planes.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+            *plan.codes, plan.bits, rows, cols, plan.scale.data_ptr(), plan.block, flat.data_ptr(), count,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads(),
         )
     )  # fmt: skip
-    if bias is not None:
-        out += bias
     return out.reshape(*x.shape[:-1], rows)
 
 
@@ -174,11 +174,10 @@ def matmul(x: torch.Tensor, weight) -> torch.Tensor:
         return torch.matmul(x, dequantize(weight, plan.dtype))
     flat = x.reshape(count, rows).contiguous()
     out = torch.empty(count, cols, dtype=torch.float32)
-    packed = weight.packed
     _check(
         kernels.oscq_matmul_cols(
-            packed.data_ptr(), packed.numel(), plan.bits, rows, cols, plan.scale.data_ptr(), plan.block,
-            flat.data_ptr(), count, out.data_ptr(), torch.get_num_threads(),
+            *plan.codes, plan.bits, rows, cols, plan.scale.data_ptr(), plan.block, flat.data_ptr(), count,
+            out.data_ptr(), torch.get_num_threads(),
         )
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], cols)

@@ -314,3 +314,20 @@ def test_the_plain_c_build_computes_the_same(monkeypatch, tmp_path):
     monkeypatch.setitem(kernel_build._state, "library", library)
     for bits, granularity in ((2, "group16"), (3, "group8"), (5, "per_channel"), (8, "per_tensor")):
         test_fused_products_and_dequantization_match_the_reference(bits, granularity)
+
+
+def test_an_unwritable_cache_falls_back_with_the_reason(monkeypatch, tmp_path, caplog):
+    if kernel_build._compiler() is None:
+        pytest.skip("no C compiler here: the fallback for want of a compiler is tested above")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(kernel_build.CACHE_ENV, str(tmp_path / "a_file" / "cache"))  # a folder inside a file
+    monkeypatch.delenv(kernel_build.DISABLE_ENV, raising=False)
+    kernel_build.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_oscq"):
+            assert kernel_build.load_kernels() is None
+        (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+        message = warning.getMessage()
+        assert "cannot write the kernel cache" in message and kernel_build.CACHE_ENV in message
+    finally:
+        kernel_build.reset()

@@ -16,6 +16,7 @@
  * has scale_t[(k / block) * out + n]: the scales transposed by the caller, `block` being the rows per input group.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -146,6 +147,18 @@ static inline v8f codes8(const uint32_t *words, int64_t v, int bits) {
         for (int64_t v = 0; v < vectors; v++) store8f(out + 8 * v, codes8(words, v, B));                      \
         return vectors * 8 / C;                                                                               \
     }                                                                                                         \
+    /* codes 8 * v .. 8 * v + 7 times their scale, scale[b] for the next `left` codes, then `block` codes each */ \
+    static void scaled_vector_##B(const uint32_t *words, int64_t vectors, const float *scale, int64_t b,         \
+                                  int64_t left, int64_t block, float *out) {                                  \
+        for (int64_t v = 0; v < vectors; v++, left -= 8) {                                                    \
+            if (left == 0) {                                                                                  \
+                b++;                                                                                          \
+                left = block;                                                                                 \
+            }                                                                                                 \
+            const float s = scale[b];                                                                         \
+            store8f(out + 8 * v, codes8(words, v, B) * (v8f){s, s, s, s, s, s, s, s});                        \
+        }                                                                                                     \
+    }                                                                                                         \
     static int64_t dot_vector_##B(const uint32_t *words, int64_t count, const float *xp, const float *s,       \
                                   int64_t per_block, float *result) {                                         \
         int64_t h = 0;                                                                                        \
@@ -165,11 +178,15 @@ static inline v8f codes8(const uint32_t *words, int64_t v, int bits) {
         for (int l = 0; l < 8; l++) *result += sum[l];                                                        \
         return h;                                                                                             \
     }
-#else
+#else /* no vector parts: the plain loops below do all the work */
 #define VECTOR_PART(B, C)                                                                                     \
-    static int64_t codes_vector_##B(const uint32_t *words, int64_t count, float *out) { return 0; }           \
+    static int64_t codes_vector_##B(const uint32_t *words, int64_t count, float *out) {                       \
+        (void)words, (void)count, (void)out;                                                                  \
+        return 0;                                                                                             \
+    }                                                                                                         \
     static int64_t dot_vector_##B(const uint32_t *words, int64_t count, const float *xp, const float *s,       \
                                   int64_t per_block, float *result) {                                         \
+        (void)words, (void)count, (void)xp, (void)s, (void)per_block;                                         \
         *result = 0.0f;                                                                                       \
         return 0;                                                                                             \
     }
@@ -207,6 +224,11 @@ typedef float (*dot_fn)(const uint32_t *, int64_t, const float *, const float *,
 static const codes_fn CODES[9] = {0, 0, codes_2, codes_3, codes_4, codes_5, codes_6, codes_7, codes_8};
 static const dot_fn DOT[9] = {0, 0, dot_2, dot_3, dot_4, dot_5, dot_6, dot_7, dot_8};
 static const codes_fn PLANES[9] = {0, 0, planes_2, planes_3, planes_4, planes_5, planes_6, planes_7, planes_8};
+#ifdef VECTORS
+typedef void (*scaled_fn)(const uint32_t *, int64_t, const float *, int64_t, int64_t, int64_t, float *);
+static const scaled_fn SCALED[9] = {0, 0, scaled_vector_2, scaled_vector_3, scaled_vector_4, scaled_vector_5,
+                                    scaled_vector_6, scaled_vector_7, scaled_vector_8};
+#endif
 
 static inline void split(int64_t total, int64_t align, int64_t *begin, int64_t *end) {
 #ifdef _OPENMP
@@ -237,6 +259,12 @@ int oscq_dequantize(const uint8_t *stream, int64_t nbytes, int bits, int64_t num
         for (int64_t first = begin; first < end; first += CHUNK) { /* first is a multiple of CHUNK, so of c */
             const int64_t stop = end - first < CHUNK ? end : first + CHUNK, count = (stop - first + c - 1) / c;
             load_words(stream, nbytes, bits, first / c, count, words);
+#ifdef VECTORS
+            if (cols_out == 0 && block % 8 == 0 && (stop - first) % 8 == 0) { /* eight codes a scale at least */
+                SCALED[bits](words, (stop - first) / 8, scale, first / block, block - first % block, block, out + first);
+                continue;
+            }
+#endif
             codes_of(words, count, codes);
             if (cols_out > 0) { /* runs along a row, scaled by the row of scale_t of its input group */
                 for (int64_t index = first; index < stop;) {
@@ -302,18 +330,20 @@ static float scaled_sum(const float *sums, int64_t n, int64_t per_block, const f
     return total;
 }
 
-/* y (m, rows) = x (m, cols) @ W.T for W (rows, cols) with output channels in dim 0 (Linear); code i has
- * scale[i / block]. Needs cols and the codes of a row under one scale to be multiples of the codes per word (rows
- * and scale blocks start on a word) and m <= MAX_ROWS. x is permuted once into planes (xp: m * cols floats from the
- * caller); each segment of a row is read once: at m = 1 multiplied with x as it is decoded, else decoded into
- * planes for the m rows of x. Per-word sums are added per scale block, then scaled. */
+/* y (m, rows) = x (m, cols) @ W.T (+ bias, unless NULL) for W (rows, cols) with output channels in dim 0 (Linear);
+ * code i has scale[i / block]. Needs cols and the codes of a row under one scale to be multiples of the codes per
+ * word (rows and scale blocks start on a word) and m <= MAX_ROWS. x is permuted once into planes; each segment of a
+ * row is read once: at m = 1 multiplied with x as it is decoded, else decoded into planes for the m rows of x.
+ * Per-word sums are added per scale block, then scaled. */
 int oscq_matmul_rows(const uint8_t *stream, int64_t nbytes, int bits, int64_t rows, int64_t cols, const float *scale,
-                     int64_t block, const float *x, int64_t m, float *xp, float *y, int threads) {
+                     int64_t block, const float *x, int64_t m, const float *bias, float *y, int threads) {
     const int64_t c = codes_per_word(bits);
     const int64_t span = block < cols ? block : cols; /* codes of a row under one scale */
     if (bits < 2 || bits > 8 || cols % c || block <= 0 || span % c || cols % span || m > MAX_ROWS) return 1;
     const dot_fn dot_of = DOT[bits];
     const codes_fn planes_of = PLANES[bits];
+    float *xp = malloc(sizeof(float) * (size_t)(m * cols));
+    if (xp == NULL) return 2;
     to_planes(x, m, cols, span, c, xp);
 #pragma omp parallel num_threads(threads) if (rows * cols * m > (1 << 15))
     {
@@ -341,8 +371,11 @@ int oscq_matmul_rows(const uint8_t *stream, int64_t nbytes, int bits, int64_t ro
                     }
                 }
             }
+            if (bias != NULL)
+                for (int64_t i = 0; i < m; i++) y[i * rows + r] += bias[r];
         }
     }
+    free(xp);
     return 0;
 }
 
