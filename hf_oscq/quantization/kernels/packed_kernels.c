@@ -23,6 +23,7 @@
 #endif
 
 #define CHUNK 2048  /* codes decoded at a time (8 kB of floats, within the L1 cache); a multiple of every C */
+#define SPARE 8     /* words a buffer holds past the ones loaded: eight-word vector loads may read them */
 #define TILE 512    /* output columns a thread accumulates at a time in oscq_matmul_cols; a multiple of every C */
 #define MAX_ROWS 16 /* rows of x the fused products take; the caller dequantizes for more */
 
@@ -91,6 +92,11 @@ static void load_words(const uint8_t *stream, int64_t nbytes, int bits, int64_t 
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUFFLE_PAIRS(v) __builtin_shufflevector(v, v, 0, 0, 0, 0, 1, 1, 1, 1)
+#else
+#define SHUFFLE_PAIRS(v) __builtin_shuffle(v, (v8u){0, 0, 0, 0, 1, 1, 1, 1})
+#endif
 static inline v8f load8f(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8f(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline v8f decode8(v8u word, v8u shift, int bits) {
@@ -128,9 +134,11 @@ static inline v8f codes8(const uint32_t *words, int64_t v, int bits) {
         const uint32_t w = words[v / 2], base = (uint32_t)(v % 2) * 8;
         word = (v8u){w, w, w, w, w, w, w, w};
         shift = ((v8u){0, 1, 2, 3, 4, 5, 6, 7} + base) * (uint32_t)bits;
-    } else {
-        const uint32_t a = words[2 * v], b = words[2 * v + 1];
-        word = (v8u){a, a, a, a, b, b, b, b};
+    } else { /* two words, each in four lanes: eight words loaded and shuffled (a vector built from scalars would
+              * go through memory); `words` holds 6 more words than it is given */
+        v8u eight;
+        memcpy(&eight, words + 2 * v, sizeof eight);
+        word = SHUFFLE_PAIRS(eight);
         shift = (v8u){0, 1, 2, 3, 0, 1, 2, 3} * (uint32_t)bits;
     }
     return decode8(word, shift, bits);
@@ -252,7 +260,7 @@ int oscq_dequantize(const uint8_t *stream, int64_t nbytes, int bits, int64_t num
     const int64_t c = codes_per_word(bits);
 #pragma omp parallel num_threads(threads) if (numel > (1 << 16))
     {
-        uint32_t words[CHUNK / 4];
+        uint32_t words[CHUNK / 4 + SPARE];
         float codes[CHUNK];
         int64_t begin, end;
         split(numel, CHUNK, &begin, &end);
@@ -391,7 +399,7 @@ int oscq_matmul_cols(const uint8_t *stream, int64_t nbytes, int bits, int64_t ro
     const int64_t tiles = (cols + TILE - 1) / TILE;
 #pragma omp parallel num_threads(threads) if (rows * cols * m > (1 << 15))
     {
-        uint32_t words[TILE / 4];
+        uint32_t words[TILE / 4 + SPARE];
         float codes[TILE];
         float acc[MAX_ROWS * TILE];
         int64_t begin, end;
