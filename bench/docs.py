@@ -218,36 +218,6 @@ def render_demo_digits(results: Path) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------- loaded checkpoints
-
-_MODEL_NAMES = {"resnet18": "ResNet-18", "vit": "tiny ViT"}
-
-
-@generator("runtime-memory")
-def render_runtime_memory(results: Path) -> str:
-    """docs/RESULTS.md: weights in memory, load and forward time of every loaded variant
-    (`bench/results/runtime_memory.json`, written by `bench/runtime_memory.py`)."""
-    record = json.loads((results / "runtime_memory.json").read_text())
-    lines = [
-        f"`bench/results/runtime_memory.json` (`{record['command']}`, torch {record['machine'].get('torch')}, "
-        f"{record['threads']} torch thread): medians, ratios against fp32 in brackets.",
-        "",
-        "| model | variant | weights in memory | quantized tensors / fp32 | peak RSS loading (MB) | load | forward b1 "
-        "| forward b64 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for model, measured in record["models"].items():
-        for variant, row in measured["variants"].items():
-            ratio = row["vs_fp32"]
-            lines.append(
-                f"| {_MODEL_NAMES.get(model, model)} | {variant} | {row['weight_bytes']['total'] / 1e6:.2f} MB | "
-                f"{row['weight_bytes']['quantized_vs_fp32']:.4f} | {row['peak_rss_mb']:.0f} | "
-                f"{row['load_seconds']:.2f} s ({ratio['load_seconds']:.2f}x) | {row['forward_b1_ms']:.0f} ms "
-                f"({ratio['forward_b1']:.2f}x) | {row['forward_b64_ms']:.0f} ms ({ratio['forward_b64']:.2f}x) |"
-            )
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------ the blocks
 
 

@@ -31,6 +31,11 @@
 #                                                     # or wheels carried in .whl/). Results:
 #                                                     # bench/results/serve_vllm.json.
 #   bench/gpu.sh --vllm --dry-run                     # CPU: the same path with transformers in vLLM's place
+#   bench/gpu.sh --runtime                            # packed checkpoints at run time on the GPU
+#                                                     # (bench/runtime_memory.py --device cuda: LM decode and
+#                                                     # prefill, image forward passes, weight memory, against fp32,
+#                                                     # bf16 and torchao int8; packed weights dequantize on CUDA).
+#                                                     # Results: bench/results/runtime_memory_cuda.json.
 #
 # The LM runs read the King James Version from data/kjv.txt on a machine without Debian's bible-kjv: write it with
 # `mkdir -p data && bible -f Gen1:1-Rev22:21 > data/kjv.txt` before carrying the tree. Results:
@@ -44,6 +49,8 @@ dry_run=0
 lm=0
 vllm=0
 full=0
+runtime=0
+runtime_seconds=540
 full_seconds=540
 lm_seconds=540
 overhead_seconds=100
@@ -56,10 +63,25 @@ while [[ $# -gt 0 ]]; do
     --lm) lm=1; shift ;;
     --vllm) vllm=1; shift ;;
     --full) full=1; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --vllm, --full)" >&2; exit 2 ;;
+    --runtime) runtime=1; shift ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (use --data_dir DIR, --device cuda|cpu, --dry-run, --lm, --vllm, --full, --runtime)" >&2; exit 2 ;;
   esac
 done
+if [[ "$runtime" == 1 ]]; then
+  # packed checkpoints at run time: every model at full size on the GPU; a dry run measures the LM recipe's model
+  # on the CPU in seconds (numbers void)
+  runtime_args=(--device "$device" --threads 1 --loads 0 --output "bench/results/runtime_memory_${device}.json")
+  [[ "$dry_run" == 1 ]] && runtime_args=(--device cpu --threads 1 --loads 0 --models lm_recipe --repeats 1
+    --new_tokens 2 --output "$(mktemp -d)/runtime_memory_smoke.json")
+  timeout "$runtime_seconds" python bench/runtime_memory.py "${runtime_args[@]}" \
+    || echo "gpu.sh: runtime bench stopped (exit $?)" >&2
+  if [[ -n "${OUT:-}" && "$dry_run" == 0 ]]; then
+    mkdir -p "$OUT/results"
+    cp "bench/results/runtime_memory_${device}.json" "$OUT/results/" || true
+  fi
+  exit 0
+fi
 corpus=()
 [[ -f data/kjv.txt ]] && corpus=(--corpus_file data/kjv.txt)
 if [[ "$vllm" == 1 ]]; then

@@ -2,8 +2,9 @@
 
 `import hf_oscq` is light: it imports no third-party library. It registers the "oscq" quantization method with
 transformers as soon as transformers' quantizer registry is imported, `OscqImageProcessor` as soon as its image
-processor registry is, and hf_oscq's timm architectures as soon as timm is (`_import_hooks.py`), so bit-packed
-checkpoints and their image processors load with `from_pretrained` and `pipeline` afterwards. Every public name
+processor registry is, hf_oscq's timm architectures as soon as timm is, and its packed weights as a type `torch.load`
+may rebuild as soon as torch is (`_import_hooks.py`), so bit-packed checkpoints, their image processors and saved
+state dicts load with `from_pretrained`, `pipeline` and `torch.load` afterwards. Every public name
 below is imported on first use, with the modules it needs.
 """
 
@@ -115,6 +116,11 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+def _register_packed_weight(torch) -> None:
+    # torch.load (weights_only=True, torch's default) may then rebuild the packed weights of a saved state dict
+    importlib.import_module(".quantization.packed_tensor", __name__)
+
+
 def _register_loader(module) -> None:
     importlib.import_module(".export.hf_quantizer", __name__)
 
@@ -131,6 +137,7 @@ def _register_timm_models(timm) -> None:
     register_timm_models(timm)
 
 
+when_imported("torch", _register_packed_weight)
 when_imported("transformers.quantizers.auto", _register_loader)
 when_imported("transformers.models.auto.image_processing_auto", _register_image_processor)
 when_imported("timm", _register_timm_models)

@@ -7,7 +7,9 @@ inside the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 WRITTEN_FOR = {"transformers": "5.24", "accelerate": "1.15", "torch": "2.14"}
@@ -30,8 +32,9 @@ HF_QUANTIZER_HOOKS = (
     "get_state_dict_and_metadata",
     "_dequantize",
 )
-# Private transformers names the packed-weight loader and the export use (export/hf_quantizer.py, export/writer.py):
-# the config types whose loading attributes `from_pretrained` merges, and the removal of tied weights before saving.
+# Private transformers names the packed-weight loader and the save path use (export/hf_quantizer.py, export/writer.py,
+# export/checkpoint.py): the config types whose loading attributes `from_pretrained` merges, and the removal of tied
+# weights before saving.
 LOADING_APIS = {
     "transformers.quantizers.auto": ("LOADING_ATTRIBUTES_CONFIG_TYPES",),
     "transformers.modeling_utils": ("remove_tied_weights_from_state_dict",),
@@ -174,28 +177,41 @@ def tied_weight_sources(model) -> dict[str, str]:
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
 
 
-def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Model-side tensor names -> the names `save_pretrained` writes (transformers' reverse weight conversion).
-
-    Every transform of the model's class is used, prefix changes included, as for a model loaded from its native
-    checkpoint: TimmWrapper weights then carry timm's own names, and timm tools reading the file meet the packed
-    tensors (and fail on their shapes) instead of skipping unknown prefixed names. The conversions a loaded model
-    remembers (`_weight_conversions`, which depend on the checkpoint it came from) are set aside, so that a model
-    built from scratch and the same model reloaded with `from_pretrained` write the same names.
-    """
+@contextlib.contextmanager
+def checkpoint_naming(model) -> Iterator[None]:
+    """While active, `save_pretrained` (and `revert_checkpoint_names`) write the checkpoint names of every transform
+    of the model's class (transformers' reverse weight conversion), prefix changes included, as for a model loaded
+    from its native checkpoint: TimmWrapper weights then carry timm's own names, and timm tools reading the file meet
+    the packed tensors (and fail on their shapes) instead of skipping unknown prefixed names. The conversions a
+    loaded model remembers (`_weight_conversions`, which depend on the checkpoint it came from) are set aside, so that
+    a model built from scratch and the same model reloaded with `from_pretrained` write the same names. Without a
+    transformers config, nothing changes."""
+    if not hasattr(model, "config"):
+        yield
+        return
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import revert_weight_conversion
 
     missing = object()
     remembered = model.__dict__.get("_weight_conversions", missing)
     model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False) or None
     try:
-        return revert_weight_conversion(model, dict(tensors))
+        yield
     finally:
         if remembered is missing:
             del model._weight_conversions
         else:
             model._weight_conversions = remembered
+
+
+def revert_checkpoint_names(model, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Model-side tensor names -> the names `save_pretrained` writes under `checkpoint_naming` (transformers'
+    reverse weight conversion); a model without a transformers config keeps its names."""
+    if not hasattr(model, "config"):
+        return dict(tensors)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with checkpoint_naming(model):
+        return revert_weight_conversion(model, dict(tensors))
 
 
 def checkpoint_to_model_names(entries: dict[str, Any], model, suffix: str) -> dict[str, Any]:

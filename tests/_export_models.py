@@ -90,3 +90,16 @@ def tiny_gpt2(tie_word_embeddings: bool = True) -> GPT2LMHeadModel:
 def logits_of(model, pixel_values):
     with torch.no_grad():
         return model(pixel_values=pixel_values).logits
+
+
+# Outputs of a model holding packed weights agree with `quantize_model`'s to float32 reassociation: the compiled CPU
+# kernels (hf_oscq/quantization/packed_ops.py) sum `scale * sum(code * x)` in another order than torch's matrix
+# products, each output within 2 * fan_in * 2**-24 * sum(|w| |x|) of it. For the tiny models of the tests, that is
+# far below PACKED_TOLERANCE of the largest output magnitude, while a wrong code or scale moves outputs by percents.
+PACKED_TOLERANCE = 1e-5
+
+
+def assert_packed_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """`actual` (a packed model's output) equals `expected` (the float model's with `quantize_model`'s weights) to
+    float32 reassociation: within PACKED_TOLERANCE times the largest |expected|, element by element."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=PACKED_TOLERANCE * float(expected.abs().max()))

@@ -1,5 +1,6 @@
 """The install instructions: pip builds hf_oscq from a git URL (here the file URL of this clone) into a wheel that
-carries its package data (the evaluate module, the card templates) and the `hf-oscq` command."""
+carries its package data (the evaluate module, the card templates, the C source of the packed-weight kernels) and the
+`hf-oscq` command."""
 
 import os
 import shutil
@@ -34,6 +35,7 @@ def test_pip_builds_from_a_git_url_with_package_data_and_command(tmp_path):
         "hf_oscq/templates/model_card.md",
         "hf_oscq/templates/trainer_card.md",
         "hf_oscq/cli/eval.py",
+        "hf_oscq/quantization/kernels/packed_kernels.c",  # compiled on first use (quantization/kernel_build.py)
     ):
         assert packaged in names, packaged
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]

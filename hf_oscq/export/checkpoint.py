@@ -19,14 +19,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
-from .._compat import checkpoint_to_model_names, keys_loading_may_skip
+from .._compat import checkpoint_to_model_names, keys_loading_may_skip, remove_tied_weights, revert_checkpoint_names
 from ..errors import OscqValueError
-from ..quantization.layout import grouped
 from ..quantization.layout import scale_shape as layout_scale_shape
-from ..quantization.packed_tensor import PackedWeight
-from ..quantization.packing import invalid_packed_codes, packed_size, unpack_unsigned
+from ..quantization.packed_ops import invalid_codes
+from ..quantization.packed_tensor import SCALE_SUFFIX, PackedWeight, packed_shape, scale_problem
 from ..quantization.selection import output_dim
-from ..quantization.spec import QuantSpec, max_code
+from ..quantization.spec import QuantSpec
 from ..versions import INSTALL_HINT, library_versions
 from .digest import CONFIG_KEY, DIGEST_KEY, blob_digest, config_differences, config_record, covered_config, file_digest
 
@@ -39,7 +38,6 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 # float16 / bfloat16.
 SCALE_DTYPES = {1: ("F16", "BF16", "F32", "F64"), 2: ("F32", "F64")}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-SCALE_SUFFIX = "_scale"  # "conv1.weight" holds the packed codes, "conv1.weight_scale" the scale(s)
 VERSION_KEY = "{library}_version"  # safetensors metadata: "hf_oscq_version", "torch_version", "transformers_version"
 
 # Values written over top-level config.json fields, so that loaders without hf_oscq stop with an error naming
@@ -58,17 +56,6 @@ TIMM_GUARD = (
 
 class CheckpointFormatError(OscqValueError):
     """A bit-packed checkpoint that cannot be loaded correctly (corrupted, truncated, or inconsistent)."""
-
-
-def packed_shape(weight_shape: Iterable[int], bits: int) -> tuple[int, ...]:
-    """Shape of the stored codes: `(bytes,)`, or `(1, bytes)` for a 1-D weight.
-
-    The number of dimensions always differs from the weight's, so a plain `load_state_dict` (strict or not)
-    raises a size mismatch instead of copying codes into a float weight.
-    """
-    shape = tuple(weight_shape)
-    size = packed_size(math.prod(shape), bits)
-    return (1, size) if len(shape) == 1 else (size,)
 
 
 def scale_shape(weight_shape: Iterable[int], spec: QuantSpec, out_dim: int = 0) -> tuple[int, ...]:
@@ -231,12 +218,10 @@ def _check_float16_scales(stored: StoredTensor, scale: torch.Tensor) -> None:
 
 
 def _check_scale(
-    stored: StoredTensor, codes: StoredTensor, shape: tuple[int, ...], spec: QuantSpec, version: int, out_dim: int = 0
+    stored: StoredTensor, codes: StoredTensor, shape: tuple[int, ...], bits: int, version: int, out_dim: int = 0
 ) -> None:
-    """A scale is what the writer produces: a float dtype of the format, finite, and positive, or 0 exactly where
-    every code it multiplies is 0 (an all-zero tensor, channel or group), whatever the layout (`out_dim` 0 or 1, per
-    tensor, per channel or group-wise)."""
-    bits = spec.bits
+    """A scale is what the writer produces: a float dtype of the format, and values the codec accepts
+    (`packed_tensor.scale_problem`: finite, positive, or 0 exactly where every code it multiplies is 0)."""
     fix = "a faulty writer produced this file (its checksum matches): export the model again."
     if stored.dtype not in SCALE_DTYPES[version]:
         raise CheckpointFormatError(
@@ -244,24 +229,12 @@ def _check_scale(
             f"as {' or '.join(SCALE_DTYPES[version])}: {fix}"
         )
     scale = stored.read()
-    if not bool(torch.isfinite(scale).all()):
-        raise CheckpointFormatError(f"Scale {stored.key!r} in {stored.path} holds NaN or Inf: {fix}")
-    if bool((scale < 0).any()):
-        raise CheckpointFormatError(
-            f"Scale {stored.key!r} in {stored.path} holds a negative value ({float(scale.min()):.3g}): {fix}"
-        )
+    zero_codes = torch.empty(0, dtype=torch.uint8)  # the codes are read only where a scale is 0
+    problem = scale_problem(scale, codes.read() if bool((scale == 0).any()) else zero_codes, bits, shape, out_dim)
+    if problem is not None:
+        raise CheckpointFormatError(f"Scale {stored.key!r} in {stored.path} {problem}: {fix}")
     if version == 1:
         _check_float16_scales(stored, scale)
-    zero = scale == 0
-    if bool(zero.any()):
-        unsigned = unpack_unsigned(codes.read().reshape(-1), bits, math.prod(shape)).reshape(shape)
-        groups = grouped(unsigned, spec, out_dim)  # (out, groups, group_len): one scale per (out, group)
-        zero = zero.reshape(groups.shape[:2])
-        if bool((groups[zero] != max_code(bits)).any()):
-            raise CheckpointFormatError(
-                f"Scale {stored.key!r} in {stored.path} is 0 where its codes are not all 0, which would zero those "
-                f"weights: {fix}"
-            )
 
 
 def _check_unpacked(
@@ -416,7 +389,7 @@ def validate_checkpoint_files(
                     f"weight of shape {list(weight_shape)} at bits={bits} ({spec.granularity}) needs "
                     f"{dtype or 'a float dtype'} and shape {list(shape)}: the codes do not match config.json."
                 )
-        _check_scale(entries[name + SCALE_SUFFIX], entries[name], tuple(stored), spec, version, out_dim)
+        _check_scale(entries[name + SCALE_SUFFIX], entries[name], tuple(stored), bits, version, out_dim)
         listed[name] = stored  # a new head's shape: transformers reports the mismatch
     stray = sorted(
         key
@@ -455,7 +428,7 @@ def check_packed_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor | N
     Raises:
         CheckpointFormatError: for codes no valid export writes, or non-zero padding.
     """
-    problem = invalid_packed_codes(codes.reshape(-1), bits, numel)
+    problem = invalid_codes(codes, bits, numel)
     if problem is not None:
         raise CheckpointFormatError(
             f"The packed codes of {name!r} hold {problem}: the file is corrupted or was packed at another bit-width. "
@@ -463,16 +436,30 @@ def check_packed_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor | N
         )
 
 
-def checkpoint_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with every `PackedWeight` as its two checkpoint tensors: `NAME` (codes, `packed_shape`) and
-    `NAME_scale`. Tied packed weights give views of one storage, which transformers then saves once."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in state_dict.items():
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `save_pretrained` writes for a model holding packed weights: every `PackedWeight` as its two
+    checkpoint tensors (`PackedWeight.checkpoint_tensors`). Tied packed weights give views of one storage, which
+    transformers then saves once.
+
+    Raises:
+        OscqValueError: when the model's class converts packed weights when saving (fused or split tensors), which
+            would store codes that no longer match their scales; names the weights and the way out.
+    """
+    tensors, packed = {}, []
+    for name, value in model.state_dict().items():
         if isinstance(value, PackedWeight):
-            tensors[name] = value.packed.view(packed_shape(value.shape, value.bits))
-            tensors[name + SCALE_SUFFIX] = value.scale
+            tensors.update(value.checkpoint_tensors(name))
+            packed.append(name)
         else:
             tensors[name] = value
+    kept = remove_tied_weights(model, tensors)
+    survivors = {id(tensor) for tensor in revert_checkpoint_names(model, kept).values()}
+    converted = [name for name in packed if name in kept and id(kept[name]) not in survivors]
+    if converted:
+        raise OscqValueError(
+            f"This model converts the weights {converted[:5]} when saving (fused or split tensors), so they cannot be "
+            "stored bit-packed one by one: exclude them with exclude_modules=[...]."
+        )
     return tensors
 
 

@@ -14,8 +14,10 @@ the runtime are documented in docs/EXPORT.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +28,18 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._compat import allow_loading_attributes, conversion_ops_class, tied_weight_sources
+from .._compat import allow_loading_attributes, checkpoint_naming, conversion_ops_class, tied_weight_sources
 from ..errors import OscqError, OscqValueError
 from ..quantization.batchnorm import require_batchnorm_handling
-from ..quantization.packed_tensor import PackedWeight
-from ..quantization.packing import pack_codes
-from ..quantization.primitives import check_finite, quantize_codes
+from ..quantization.packed_tensor import SCALE_SUFFIX, PackedWeight, weight_storage_bytes
+from ..quantization.primitives import check_finite
 from ..quantization.selection import output_dim, select_weights
 from ..quantization.spec import PER_CHANNEL, PER_TENSOR, QuantSpec
 from .checkpoint import (
     FORMAT_VERSION,
     QUANT_METHOD,
     READABLE_FORMAT_VERSIONS,
-    SCALE_SUFFIX,
     CheckpointFormatError,
-    check_packed_tensors,
     checkpoint_state_dict,
     finish_saved_folder,
     validate_checkpoint_files,
@@ -229,9 +228,13 @@ class OscqDeserialize(conversion_ops_class()):
         if tuple(stored_shape) != tuple(target.shape):  # a new head: transformers reports it as a size mismatch
             return {full_layer_name: torch.empty(stored_shape, device="meta")}
         bits = self.hf_quantizer.quantization_config.bits
-        check_packed_tensors(full_layer_name, weight, scale, bits, target.numel())
         module = model.get_submodule(full_layer_name.rpartition(".")[0])
-        packed = PackedWeight(weight.reshape(-1), scale, bits, target.shape, target.dtype, output_dim(module))
+        try:
+            packed = PackedWeight.from_checkpoint(
+                weight, scale, bits, target.shape, target.dtype, output_dim(module), name=full_layer_name
+            )
+        except OscqValueError as error:
+            raise CheckpointFormatError(str(error)) from None
         if self.hf_quantizer.quantization_config.dequantize:
             return {full_layer_name: packed.dequantize()}
         return {full_layer_name: torch.nn.Parameter(packed, requires_grad=False)}
@@ -256,30 +259,81 @@ class OscqQuantize(conversion_ops_class()):
             weight = _single(value)
             check_finite(weight, name)
             out_dim = output_dim(model.get_submodule(name.rpartition(".")[0]))
-            codes, scale = quantize_codes(weight, spec=self.hf_quantizer.spec, out_dim=out_dim)
-            packed = PackedWeight(
-                pack_codes(codes, config.bits), scale, config.bits, weight.shape, weight.dtype, out_dim
-            )
+            packed = PackedWeight.from_float(weight, self.hf_quantizer.spec, out_dim)
             converted[name] = packed.dequantize() if config.dequantize else torch.nn.Parameter(packed, False)
         return converted
 
 
+def save_packed_pretrained(model, save_directory, *args, **kwargs) -> None:
+    """The one save path of a model holding packed weights (`model.config.quantization_config` saying which), for a
+    loaded model's `save_pretrained` and for `export_quantized`: transformers writes the folder (config, the tensors
+    of `checkpoint_state_dict` under the checkpoint names of the model's class, tied weights once), then the weights
+    files get the format metadata and checksum and config.json the guarded fields (`finish_saved_folder`)."""
+    with checkpoint_naming(model):
+        type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    finish_saved_folder(save_directory, model.config.quantization_config)
+
+
+@contextlib.contextmanager
+def quantized_for_saving(model, quantization_config: OscqQuantizationConfig) -> Iterator[None]:
+    """While active, a model built or loaded in float whose selected weights hold `PackedWeight`s saves as a
+    packed checkpoint described by `quantization_config` (`save_packed_pretrained`); its quantizer and config are
+    put back on exit."""
+    missing = object()
+    quantizer = model.__dict__.get("hf_quantizer", missing)
+    previous_config = model.config.__dict__.get("quantization_config", missing)
+    model.hf_quantizer = OscqHfQuantizer(quantization_config, pre_quantized=True)
+    model.config.quantization_config = quantization_config
+    try:
+        yield
+    finally:
+        for owner, name, value in ((model, "hf_quantizer", quantizer), (model.config, "quantization_config",
+                                                                        previous_config)):  # fmt: skip
+            if value is missing:
+                owner.__dict__.pop(name, None)
+            else:
+                setattr(owner, name, value)
+
+
 def _save_packed_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-    """`save_pretrained` of a model holding packed weights: transformers writes the folder (config, tensors under
-    their checkpoint names, tied weights once), then the weights files get the format metadata and checksum and
-    config.json the guarded fields, exactly as `export_quantized` writes them. With `push_to_hub`, the finished folder
+    """`save_pretrained` of a loaded packed model (`save_packed_pretrained`). With `push_to_hub`, the finished folder
     is what `push_to_hub` uploads."""
     hub_options = {
         key: kwargs.pop(key)
         for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
         if key in kwargs
     }
-    type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    finish_saved_folder(save_directory, self.config.quantization_config)
+    save_packed_pretrained(self, save_directory, *args, **kwargs)
     if push_to_hub:
         repo_id = hub_options.pop("repo_id", Path(save_directory).name)
         return self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_options)
     return None
+
+
+def _packed_half(self, *args):
+    """`.half()` of a packed model: every float parameter and buffer in float16, packed weights staying packed
+    (transformers refuses `.half()` on quantized models whose weights cannot change dtype)."""
+    return torch.nn.Module.half(self, *args)
+
+
+def _packed_float(self, *args):
+    """`.float()` of a packed model, as `_packed_half`."""
+    return torch.nn.Module.float(self, *args)
+
+
+def _packed_memory_footprint(self, return_buffers: bool = True) -> int:
+    """`get_memory_footprint()` of a packed model: the bytes its parameters (and buffers) hold, packed weights
+    counted by their codes and scales instead of their logical float size."""
+    return weight_storage_bytes(self, buffers=return_buffers)
+
+
+# Methods of a loaded packed model that differ from its class's (removed again by `model.dequantize()`).
+_PACKED_METHODS = {
+    "save_pretrained": _save_packed_pretrained,
+    "half": _packed_half,
+    "float": _packed_float,
+    "get_memory_footprint": _packed_memory_footprint,
+}
 
 
 class OscqHfQuantizer(HfQuantizer):
@@ -379,16 +433,21 @@ class OscqHfQuantizer(HfQuantizer):
                 self.remove_quantization_config(model)
             return model
         # transformers has no hook after it writes a folder; the packed format also needs the checksum and the
-        # guarded config.json fields there, so the model's own save_pretrained finishes the folder it wrote.
-        model.save_pretrained = types.MethodType(_save_packed_pretrained, model)
-        # transformers refuses .half() and .float() on every quantized model; a packed weight casts its logical dtype
-        # like .to(dtype) and .bfloat16() do (the codes stay, the forward pass computes in the new dtype).
-        model.half = types.MethodType(torch.nn.Module.half, model)
-        model.float = types.MethodType(torch.nn.Module.float, model)
+        # guarded config.json fields there, so the model's own save_pretrained finishes the folder it wrote. Casts
+        # and the memory footprint are the packed weights' own too (_PACKED_METHODS).
+        for name, method in _PACKED_METHODS.items():
+            setattr(model, name, types.MethodType(method, model))
         return model
 
     def get_state_dict_and_metadata(self, model):
-        return checkpoint_state_dict(model.state_dict()), {}
+        return checkpoint_state_dict(model), {}
+
+    def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
+        # Bytes per weight of a packed weight (its codes; scales are a few percent more), for transformers' and
+        # accelerate's device-map and memory estimates.
+        if param_name in self.packed or param_name in self.to_quantize:
+            return self.quantization_config.bits / 8
+        return super().param_element_size(model, param_name, param)
 
     def _dequantize(self, model, dtype=None):
         if isinstance(dtype, str):
@@ -401,8 +460,8 @@ class OscqHfQuantizer(HfQuantizer):
                         values = parameter.dequantize(dtype if dtype is not None else parameter.dtype)
                         replaced[id(parameter)] = torch.nn.Parameter(values, requires_grad=True)
                     module._parameters[attribute] = replaced[id(parameter)]
-        for method in ("save_pretrained", "half", "float"):
-            model.__dict__.pop(method, None)
+        for name in _PACKED_METHODS:
+            model.__dict__.pop(name, None)
         return model
 
     def is_serializable(self) -> bool:

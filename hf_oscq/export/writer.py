@@ -32,14 +32,14 @@ try:
 except ImportError:  # Windows: no advisory locks, leftovers are left for the user
     fcntl = None
 
-from .._compat import remove_tied_weights, revert_checkpoint_names
+from .._compat import remove_tied_weights
 from ..errors import OscqValueError, os_errors
 from ..paths import check_output_path
 from ..provenance import Provenance
 from ..quantization.batchnorm import counted, has_batchnorm, require_batchnorm_handling, reusable_batches
-from ..quantization.packing import pack_codes
-from ..quantization.primitives import check_finite, quantize_codes
-from ..quantization.ptq import quantized_weights
+from ..quantization.packed_tensor import PackedWeight
+from ..quantization.primitives import check_finite
+from ..quantization.ptq import holding_packed_weights, quantized_weights
 from ..quantization.selection import output_dims, select_weights
 from ..quantization.sharding import is_sharded
 from ..quantization.spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
@@ -47,14 +47,8 @@ from ..quantization.variants import FULL_PRECISION, sort_variants, variant_name,
 from ..versions import library_versions
 from .checkpoint import (
     FORMAT_VERSION,
-    SCALE_SUFFIX,
-    guard_config,
-    packed_shape,
-    read_config,
-    serialize_checkpoint,
-    write_config,
 )
-from .folder import MANIFEST_NAME, WEIGHTS_NAME, manifest_provenance, weights_size
+from .folder import MANIFEST_NAME, manifest_provenance, weights_size
 from .formats import COMPRESSED_TENSORS_FORMAT, OSCQ_FORMAT, check_export_format
 
 logger = logging.getLogger(__name__)
@@ -91,26 +85,6 @@ def _json_field(name: str, value: Any) -> Any:
         ) from None
 
 
-def _checkpoint_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], packed_names: set[str]) -> dict:
-    """Renames model-side names to the names `save_pretrained` writes (transformers' reverse weight conversion)."""
-    kept, seen = {}, set()
-    for name, tensor in tensors.items():  # tied weights: save one copy, transformers ties them again at load
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if name not in packed_names and tensor.numel() and storage in seen:
-            continue
-        seen.add(storage)
-        kept[name] = tensor
-    renamed = revert_checkpoint_names(model, kept) if hasattr(model, "config") else kept
-    identity = {id(tensor): key for key, tensor in renamed.items()}
-    lost = [name for name in packed_names if id(kept[name]) not in identity]
-    if lost:
-        raise OscqValueError(
-            f"This model converts the weights {lost[:5]} when saving (fused or split tensors), so they cannot be "
-            "stored bit-packed one by one: exclude them with exclude_modules=[...]."
-        )
-    return renamed
-
-
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
 
@@ -125,55 +99,33 @@ def _write_variant(
     bn_recalibrated: bool,
     versions: dict[str, str],
 ) -> int:
-    """Writes `folder` (config.json, model.safetensors, side files); returns the number of images BatchNorm was
-    re-estimated on (0 without re-estimation)."""
-    from .hf_quantizer import OscqQuantizationConfig
+    """Writes `folder` (config.json, model.safetensors, side files) through the packed save path: the model holds
+    its packed weights (and the BatchNorm statistics re-estimated for them) while it saves. Returns the number of
+    images BatchNorm was re-estimated on (0 without re-estimation)."""
+    from .hf_quantizer import OscqQuantizationConfig, quantized_for_saving, save_packed_pretrained
 
     folder.mkdir()
-    counts = []
+    counts, buffers = [], None
     if bn_recalibrated:
         batches = counted(calibration_batches(), counts)
         with quantized_weights(model, calibration_batches=batches, spec=spec):
-            # the weights and BatchNorm statistics are restored on exit: copy the tensors stored unpacked
-            state = {
-                key: value if key in weights else value.detach().cpu().clone()
-                for key, value in model.state_dict().items()
-            }
-    else:
-        state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+            # the weights and BatchNorm statistics are restored on exit: keep the re-estimated statistics
+            buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     # Tied weights (GPT-2's lm_head and input embedding) are saved once, under the name transformers keeps (as
     # save_pretrained does); the loader ties them again, so a packed weight is never stored a second time in float.
     live = model.state_dict()
     kept = set(remove_tied_weights(model, live))
-    packed = {}
-    for (name, weight), out_dim in zip(weights.items(), output_dims(model, weights)):
-        if name not in kept:
-            name = next(key for key in kept if _same_storage(live[key], live[name]))
-        packed[name] = quantize_codes(weight, spec=spec, out_dim=out_dim)
-    tensors, packed_names = {}, set()
-    for key, value in state.items():
-        if key not in kept:
-            continue
-        if key in packed:
-            codes, scale = packed[key]
-            tensors[key] = pack_codes(codes, spec.bits).reshape(packed_shape(codes.shape, spec.bits))
-            tensors[key + SCALE_SUFFIX] = scale.detach().cpu().clone()
-            packed_names |= {key, key + SCALE_SUFFIX}
-        else:
-            tensors[key] = value
-    tensors = _checkpoint_tensors(model, tensors, packed_names)
-
-    config = read_config(fp_dir)
-    quantization = OscqQuantizationConfig.from_spec(
-        spec,
-        [name.removesuffix(".weight") for name in packed],
-        bn_recalibrated=bn_recalibrated,
-        guarded_fields=guard_config(config),
-        versions=versions,
-    )
-    config["quantization_config"] = quantization.to_dict()
-    config = write_config(folder, config)
-    (folder / WEIGHTS_NAME).write_bytes(serialize_checkpoint(tensors, spec.bits, config))
+    modules = []
+    for name in weights:
+        saved_as = name if name in kept else next(key for key in kept if _same_storage(live[key], live[name]))
+        modules.append(saved_as.removesuffix(".weight"))
+    packed = {
+        name: PackedWeight.from_float(weight, spec, out_dim)
+        for (name, weight), out_dim in zip(weights.items(), output_dims(model, weights))
+    }
+    quantization = OscqQuantizationConfig.from_spec(spec, modules, bn_recalibrated=bn_recalibrated, versions=versions)
+    with holding_packed_weights(model, packed, buffers), quantized_for_saving(model, quantization):
+        save_packed_pretrained(model, folder)
     for extra in fp_dir.iterdir():  # image processor and other side files: each folder must work on its own
         if extra.is_file() and extra.name != "config.json" and not extra.name.startswith("model"):
             shutil.copy2(extra, folder / extra.name)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..provenance import metric_label
 from .batchnorm import recalibrate_batchnorm, reusable_batches, warn_if_stale_statistics
+from .packed_tensor import PackedWeight
 from .primitives import check_finite, dequantize, sharded_codes
 from .selection import output_dims, select_weights
 from .sharding import reshard
@@ -20,7 +21,14 @@ from .variants import FULL_PRECISION, sort_variants, variant_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_EVAL_BITS", "cross_bit_evaluate", "format_cross_bit_table", "quantize_model", "quantized_weights"]
+__all__ = [
+    "DEFAULT_EVAL_BITS",
+    "cross_bit_evaluate",
+    "format_cross_bit_table",
+    "holding_packed_weights",
+    "quantize_model",
+    "quantized_weights",
+]
 
 
 def _round_in_place(model: nn.Module, weights: Mapping[str, torch.Tensor], spec: QuantSpec) -> None:
@@ -79,6 +87,41 @@ def quantized_weights(
             if buffers is not None:
                 for name, buffer in model.named_buffers():
                     buffer.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def holding_packed_weights(
+    model: nn.Module, weights: Mapping[str, PackedWeight], buffers: Mapping[str, torch.Tensor] | None = None
+) -> Iterator[nn.Module]:
+    """Temporarily puts packed weights (and other buffer values) into `model`; the original parameter and buffer
+    objects are put back on exit.
+
+    Args:
+        model: the model.
+        weights: `{parameter name: packed weight}`; a parameter tied to others (GPT-2's `lm_head` and input
+            embedding) is replaced wherever it appears, by one packed parameter, so the ties hold.
+        buffers: `{buffer name: value}` to hold meanwhile (e.g. BatchNorm statistics re-estimated for the packed
+            weights).
+    """
+    replacements = {
+        id(model.get_parameter(name)): nn.Parameter(packed, requires_grad=False) for name, packed in weights.items()
+    }
+    swapped = []
+    try:
+        for module in model.modules():
+            for attribute, parameter in list(module._parameters.items()):
+                if parameter is not None and id(parameter) in replacements:
+                    swapped.append((module._parameters, attribute, parameter))
+                    module._parameters[attribute] = replacements[id(parameter)]
+        for name, value in (buffers or {}).items():
+            owner, _, attribute = name.rpartition(".")
+            held = model.get_submodule(owner)._buffers
+            swapped.append((held, attribute, held[attribute]))
+            held[attribute] = value
+        yield model
+    finally:
+        for held, attribute, original in reversed(swapped):
+            held[attribute] = original
 
 
 def quantize_model(

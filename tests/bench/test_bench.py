@@ -421,3 +421,58 @@ def test_serve_bench_dry_run_scores_each_variant_as_hf_oscq_does(tmp_path):
         assert row["perplexity_check"] and row["perplexity"] == pytest.approx(row["perplexity_hf_oscq"], rel=1e-6)
     assert record["variants"]["fp"]["speed_vs_fp"] == 1.0
     assert record["versions"]["compressed_tensors"] and record["spec"]["group_size"] == 16
+
+
+def test_runtime_memory_marks_each_goal_from_the_measures():
+    """The goal rows of bench/runtime_memory.py: the worst ratio over bit-widths and thread counts decides, against
+    the thresholds of the goals (decode >= 1.0x fp32 at every bit-width and >= 1.5x at 2-4 bits; image batch 1 <= 1.2x,
+    batch 64 <= 1.05x; quantized tensors <= b/32 of fp32 + 3 %; load <= 1.2x)."""
+    runtime_memory = _load("runtime_memory")
+    bits = runtime_memory.BITS
+
+    def speed(ratios):  # {variant: {measure: ratio}} at 1 thread, and 1.1 times each ratio at 2 threads
+        return {
+            threads: {
+                variant: {"vs_fp32": {m: r * factor for m, r in measures.items()}}
+                for variant, measures in ratios.items()
+            }
+            for threads, factor in (("1", 1.0), ("2", 1.1))
+        }
+
+    lm = {
+        "speed": speed(
+            {f"w{b}": {"decode_tokens_per_s": 1.6 if b <= 4 else 1.02} for b in bits}
+            | {"w3": {"decode_tokens_per_s": 1.4}}
+        ),
+        "memory": {f"w{b}": {"quantized_vs_fp32": b / 32 + 1 / 32} for b in bits},  # group-wise 32: a bit more
+        "load": {"fp32": {"load_seconds": 1.0}} | {f"w{b}": {"load_seconds": 1.1} for b in bits},
+    }
+    image = {
+        "speed": speed(
+            {f"w{b}": {"forward_b1_ms": 1.1, "forward_b64_ms": 1.0} for b in bits}
+            | {"w8": {"forward_b1_ms": 1.3, "forward_b64_ms": 1.04}}
+        ),
+        "memory": {f"w{b}": {"quantized_vs_fp32": b / 32 * 1.001} for b in bits},
+        "load": {},
+    }
+    rows = runtime_memory.evaluate_goals({"models": {"lm1024": lm, "resnet18": image}})
+    goals = [goal for goal, *_ in runtime_memory.GOALS]  # every bit-width, 2-4 bits, batch 1, batch 64, memory, load
+    found = {(goals.index(row["goal"]), row["model"], row["threads"]): row for row in rows}
+
+    def check(goal, model, threads, met, worst, where):
+        row = found[(goal, model, threads)]
+        assert (row["met"], round(row["worst"], 4), row["where"]) == (met, worst, where), (goal, model, threads)
+
+    check(0, "lm1024", "1", True, 1.02, "w5")  # decode >= 1.0x at every bit-width: the worst is w5..w8's 1.02x
+    check(0, "lm1024", "2", True, 1.122, "w5")
+    check(1, "lm1024", "1", False, 1.4, "w3")  # decode >= 1.5x at 2-4 bits: w3 below
+    check(1, "lm1024", "2", True, 1.54, "w3")
+    check(2, "resnet18", "1", False, 1.3, "w8")  # batch 1 <= 1.2x
+    check(2, "resnet18", "2", False, 1.43, "w8")
+    check(3, "resnet18", "1", True, 1.04, "w8")  # batch 64 <= 1.05x
+    check(3, "resnet18", "2", False, 1.144, "w8")
+    check(4, "lm1024", "-", False, 1.5, "w2: quantized tensors / (b/32 of fp32)")  # group-wise 32: 3/32, not 2/32
+    check(4, "resnet18", "-", True, 1.001, "w2: quantized tensors / (b/32 of fp32)")
+    check(5, "lm1024", "-", True, 1.1, "w2 (1 thread)")
+    assert not found[(5, "resnet18", "-")]["met"]  # not measured is not met
+    assert len(rows) == 2 * 2 + 2 * 2 + 2 + 2  # speed goals per thread count, memory and load once per model

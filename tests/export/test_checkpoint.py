@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _export_models import assert_packed_close
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
@@ -266,7 +267,7 @@ def test_informational_config_fields_may_change(vit_export, tmp_path):
     pixel_values = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = hf_oscq.quantize_model(model, 3)(pixel_values=pixel_values).logits
-        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, expected, rtol=0, atol=0)
+        assert_packed_close(loaded(pixel_values=pixel_values).logits, expected)
 
 
 def _rewrite_tensors(folder: Path, change) -> None:
@@ -315,9 +316,38 @@ def test_zero_scales_of_all_zero_weights_and_channels_load(tmp_path):
         expected = hf_oscq.quantize_model(model, 3, per_channel=per_channel)
         pixel_values = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
-            torch.testing.assert_close(
-                loaded(pixel_values=pixel_values).logits, expected(pixel_values=pixel_values).logits, rtol=0, atol=0
-            )
+            assert_packed_close(loaded(pixel_values=pixel_values).logits, expected(pixel_values=pixel_values).logits)
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "group"])
+def test_a_zero_scale_over_codes_is_refused_for_gpt2_conv1d_columns_too(tmp_path, granularity):
+    """The zero-scale check covers every layout: GPT-2's Conv1D (output channels in dim 1) per channel and
+    group-wise, as Linear weights; an all-zero output column (scale 0 over zero codes) still loads."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=40, n_positions=16)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, 5] = 0.0  # output column 5 of a Conv1D (in=32, out=128)
+    spec = hf_oscq.QuantSpec(3, granularity, group_size=8 if granularity == "group" else None)
+    out = hf_oscq.export_quantized(model, tmp_path / "export", spec=spec)
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_packed_close(
+            AutoModelForCausalLM.from_pretrained(out / "w3")(ids).logits,
+            hf_oscq.quantize_model(model, spec=spec)(ids).logits,
+        )
+    folder = _copy_variant(out, tmp_path)
+    key = "transformer.h.0.attn.c_attn.weight_scale"
+
+    def zero_column(tensors):
+        scale = tensors[key].clone()
+        scale.reshape(96, -1)[7] = 0.0  # every scale of output column 7, whose codes are not all 0
+        tensors[key] = scale
+
+    _rewrite_tensors(folder, zero_column)
+    with pytest.raises(CheckpointFormatError, match=rf"Scale '{key}' in .* is 0 where its codes are not all 0"):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 @pytest.mark.parametrize(
@@ -361,9 +391,7 @@ def test_zero_scales_are_checked_in_every_layout(tmp_path, spec):
     ids = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         expected = hf_oscq.quantize_model(model, spec=spec)(ids).logits
-        torch.testing.assert_close(
-            AutoModelForCausalLM.from_pretrained(out / "w3")(ids).logits, expected, rtol=0, atol=0
-        )
+        assert_packed_close(AutoModelForCausalLM.from_pretrained(out / "w3")(ids).logits, expected)
     folder = _copy_variant(out, tmp_path)
     key = "h.0.attn.c_attn.weight" + SCALE_SUFFIX
     with safe_open(str(folder / "model.safetensors"), "pt") as handle:

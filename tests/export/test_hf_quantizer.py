@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _export_models import logits_of, tiny_resnet18, tiny_vit
+from _export_models import assert_packed_close, logits_of, tiny_resnet18, tiny_vit
 from _format1 import write_format1_checkpoint
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import EntryNotFoundError
@@ -114,9 +114,7 @@ def test_loaded_weights_stay_packed_and_take_b_over_32_of_fp32(vit_export):
         assert sum(weight.storage_bytes for weight in packed.values()) == expected
         fp32 = sum(4 * w.numel() for w in selected.values())
         assert expected <= fp32 * bits / 32 * 1.03
-        torch.testing.assert_close(
-            logits_of(loaded, PIXELS), logits_of(hf_oscq.quantize_model(model, bits), PIXELS), rtol=0, atol=0
-        )
+        assert_packed_close(logits_of(loaded, PIXELS), logits_of(hf_oscq.quantize_model(model, bits), PIXELS))
 
 
 def test_save_pretrained_writes_the_same_tensors_and_config(vit_export, tmp_path):
@@ -253,7 +251,7 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
     expected = hf_oscq.quantize_model(model, 3, target_modules="all-layers")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(loaded(ids).logits, expected(ids).logits)
         generated = loaded.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated, expected.generate(ids[:1], max_new_tokens=4, do_sample=False))
     loaded.save_pretrained(tmp_path / "saved")
@@ -263,7 +261,7 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     )
     assert on_load.lm_head.weight is on_load.transformer.wte.weight
     with torch.no_grad():
-        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(on_load(ids).logits, expected(ids).logits)
     on_load.save_pretrained(tmp_path / "on_load")  # lists the tied weight once, as the file holds it
     assert (
         read_config(tmp_path / "on_load")["quantization_config"]["modules"]
@@ -271,7 +269,7 @@ def test_tied_embeddings_are_stored_once_and_load_tied(gpt2_export, tmp_path):
     )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "on_load")
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(reloaded(ids).logits, expected(ids).logits)
 
 
 def test_a_tied_llama_quantized_on_load_reloads_after_save_pretrained_from_every_save_path(tmp_path):
@@ -308,7 +306,7 @@ def test_a_tied_llama_quantized_on_load_reloads_after_save_pretrained_from_every
         reloaded = AutoModelForCausalLM.from_pretrained(saved)
         assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight, name
         with torch.no_grad():
-            torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0, msg=name)
+            assert_packed_close(reloaded(ids).logits, expected)
 
 
 def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
@@ -318,11 +316,8 @@ def test_backbone_and_new_head_load_as_from_a_float_checkpoint(vit_export):
     assert isinstance(backbone, ViTModel)
     assert isinstance(backbone.get_parameter("layers.0.mlp.fc1.weight"), PackedWeight)
     with torch.no_grad():
-        torch.testing.assert_close(
-            backbone(pixel_values=PIXELS).last_hidden_state,
-            expected.vit(pixel_values=PIXELS).last_hidden_state,
-            rtol=0,
-            atol=0,
+        assert_packed_close(
+            backbone(pixel_values=PIXELS).last_hidden_state, expected.vit(pixel_values=PIXELS).last_hidden_state
         )
     new_head = AutoModelForImageClassification.from_pretrained(out / "w3", num_labels=5, ignore_mismatched_sizes=True)
     assert type(new_head.classifier.weight) is torch.nn.Parameter and new_head.classifier.weight.shape == (5, 32)
@@ -383,46 +378,18 @@ def test_gpt2_group_and_channel_scales_follow_conv1d_columns_through_export_and_
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
     expected = hf_oscq.quantize_model(model, spec=spec)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(loaded(ids).logits, expected(ids).logits)
     on_load = AutoModelForCausalLM.from_pretrained(
         out / "fp", quantization_config=OscqQuantizationConfig.from_spec(spec)
     )
     with torch.no_grad():
-        torch.testing.assert_close(on_load(ids).logits, expected(ids).logits, rtol=0, atol=0)
+        assert_packed_close(on_load(ids).logits, expected(ids).logits)
     # a checkpoint written before scales followed Conv1D's output columns is refused, not misread
     config = json.loads((variant / "config.json").read_text())
     del config["quantization_config"]["scale_axis"]
     (variant / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointFormatError, match="ran along its input features"):
         AutoModelForCausalLM.from_pretrained(variant)
-
-
-@pytest.mark.parametrize(
-    ("cast", "dtype"),
-    [
-        (lambda m: m.half(), torch.float16),
-        (lambda m: m.float(), torch.float32),
-        (lambda m: m.bfloat16(), torch.bfloat16),
-        (lambda m: m.double(), torch.float64),
-        (lambda m: m.to(torch.float16), torch.float16),
-        (lambda m: m.to(dtype=torch.bfloat16), torch.bfloat16),
-        (lambda m: m.type(torch.float16), torch.float16),
-    ],
-    ids=["half", "float", "bfloat16", "double", "to", "to_dtype", "type"],
-)
-def test_every_cast_method_casts_a_packed_model(vit_export, cast, dtype):
-    """The dtype rule holds for every cast method (transformers refuses .half() and .float() on quantized models):
-    the packed weights keep their codes and take the new logical dtype, each equal to quantize_model's weight in that
-    dtype; the forward pass runs in it."""
-    model, out = vit_export
-    loaded = AutoModelForImageClassification.from_pretrained(out / "w3").to(torch.float16)  # casting back too
-    cast(loaded)
-    expected = hf_oscq.quantize_model(model, 3)
-    packed = _packed_parameters(loaded)
-    assert packed and {p.dtype for p in loaded.parameters()} == {dtype}
-    for name, weight in packed.items():
-        assert torch.equal(weight.dequantize(), expected.get_parameter(name).to(dtype)), name
-    assert logits_of(loaded, PIXELS.to(dtype)).dtype == dtype
 
 
 def test_quantize_on_load_checks_every_setting_before_loading_and_names_the_argument(vit_export, tmp_path):
@@ -458,7 +425,7 @@ def test_corrupted_codes_raise_the_loaders_error_from_from_pretrained(vit_export
     tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
     tensors["classifier.weight"] = torch.full_like(tensors["classifier.weight"], 0xFF)
     (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3, read_config(folder)))
-    with pytest.raises(CheckpointFormatError, match="^The packed codes of 'classifier.weight' hold the value 7"):
+    with pytest.raises(CheckpointFormatError, match="^The packed weight 'classifier.weight' is invalid: its codes hold the value 7"):
         AutoModelForImageClassification.from_pretrained(folder)
 
 
@@ -483,7 +450,134 @@ def test_quantize_on_load_of_a_batchnorm_model_follows_the_export_rule(tmp_path)
         tmp_path / "fp", quantization_config=OscqQuantizationConfig(bits=2, plain_rounding=True)
     )
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(
-        logits_of(plain, pixels), logits_of(hf_oscq.quantize_model(model, 2), pixels), rtol=0, atol=0
-    )
+    assert_packed_close(logits_of(plain, pixels), logits_of(hf_oscq.quantize_model(model, 2), pixels))
     assert "plain_rounding" not in plain.config.quantization_config.to_dict()
+
+
+def _independent_bytes(model, bits: int, selected: dict, buffers: bool = True) -> int:
+    """Bytes a packed model holds, counted from the float model: ceil(n * b / 8) code bytes and 4 bytes per float32
+    scale for each packed weight, 4 bytes per element of every other distinct parameter (and buffer)."""
+    total, seen = 0, set()
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    if buffers:
+        tensors |= dict(model.named_buffers())
+    for name, tensor in tensors.items():
+        if tensor.untyped_storage().data_ptr() in seen:
+            continue  # tied weights: held once
+        seen.add(tensor.untyped_storage().data_ptr())
+        if name in selected:
+            total += math.ceil(tensor.numel() * bits / 8) + 4  # one scale per tensor (the default spec)
+        else:
+            total += tensor.element_size() * tensor.numel()
+    return total
+
+
+def test_memory_footprint_counts_what_the_packed_weights_hold(vit_export, gpt2_export):
+    """`get_memory_footprint()` (with and without buffers) and transformers' per-weight size estimate of loaded
+    packed models: a ViT, and GPT-2 whose packed embedding is tied to lm_head (held once); back to the float size
+    after `dequantize()`."""
+    for (model, out), bits, auto, target in (
+        (vit_export, 2, AutoModelForImageClassification, None),
+        (vit_export, 5, AutoModelForImageClassification, None),
+        (gpt2_export, 3, AutoModelForCausalLM, "all-layers"),
+    ):
+        if not (out / f"w{bits}").is_dir():
+            continue
+        loaded = auto.from_pretrained(out / f"w{bits}")
+        selected = hf_oscq.select_weights(model, target_modules=target)
+        assert loaded.get_memory_footprint() == _independent_bytes(model, bits, selected)
+        assert loaded.get_memory_footprint(return_buffers=False) == _independent_bytes(model, bits, selected, False)
+        float_bytes = _independent_bytes(model, 32, {})  # every weight 4 bytes an element
+        assert loaded.get_memory_footprint() < float_bytes
+        name = next(iter(selected))
+        size = loaded.hf_quantizer.param_element_size(loaded, name, loaded.get_parameter(name))
+        assert size == bits / 8
+        assert loaded.dequantize().get_memory_footprint() == float_bytes
+
+
+CASTS = {
+    "half": (lambda m: m.half(), torch.float16),
+    "float": (lambda m: m.float(), torch.float32),
+    "bfloat16": (lambda m: m.bfloat16(), torch.bfloat16),
+    "double": (lambda m: m.double(), torch.float64),
+    "to(dtype)": (lambda m: m.to(torch.float16), torch.float16),
+    "to(dtype=)": (lambda m: m.to(dtype=torch.bfloat16), torch.bfloat16),
+    "type": (lambda m: m.type(torch.float16), torch.float16),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
+def test_every_cast_method_keeps_the_weights_packed_and_gives_their_values_in_that_dtype(vit_export, cast):
+    """`.half()`, `.float()`, `.bfloat16()`, `.double()` and `.to(dtype)` of a loaded packed model: each packed
+    weight dequantizes to the file's codes times its scale (float32 product) in the new dtype, every other tensor is
+    cast, and the logits are those of `quantize_model`'s model cast the same way."""
+    model, out = vit_export
+    apply, dtype = CASTS[cast]
+    loaded = apply(AutoModelForImageClassification.from_pretrained(out / "w3"))
+    tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
+    codes = hf_oscq.unpack_codes(tensors["vit.encoder.layer.0.intermediate.dense.weight"], 3, (37, 32))
+    scale = tensors["vit.encoder.layer.0.intermediate.dense.weight" + SCALE_SUFFIX]
+    weight = loaded.get_parameter("vit.layers.0.mlp.fc1.weight")
+    assert isinstance(weight, PackedWeight) and weight.dtype == dtype and weight.scale.dtype == torch.float32
+    assert torch.equal(weight.dequantize(), (codes.float() * scale).to(dtype))
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    expected = hf_oscq.quantize_model(model, 3).to(dtype)
+    for name, parameter in loaded.named_parameters():
+        if not isinstance(parameter, PackedWeight):
+            assert torch.equal(parameter, expected.get_parameter(name)), name
+    pixels = PIXELS.to(dtype)
+    if dtype == torch.float32:  # the compiled kernels' summation order
+        assert_packed_close(logits_of(loaded, pixels), logits_of(expected, pixels))
+    else:  # other dtypes compute on the dequantized weights, as the float model does
+        assert torch.equal(logits_of(loaded, pixels), logits_of(expected, pixels))
+
+
+_LOAD_STATE_DICT = """
+import json, sys
+{first_import}
+state = torch.load(sys.argv[1])  # torch's defaults: weights_only=True
+from hf_oscq.quantization.packed_tensor import PackedWeight
+packed = {{name: value for name, value in state.items() if isinstance(value, PackedWeight)}}
+reference = torch.load(sys.argv[2])
+print(json.dumps({{
+    "packed": sorted(packed),
+    "bits": sorted({{value.bits for value in packed.values()}}),
+    "values": all(torch.equal(value.dequantize(), reference[name]) for name, value in packed.items()),
+    "others": all(torch.equal(state[name], value) for name, value in reference.items() if name not in packed),
+}}))
+"""
+
+
+def test_a_saved_state_dict_loads_with_torch_defaults_in_a_fresh_process(gpt2_export, tmp_path):
+    """`torch.save(model.state_dict())` of a loaded packed model (tied packed embedding and lm_head) loads with
+    `torch.load`'s defaults (weights_only=True) in a new process, whichever of torch and hf_oscq is imported first,
+    and `load_state_dict` puts it back into a packed model."""
+    import subprocess
+    import sys
+
+    _, out = gpt2_export
+    loaded = AutoModelForCausalLM.from_pretrained(out / "w3")
+    state = loaded.state_dict()
+    torch.save(state, tmp_path / "packed.pt")
+    torch.save(
+        {k: v.dequantize() if isinstance(v, PackedWeight) else v for k, v in state.items()}, tmp_path / "values.pt"
+    )
+    for first_import in ("import hf_oscq, torch", "import torch, hf_oscq"):
+        completed = subprocess.run(
+            [sys.executable, "-c", _LOAD_STATE_DICT.format(first_import=first_import), str(tmp_path / "packed.pt"),
+             str(tmp_path / "values.pt")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        seen = json.loads(completed.stdout.strip().splitlines()[-1])
+        assert seen == {
+            "packed": sorted(name for name, value in state.items() if isinstance(value, PackedWeight)),
+            "bits": [3],
+            "values": True,
+            "others": True,
+        }
+    restored = AutoModelForCausalLM.from_pretrained(out / "w3")
+    restored.load_state_dict(torch.load(tmp_path / "packed.pt"))
+    ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, loaded(ids).logits)

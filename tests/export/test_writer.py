@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import _export_digests as export_digests
 import pytest
 import torch
 from _export_models import ALL_BITS, logits_of, tiny_resnet18, tiny_vit
@@ -17,7 +18,9 @@ from transformers import AutoModelForImageClassification, TimmWrapperForImageCla
 
 import hf_oscq
 from hf_oscq.evaluation import record_evaluation
+from hf_oscq.export import checkpoint as checkpoint_module
 from hf_oscq.export import writer as export_module
+from hf_oscq.versions import library_versions
 
 WEIGHTS = "model.safetensors"
 
@@ -162,21 +165,21 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     model = tiny_vit()
     out = hf_oscq.export_quantized(model, tmp_path / "out", bits=(2, 5))
     before = _tree_digest(out)
-    original = export_module.serialize_checkpoint
+    original = checkpoint_module.serialize_checkpoint  # what the packed save path writes each file with
 
     def fail_at_five_bits(tensors, bits, *config):
         if bits == 5:
             raise OSError("disk full")
         return original(tensors, bits, *config)
 
-    monkeypatch.setattr(export_module, "serialize_checkpoint", fail_at_five_bits)
+    monkeypatch.setattr(checkpoint_module, "serialize_checkpoint", fail_at_five_bits)
     with torch.no_grad():
         model.classifier.weight.mul_(-1)  # the new export would differ from the old one
     with pytest.raises(OSError, match="disk full"):
         hf_oscq.export_quantized(model, out, bits=(2, 5))
     assert _tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
-    monkeypatch.setattr(export_module, "serialize_checkpoint", original)
+    monkeypatch.setattr(checkpoint_module, "serialize_checkpoint", original)
     hf_oscq.export_quantized(model, out, bits=(2, 5))  # a successful export replaces the previous one
     after = _tree_digest(out)
     assert after.keys() == before.keys() and after["w5/model.safetensors"] != before["w5/model.safetensors"]
@@ -287,17 +290,17 @@ def test_export_killed_at_every_stage_leaves_a_complete_export_at_out(tmp_path, 
     # The next export into OUT puts a previous export aside back and removes every leftover before it writes:
     # made to fail here, it leaves the previous export (restored) exactly as it was, and nothing else.
     expected = _tree_digest(out) if out.exists() else before
-    original = export_module.serialize_checkpoint
+    original = checkpoint_module.serialize_checkpoint
 
     def disk_full(*args):
         raise OSError("disk full")
 
-    export_module.serialize_checkpoint = disk_full
+    checkpoint_module.serialize_checkpoint = disk_full
     try:
         with pytest.raises(OSError, match="disk full"):
             hf_oscq.export_quantized(tiny_vit(), out, bits=(2, 5))
     finally:
-        export_module.serialize_checkpoint = original
+        checkpoint_module.serialize_checkpoint = original
     assert _tree_digest(out) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     AutoModelForImageClassification.from_pretrained(out / "w5")
@@ -367,3 +370,34 @@ def test_a_one_shot_generator_of_calibration_batches_is_refused_before_writing(t
     assert not (tmp_path / "out").exists()
     hf_oscq.export_quantized(model, tmp_path / "one", bits=(3,), calibration_batches=(b for b in batches))
     assert json.loads((tmp_path / "one" / "oscq_export.json").read_text())["bn_recalibration"]["samples"] == 8
+
+
+@pytest.mark.parametrize("case", sorted(export_digests.CASES))
+def test_exports_are_the_bytes_pinned_before_the_codec(tmp_path, case):
+    """Every tensor, the tensor order and offsets, the format metadata and the quantization_config of seeded tiny
+    exports are the ones the writer at 33cd5f5 produced (tests/_export_digests.py says what is pinned and why).
+
+    Covered: per-tensor, per-channel and group-wise scales; Linear, Conv2d and Embedding weights (out_dim 0) and
+    GPT-2's Conv1D (out_dim 1); tied embeddings stored once; BatchNorm statistics re-estimated at each bit-width;
+    bit-widths 2 to 8. The whole file's bytes are compared too where the same library versions run (the header's
+    checksum covers the versions).
+    """
+    pinned = json.loads(export_digests.DIGESTS.read_text())
+    out = export_digests.export_case(case, tmp_path)
+    found = export_digests.export_digest(out)
+    assert found.keys() == pinned["cases"][case].keys()
+    fp_config = json.loads((out / "fp" / "config.json").read_text())
+    same_versions = pinned["versions"] == library_versions()
+    for variant, expected in pinned["cases"][case].items():
+        actual = found[variant]
+        assert actual["files"] == expected["files"], variant
+        assert actual["tensors"] == expected["tensors"], variant
+        for key in ("header_sha256", "data_sha256", "metadata", "quantization_config"):
+            assert actual[key] == expected[key], (variant, key)
+        if same_versions:
+            assert actual["file_sha256"] == expected["file_sha256"], variant
+        config = json.loads((out / variant / "config.json").read_text())
+        guarded = config.pop("quantization_config")["guarded_fields"]
+        for field, value in guarded.items():
+            config.pop(field) if value is None else config.update({field: value})
+        assert config == fp_config, variant

@@ -78,3 +78,98 @@ def test_other_operations_see_the_values_and_writes_are_refused():
         embedding = torch.nn.Embedding(5, 8, max_norm=1.0)
         _pack(embedding, 3, per_channel=False)
         embedding(torch.tensor([1]))
+
+
+# The codec: from a float weight, to and from the two checkpoint tensors, and the checks on the way in.
+
+LAYOUTS = [  # (weight shape, out_dim, spec fields)
+    ((6, 16), 0, {}),
+    ((6, 16), 0, {"granularity": "per_channel"}),
+    ((6, 16), 0, {"granularity": "group", "group_size": 4}),
+    ((16, 6), 1, {"granularity": "per_channel"}),  # GPT-2's Conv1D, stored (in, out)
+    ((16, 6), 1, {"granularity": "group", "group_size": 4}),
+    ((4, 2, 3, 3), 0, {"granularity": "group", "group_size": 9}),  # Conv2d
+    ((13,), 0, {}),  # a 1-D weight: codes stored (1, bytes)
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize(("shape", "out_dim", "fields"), LAYOUTS)
+def test_from_float_writes_and_reads_back_the_checkpoint_tensors(bits, shape, out_dim, fields):
+    from hf_oscq import QuantSpec, unpack_codes
+    from hf_oscq.quantization.packed_tensor import SCALE_SUFFIX
+
+    spec = QuantSpec(bits, **fields)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(bits))
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=out_dim)  # the reference quantizer
+    tensors = PackedWeight.from_float(weight, spec, out_dim).checkpoint_tensors("layer.weight")
+    assert set(tensors) == {"layer.weight", "layer.weight" + SCALE_SUFFIX}
+    stored = tensors["layer.weight"]
+    size = math.ceil(weight.numel() * bits / 8)
+    assert stored.dtype == torch.uint8 and stored.shape == ((1, size) if len(shape) == 1 else (size,))
+    assert torch.equal(unpack_codes(stored.reshape(-1), bits, shape), codes)
+    assert torch.equal(tensors["layer.weight" + SCALE_SUFFIX], scale)
+    loaded = PackedWeight.from_checkpoint(stored, scale, bits, shape, torch.float32, out_dim)
+    assert loaded.shape == shape and loaded.out_dim == out_dim and loaded.bits == bits
+    assert torch.equal(loaded.dequantize(), dequantize(codes, scale, out_dim=out_dim))
+
+
+def _zero_a_block(codes, scale, out_dim):
+    """The scales with the first output channel's (first group's) scale set to 0 over its non-zero codes."""
+    broken = scale.clone()
+    broken.reshape(broken.shape[0], -1)[0, 0] = 0.0
+    assert bool((codes.movedim(out_dim, 0)[0] != 0).any())
+    return broken
+
+
+@pytest.mark.parametrize(("shape", "out_dim", "fields"), LAYOUTS[1:5])
+def test_every_stored_fault_is_named_for_every_layout(shape, out_dim, fields):
+    """Checked for per-channel and group-wise scales of weights whose output channels are dim 0 and dim 1: corrupted
+    codes, non-finite, negative and zero scales (a zero scale is valid only over zero codes), a scale count no
+    layout has."""
+    from hf_oscq import OscqValueError, QuantSpec
+    from hf_oscq.quantization.packed_tensor import checkpoint_problem
+
+    spec = QuantSpec(3, **fields)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    codes, scale = quantize_codes(weight, spec=spec, out_dim=out_dim)
+    stored = pack_codes(codes, 3)
+    assert checkpoint_problem(stored, scale, 3, shape, out_dim) is None
+    corrupted = stored.clone()
+    corrupted[0] = 0xFF  # all-ones 3-bit patterns
+    faults = {
+        "which no 3-bit code produces": (corrupted, scale),
+        "holds NaN or Inf": (stored, scale.masked_fill(scale == scale.max(), float("nan"))),
+        "holds a negative value": (stored, -scale),
+        "is 0 where its codes are not all 0": (stored, _zero_a_block(codes, scale, out_dim)),
+        "which no layout of a weight of shape": (stored, scale.reshape(-1)[:5]),
+    }
+    for message, (stored_codes, stored_scale) in faults.items():
+        assert message in checkpoint_problem(stored_codes, stored_scale, 3, shape, out_dim), message
+        with pytest.raises(OscqValueError, match=f"'layer.weight' is invalid: .*{message}"):
+            PackedWeight.from_checkpoint(stored_codes, stored_scale, 3, shape, torch.float32, out_dim, "layer.weight")
+    zero_weight = weight.clone()
+    zero_weight.movedim(out_dim, 0)[0] = 0.0  # an all-zero output channel has scale 0, which is valid
+    codes, scale = quantize_codes(zero_weight, spec=spec, out_dim=out_dim)
+    assert bool((scale == 0).any()) and checkpoint_problem(pack_codes(codes, 3), scale, 3, shape, out_dim) is None
+
+
+def test_load_state_dict_copies_packed_weights_and_fills_float_models():
+    from hf_oscq import QuantSpec
+
+    source, target, float_model = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+    for module in (source, target):
+        module.weight = torch.nn.Parameter(PackedWeight.from_float(module.weight, QuantSpec(4)), requires_grad=False)
+    target.load_state_dict(source.state_dict())  # a packed model takes a packed state dict of the same format
+    assert isinstance(target.weight, PackedWeight)
+    assert torch.equal(target.weight.packed, source.weight.packed) and torch.equal(
+        target.weight.scale, source.weight.scale
+    )
+    float_model.load_state_dict(source.state_dict())  # a float model takes the dequantized values
+    assert type(float_model.weight) is torch.nn.Parameter and torch.equal(
+        float_model.weight, source.weight.dequantize()
+    )
+    other_format = torch.nn.Linear(16, 4)
+    other_format.weight = torch.nn.Parameter(PackedWeight.from_float(other_format.weight, QuantSpec(3)), False)
+    with pytest.raises(RuntimeError, match="would write into a packed weight"):
+        other_format.load_state_dict(source.state_dict())
