@@ -198,8 +198,8 @@ def test_eval_of_corrupted_packed_codes_is_the_loaders_error_in_one_line(export,
     assert cli_main(["eval", str(folder), "--dataset", str(root / "images"), "--no_record"]) == 1
     assert _last_error_line(capsys.readouterr().err) == (
         "hf-oscq eval: error: The packed weight 'classifier.weight' is invalid: its codes hold the value 7, which no "
-        "3-bit code produces (valid: 0..6). The file is corrupted or was packed at another bit-width: export the model "
-        "again."
+        "3-bit code produces (valid: 0..6). The file is corrupted or was packed at another bit-width: export the "
+        "model again."
     )
 
 

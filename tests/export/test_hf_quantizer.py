@@ -425,7 +425,8 @@ def test_corrupted_codes_raise_the_loaders_error_from_from_pretrained(vit_export
     tensors, _ = _file_tensors(out / "w3" / "model.safetensors")
     tensors["classifier.weight"] = torch.full_like(tensors["classifier.weight"], 0xFF)
     (folder / "model.safetensors").write_bytes(serialize_checkpoint(tensors, 3, read_config(folder)))
-    with pytest.raises(CheckpointFormatError, match="^The packed weight 'classifier.weight' is invalid: its codes hold the value 7"):
+    expected = "^The packed weight 'classifier.weight' is invalid: its codes hold the value 7"
+    with pytest.raises(CheckpointFormatError, match=expected):
         AutoModelForImageClassification.from_pretrained(folder)
 
 

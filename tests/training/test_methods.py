@@ -65,6 +65,9 @@ def test_the_registry_names_every_method_and_refuses_unknown_ones():
     assert [get_method(name).quantized_forward for name in OSC_METHODS] == [False, True, False, False, True, True]
     with pytest.raises(OscqValueError, match=r"osc_method must be one of \('oscillation', 'qat', 'none', 'kure'"):
         _config(osc_method="kurtosis")
+    for spelled, meant in (("KURE", "kure"), ("Multibit-QAT", "multibit_qat"), (" Dampening ", "dampening")):
+        with pytest.raises(OscqValueError, match=f"got {spelled!r}. Did you mean {meant!r}"):
+            _config(osc_method=spelled)
     assert (
         trained_how("unknown") == "with hf_oscq"
         and method_sentence({"osc_method": "x"}) == "Trained with osc_method='x'."
