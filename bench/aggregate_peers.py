@@ -391,6 +391,24 @@ def render_lm(records: list[dict], scale: dict | None) -> str:
     return "\n".join(out)
 
 
+def _records(folder: Path, flag: str, command: str) -> list[dict]:
+    """The records of `folder`; an error naming `flag` and the command that writes them when there are none."""
+    from hf_oscq.errors import OscqValueError
+
+    records = load_records(folder) if folder.is_dir() else []
+    if not records:
+        raise OscqValueError(f"{flag} {str(folder)!r} holds no records (*.json): pass the folder `{command}` wrote.")
+    return records
+
+
+def _record(path: Path, flag: str, command: str) -> dict:
+    from hf_oscq.errors import OscqValueError
+
+    if not path.is_file():
+        raise OscqValueError(f"{flag} {str(path)!r} is not a file: pass the JSON record `{command}` wrote.")
+    return json.loads(path.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     from quality import results_folder
 
@@ -402,16 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--document", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs", help="Where the PNG plots go.")
     args = parser.parse_args(argv)
-    records = load_records(args.peers) if args.peers.exists() else []
-    costs = json.loads(args.costs.read_text()) if args.costs.exists() else None
+    # Every input is read before anything is written: a wrong path never replaces the tables with empty ones.
+    records = _records(args.peers, "--peers", "python bench/quality.py --profile peers")
+    costs = _record(args.costs, "--costs", "python bench/method_cost.py")
+    lm_records = _records(args.lm, "--lm", "python bench/lm_peers.py")
+    scale = _record(args.lm_scale, "--lm_scale", "python bench/lm_scale.py")
     block = render(records, costs, args.figures, args.document.parent)
     write_block(block, args.document, BEGIN, END)
-    lm_records = load_records(args.lm) if args.lm.exists() else []
-    scale = json.loads(args.lm_scale.read_text()) if args.lm_scale.exists() else None
     write_block(render_lm(lm_records, scale), args.document, LM_BEGIN, LM_END)
     sys.stdout.write(f"{len(records)} peers cells, {len(lm_records)} language-model cells -> {args.document}\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("aggregate_peers.py", main))

@@ -352,4 +352,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("docs.py", main))

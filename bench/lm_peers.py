@@ -28,6 +28,7 @@ import torch
 
 from hf_oscq import quantize_model
 from hf_oscq.errors import configure_logging
+from hf_oscq.paths import check_output_path
 from hf_oscq.quantization.spec import DEFAULT_EVAL_BITS
 from hf_oscq.scripts import lm_recipe
 from hf_oscq.scripts.text import EVAL_EVERY_CHAPTERS, TokenBlocks
@@ -124,6 +125,8 @@ def main() -> int:
         "--recipe_args", default="", help="recipe flags over the config, one string (smoke runs: '--max_steps 3')"
     )
     args = parser.parse_args()
+    check_output_path(args.results, "--results")  # before the first cell trains
+    check_output_path(args.workdir, "--workdir")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -145,4 +148,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("lm_peers.py", main))

@@ -26,6 +26,7 @@ import torch
 
 from hf_oscq import OscillationConfig, OscillationTrainer, QuantSpec, quantize_model
 from hf_oscq.errors import configure_logging
+from hf_oscq.paths import check_output_path
 from hf_oscq.scripts.lm_recipe import LM_SIZES, LMRecipeArguments, build_lm
 from hf_oscq.scripts.text import TokenBlocks, byte_tokenizer, load_kjv
 from hf_oscq.training.metrics import evaluate_perplexity
@@ -98,6 +99,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/hf_oscq_lm_scale")
     parser.add_argument("--output", default=str(RESULTS / "lm_scale.json"))
     args = parser.parse_args()
+    check_output_path(args.output, "--output")  # before the first step of training
+    check_output_path(args.workdir, "--workdir")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     tokenizer = byte_tokenizer()
@@ -124,4 +127,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("lm_scale.py", main))

@@ -29,6 +29,7 @@ import torch
 
 from hf_oscq import OscillationConfig, OscillationTrainer
 from hf_oscq.errors import configure_logging
+from hf_oscq.paths import check_output_path
 from hf_oscq.scripts.data import DATASETS
 from hf_oscq.scripts.models import build_model
 from hf_oscq.training.methods import method_names
@@ -118,6 +119,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/hf_oscq_method_cost")
     parser.add_argument("--output", default=str(RESULTS / "method_cost.json"))
     args = parser.parse_args()
+    check_output_path(args.output, "--output")  # before the first step is timed
+    check_output_path(args.workdir, "--workdir")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     methods = ["none", *[method for method in args.methods if method != "none"]]
@@ -148,4 +151,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hf_oscq.errors import exit_code  # bad input: one line, exit 1
+
+    raise SystemExit(exit_code("method_cost.py", main))

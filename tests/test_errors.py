@@ -114,3 +114,54 @@ def test_entry_point_scripts_print_bad_input_as_one_line(tmp_path, capsys, monke
     assert exited.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("toy_model.py: error: ") and str(tmp_path / "FILE") in line
+
+
+ENTRY_POINTS = sorted(
+    path
+    for folder in ("bench", "recipes")
+    for path in (Path(__file__).resolve().parents[1] / folder).glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_script_runs_through_the_error_boundary(script):
+    """Every runnable script of bench/ and recipes/ ends in `exit_code` (directly or through the recipes' shared
+    `main`), so that bad input is one line and exit 1 in each of them, not in the ones a test happened to try."""
+    text = script.read_text()
+    main_block = text[text.index('if __name__ == "__main__":') :]
+    through_recipe = "from hf_oscq.scripts" in text and "main(" in main_block and script.parent.name == "recipes"
+    assert "exit_code(" in main_block or through_recipe, f"{script.name} does not run through hf_oscq.errors.exit_code"
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments"),
+    [
+        ("aggregate_peers.py", ["--peers", "{missing}"]),
+        ("aggregate_peers.py", ["--costs", "{missing}"]),
+        ("lm_scale.py", ["--output", "{under_file}"]),
+        ("method_cost.py", ["--output", "{under_file}"]),
+        ("lm_peers.py", ["--results", "{under_file}"]),
+    ],
+)
+def test_bench_scripts_check_their_paths_before_any_work(tmp_path, capsys, monkeypatch, script, arguments):
+    """A bench script given a path it cannot use stops before training or timing anything, with one line naming the
+    flag, and writes nothing (aggregate_peers.py does not replace RESULTS' tables with empty ones)."""
+    import runpy
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    (tmp_path / "FILE").write_text("")
+    document = tmp_path / "RESULTS.md"
+    document.write_text("kept\n")
+    paths = {"missing": str(tmp_path / "missing"), "under_file": str(tmp_path / "FILE" / "out.json")}
+    argv = [argument.format(**paths) for argument in arguments]
+    if script == "aggregate_peers.py":
+        argv += ["--document", str(document), "--figures", str(tmp_path)]
+    monkeypatch.syspath_prepend(str(bench))
+    monkeypatch.setattr(sys, "argv", [str(bench / script), *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(bench / script), run_name="__main__")
+    assert exited.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"{script}: error: {arguments[0]} ") and str(tmp_path) in line
+    assert document.read_text() == "kept\n" and sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "RESULTS.md"]
