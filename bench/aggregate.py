@@ -26,9 +26,19 @@ FAR_ABOVE_POINTS = 5.0  # "far above FP + PTQ" means at least this many points a
 WITHIN_POINTS = 1.0  # "within 1 point of QAT"
 
 
-def load_records(folder: Path) -> list[dict]:
-    """Every finished cell's JSON in `folder` (unfinished `.json.tmp` files are ignored)."""
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+def load_records(folder: Path, flag: str = "--results", command: str = "python bench/quality.py") -> list[dict]:
+    """Every finished cell's JSON in `folder` (unfinished `.json.tmp` files are ignored).
+
+    Raises:
+        OscqValueError: naming `flag` and the `command` that writes the records, where `folder` holds none: the
+            tables are never rendered empty over the measured ones.
+    """
+    from hf_oscq.errors import OscqValueError
+
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not paths:
+        raise OscqValueError(f"{flag} {str(folder)!r} holds no records (*.json): pass the folder `{command}` wrote.")
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def run_key(cell: dict) -> tuple:

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--document", type=Path, default=ROOT / "docs" / "RESULTS.md")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs", help="Where the PNG plots go.")
     args = parser.parse_args(argv)
-    full, pilot = load_records(args.full), load_records(args.pilot) if args.pilot.exists() else []
+    full, pilot = load_records(args.full, "--full"), load_records(args.pilot, "--pilot") if args.pilot.exists() else []
     write_block(render(full, pilot, FULL_LAMBDA, args.figures, args.document.parent), args.document)
     sys.stdout.write(f"{len(full)} full cells, {len(pilot)} pilot cells -> {args.document}\n")
     return 0

@@ -391,16 +391,6 @@ def render_lm(records: list[dict], scale: dict | None) -> str:
     return "\n".join(out)
 
 
-def _records(folder: Path, flag: str, command: str) -> list[dict]:
-    """The records of `folder`; an error naming `flag` and the command that writes them when there are none."""
-    from hf_oscq.errors import OscqValueError
-
-    records = load_records(folder) if folder.is_dir() else []
-    if not records:
-        raise OscqValueError(f"{flag} {str(folder)!r} holds no records (*.json): pass the folder `{command}` wrote.")
-    return records
-
-
 def _record(path: Path, flag: str, command: str) -> dict:
     from hf_oscq.errors import OscqValueError
 
@@ -421,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=ROOT / "docs", help="Where the PNG plots go.")
     args = parser.parse_args(argv)
     # Every input is read before anything is written: a wrong path never replaces the tables with empty ones.
-    records = _records(args.peers, "--peers", "python bench/quality.py --profile peers")
+    records = load_records(args.peers, "--peers", "python bench/quality.py --profile peers")
     costs = _record(args.costs, "--costs", "python bench/method_cost.py")
-    lm_records = _records(args.lm, "--lm", "python bench/lm_peers.py")
+    lm_records = load_records(args.lm, "--lm", "python bench/lm_peers.py")
     scale = _record(args.lm_scale, "--lm_scale", "python bench/lm_scale.py")
     block = render(records, costs, args.figures, args.document.parent)
     write_block(block, args.document, BEGIN, END)
