@@ -125,8 +125,8 @@ def main() -> int:
         "--recipe_args", default="", help="recipe flags over the config, one string (smoke runs: '--max_steps 3')"
     )
     args = parser.parse_args()
-    check_output_path(args.results, "--results")  # before the first cell trains
-    check_output_path(args.workdir, "--workdir")
+    check_output_path(args.results, "--results", "folder")  # before the first cell trains
+    check_output_path(args.workdir, "--workdir", "folder")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/hf_oscq_lm_scale")
     parser.add_argument("--output", default=str(RESULTS / "lm_scale.json"))
     args = parser.parse_args()
-    check_output_path(args.output, "--output")  # before the first step of training
-    check_output_path(args.workdir, "--workdir")
+    check_output_path(args.output, "--output", "file")  # before the first step of training
+    check_output_path(args.workdir, "--workdir", "folder")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     tokenizer = byte_tokenizer()

@@ -119,8 +119,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/hf_oscq_method_cost")
     parser.add_argument("--output", default=str(RESULTS / "method_cost.json"))
     args = parser.parse_args()
-    check_output_path(args.output, "--output")  # before the first step is timed
-    check_output_path(args.workdir, "--workdir")
+    check_output_path(args.output, "--output", "file")  # before the first step is timed
+    check_output_path(args.workdir, "--workdir", "folder")
     configure_logging(logging.WARNING)
     torch.set_num_threads(args.threads)
     methods = ["none", *[method for method in args.methods if method != "none"]]

@@ -277,18 +277,18 @@ def _warn_plain_rounded_batchnorm(name: str, path: Path, model) -> bool:
     """Checkpoints are evaluated as written; a quantized BatchNorm one whose statistics were not re-estimated after
     rounding is worth a warning, since that costs accuracy at low bit-widths. Returns whether the checkpoint's
     statistics were re-estimated."""
-    from .export.checkpoint import read_config
+    from .export.folder import bn_recalibrated
     from .quantization.batchnorm import has_batchnorm
 
-    quantization = read_config(path).get("quantization_config") or {}
-    if quantization and not quantization.get("bn_recalibrated") and has_batchnorm(model):
+    recalibrated = bn_recalibrated(path)
+    if recalibrated is False and has_batchnorm(model):
         logger.warning(
             "%s: BatchNorm statistics were not re-estimated after rounding (plain rounding, the paper's PTQ), which "
             "costs accuracy at low bit-widths; `hf-oscq export` without --bn_recalibration_samples 0 re-estimates "
             "them.",
             name,
         )
-    return bool(quantization.get("bn_recalibrated"))
+    return bool(recalibrated)
 
 
 def evaluate_folder(
@@ -354,9 +354,9 @@ def record_evaluation(
 
 def checkpoint_batchnorm(folder: str | Path) -> tuple[str, int | None]:
     """`(batchnorm, bn_samples)` of a `Provenance` for the checkpoints of an export folder (or one checkpoint) as
-    written: from the manifest, else from the checkpoint's `quantization_config` and its model."""
-    from .export.checkpoint import read_config
-    from .export.folder import ExportFolderError
+    written: from the manifest, else from the checkpoint's model and `export.folder.bn_recalibrated`
+    (`"full-precision"` for a folder where nothing was rounded)."""
+    from .export.folder import ExportFolderError, bn_recalibrated, checkpoint_model_config
     from .quantization.batchnorm import has_batchnorm
 
     try:
@@ -370,12 +370,15 @@ def checkpoint_batchnorm(folder: str | Path) -> tuple[str, int | None]:
             return "re-estimated", (manifest.get("bn_recalibration") or {}).get("samples")
         return "plain", None
     import torch
-    from transformers import AutoConfig
+
+    from .export.checkpoint import read_config
 
     path = next(iter(variant_folders(folder).values()))
     with torch.device("meta"):
-        model = auto_class_for(path).from_config(AutoConfig.from_pretrained(path))
+        model = auto_class_for(path).from_config(checkpoint_model_config(path))
     if not has_batchnorm(model):
         return "none", None
-    recalibrated = (read_config(path).get("quantization_config") or {}).get("bn_recalibrated")
+    recalibrated = bn_recalibrated(path)
+    if recalibrated is None:
+        return ("full-precision", None) if "quantization_config" not in read_config(path) else (None, None)
     return ("re-estimated", None) if recalibrated else ("plain", None)

@@ -100,7 +100,10 @@ def model_class_ids(
     order, unmatched = [], []
     for name in dataset_names:
         target = label_map.get(name, name)
-        if isinstance(target, int) or (isinstance(target, str) and target.isdigit() and target not in named):
+        # A digit string is a class id where the mapping says so, or where the model has no class names to match: a
+        # dataset whose classes are called "0".."9" is not scored against a model whose classes have other names.
+        as_id = name in label_map or not named
+        if isinstance(target, int) or (isinstance(target, str) and target.isdigit() and target not in named and as_id):
             index = int(target)
             if not 0 <= index < num_labels:
                 raise LabelMismatchError(

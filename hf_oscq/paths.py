@@ -38,22 +38,29 @@ def child_path(folder: str | Path, name: str) -> Path:
     return path
 
 
-def check_output_path(path: str | Path, flag: str) -> Path:
+def check_output_path(path: str | Path, flag: str, kind: str | None = None) -> Path:
     """Checks, before any work starts, that `path` (a file or folder to write, or to replace) can be written: every
-    part of it that exists is a folder (the last part may be a file or a folder), and the nearest existing folder
-    above it is writable.
+    part of it that exists is a folder, the last part is of the `kind` asked for where it exists, and the nearest
+    existing folder above it is writable.
 
     Args:
         path: the output path.
         flag: what named it, for the message (`--output`, `output_dir`).
+        kind: `"file"` (a JSON record: an existing folder there is refused), `"folder"` (an existing file there is
+            refused) or None (either).
 
     Returns:
         `path` as an absolute path.
 
     Raises:
-        OscqValueError: naming the part of the path that is a file or the folder that cannot be written.
+        OscqValueError: naming the part of the path that is a file, a folder where a file belongs (or the reverse),
+            or the folder that cannot be written.
     """
     path = Path(path).absolute()
+    if kind == "file" and path.is_dir():
+        raise OscqValueError(f"{flag} {str(path)!r} is a folder, where a file belongs: pass a file path.")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise OscqValueError(f"{flag} {str(path)!r} is a file, where a folder belongs: pass a folder path.")
     for parent in reversed(path.parents):
         if parent.exists() and not parent.is_dir():
             raise OscqValueError(
@@ -67,3 +74,8 @@ def check_output_path(path: str | Path, flag: str) -> Path:
             "permission). Pass a path on a disk you can write to."
         )
     return path
+
+
+def not_a_folder(path: str | Path) -> str:
+    """Why `path` cannot be read as a folder, for a message: `"is a file, not a folder"` or `"does not exist"`."""
+    return "is a file, not a folder" if Path(path).exists() else "does not exist"

@@ -28,6 +28,7 @@ BATCHNORM = {
     "none": "no BatchNorm layer",
     "plain": "plain rounding (BatchNorm statistics not re-estimated)",
     "re-estimated": "BatchNorm statistics re-estimated after rounding",
+    "full-precision": "full precision (no weight rounded, BatchNorm statistics as trained)",
 }
 NOT_RECORDED = "not recorded"
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -72,7 +73,8 @@ class Provenance:
         split: the split evaluated (`"test"`; for a dataset split by seed, the seed too).
         examples: the number of examples evaluated (images, or text blocks).
         tokens: for perplexity, the number of predicted tokens.
-        batchnorm: `"none"` (the model has no BatchNorm layer), `"plain"` or `"re-estimated"`.
+        batchnorm: `"none"` (the model has no BatchNorm layer), `"plain"` or `"re-estimated"` (how the statistics
+            of rounded weights were handled), `"full-precision"` (a checkpoint where nothing was rounded).
         bn_samples: for `"re-estimated"`, the number of training images forwarded at each bit-width.
 
     Raises:

@@ -42,3 +42,17 @@ def test_a_label_map_is_json_inline_or_in_a_file(tmp_path):
     for bad in ("[1, 2]", "{not json", '{"a": [1]}', str(tmp_path / "missing.json")):
         with pytest.raises(OscqValueError, match="--label_map must be a JSON object"):
             parse_label_map(bad)
+
+
+def test_classes_named_by_digits_are_ids_only_for_a_model_without_class_names():
+    """A dataset whose classes are called "0".."9" (scikit-learn's digits) is refused by a model whose classes have
+    other names (it would be scored against Fashion-MNIST's), is read as class ids by a model without names
+    (transformers' `LABEL_i`, or no label2id), matches a model whose classes are themselves called by digits, and
+    takes ids through an explicit mapping."""
+    digits = [str(index) for index in range(3)]
+    with pytest.raises(LabelMismatchError, match=r"\['0', '1', '2'\] are not classes of the model"):
+        model_class_ids(digits, MODEL, 3)
+    assert model_class_ids(digits, {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}, 3) == [0, 1, 2]
+    assert model_class_ids(digits, None, 3) == [0, 1, 2]
+    assert model_class_ids(digits, {"2": 0, "1": 1, "0": 2}, 3) == [2, 1, 0]  # by name, not position
+    assert model_class_ids(digits, MODEL, 3, {"0": 1, "1": "Pullover", "2": "0"}) == [1, 2, 0]

@@ -39,3 +39,20 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path))  # a read-only folder
     with pytest.raises(ValueError, match=rf"the folder '{tmp_path}' cannot be written \(read-only file system"):
         check_output_path(tmp_path / "out", "--output_json")
+
+
+def test_an_output_of_the_wrong_kind_is_refused(tmp_path):
+    """A file output (`--output_json`, a bench record) where a folder stands, and a folder output (`--output_dir`,
+    `--results`) where a file stands, are refused naming both; either kind may replace one of its own."""
+    from hf_oscq.paths import check_output_path, not_a_folder
+
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    with pytest.raises(ValueError, match=rf"^--output_json '{tmp_path / 'DIR'}' is a folder, where a file belongs"):
+        check_output_path(tmp_path / "DIR", "--output_json", "file")
+    with pytest.raises(ValueError, match=rf"^--output_dir '{tmp_path / 'FILE'}' is a file, where a folder belongs"):
+        check_output_path(tmp_path / "FILE", "--output_dir", "folder")
+    assert check_output_path(tmp_path / "FILE", "--output_json", "file") == tmp_path / "FILE"
+    assert check_output_path(tmp_path / "DIR", "--output_dir", "folder") == tmp_path / "DIR"
+    assert not_a_folder(tmp_path / "FILE") == "is a file, not a folder"
+    assert not_a_folder(tmp_path / "missing") == "does not exist"

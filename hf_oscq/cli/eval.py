@@ -20,20 +20,22 @@ def run_eval(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """`hf-oscq eval`: `{variant: {"accuracy": ...}}` of every checkpoint in the folder, or for a causal language
     model `{variant: {"loss": ..., "perplexity": ...}}` on the held-out text of `--dataset` (`kjv` or a Hub text
     dataset); recorded in the export's manifest and cards with what it was measured on unless `--no_record`."""
-    return measure(args)[0]
+    table, provenance = measure(args)
+    record(args, table, provenance)
+    return table
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Provenance]:
-    """`(run_eval's table, what it was measured on)`."""
-    from ..evaluation import checkpoint_batchnorm, evaluate_folder, load_eval_split, record_evaluation
+    """`(run_eval's table, what it was measured on)`; writes nothing (`record` does)."""
+    from ..evaluation import checkpoint_batchnorm, evaluate_folder, load_eval_split
     from ..export.checkpoint import read_config
-    from ..export.folder import MANIFEST_NAME, read_training_info, recorded_split, task_for, variant_folders
+    from ..export.folder import read_training_info, recorded_split, task_for, variant_folders
     from ..label_map import parse_label_map
     from ..scripts.data import DATASETS
 
     check_counts(args, batch_size=1, max_eval_samples=1, block_size=1)
     if args.output_json:
-        check_output_path(args.output_json, "--output_json")  # before any checkpoint is evaluated
+        check_output_path(args.output_json, "--output_json", "file")  # before any checkpoint is evaluated
     label_map = parse_label_map(args.label_map)
     folders = variant_folders(Path(args.folder))
     recipe_dataset = DATASETS.get(args.dataset) if not Path(args.dataset).exists() else None
@@ -60,15 +62,22 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Prov
             batchnorm=batchnorm,
             bn_samples=bn_samples,
         )
+    return table, provenance
+
+
+def record(args: argparse.Namespace, table: dict, provenance: Provenance) -> None:
+    """Records `table` in the export's manifest and cards (an export folder, unless `--no_record`): the last step of
+    `hf-oscq eval`, so that a failure before it leaves them as they were."""
+    from ..evaluation import record_evaluation
+    from ..export.folder import MANIFEST_NAME
+    from ..hub.model_card import write_model_cards
+
     folder = Path(args.folder)
     if not args.no_record and (folder / MANIFEST_NAME).is_file():
-        from ..hub.model_card import write_model_cards
-
         kept = "Pass --no_record to evaluate without writing into the export folder."
         with os_errors(f"record the evaluation in {folder}", kept):
             record_evaluation(folder, table, provenance)
             write_model_cards(folder)
-    return table, provenance
 
 
 def _eval_language_model(args: argparse.Namespace, folders: dict[str, Path]) -> tuple[dict, Provenance]:
@@ -170,11 +179,12 @@ def _main(args: argparse.Namespace) -> int:
     from ..quantization.ptq import format_cross_bit_table
 
     table, provenance = measure(args)
-    if args.output_json:
-        with os_errors(f"write --output_json {args.output_json}"):
+    if args.output_json:  # before the export folder is touched: a failure here leaves it as it was
+        with os_errors(f"write --output_json {args.output_json}", "The export folder was left as it was."):
             Path(args.output_json).write_text(
                 json.dumps({"provenance": provenance.to_dict(), "table": table}, indent=2) + "\n"
             )
+    record(args, table, provenance)
     note = rounding_note(args.folder)
     if note:
         sys.stdout.write(f"Quantized checkpoints: {note}.\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..errors import OscqValueError
 from ..export.formats import EXPORT_FORMATS
+from ..paths import not_a_folder
 from ..quantization.spec import (
     DEFAULT_BN_RECALIBRATION_SAMPLES,
     DEFAULT_EVAL_BITS,
@@ -47,8 +49,8 @@ def _load_image_processor(folder: Path):
 def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str]:
     """The spec of the export (each bit-width of `--bits` replaces its `bits`) and the argument its group size comes
     from: the run's recorded spec (`oscq_training.json`, `run_record.recorded_spec`) for a run trained towards one
-    (`--per_channel`, `--group_size`, `--target_modules` and `--exclude_modules` may repeat it, not contradict it),
-    else the flags.
+    (`--per_channel`, `--group_size` and `--target_modules` may repeat it, not contradict it; `--exclude_modules`
+    leaves more layers in float, the others keeping the run's spec), else the flags.
 
     Raises:
         OscqValueError: for invalid bit-widths, both `--per_channel` and `--group_size`, or a flag contradicting the
@@ -57,6 +59,10 @@ def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str
     from ..training.methods import find_method
     from ..training.run_record import describe_run, recorded_spec
 
+    if args.group_size is not None and args.group_size < 1:
+        raise OscqValueError(
+            f"--group_size must be a positive number of input features per scale, got {args.group_size}."
+        )
     if args.per_channel and args.group_size:
         raise OscqValueError("Pass --per_channel or --group_size, not both: group-wise scales are per channel too.")
     for bits in args.bits:  # every one, before anything is loaded
@@ -75,17 +81,26 @@ def export_spec(args: argparse.Namespace, trained: dict) -> tuple[QuantSpec, str
     conflicts = []
     if flagged is not None and (given.granularity, given.group_size) != (recorded.granularity, recorded.group_size):
         conflicts.append("--group_size" if args.group_size else "--per_channel")
-    for name in ("target_modules", "exclude_modules"):
-        if getattr(args, name) is not None and getattr(given, name) != getattr(recorded, name):
-            conflicts.append(f"--{name}")
+    if args.target_modules is not None and given.target_modules != recorded.target_modules:
+        conflicts.append("--target_modules")
     if conflicts:
         method = trained.get("osc_method")
+        asked = given.with_bits(recorded.bits)  # the flags change the layers or scales, not the trained bit-width
         raise OscqValueError(
             f"{args.checkpoint} was trained with {describe_run(method, recorded)} (its oscq_training.json), but "
-            f"{' and '.join(conflicts)} asks for {describe_run(method, given)}: an export in another spec would not "
-            "be the model that training made robust. Drop the flag to export with the run's spec."
+            f"{' and '.join(conflicts)} asks for {describe_run(method, asked)}: an export in another spec would not "
+            "be the model that training made robust. Drop the flag to export with the run's spec (--exclude_modules "
+            "may leave more layers in float)."
         )
-    return recorded.with_bits(min(args.bits)), "the run's recorded osc_group_size"
+    spec = recorded.with_bits(min(args.bits))
+    excluded = [pattern for pattern in args.exclude_modules or () if pattern not in (recorded.exclude_modules or ())]
+    if excluded:  # more layers left in float: the others keep the grid and the scales they were trained for
+        spec = dataclasses.replace(spec, exclude_modules=(*(recorded.exclude_modules or ()), *excluded))
+        logger.warning(
+            "Exporting with the run's spec and leaving the layers matching --exclude_modules %s in float as well.",
+            excluded,
+        )
+    return spec, "the run's recorded osc_group_size"
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -112,7 +127,9 @@ def run_export(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint)
     config_path = checkpoint / "config.json"
     if not checkpoint.is_dir():
-        raise OscqValueError(f"{checkpoint} does not exist: pass a folder written by save_pretrained (or Trainer).")
+        raise OscqValueError(
+            f"{checkpoint} {not_a_folder(checkpoint)}: pass a folder written by save_pretrained (or Trainer)."
+        )
     if not config_path.is_file():
         raise OscqValueError(
             f"{checkpoint} has no config.json: pass a folder written by save_pretrained (or Trainer)."

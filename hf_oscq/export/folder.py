@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OscqValueError
+from ..paths import not_a_folder
 from ..provenance import Provenance
 from ..quantization.spec import QuantSpec, validate_bits
 from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
@@ -219,7 +220,8 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ExportFolderError(
-            f"Export folder {str(export_dir)!r} does not exist: pass the directory hf_oscq.export_quantized wrote."
+            f"Export folder {str(export_dir)!r} {not_a_folder(export_dir)}: pass the directory "
+            "hf_oscq.export_quantized wrote."
         )
     manifest = _read_json(export_dir / MANIFEST_NAME, export_dir)
     if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
@@ -313,6 +315,41 @@ def _check_float_files(folder: Path) -> None:
             ) from None
 
 
+def checkpoint_model_config(folder: str | Path):
+    """The transformers config of one checkpoint folder as `from_pretrained` sees it: in hf_oscq's format, with the
+    fields the export guarded (`architectures`, ...: set so that a load without hf_oscq fails) put back, as the
+    quantizer puts them back. Build a model from it on the meta device to inspect its layers without the weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    quantization = read_config(folder).get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        for field, value in (quantization.get("guarded_fields") or {}).items():
+            if value is None:
+                if hasattr(config, field):
+                    delattr(config, field)
+            else:
+                setattr(config, field, value)
+    return config
+
+
+def bn_recalibrated(folder: str | Path) -> bool | None:
+    """Whether the BatchNorm statistics of one checkpoint folder were re-estimated after rounding: its own
+    `quantization_config` says so in hf_oscq's format, the export's manifest in the folder above for the
+    compressed-tensors format (whose config has no such field); `None` for a full-precision folder (nothing was
+    rounded) or where nothing records it."""
+    folder = Path(folder)
+    quantization = read_config(folder).get("quantization_config")
+    if not isinstance(quantization, dict):
+        return None
+    if quantization.get("quant_method") == QUANT_METHOD:
+        return bool(quantization.get("bn_recalibrated"))
+    try:
+        return bool(read_manifest(folder.parent).get("bn_recalibrated"))
+    except ExportFolderError:
+        return None
+
+
 def verify_checkpoint_folder(folder: str | Path) -> None:
     """Checks every file of one export folder (`fp/` or `w{b}/`) as loading it would, without loading the weights.
 
@@ -327,7 +364,6 @@ def verify_checkpoint_folder(folder: str | Path) -> None:
         ExportFolderError: naming the file and what is wrong with it.
     """
     import torch
-    import transformers
 
     from .checkpoint import CheckpointFormatError, validate_checkpoint_files
     from .hf_quantizer import OscqQuantizationConfig
@@ -350,9 +386,7 @@ def verify_checkpoint_folder(folder: str | Path) -> None:
         return
     try:
         quantization_config = OscqQuantizationConfig.from_dict(quantization)
-        model_config = transformers.AutoConfig.from_pretrained(folder)
-        for field, value in quantization_config.guarded_fields.items():  # as the quantizer restores them
-            setattr(model_config, field, value)
+        model_config = checkpoint_model_config(folder)
         with torch.device("meta"):
             model = auto_class_for(config).from_config(model_config)
         validate_checkpoint_files(weight_files(folder), quantization_config, model, check_codes=True)
@@ -379,7 +413,7 @@ def variant_folders(folder: str | Path) -> dict[str, Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportFolderError(f"{folder} does not exist: pass an export folder or a checkpoint folder.")
+        raise ExportFolderError(f"{folder} {not_a_folder(folder)}: pass an export folder or a checkpoint folder.")
     if (folder / "config.json").is_file():
         return {folder.name: folder}
     found = {child.name: child for child in folder.iterdir() if (child / "config.json").is_file()}

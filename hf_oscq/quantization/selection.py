@@ -82,6 +82,7 @@ def select_weights(
         An ordered dict of distinct parameters (tied weights appear once, under their first name).
 
     Raises:
+        OscqValueError: when `model` is not an `nn.Module` (a list of tensors, a path: load the model first).
         OscqValueError: when nothing is selected, with the module names that were available; or when a group-wise
             spec's group size does not divide a selected layer's input features, naming the layer.
 
@@ -89,6 +90,11 @@ def select_weights(
         UserWarning: for each target or exclude pattern that matches no module with a weight (a typo selects or
             excludes nothing).
     """
+    if not isinstance(model, nn.Module):
+        raise OscqValueError(
+            f"hf_oscq's quantizers and penalties take the model (a torch.nn.Module), got {type(model).__name__}: "
+            "pass the model itself (from_pretrained(...) loads one from a folder)."
+        )
     if spec is not None:
         if target_modules is not None or exclude_modules is not None:
             raise TypeError("select_weights: pass spec=QuantSpec(...) or target_modules/exclude_modules, not both.")

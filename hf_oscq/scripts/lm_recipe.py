@@ -269,7 +269,7 @@ def training_record(args: OscillationConfig, recipe: LMRecipeArguments, corpus: 
 def run_recipe(recipe: LMRecipeArguments, training: OscillationConfig) -> dict:
     """Runs the recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
-    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
+    check_output_path(training.output_dir, "--output_dir", "folder")  # before any data or model loads
     output_dir = Path(training.output_dir)
     tokenizer = load_tokenizer(recipe)
     corpus = load_corpus(recipe)

@@ -244,7 +244,7 @@ def _export(trainer, recipe: RecipeArguments, data, tables: dict, provenances: d
 def run_recipe(recipe: RecipeArguments, training: OscillationConfig) -> dict:
     """Runs a recipe end to end (see the module docstring for what lands where) and returns its summary."""
     training = check_run_settings(training, recipe.expected_world_size)
-    check_output_path(training.output_dir, "--output_dir")  # before any data or model loads
+    check_output_path(training.output_dir, "--output_dir", "folder")  # before any data or model loads
     output_dir = Path(training.output_dir)
     data = load_image_dataset(
         recipe.dataset,

@@ -5,6 +5,7 @@ image files with numpy (rescale, normalise) and the models, not through the imag
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -346,3 +347,63 @@ def test_recipe_datasets_carry_their_class_names_and_are_matched_by_them():
     assert """--label_map '{"T-shirt/top": "T - shirt / top"}'""" in str(refused.value)
     renumbered = _labels_in_model_order(fashion, other, {"T-shirt/top": "T - shirt / top"})
     assert renumbered["label"] == fashion["label"]
+
+
+def test_eval_that_cannot_write_its_json_leaves_the_export_as_it_was(export, tmp_path, capsys, monkeypatch):
+    """`--output_json` naming an existing folder is refused before anything is evaluated; a JSON write that fails
+    after the evaluation (a full disk) is one line, and the export's manifest and cards are left as they were: the
+    export folder is written last."""
+    _, root, _ = export
+    folder = shutil.copytree(root / "export", tmp_path / "export")
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    (tmp_path / "taken").mkdir()
+    arguments = ["eval", str(folder), "--dataset", str(root / "images")]
+    assert cli_main([*arguments, "--output_json", str(tmp_path / "taken")]) == 1
+    assert capsys.readouterr().err == (
+        f"hf-oscq eval: error: --output_json '{tmp_path / 'taken'}' is a folder, where a file belongs: pass a file "
+        "path.\n"
+    )
+
+    write_text = Path.write_text
+
+    def disk_full(path, *args, **kwargs):
+        if path == tmp_path / "table.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert cli_main([*arguments, "--output_json", str(tmp_path / "table.json")]) == 1
+    line = _last_error_line(capsys.readouterr().err)
+    assert "no space left on the device" in line and line.endswith("The export folder was left as it was.")
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before
+
+
+def test_batchnorm_handling_of_single_checkpoint_folders_is_read_from_what_was_written(tmp_path):
+    """What `hf-oscq eval` of one checkpoint folder says about BatchNorm: a packed ResNet-18 folder (whose config.json
+    guards its architecture) is built on the meta device with the guarded fields put back; re-estimated or plain
+    as its quantization_config records; its fp folder is full precision (nothing rounded); a model without
+    BatchNorm says so. A compressed-tensors folder reads the export's manifest (its config has no such field)."""
+    from _export_models import tiny_resnet18
+
+    from hf_oscq.evaluation import _warn_plain_rounded_batchnorm, checkpoint_batchnorm
+    from hf_oscq.export.folder import bn_recalibrated
+
+    model = tiny_resnet18()
+    batches = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))}]
+    estimated = hf_oscq.export_quantized(model, tmp_path / "estimated", bits=(3,), calibration_batches=batches)
+    plain = hf_oscq.export_quantized(model, tmp_path / "plain", bits=(3,), plain_rounding=True)
+    assert checkpoint_batchnorm(estimated / "w3") == ("re-estimated", None)
+    assert checkpoint_batchnorm(plain / "w3") == ("plain", None)
+    assert checkpoint_batchnorm(plain / "fp") == ("full-precision", None)
+    assert checkpoint_batchnorm(estimated) == ("re-estimated", 4)  # the export: its manifest
+    assert checkpoint_batchnorm(tmp_path / "plain") == ("plain", None)
+    vit = hf_oscq.export_quantized(_model(), tmp_path / "vit", bits=(3,))
+    assert checkpoint_batchnorm(vit / "w3") == ("none", None)
+    assert bn_recalibrated(plain / "fp") is None and bn_recalibrated(plain / "w3") is False
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors (Python >= 3.11) is not installed")
+    spec = hf_oscq.QuantSpec(3, exclude_modules=[r"timm_model\.(conv1|layer.*)"])
+    ct = hf_oscq.export_quantized(
+        model, tmp_path / "ct", bits=(3,), spec=spec, calibration_batches=batches, format="compressed-tensors"
+    )
+    assert bn_recalibrated(ct / "w3") is True
+    assert _warn_plain_rounded_batchnorm("w3", ct / "w3", model) is True  # re-estimated: no warning

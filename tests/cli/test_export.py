@@ -152,6 +152,14 @@ def test_cli_turns_package_errors_into_one_line(tmp_path, capsys):
     assert cli_main(["eval", str(missing), "--dataset", "digits"]) == 1
     err = capsys.readouterr().err
     assert err == f"hf-oscq eval: error: {missing} does not exist: pass an export folder or a checkpoint folder.\n"
+    (tmp_path / "afile").write_text("")  # a file where a folder belongs is named as such, by eval and by export
+    assert cli_main(["eval", str(tmp_path / "afile"), "--dataset", "digits"]) == 1
+    assert capsys.readouterr().err.endswith(f"error: {tmp_path / 'afile'} is a file, not a folder: pass an export "
+                                            "folder or a checkpoint folder.\n")  # fmt: skip
+    assert cli_main(["export", str(tmp_path / "afile"), "--output", str(tmp_path / "out")]) == 1
+    assert f"error: {tmp_path / 'afile'} is a file, not a folder: pass a folder" in capsys.readouterr().err
+    with pytest.raises(hf_oscq.OscqError, match="is a file, not a folder: pass the directory"):
+        hf_oscq.read_export_manifest(tmp_path / "afile")
     export = hf_oscq.export_quantized(tiny_vit(num_channels=1, num_labels=10), tmp_path / "export", bits=(3,))
     weights = export / "w3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
@@ -544,3 +552,31 @@ def test_cli_export_of_a_run_uses_its_recorded_spec_and_gives_the_trainers_loss(
         assert err.count("\n") == 1 and "asks for osc_method='oscillation', osc_bits=4" in err, err
         assert "was trained with osc_method='oscillation', osc_bits=4, group_size=16" in err and flags[0] in err
         assert not (tmp_path / "x").exists()
+    capsys.readouterr()  # the message names the trained bit-width, whatever --bits asks for
+    assert (
+        cli_main(
+            ["export", str(tmp_path / "run"), "--bits", "2", "3", "--per_channel", "--output", str(tmp_path / "x")]
+        )
+        == 1
+    )
+    assert "asks for osc_method='oscillation', osc_bits=4, per_channel" in capsys.readouterr().err
+    # --exclude_modules leaves more layers in float (what the compressed-tensors format needs of a conv model): the
+    # other layers keep the run's group-wise spec
+    assert cli_main(["export", str(tmp_path / "run"), "--bits", "4", "--exclude_modules", "classifier", "--output",
+                     str(tmp_path / "narrower")]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "narrower" / "oscq_export.json").read_text())
+    assert (manifest["granularity"], manifest["group_size"], manifest["exclude_modules"]) == (
+        "group",
+        16,
+        ["classifier"],
+    )
+    modules = json.loads((tmp_path / "narrower" / "w4" / "config.json").read_text())["quantization_config"]["modules"]
+    assert modules and "classifier" not in modules
+    for group_size in ("0", "-3"):
+        assert (
+            cli_main(["export", str(tmp_path / "run"), "--group_size", group_size, "--output", str(tmp_path / "x")])
+            == 1
+        )
+        assert f"--group_size must be a positive number of input features per scale, got {group_size}." in (
+            capsys.readouterr().err
+        )

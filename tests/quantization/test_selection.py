@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from hf_oscq import ALL_WEIGHTS, select_weights
@@ -86,3 +87,23 @@ trainer(); export(); trainer()
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stderr.count("target_modules pattern 'fc' matches no module with a weight") == 1, result.stderr
+
+
+@pytest.mark.parametrize("given", [[], "model_dir", None, {"weight": torch.ones(2, 2)}])
+def test_every_model_taking_function_names_what_it_got_instead_of_a_model(given):
+    """The functions a user calls by hand on a model (the quantizers, the three penalties, the selection) refuse
+    anything that is not an nn.Module with one line naming what was passed, not an AttributeError from inside."""
+    import hf_oscq
+
+    calls = [
+        lambda: hf_oscq.select_weights(given),
+        lambda: hf_oscq.quantize_model(given, 3),
+        lambda: hf_oscq.oscillation_penalty(given, 3),
+        lambda: hf_oscq.kurtosis_penalty(given),
+        lambda: hf_oscq.dampening_penalty(given, 3),
+    ]
+    for call in calls:
+        with pytest.raises(
+            hf_oscq.OscqValueError, match=f"take the model \\(a torch.nn.Module\\), got {type(given).__name__}"
+        ):
+            call()

@@ -75,7 +75,8 @@ for _method in (
     register_method(_method)
 
 DEFAULT_METHOD = OscillationRegularizer.name
-# The registered names, in registration order (the paper's three first).
+# The built-in methods, in registration order (the paper's three first); `method_names()` also lists the methods
+# registered later with `register_method`.
 OSC_METHODS = tuple(_METHODS)
 
 
