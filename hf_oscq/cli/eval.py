@@ -29,7 +29,13 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Prov
     """`(run_eval's table, what it was measured on)`; writes nothing (`record` does)."""
     from ..evaluation import checkpoint_batchnorm, evaluate_folder, load_eval_split
     from ..export.checkpoint import read_config
-    from ..export.folder import read_training_info, recorded_split, task_for, variant_folders
+    from ..export.folder import (
+        read_training_info,
+        recorded_split,
+        task_for,
+        variant_folders,
+        verify_checkpoint_folder,
+    )
     from ..label_map import parse_label_map
     from ..scripts.data import DATASETS
 
@@ -38,6 +44,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Prov
         check_output_path(args.output_json, "--output_json", "file")  # before any checkpoint is evaluated
     label_map = parse_label_map(args.label_map)
     folders = variant_folders(Path(args.folder))
+    for path in folders.values():  # every file checked before the first checkpoint is evaluated
+        verify_checkpoint_folder(path)
     recipe_dataset = DATASETS.get(args.dataset) if not Path(args.dataset).exists() else None
     if task_for(read_config(next(iter(folders.values()))))[0] == "text-generation":
         table, provenance = _eval_language_model(args, folders)

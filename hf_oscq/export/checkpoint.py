@@ -430,9 +430,9 @@ def check_packed_tensors(name: str, codes: torch.Tensor, scale: torch.Tensor | N
     """
     problem = invalid_codes(codes, bits, numel)
     if problem is not None:
-        raise CheckpointFormatError(
-            f"The packed codes of {name!r} hold {problem}: the file is corrupted or was packed at another bit-width. "
-            "Export the model again."
+        raise CheckpointFormatError(  # the wording of PackedWeight.from_checkpoint: one fault, one message
+            f"The packed weight {name!r} is invalid: its codes hold {problem}. The file is corrupted or was packed at "
+            "another bit-width: export the model again."
         )
 
 
