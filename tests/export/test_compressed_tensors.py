@@ -7,11 +7,11 @@ was imported):
 * a tiny Llama with tied input / output embeddings (hidden size 32): group-wise (16) at every bit-width 2..8,
   per-channel at 3, 4 and 6 bits, per-tensor at 2, 5 and 8 bits (every bit-width in two granularities), one weight row
   all zeros (an all-zero scale group); greedy `generate` and the text-generation `pipeline`;
-* GPT-2 with an untied `lm_head` (its only Linear layer: every block is a Conv1D), group-wise at 4 and 7 bits;
-* the tiny ViT without its patch-embedding convolution, per-channel at 2 and 6 bits, and the image-classification
-  `pipeline` with its saved image processor;
+* GPT-2 with an untied `lm_head` (its only Linear layer: every block is a Conv1D), group-wise at every bit-width 2..8;
+* the tiny ViT without its patch-embedding convolution, per-channel at every bit-width 2..8, and the
+  image-classification `pipeline` with its saved image processor;
 * timm's ResNet-18 through transformers' TimmWrapper (checkpoint names without the `timm_model.` prefix), its
-  classifier `fc` per-tensor at 3 and 8 bits, BatchNorm statistics re-estimated after rounding.
+  classifier `fc` per-tensor at every bit-width 2..8, BatchNorm statistics re-estimated after rounding.
 
 What the format or its loaders cannot hold is refused before anything is written, each with one line naming the
 layers and the way out: convolutions (ResNet-18's and the ViT's default selection), GPT-2's Conv1D, embeddings (a
@@ -55,6 +55,9 @@ LLAMA_EXPORTS = {  # granularity -> (group size, bit-widths)
 
 def _spec(bits, granularity="per_tensor", group_size=None, target=None, exclude=None):
     return hf_oscq.QuantSpec(bits, granularity, target, exclude, group_size)
+
+
+EVERY_BIT_WIDTH = tuple(range(2, 9))
 
 
 def _packed_keys(folder: Path) -> list[str]:
@@ -110,22 +113,24 @@ def loaded(tmp_path_factory):
 
     gpt2 = tiny_gpt2(tie_word_embeddings=False)
     spec = _spec(4, "group", 16, target="lm_head")
-    out = hf_oscq.export_quantized(gpt2, root / "gpt2", bits=(4, 7), spec=spec, format=CT)
+    out = hf_oscq.export_quantized(gpt2, root / "gpt2", bits=EVERY_BIT_WIDTH, spec=spec, format=CT)
     gpt2_ids = torch.tensor([[1, 7, 3, 9, 4]])
-    for bits in (4, 7):
+    for bits in EVERY_BIT_WIDTH:
         cases.add(f"gpt2/w{bits}", gpt2, out, spec, bits, "AutoModelForCausalLM", {"input_ids": gpt2_ids})
 
     vit = tiny_vit(num_channels=3)
     processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     spec = _spec(2, "per_channel", exclude="projection")
-    out = hf_oscq.export_quantized(vit, root / "vit", bits=(2, 6), spec=spec, image_processor=processor, format=CT)
+    out = hf_oscq.export_quantized(
+        vit, root / "vit", bits=EVERY_BIT_WIDTH, spec=spec, image_processor=processor, format=CT
+    )
     from PIL import Image
 
     image_path = root / "image.png"
     pixels = torch.randint(0, 256, (8, 8, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     Image.fromarray(pixels.numpy()).save(image_path)
     inputs = {"pixel_values": processor(images=Image.open(image_path), return_tensors="pt")["pixel_values"]}
-    for bits in (2, 6):
+    for bits in EVERY_BIT_WIDTH:
         extra = {"pipeline": "image-classification", "image": str(image_path)} if bits == 6 else {}
         cases.add(f"vit/w{bits}", vit, out, spec, bits, "AutoModelForImageClassification", inputs, **extra)
 
@@ -135,10 +140,10 @@ def loaded(tmp_path_factory):
     ]
     spec = _spec(3, target="fc")
     out = hf_oscq.export_quantized(
-        resnet, root / "resnet", bits=(3, 8), spec=spec, calibration_batches=calibration, format=CT
+        resnet, root / "resnet", bits=EVERY_BIT_WIDTH, spec=spec, calibration_batches=calibration, format=CT
     )
     pixel_values = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))}
-    for bits in (3, 8):
+    for bits in EVERY_BIT_WIDTH:
         cases.add(
             f"resnet/w{bits}", resnet, out, spec, bits, "AutoModelForImageClassification", pixel_values, calibration
         )
@@ -164,7 +169,7 @@ def test_every_folder_loads_with_quantize_model_logits_exactly(loaded):
     """Every case of the module docstring: the loaded logits equal hf_oscq's bit for bit, the rounding changed them
     (they differ from full precision), and compressed-tensors quantized exactly the exported modules on load."""
     cases, results, logits = loaded
-    assert len(cases.cases) == sum(len(widths) for _, widths in LLAMA_EXPORTS.values()) + 2 + 2 + 2
+    assert len(cases.cases) == sum(len(widths) for _, widths in LLAMA_EXPORTS.values()) + 3 * len(EVERY_BIT_WIDTH)
     for case in cases.cases:
         name = case["name"]
         assert torch.equal(logits[name], cases.expected[name]), name
@@ -260,7 +265,7 @@ def test_manifest_records_the_format_and_versions_and_push_checks_accept_it(load
     from hf_oscq.hub.push import plan_push
 
     plan = plan_push(cases.exports["gpt2/w4"][1].parent, "me/tiny-gpt2")  # every folder checked, cards rendered
-    assert [repo.repo_id for repo in plan.repos] == ["me/tiny-gpt2", "me/tiny-gpt2-w4", "me/tiny-gpt2-w7"]
+    assert [repo.repo_id for repo in plan.repos] == ["me/tiny-gpt2", *(f"me/tiny-gpt2-w{b}" for b in EVERY_BIT_WIDTH)]
     files = {planned.path_in_repo for planned in plan.repos[1].files}
     assert {"README.md", "config.json", "model.safetensors"} <= files
 
