@@ -14,7 +14,7 @@ from ..provenance import metric_label
 from .batchnorm import recalibrate_batchnorm, reusable_batches, warn_if_stale_statistics
 from .packed_tensor import PackedWeight
 from .primitives import check_finite, dequantize, sharded_codes
-from .selection import output_dims, select_weights
+from .selection import output_dims, require_module, select_weights
 from .sharding import reshard
 from .spec import DEFAULT_EVAL_BITS, Patterns, QuantSpec, resolve_spec, validate_bits
 from .variants import FULL_PRECISION, sort_variants, variant_name
@@ -68,6 +68,7 @@ def quantized_weights(
             logits = model(pixel_values).logits
         ```
     """
+    require_module(model)
     spec = resolve_spec("quantized_weights", spec, bits, per_channel, target_modules, exclude_modules)
     reshard(model)
     weights = select_weights(model, spec=spec)
@@ -150,6 +151,7 @@ def quantize_model(
     Returns:
         The quantized model (a copy unless `inplace`).
     """
+    require_module(model)
     spec = resolve_spec("quantize_model", spec, bits, per_channel, target_modules, exclude_modules)
     target = model if inplace else copy.deepcopy(model)
     reshard(target)
@@ -193,6 +195,7 @@ def cross_bit_evaluate(
         OscqValueError: for invalid bit-widths, or a one-shot iterator of calibration batches with several of them
             (`batchnorm.reusable_batches`).
     """
+    require_module(model)
     widths = [validate_bits(b) for b in bits]
     calibration_batches = reusable_batches(calibration_batches, "cross_bit_evaluate", len(widths))
     shorthand_bits = None if spec is not None else (widths[0] if widths else DEFAULT_EVAL_BITS[0])

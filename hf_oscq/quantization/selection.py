@@ -53,6 +53,19 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
 
 
+def require_module(model) -> None:
+    """Refuses anything but an `nn.Module` where a function of hf_oscq takes the model, before it is used.
+
+    Raises:
+        OscqValueError: naming the type passed (a list of tensors, a path: load the model first).
+    """
+    if not isinstance(model, nn.Module):
+        raise OscqValueError(
+            f"hf_oscq's quantizers and penalties take the model (a torch.nn.Module), got {type(model).__name__}: "
+            "pass the model itself (from_pretrained(...) loads one from a folder)."
+        )
+
+
 def select_weights(
     model: nn.Module,
     target_modules: Patterns = None,
@@ -90,11 +103,7 @@ def select_weights(
         UserWarning: for each target or exclude pattern that matches no module with a weight (a typo selects or
             excludes nothing).
     """
-    if not isinstance(model, nn.Module):
-        raise OscqValueError(
-            f"hf_oscq's quantizers and penalties take the model (a torch.nn.Module), got {type(model).__name__}: "
-            "pass the model itself (from_pretrained(...) loads one from a folder)."
-        )
+    require_module(model)
     if spec is not None:
         if target_modules is not None or exclude_modules is not None:
             raise TypeError("select_weights: pass spec=QuantSpec(...) or target_modules/exclude_modules, not both.")

@@ -93,11 +93,15 @@ trainer(); export(); trainer()
 def test_every_model_taking_function_names_what_it_got_instead_of_a_model(given):
     """The functions a user calls by hand on a model (the quantizers, the three penalties, the selection) refuse
     anything that is not an nn.Module with one line naming what was passed, not an AttributeError from inside."""
+    import torch.distributed.fsdp  # noqa: F401  (loaded, as in a run that shards: the FSDP2 paths check the model too)
+
     import hf_oscq
 
     calls = [
         lambda: hf_oscq.select_weights(given),
         lambda: hf_oscq.quantize_model(given, 3),
+        lambda: hf_oscq.quantized_weights(given, 3).__enter__(),
+        lambda: hf_oscq.cross_bit_evaluate(given, lambda model: {}, bits=(3,)),
         lambda: hf_oscq.oscillation_penalty(given, 3),
         lambda: hf_oscq.kurtosis_penalty(given),
         lambda: hf_oscq.dampening_penalty(given, 3),
