@@ -205,7 +205,9 @@ class PackedWeight(torch.Tensor):
         if func is F.embedding and isinstance(args[1], PackedWeight) and args[1].out_dim == 0:
             indices, weight = args[0], args[1]
             if kwargs.get("max_norm") is not None:
-                raise NotImplementedError(
+                from ..errors import OscqValueError
+
+                raise OscqValueError(
                     "Embedding(max_norm=...) renormalizes its weight in place, which a packed weight cannot do: "
                     "call model.dequantize() first."
                 )

@@ -44,7 +44,7 @@ def _language_model_head(model: nn.Module) -> nn.Module | None:
         return None
     try:
         head = get_output_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError):  # transformers' base class raises this for models without one
         return None
     return head if isinstance(head, nn.Module) else None
 
