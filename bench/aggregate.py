@@ -221,8 +221,16 @@ def plot_cross_bit(groups: dict, model: str, main_lambda: float, path: Path, mod
         axis.set_title(f"{model}: {MODES[mode]}")
         axis.set_xlabel("PTQ bit-width")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    save_panels(figure, axes, path, "test accuracy (%)")
+
+
+def save_panels(figure, panels, path: Path, ylabel: str) -> None:
+    """Finishes a row of accuracy-vs-bit-width panels (y label on the first, legend on the last) and writes it to
+    `path` as a PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    panels[0].set_ylabel(ylabel)
+    panels[-1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from aggregate import BITS, COLUMNS, MODES, ROOT, format_cell, load_records, mean, spread
+from aggregate import BITS, COLUMNS, MODES, ROOT, format_cell, load_records, mean, save_panels, spread
 
 BEGIN, END = "<!-- BEGIN GENERATED: bench/aggregate_full.py -->", "<!-- END GENERATED: bench/aggregate_full.py -->"
 # The goal (issue "robust by default"), on the seed means of the default-evaluation table.
@@ -182,12 +182,7 @@ def plot(groups: dict, keys: list[tuple], title: str, path: Path, modes: tuple[s
         axis.set_title(f"{title}\n{MODES[mode]}", fontsize=9)
         axis.set_xlabel("PTQ bit-width")
         axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_panels(figure, axes[0], path, "accuracy (%)")
 
 
 def _modes(records: list[dict]) -> tuple[str, ...]:
