@@ -74,6 +74,18 @@ def guard_config(config: dict[str, Any]) -> dict[str, Any]:
     return guarded
 
 
+def restore_guarded_fields(config: Any, guarded: Mapping[str, Any]) -> Any:
+    """Puts the real values `guard_config` returned back on a transformers config object (a field that was absent is
+    removed); returns the config."""
+    for field, value in guarded.items():
+        if value is None:
+            if hasattr(config, field):
+                delattr(config, field)
+        else:
+            setattr(config, field, value)
+    return config
+
+
 def serialize_checkpoint(
     tensors: Mapping[str, torch.Tensor], bits: int, config: Mapping[str, Any] | None = None
 ) -> bytes:

@@ -19,7 +19,7 @@ from ..paths import not_a_folder
 from ..provenance import Provenance
 from ..quantization.spec import QuantSpec, validate_bits
 from ..quantization.variants import FULL_PRECISION, is_variant, sort_variants, variant_name, variant_names
-from .checkpoint import QUANT_METHOD, READABLE_FORMAT_VERSIONS, read_config
+from .checkpoint import QUANT_METHOD, READABLE_FORMAT_VERSIONS, read_config, restore_guarded_fields
 from .formats import COMPRESSED_TENSORS_FORMAT, EXPORT_FORMATS, OSCQ_FORMAT
 
 MANIFEST_NAME = "oscq_export.json"
@@ -324,12 +324,7 @@ def checkpoint_model_config(folder: str | Path):
     config = transformers.AutoConfig.from_pretrained(folder)
     quantization = read_config(folder).get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
-        for field, value in (quantization.get("guarded_fields") or {}).items():
-            if value is None:
-                if hasattr(config, field):
-                    delattr(config, field)
-            else:
-                setattr(config, field, value)
+        restore_guarded_fields(config, quantization.get("guarded_fields") or {})
     return config
 
 

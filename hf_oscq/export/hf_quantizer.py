@@ -42,6 +42,7 @@ from .checkpoint import (
     CheckpointFormatError,
     checkpoint_state_dict,
     finish_saved_folder,
+    restore_guarded_fields,
     validate_checkpoint_files,
 )
 
@@ -370,13 +371,7 @@ class OscqHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config):
         # The only hook that sees the model config before the weights file is resolved and the model is built:
         # put back the fields the export overwrote to make loads without hf_oscq fail (docs/EXPORT.md).
-        for field, value in self.quantization_config.guarded_fields.items():
-            if value is None:
-                if hasattr(config, field):
-                    delattr(config, field)
-            else:
-                setattr(config, field, value)
-        return config
+        return restore_guarded_fields(config, self.quantization_config.guarded_fields)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
