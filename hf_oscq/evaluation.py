@@ -333,11 +333,13 @@ def record_evaluation(
     it.
 
     Raises:
-        ExportFolderError: when `export_dir` is not an export folder.
+        ExportFolderError: when `export_dir` is not a complete export folder.
     """
+    from .export.folder import read_export_manifest
+
     export_dir = Path(export_dir)
+    read_export_manifest(export_dir)  # the whole export checked before its manifest is replaced
     manifest = json.loads((export_dir / MANIFEST_NAME).read_text())
-    read_manifest(export_dir)  # checks it
     manifest["metrics"] = table
     recorded = manifest.get("provenance") if isinstance(manifest.get("provenance"), dict) else {}
     manifest["provenance"] = {

@@ -30,6 +30,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Prov
     from ..evaluation import checkpoint_batchnorm, evaluate_folder, load_eval_split
     from ..export.checkpoint import read_config
     from ..export.folder import (
+        MANIFEST_NAME,
+        read_export_manifest,
         read_training_info,
         recorded_split,
         task_for,
@@ -43,6 +45,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], Prov
     if args.output_json:
         check_output_path(args.output_json, "--output_json", "file")  # before any checkpoint is evaluated
     label_map = parse_label_map(args.label_map)
+    if (Path(args.folder) / MANIFEST_NAME).is_file():  # an export: complete, with a readable manifest
+        read_export_manifest(args.folder)
     folders = variant_folders(Path(args.folder))
     for path in folders.values():  # every file checked before the first checkpoint is evaluated
         verify_checkpoint_folder(path)

@@ -177,14 +177,25 @@ def _check_variant(export_dir: Path, variant: str, bits: int | None, format: str
 
 def read_training_info(checkpoint: str | Path) -> dict[str, Any]:
     """How a full-precision checkpoint was trained, where recorded: its `oscq_training.json`, or for the `fp/` folder
-    of an export, the manifest's `training` record. `{}` when neither exists or parses.
+    of an export, the manifest's `training` record. `{}` when neither exists (or the manifest records none).
+
+    Raises:
+        ExportFolderError: for a record that exists but is not a JSON object (a truncated or edited file): the
+            checks that read it (the run's spec, the split it was trained on) are never skipped silently.
     """
     checkpoint = Path(checkpoint)
     for path, key in ((checkpoint / TRAINING_INFO_NAME, None), (checkpoint.parent / MANIFEST_NAME, "training")):
+        if not path.is_file():
+            continue
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+        except (OSError, ValueError) as error:
+            raise ExportFolderError(
+                f"{path} cannot be read as JSON ({error}): it records how the model was trained; restore it or "
+                "delete it to use the model without the record."
+            ) from None
+        if not isinstance(record, dict):
+            raise ExportFolderError(f"{path} does not hold a JSON object: restore it or delete it.")
         record = record.get(key) if key else record
         if isinstance(record, dict):
             return record

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OscqValueError
-from ..export.folder import TRAINING_INFO_NAME, read_training_info
+from ..export.folder import TRAINING_INFO_NAME, ExportFolderError, read_training_info
 from ..quantization.spec import QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ def write_run_record(folder: str | Path, args: Any) -> None:
     nothing `hf-oscq export` reads."""
     record = run_record(args)
     path = Path(folder) / TRAINING_INFO_NAME
-    previous = read_training_info(folder) if path.is_file() else {}
+    try:
+        previous = read_training_info(folder) if path.is_file() else {}
+    except ExportFolderError:  # a damaged record of this folder: the run's own record replaces it
+        previous = {}
     if previous.get("osc_method") == record["osc_method"] and previous.get(SPEC_KEY) == record[SPEC_KEY]:
         settings = {**(previous.get("hyperparameters") or {}), **record["hyperparameters"]}
         record = {**previous, **record, "hyperparameters": settings}

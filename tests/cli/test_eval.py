@@ -409,3 +409,31 @@ def test_batchnorm_handling_of_single_checkpoint_folders_is_read_from_what_was_w
     )
     assert bn_recalibrated(ct / "w3") is True
     assert _warn_plain_rounded_batchnorm("w3", ct / "w3", model) is True  # re-estimated: no warning
+
+
+@pytest.mark.parametrize("damage", ["missing_variant", "truncated_manifest", "manifest_not_an_object"])
+def test_eval_of_a_damaged_export_fails_before_evaluating_and_changes_nothing(export, tmp_path, capsys, damage):
+    """An export with a checkpoint folder missing, or a manifest that is truncated or not a JSON object, is refused
+    in one line before any checkpoint is evaluated, and nothing in it is rewritten (the manifest was rewritten
+    before the incomplete export was noticed, and a broken manifest ended in a traceback)."""
+    _, root, _ = export
+    folder = shutil.copytree(root / "export", tmp_path / "export")
+    if damage == "missing_variant":
+        shutil.rmtree(folder / "w2")
+    elif damage == "truncated_manifest":
+        (folder / "oscq_export.json").write_text('{"format_version": 2, "bits": [2,')
+    else:
+        (folder / "oscq_export.json").write_text("[]")
+    before = {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert cli_main(["eval", str(folder), "--dataset", str(root / "images")]) == 1
+    out, err = capsys.readouterr()
+    expected = {
+        "missing_variant": "the folder w2/ is missing",
+        "truncated_manifest": "oscq_export.json is not valid JSON",
+        "manifest_not_an_object": "oscq_export.json does not hold a JSON object",
+    }[damage]
+    line = _last_error_line(err)
+    assert line.startswith("hf-oscq eval: error: ") and expected in line, line
+    assert "Traceback" not in err and "accuracy" not in out + err
+    assert {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()} == before

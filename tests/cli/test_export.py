@@ -580,3 +580,17 @@ def test_cli_export_of_a_run_uses_its_recorded_spec_and_gives_the_trainers_loss(
         assert f"--group_size must be a positive number of input features per scale, got {group_size}." in (
             capsys.readouterr().err
         )
+
+
+@pytest.mark.parametrize("content", ['{"osc_bits": ', "[1, 2]"])
+def test_cli_export_of_a_run_with_a_damaged_record_is_refused(tmp_path, capsys, content):
+    """A run folder whose oscq_training.json is truncated or not a JSON object is refused naming the file: the check
+    of the run's spec is never skipped silently (it was: the flags then overrode the spec the run trained with)."""
+    tiny_vit().save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "oscq_training.json").write_text(content)
+    capsys.readouterr()
+    argv = ["export", str(tmp_path / "run"), "--per_channel", "--output", str(tmp_path / "out")]
+    assert cli_main(argv) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("hf-oscq export: error: ") and str(tmp_path / "run" / "oscq_training.json") in line
+    assert not (tmp_path / "out").exists()

@@ -32,3 +32,13 @@ def test_records_without_a_spec_resume_as_they_are_and_invalid_ones_are_named(tm
     check_resume(tmp_path, _args(tmp_path, osc_bits=4))  # nothing recorded to compare with
     with pytest.raises(OscqValueError, match="records an invalid quantization spec: bits must be an integer"):
         recorded_spec({"quant_spec": {"bits": 9}})
+
+
+def test_a_damaged_record_is_named_by_its_readers_and_replaced_by_the_run_that_saves(tmp_path):
+    """A truncated oscq_training.json: resuming from the folder is refused naming the file (the spec check is not
+    skipped), and the Trainer's next save writes its own record over it."""
+    (tmp_path / "oscq_training.json").write_text('{"osc_bits": ')
+    with pytest.raises(OscqValueError, match="oscq_training.json cannot be read as JSON"):
+        check_resume(tmp_path, _args(tmp_path))
+    write_run_record(tmp_path, _args(tmp_path, osc_bits=4))
+    assert recorded_spec(json.loads((tmp_path / "oscq_training.json").read_text())) == QuantSpec(4)

@@ -101,7 +101,11 @@ def get_method(name: str) -> TrainingMethod:
     method = _METHODS.get(name)
     if method is None:
         spelled = str(name).strip().lower().replace("-", "_")
-        hint = f" Did you mean {spelled!r}? Method names are lower case." if spelled in _METHODS else ""
+        hint = (
+            f" Did you mean {spelled!r}? Method names are lower case, words joined by '_'."
+            if spelled in _METHODS
+            else ""
+        )
         raise OscqValueError(f"osc_method must be one of {method_names()}, got {name!r}.{hint}")
     return method
 
